@@ -1,0 +1,3 @@
+"""chatd: a chatbot gateway daemon."""
+
+__version__ = "0.1.0"
