@@ -80,6 +80,8 @@ class UpstreamError(ChatdError):
         retryable: whether the client may retry the same message later.
         backend: the URL of the backend that failed ("" when none was tried).
         message: one sentence naming the backend, what happened and what to do.
+        first_token_sent: whether reply text had already reached the caller; a retry is only
+            allowed when it had not.
     """
 
     code = "llm_error"
@@ -89,6 +91,7 @@ class UpstreamError(ChatdError):
         super().__init__(message)
         self.message = message
         self.backend = backend
+        self.first_token_sent = False
 
 
 class UpstreamTimeout(UpstreamError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -41,6 +42,7 @@ DEFAULT_MODEL = "qwen2.5-coder:7b"
 #: Ollama's ErrMaxQueue text, two spaces included (server/sched.go).
 BUSY_TEXT = "server busy, please try again.  maximum pending requests exceeded"
 MAX_WORD_CHARS = 32
+RECENT_REQUESTS = 64  # generation request bodies kept for GET /_fake/requests
 _DEFAULT_KEEP_ALIVE_S = 300.0  # OLLAMA_KEEP_ALIVE default, 5m
 _MODEL_SIZE = 4_683_087_332
 _CONTEXT_LENGTH = 4096
@@ -229,6 +231,7 @@ class FakeOllama:
         self.max_parallel = max_parallel
         self.config = FakeConfig()
         self.stats = FakeStats()
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_REQUESTS)
         self.host, self.port = "127.0.0.1", 0
         self._slots = asyncio.Semaphore(max_parallel) if max_parallel > 0 else None
         self._unhung = asyncio.Event()  # set unless `hang`
@@ -276,6 +279,7 @@ class FakeOllama:
             self._unhung.set()
         if knobs.get("reset_stats"):
             self.stats.requests_total, self.stats.max_in_flight = 0, self.stats.in_flight
+            self.recent.clear()
         return asdict(self.config)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -292,6 +296,7 @@ class FakeOllama:
         r.add_get("/v1/models", self._v1_models)
         r.add_route("*", "/_fake/config", self._fake_config)
         r.add_get("/_fake/stats", self._fake_stats)
+        r.add_get("/_fake/requests", self._fake_requests)
         # handler_cancellation: a client that goes away cancels its handler, so the in-flight
         # count drops even for a request held by `hang`. No access log: it would slow load tests.
         runner = web.AppRunner(
@@ -333,6 +338,10 @@ class FakeOllama:
 
     async def _fake_stats(self, _: web.Request) -> web.Response:
         return _json(asdict(self.stats))
+
+    async def _fake_requests(self, _: web.Request) -> web.Response:
+        """The bodies of the last generation requests, oldest first (what a gateway sent)."""
+        return _json({"requests": list(self.recent)})
 
     async def _tags(self, _: web.Request) -> web.Response:
         models = [_model_info(m) | {"modified_at": self._started_at} for m in self.models]
@@ -425,6 +434,7 @@ class FakeOllama:
             return self._error(api, 400, f"json: cannot unmarshal {kind} into Go value")
         if not body.get("prompt" if api == "generate" else "messages"):
             return await self._load_request(api, body)
+        self.recent.append(body)
         stats = self.stats
         stats.in_flight += 1
         stats.requests_total += 1

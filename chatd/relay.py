@@ -1,0 +1,501 @@
+"""The relay: one streamed generation on one LLM backend (Ollama or OpenAI-compatible).
+
+A worker owns one :class:`Relay`, built from ``[llm]`` and started inside its running loop
+(after the fork: aiohttp sessions must not cross a fork). :meth:`Relay.generate` makes
+exactly one attempt on one backend; choosing the backend, taking an LLM slot from the
+master and retrying are the caller's job.
+
+Deadlines, all counted from the moment the request is sent:
+
+* first chunk: ``first_token_timeout`` when the model is known to be loaded on that backend;
+  else Ollama's ``GET /api/ps`` is asked once, and a model that is not loaded gets
+  ``load_timeout`` plus ``on_notice("model_loading", ...)``. An OpenAI-compatible backend
+  cannot be asked, so an unknown model there gets ``load_timeout`` silently. Any chunk ends
+  this phase, a thinking-only one too: the backend is then visibly generating.
+* idle: ``idle_timeout`` between two chunks; total: ``total_timeout`` for the whole reply.
+* connect: ``connect_timeout`` (aiohttp's connect and sock_connect timeouts).
+
+"Known loaded" means that a prewarm, an ``/api/ps`` answer or a finished reply showed the
+model loaded less than ``keep_alive`` (minus a margin) ago; a first-token timeout forgets it.
+
+Every failure leaves :meth:`Relay.generate` as an :class:`~chatd.errors.UpstreamError`
+whose ``message`` is one sentence for the client (see :mod:`chatd.relay_wire`) and which
+carries ``first_token_sent`` (see :func:`first_token_sent`). Cancelling the awaiting task
+closes the HTTP connection at once, which makes Ollama stop generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import aiohttp
+import orjson
+
+from chatd.config import BackendConfig, LLMConfig
+from chatd.errors import UpstreamError
+from chatd.relay_wire import (
+    LineSplitter,
+    OllamaDecoder,
+    OpenAIDecoder,
+    broken,
+    connection_error,
+    error_detail,
+    http_error,
+    keep_alive_value,
+    parse_keep_alive,
+    timeout_error,
+)
+
+log = logging.getLogger("chatd.relay")
+
+# Ollama starts its keep_alive timer when a request ends, a little before we see the end.
+_KEEP_ALIVE_MARGIN = 5.0
+_ERROR_BODY_MAX = 64 * 1024
+_DRAIN_AFTER_DONE = 0.1
+# aiohttp warns that enable_cleanup_closed is useless where CPython fixed the SSL leak.
+_CLEANUP_CLOSED = sys.version_info < (3, 12, 7) or (3, 13) <= sys.version_info < (3, 13, 1)
+_JSON = {"Content-Type": "application/json"}
+
+
+def first_token_sent(exc: UpstreamError) -> bool:
+    """Whether ``on_token`` had already been called when ``exc`` ended a generation.
+
+    :meth:`Relay.generate` sets the attribute ``first_token_sent`` on every UpstreamError
+    it raises. Only while it is False may the caller retry (on this or another backend):
+    afterwards the client has seen part of a reply that a retry would not continue.
+    """
+    return exc.first_token_sent
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The result of one generation.
+
+    Attributes:
+        text: the whole reply, including the text of Ollama's done chunk.
+        done_reason: ``"stop"`` or ``"length"`` (``cancelled`` is decided by the caller).
+        tokens: the backend's count (eval_count, usage) when given, else pieces streamed.
+        ttft_ms: request sent to the first text piece (total_ms for an empty reply).
+        total_ms: request sent to the end of the reply.
+    """
+
+    text: str
+    done_reason: str
+    tokens: int
+    ttft_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    """Counters of one backend since :meth:`Relay.start`, in this worker only."""
+
+    url: str
+    api: str
+    requests: int
+    tokens: int
+    cancelled: int
+    errors: Mapping[str, int]  # protocol error code (llm_timeout, ...) -> count
+    in_flight: int
+    loaded_models: tuple[str, ...]  # currently assumed loaded
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStats:
+    """A snapshot from :meth:`Relay.statistics`: one entry per configured backend, in order."""
+
+    backends: tuple[BackendStats, ...]
+
+
+@dataclass(slots=True)
+class _Backend:
+    """Mutable state of one backend: its session, counters and loaded-model knowledge."""
+
+    url: str
+    api: str
+    chat_url: str
+    session: aiohttp.ClientSession | None = None
+    requests: int = 0
+    tokens: int = 0
+    cancelled: int = 0
+    in_flight: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    loaded: dict[str, float] = field(default_factory=dict)  # model -> monotonic() it stays till
+
+    @classmethod
+    def of(cls, cfg: BackendConfig) -> _Backend:
+        path = "/api/chat" if cfg.api == "ollama" else "/v1/chat/completions"
+        return cls(cfg.base_url, cfg.api, cfg.base_url + path)
+
+
+class _Guard:
+    """The deadlines and the exception boundary of one generation (``with _Guard(...)``).
+
+    Deadlines: one timer serves all three. The hot path only stores the time of the latest
+    chunk in :attr:`last` (and sets :attr:`started`); when the timer fires before the real
+    deadline it re-arms itself for it, so a reply costs about one timer per idle period
+    rather than one per token. On expiry it cancels the task, as ``asyncio.timeout`` does.
+
+    Boundary (cf. httpx's map_exceptions): on exit, the timer's cancellation becomes
+    UpstreamTimeout; aiohttp/socket errors and WireError become UpstreamErrors; every
+    UpstreamError leaving gets ``first_token_sent = self.sent``. Anything else (an outside
+    cancellation, a bug in the caller's on_token) propagates unchanged.
+    """
+
+    __slots__ = (
+        *("_baseline", "_handle", "_loop", "_task", "at", "b", "expired"),
+        *("last", "limits", "model", "sent", "started"),
+    )
+
+    def __init__(self, b: _Backend, model: str, first: float, idle: float, total: float):
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None, "generate() must run in a task"
+        self._task = task
+        self._baseline = task.cancelling()
+        self.b, self.model = b, model
+        self.limits = {"first": first, "idle": idle, "total": total}
+        now = self._loop.time()
+        self.at = {"first": now + first, "total": now + total}
+        self.last, self.started, self.sent, self.expired = now, False, False, ""
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> _Guard:
+        self._handle = self._loop.call_at(min(self.at.values()), self._fire)
+        return self
+
+    def _fire(self) -> None:
+        if self.started:
+            due, kind = self.last + self.limits["idle"], "idle"
+        else:
+            due, kind = self.at["first"], "first"
+        if self.at["total"] <= due:
+            due, kind = self.at["total"], "total"
+        if self._loop.time() + 0.001 >= due:  # call_at may run a hair early
+            self._handle, self.expired = None, kind
+            self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(due, self._fire)
+
+    def disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def __exit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.disarm()
+        err: UpstreamError | None = None
+        if self.expired:
+            # Withdraw our cancel. If uncancel() stays above the count at entry, a cancel
+            # from outside is pending too, and that one must win.
+            outside = self._task.uncancel() > self._baseline
+            if isinstance(exc, asyncio.CancelledError) and not outside:
+                kind = self.expired
+                if kind == "first":
+                    self.b.loaded.pop(self.model, None)  # maybe evicted: ask /api/ps next time
+                err = timeout_error(self.b.url, self.model, kind, self.limits[kind])
+                exc = None
+        if err is None and exc is not None:
+            err = exc if isinstance(exc, UpstreamError) else connection_error(self.b, exc)
+        if err is not None:
+            err.first_token_sent = self.sent
+            if err is not exc:
+                raise err from exc
+
+
+class Relay:
+    """Streams chat generations from the configured LLM backends.
+
+    ``backend`` arguments are indexes into ``llm.backends``. Use from one event loop,
+    between :meth:`start` and :meth:`close`.
+    """
+
+    def __init__(self, llm: LLMConfig) -> None:
+        self._llm = llm
+        self._backends = [_Backend.of(b) for b in llm.backends]
+        hold = parse_keep_alive(llm.keep_alive)
+        self._ollama_hold = math.inf if hold is None else max(0.0, hold - _KEEP_ALIVE_MARGIN)
+        self._keep_alive = keep_alive_value(llm.keep_alive)
+
+    async def start(self) -> None:
+        """Create one keep-alive HTTP session per backend; call inside the running loop.
+
+        No connection limit: the master's LLM slots already bound the in-flight requests,
+        and an aiohttp limit would add a second, hidden queue without a deadline.
+        """
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self._llm.connect_timeout,  # covers DNS too
+            sock_connect=self._llm.connect_timeout,
+            sock_read=None,  # the read deadlines are _Guard's
+        )
+        for b in self._backends:
+            if b.session is None:
+                b.session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=_CLEANUP_CLOSED),
+                    timeout=timeout,
+                    cookie_jar=aiohttp.DummyCookieJar(),
+                )
+
+    async def close(self) -> None:
+        """Close every session (generations still running fail with UpstreamUnavailable)."""
+        for b in self._backends:
+            if b.session is not None:
+                session, b.session = b.session, None
+                await session.close()
+
+    def statistics(self) -> RelayStats:
+        """Counters per backend, for this worker."""
+        now = time.monotonic()
+        return RelayStats(
+            tuple(
+                BackendStats(
+                    *(b.url, b.api, b.requests, b.tokens, b.cancelled, dict(b.errors)),
+                    *(b.in_flight, tuple(m for m, t in b.loaded.items() if t > now)),
+                )
+                for b in self._backends
+            )
+        )
+
+    async def check_health(self, backend: int) -> bool:
+        """Whether the backend answers its cheapest endpoint within ``connect_timeout``.
+
+        Ollama: ``GET /api/version``; OpenAI-compatible: ``GET /v1/models``, else
+        ``GET /health`` (llama.cpp). Never raises, except CancelledError.
+        """
+        b = self._backends[backend]
+        paths = ("/api/version",) if b.api == "ollama" else ("/v1/models", "/health")
+        for path in paths:
+            if await self._get(b, path, self._llm.connect_timeout) is not None:
+                return True
+        return False
+
+    async def prewarm(self, backend: int, model: str) -> None:
+        """Load ``model`` on the backend and mark it loaded; logs failures, never raises.
+
+        Ollama: ``POST /api/chat {"model", "messages": [], "keep_alive"}``, which answers
+        ``done_reason: "load"`` once the model is in memory (bounded by ``load_timeout``).
+        OpenAI-compatible: ``GET /v1/models`` (such servers load their model at start).
+        """
+        b = self._backends[backend]
+        session = self._session(b)
+        try:
+            async with asyncio.timeout(self._llm.load_timeout):
+                if b.api == "ollama":
+                    body = orjson.dumps(
+                        {"model": model, "messages": [], "keep_alive": self._keep_alive}
+                    )
+                    async with session.post(b.chat_url, data=body, headers=_JSON) as resp:
+                        data = await resp.read()
+                    if resp.status != 200:
+                        raise ValueError(f"HTTP {resp.status}: {error_detail(data)}")
+                elif await self._get(b, "/v1/models", self._llm.load_timeout) is None:
+                    raise ValueError("GET /v1/models failed")
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            why = str(exc) or type(exc).__name__
+            log.warning("prewarm of %s on %s failed: %s", model, b.url, why)
+            return
+        self._mark_loaded(b, model)
+        log.info("prewarm: %s is loaded on %s", model, b.url)
+
+    async def generate(
+        self,
+        backend: int,
+        model: str,
+        messages: list[dict[str, str]],
+        on_token: Callable[[str], None],
+        on_notice: Callable[[str, str], None] | None = None,
+    ) -> Reply:
+        """Stream one reply from one backend: one attempt, no retry.
+
+        ``on_token(text)`` is called synchronously for each non-empty piece as it arrives
+        (the last may come from the done chunk); an exception it raises propagates unchanged
+        and aborts the request. ``on_notice(code, message)`` gets ``"model_loading"`` when
+        the first-token deadline is stretched for a model that is being loaded.
+
+        Raises:
+            UpstreamTimeout: the first-token, idle or total deadline passed.
+            UpstreamUnavailable: no connection, HTTP 5xx or 429, or a truncated stream.
+            UpstreamRejected: HTTP 4xx, an error inside the stream, a protocol violation.
+            asyncio.CancelledError: the caller cancelled; the connection is closed already.
+
+        Every UpstreamError raised carries ``first_token_sent`` (see :func:`first_token_sent`).
+        """
+        b = self._backends[backend]
+        session = self._session(b)
+        llm = self._llm
+        first_limit = await self._first_limit(b, model, on_notice)
+        if b.api == "ollama":
+            decoder: OllamaDecoder | OpenAIDecoder = OllamaDecoder()
+            extra: tuple[str, object] = ("keep_alive", self._keep_alive)
+        else:
+            decoder = OpenAIDecoder()
+            extra = ("stream_options", {"include_usage": True})
+        body = orjson.dumps(
+            {"model": model, "messages": messages, "stream": True, extra[0]: extra[1]}
+        )
+        clock = asyncio.get_running_loop().time
+        parts: list[str] = []
+        pieces = tokens = 0
+        outcome = failure = ""
+        b.requests += 1
+        b.in_flight += 1
+        guard = _Guard(b, model, first_limit, llm.idle_timeout, llm.total_timeout)
+        t0 = first_at = guard.last
+        try:
+            with guard:
+                async with session.post(
+                    b.chat_url, data=body, headers=_JSON, allow_redirects=False
+                ) as resp:
+                    if resp.status >= 300:
+                        raise http_error(b.url, model, resp.status, await _read_capped(resp))
+                    read, feed, decode = resp.content.readany, LineSplitter().feed, decoder.feed
+                    # The hot loop: per read one split() and one clock call, per line one
+                    # orjson.loads(); nothing else is allocated per token.
+                    eof = False
+                    while not (eof or decoder.done):
+                        data = await read()
+                        if not data:  # EOF: a "\n" flushes a last line that had none
+                            eof, data = True, b"\n"
+                        chunk = False
+                        for line in feed(data):
+                            piece = decode(line)
+                            if piece is None:
+                                continue
+                            chunk = True
+                            if piece:
+                                if not pieces:
+                                    first_at = clock()
+                                    guard.sent = True
+                                pieces += 1
+                                parts.append(piece)
+                                on_token(piece)
+                            if decoder.done:
+                                break
+                        if chunk:
+                            guard.last, guard.started = clock(), True
+                    if not decoder.complete:
+                        raise broken(b.url, "ended the stream")
+                    guard.disarm()
+                    await _drain(resp)
+            tokens = pieces if decoder.eval_count is None else decoder.eval_count
+            b.tokens += tokens
+            self._mark_loaded(b, model)
+            outcome = decoder.done_reason
+            end = clock()
+            return Reply(
+                text="".join(parts),
+                done_reason=outcome,
+                tokens=tokens,
+                ttft_ms=((first_at if pieces else end) - t0) * 1000.0,
+                total_ms=(end - t0) * 1000.0,
+            )
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            b.cancelled += 1
+            raise
+        except UpstreamError as exc:
+            outcome, failure = exc.code, exc.message
+            b.errors[exc.code] = b.errors.get(exc.code, 0) + 1
+            raise
+        finally:
+            b.in_flight -= 1
+            end = clock()
+            log.log(
+                logging.WARNING if failure else logging.INFO,
+                "relay backend=%s model=%s outcome=%s tokens=%d ttft_ms=%.1f total_ms=%.1f%s",
+                b.url,
+                model,
+                outcome or "error",  # "error": an exception that is not an UpstreamError
+                tokens if outcome in ("stop", "length") else pieces,
+                ((first_at if pieces else end) - t0) * 1000.0,
+                (end - t0) * 1000.0,
+                f" error={failure!r}" if failure else "",
+            )
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _session(self, b: _Backend) -> aiohttp.ClientSession:
+        if b.session is None:
+            raise RuntimeError("Relay.start() must be awaited before use")
+        return b.session
+
+    def _mark_loaded(self, b: _Backend, model: str) -> None:
+        hold = self._ollama_hold if b.api == "ollama" else math.inf
+        if hold > 0:
+            b.loaded[model] = time.monotonic() + hold
+
+    async def _first_limit(
+        self, b: _Backend, model: str, on_notice: Callable[[str, str], None] | None
+    ) -> float:
+        """The first-token deadline for ``model`` on ``b`` (asks /api/ps when in doubt)."""
+        if b.loaded.get(model, 0.0) > time.monotonic():
+            return self._llm.first_token_timeout
+        if b.api != "ollama":
+            return self._llm.load_timeout
+        loaded = await self._ps(b, model)
+        if loaded:
+            self._mark_loaded(b, model)
+        if loaded is not False:  # loaded, or /api/ps failed: the request will tell
+            return self._llm.first_token_timeout
+        if on_notice is not None:
+            on_notice(
+                "model_loading",
+                f"The model {model} is being loaded on {b.url}; the first reply can take "
+                f"up to {self._llm.load_timeout:g} s.",
+            )
+        return self._llm.load_timeout
+
+    async def _get(self, b: _Backend, path: str, limit: float) -> bytes | None:
+        """GET ``path`` within ``limit`` seconds: the body on HTTP 200, else None."""
+        try:
+            async with asyncio.timeout(limit), self._session(b).get(b.url + path) as resp:
+                data = await resp.read()
+                return data if resp.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+
+    async def _ps(self, b: _Backend, model: str) -> bool | None:
+        """Ask Ollama's ``GET /api/ps`` whether ``model`` is loaded; None if it cannot say."""
+        data = await self._get(b, "/api/ps", self._llm.connect_timeout)
+        if data is None:
+            return None
+        try:
+            entries = orjson.loads(data)["models"] or []
+            names = {e.get(k) for e in entries for k in ("name", "model")}
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return None
+        return model in names or f"{model}:latest" in names  # "llama3" is listed as ":latest"
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """Up to _ERROR_BODY_MAX bytes of an error body (a huge one is not worth more)."""
+    buf = bytearray()
+    while len(buf) < _ERROR_BODY_MAX:
+        data = await resp.content.readany()
+        if not data:
+            break
+        buf += data
+    return bytes(buf[:_ERROR_BODY_MAX])
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Wait briefly for the end of the body after the done chunk, so that the connection
+    goes back to the pool; a backend that keeps the body open is cut (the reply is whole)."""
+    if resp.content.at_eof():
+        return
+    try:
+        async with asyncio.timeout(_DRAIN_AFTER_DONE):
+            while await resp.content.readany():
+                pass
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        resp.close()
