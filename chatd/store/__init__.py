@@ -1,0 +1,48 @@
+"""Session stores behind one interface (:class:`~chatd.store.base.Store`).
+
+:func:`open_store` picks the implementation from ``[sessions] store``. It only builds the object:
+the worker calls ``await store.open()`` after the fork, in its own event loop.
+"""
+
+from __future__ import annotations
+
+from chatd.config import SessionsConfig
+from chatd.errors import StoreError
+from chatd.store.base import Appended, Event, EventKind, SessionInfo, Store, StoreStats
+from chatd.store.sqlite import SqliteStore
+
+__all__ = [
+    "Appended",
+    "Event",
+    "EventKind",
+    "SessionInfo",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "StoreStats",
+    "open_store",
+]
+
+
+def open_store(cfg: SessionsConfig) -> Store:
+    """Build the (unopened) store named by ``cfg.store``; its ``open()`` is the caller's.
+
+    ``sqlite:///ABS/PATH`` and ``sqlite:rel/path`` give a :class:`SqliteStore` (a relative path
+    is relative to the working directory). ``redis://`` and ``rediss://`` are valid in the config
+    but not implemented yet.
+
+    Raises:
+        StoreError: the URL names a store this build does not provide.
+    """
+    path = cfg.sqlite_path
+    if path is not None:
+        if not path:
+            raise StoreError(f"sessions.store: {cfg.store!r} names no SQLite file")
+        return SqliteStore(path, cfg.ttl)
+    if cfg.store.startswith(("redis://", "rediss://")):
+        # The Redis store will be imported here, lazily, so that its client library stays an
+        # optional dependency: return RedisStore(cfg.store, cfg.ttl).
+        raise StoreError(
+            f'sessions.store: redis store not available yet ({cfg.store!r}); use "sqlite:///PATH"'
+        )
+    raise StoreError(f"sessions.store: unsupported store URL {cfg.store!r}")

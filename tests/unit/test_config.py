@@ -63,7 +63,8 @@ store = "mysql://db"
 """
     got = problems(text)
     assert got == [
-        "/x/chatd.toml:2: server.bind: expected HOST:PORT (for example \"0.0.0.0:8000\"), got 'nowhere'",
+        "/x/chatd.toml:2: server.bind: expected HOST:PORT "
+        "(for example \"0.0.0.0:8000\"), got 'nowhere'",
         "/x/chatd.toml:3: server.workers: must be >= 0, got -2",
         "/x/chatd.toml:4: server.colour: unknown key (expected one of bind, workers, "
         "graceful_timeout, worker_timeout, max_worker_rss_mb, compression)",
@@ -166,7 +167,7 @@ def test_overrides_win_and_are_checked() -> None:
 
 
 def test_etc_file_lists_exactly_the_known_keys_with_defaults_and_comments() -> None:
-    """etc/chatd/chatd.toml: every key the code knows, no other, each with its default and a comment."""
+    """etc/chatd/chatd.toml: every key the code knows and no other, with defaults and comments."""
     doc = tomllib.loads(ETC.read_text())
     file_keys = set()
     for section, table in doc.items():

@@ -1,0 +1,286 @@
+"""The sessions a worker serves: who listens to them, and the generation of their replies.
+
+A :class:`Hub` owns, per worker process:
+
+- the *subscribers* of each session: the outboxes of this worker's connections resumed on it.
+  A generation publishes its queue positions, notices, tokens and the final event to every
+  subscriber of its session, so a client that reconnects to the same worker mid-reply gets
+  the rest live.
+- the *generations*: one task per acknowledged message, owned by the hub and not by the
+  connection, so a client that disconnects does not stop its reply: the reply is stored and
+  replayed on resume.
+- the *history cache*: the recent turns of the sessions it served, so a message costs no
+  store read (DESIGN.md, "history cache"). The cache knows the last ``seq`` it saw of a
+  session; an append whose ``seq`` is not the next one means another worker wrote to the
+  session, and the cache entry is reloaded from the store.
+
+Flow of one message (numbered as in DESIGN.md): 2. the user message is appended (dedupe on
+its id) and acknowledged by the caller; 3. a slot is acquired (``queued`` frames meanwhile);
+4. the backend streams tokens to the subscribers; 5. the reply or the final error is appended
+and only then published with its ``seq``; the slot is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from chatd.config import Config
+from chatd.errors import UpstreamError
+from chatd.outbox import Outbox
+from chatd.proto import chat
+from chatd.relay import Relay, Reply
+from chatd.slots import QueueFull, Slots
+from chatd.stats import Histogram
+from chatd.store.base import Appended, Event, Store
+
+log = logging.getLogger("chatd.generation")
+
+MAX_ATTEMPTS = 3  # per message, only before the first token was forwarded
+CACHE_SESSIONS = 10000  # sessions whose history a worker keeps in memory
+
+
+@dataclass(slots=True)
+class _Turns:
+    """A session's recent turns as model messages, and the last seq they account for."""
+
+    messages: deque[dict[str, str]]
+    last_seq: int
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Counters reported to the master every second."""
+
+    messages_total: int = 0
+    replies_total: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    latency: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
+
+
+class Hub:
+    """Subscribers, generations and history of the sessions served by one worker."""
+
+    def __init__(self, cfg: Config, store: Store, relay: Relay, slots: Slots) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.relay = relay
+        self.slots = slots
+        self.subscribers: dict[str, set[Outbox]] = {}
+        self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._cancelled: set[tuple[str, str]] = set()
+        self._turns: OrderedDict[str, _Turns] = OrderedDict()
+        self.stats = HubStats()
+        self._max_turn_messages = 2 * cfg.sessions.history_turns
+
+    # -- subscribers ----------------------------------------------------------------------
+
+    def subscribe(self, session: str, outbox: Outbox) -> None:
+        self.subscribers.setdefault(session, set()).add(outbox)
+
+    def unsubscribe(self, session: str, outbox: Outbox) -> None:
+        subs = self.subscribers.get(session)
+        if subs is not None:
+            subs.discard(outbox)
+            if not subs:
+                del self.subscribers[session]
+
+    def _publish(self, session: str, frame: bytes, seq: int = 0) -> None:
+        for outbox in self.subscribers.get(session, ()):
+            outbox.put(frame, seq)
+
+    # -- messages -------------------------------------------------------------------------
+
+    async def submit(self, session: str, msg: chat.Message) -> Appended:
+        """Append a user message; start its generation unless it was already stored.
+
+        Returns the append result; the caller sends the ``ack`` (only after this returned,
+        so only after the commit).
+        """
+        model = msg.model or self.cfg.llm.model
+        appended = await self.store.append_user(session, msg.id, msg.text, model)
+        if appended.duplicate:
+            return appended
+        self.stats.messages_total += 1
+        history = await self._history_for(session, appended.seq, msg.text)
+        key = (session, msg.id)
+        task = asyncio.create_task(
+            self._generate(session, msg.id, model, history, time.monotonic())
+        )
+        self.running[key] = task
+        task.add_done_callback(lambda _t: self._finished(key))
+        return appended
+
+    def cancel(self, session: str, msg_id: str) -> bool:
+        """Stop generating ``msg_id``; its partial reply is stored as ``cancelled``."""
+        task = self.running.get((session, msg_id))
+        if task is None:
+            return False
+        self._cancelled.add((session, msg_id))
+        task.cancel()
+        return True
+
+    def _finished(self, key: tuple[str, str]) -> None:
+        self.running.pop(key, None)
+        self._cancelled.discard(key)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
+
+    async def wait_idle(self) -> None:
+        """Wait until no generation runs (bound it with asyncio.timeout)."""
+        while self.running:
+            await asyncio.wait(list(self.running.values()))
+
+    # -- history --------------------------------------------------------------------------
+
+    async def _history_for(self, session: str, seq: int, text: str) -> list[dict[str, str]]:
+        """The model messages for a new user turn: system prompt, recent turns, the turn."""
+        turns = self._turns.get(session)
+        if turns is not None and turns.last_seq == seq - 1:
+            self._turns.move_to_end(session)
+            turns.messages.append({"role": "user", "content": text})
+            turns.last_seq = seq
+        else:
+            events = await self.store.history(session, self.cfg.sessions.history_turns)
+            turns = _Turns(deque(maxlen=max(1, self._max_turn_messages)), seq)
+            for ev in events:
+                turns.messages.append(_as_message(ev))
+            if not events or events[-1].seq != seq:
+                turns.messages.append({"role": "user", "content": text})
+            self._turns[session] = turns
+            if len(self._turns) > CACHE_SESSIONS:
+                self._turns.popitem(last=False)
+        system = self.cfg.llm.system_prompt
+        head = [{"role": "system", "content": system}] if system else []
+        return head + list(turns.messages)
+
+    def _remember_reply(self, session: str, seq: int, text: str) -> None:
+        turns = self._turns.get(session)
+        if turns is None:
+            return
+        if turns.last_seq == seq - 1:
+            turns.messages.append({"role": "assistant", "content": text})
+            turns.last_seq = seq
+        else:
+            del self._turns[session]  # interleaved with other writers: reload next time
+
+    # -- generation -----------------------------------------------------------------------
+
+    async def _generate(
+        self, session: str, msg_id: str, model: str, messages: list[dict[str, str]], t0: float
+    ) -> None:
+        """Steps 3-5 of a message: slot, stream, store the final event, publish it."""
+        parts: list[str] = []
+
+        def on_token(text: str) -> None:
+            parts.append(text)
+            for outbox in self.subscribers.get(session, ()):
+                outbox.token(msg_id, text)
+
+        def on_notice(code: str, message: str) -> None:
+            self._publish(session, chat.notice_frame(msg_id, code, message))
+
+        def on_position(position: int) -> None:
+            self._publish(session, chat.queued_frame(msg_id, position))
+
+        try:
+            reply = await self._attempts(model, messages, on_token, on_notice, on_position, parts)
+        except asyncio.CancelledError:
+            if (session, msg_id) not in self._cancelled:
+                raise  # the worker is stopping: the message stays unanswered for a takeover
+            await self._store_reply(session, msg_id, "".join(parts), "cancelled", t0, None)
+            return
+        except UpstreamError as exc:
+            await self._store_error(session, msg_id, exc.code, exc.message)
+            return
+        except QueueFull:
+            await self._store_error(
+                session,
+                msg_id,
+                "busy",
+                f"The LLM queue is full ({self.cfg.llm.max_queue} messages waiting): "
+                "send the message again later with a new id.",
+            )
+            return
+        except Exception:
+            ref = f"{session[:8]}/{msg_id[:16]}"
+            log.exception("generation failed unexpectedly (ref %s)", ref)
+            await self._store_error(
+                session, msg_id, "internal", f"An internal error occurred (log reference {ref})."
+            )
+            return
+        await self._store_reply(session, msg_id, reply.text, reply.done_reason, t0, reply)
+
+    async def _attempts(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        on_token: Callable[[str], None],
+        on_notice: Callable[[str, str], None],
+        on_position: Callable[[int], None],
+        parts: list[str],
+    ) -> Reply:
+        """Acquire a slot and generate; retry elsewhere only before the first token."""
+        failed: set[int] = set()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            exclude = frozenset(failed) if len(failed) < len(self.cfg.llm.backends) else frozenset()
+            backend = await self.slots.acquire(on_position, exclude)
+            try:
+                return await self.relay.generate(backend, model, messages, on_token, on_notice)
+            except UpstreamError as exc:
+                if parts or not exc.retryable or attempt == MAX_ATTEMPTS:
+                    raise
+                # Health is the health checks' call; one failure only steers the retry elsewhere.
+                failed.add(backend)
+                on_notice("retrying", f"{exc.message} Retrying ({attempt + 1}/{MAX_ATTEMPTS}).")
+            finally:
+                self.slots.release(backend)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _store_reply(
+        self,
+        session: str,
+        msg_id: str,
+        text: str,
+        done_reason: str,
+        t0: float,
+        reply: Reply | None,
+    ) -> None:
+        total_ms = (time.monotonic() - t0) * 1000.0
+        stats = {
+            "ttft_ms": round(reply.ttft_ms, 1) if reply else None,
+            "total_ms": round(total_ms, 1),
+            "tokens": reply.tokens if reply else None,
+        }
+        meta = {"done_reason": done_reason, "stats": stats}
+        appended = await self.store.append_final(session, msg_id, "reply", text, meta)
+        self._remember_reply(session, appended.seq, text)
+        self.stats.replies_total += 1
+        self.stats.latency.observe(total_ms)
+        if reply is not None:
+            self.stats.ttft.observe(reply.ttft_ms)
+        self._publish(
+            session,
+            chat.reply_frame(msg_id, appended.seq, text, done_reason, stats),
+            appended.seq,
+        )
+
+    async def _store_error(self, session: str, msg_id: str, code: str, message: str) -> None:
+        meta = {"code": code, "retryable": chat.RETRYABLE[code]}
+        appended = await self.store.append_final(session, msg_id, "error", message, meta)
+        self._turns.pop(session, None)  # the error is not a turn: reload the history next time
+        self.stats.errors_by_code[code] = self.stats.errors_by_code.get(code, 0) + 1
+        self._publish(
+            session, chat.error_frame(code, message, msg_id=msg_id, seq=appended.seq), appended.seq
+        )
+
+
+def _as_message(ev: Event) -> dict[str, str]:
+    return {"role": "user" if ev.kind == "user" else "assistant", "content": ev.text}

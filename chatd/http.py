@@ -1,0 +1,104 @@
+"""The plain HTTP side of a worker's port, and the checks made before a WebSocket handshake.
+
+websockets calls :meth:`HttpEndpoints.process_request` for every request on the port before
+the opening handshake. It answers ``/healthz``, ``/readyz`` and ``/`` (the chat page) itself,
+and for ``/ws`` checks, in this order: the worker is not over ``max_connections`` (HTTP 503
+with ``Retry-After``), the origin is allowed (403), the auth token is valid (401). Anything
+else is a 404.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from chatd.config import Config
+
+
+def token_of(request: Request) -> str:
+    """The bearer token of a handshake: ``Authorization: Bearer T`` or ``?token=T`` ("" if none)."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    query = urlsplit(request.path).query
+    return parse_qs(query).get("token", [""])[0] if query else ""
+
+
+def _response(status: int, reason: str, body: bytes, content_type: str, **extra: str) -> Response:
+    headers = Headers({"Content-Type": content_type, "Content-Length": str(len(body))})
+    headers["Cache-Control"] = "no-store"
+    for name, value in extra.items():
+        headers[name.replace("_", "-")] = value
+    return Response(status, reason, headers, body)
+
+
+def _text(status: int, reason: str, text: str, **extra: str) -> Response:
+    return _response(status, reason, text.encode(), "text/plain; charset=utf-8", **extra)
+
+
+@dataclass(slots=True)
+class HttpEndpoints:
+    """The HTTP answers of one worker; ``ready``/``serving``/``connections`` are live views."""
+
+    cfg: Config
+    ready: Callable[[], tuple[bool, str]]  # (some backend healthy, reason when not)
+    serving: Callable[[], bool]  # False while draining
+    connections: Callable[[], int]
+    page: bytes = b""
+
+    def __post_init__(self) -> None:
+        try:
+            self.page = (resources.files("chatd") / "web" / "index.html").read_bytes()
+        except (FileNotFoundError, OSError):
+            self.page = b"<!doctype html><title>chatd</title><p>chatd: connect to /ws</p>"
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """websockets' hook: a Response ends the request; None continues the handshake."""
+        path = urlsplit(request.path).path
+        if path == "/ws":
+            return self._check_handshake(request)
+        if path == "/healthz":
+            if self.serving():
+                return _text(200, "OK", "ok\n")
+            return _text(503, "Service Unavailable", "draining\n")
+        if path == "/readyz":
+            ok, reason = self.ready()
+            if ok:
+                return _text(200, "OK", "ready\n")
+            body = orjson.dumps({"ready": False, "reason": reason})
+            return _response(503, "Service Unavailable", body, "application/json")
+        if path in ("/", "/index.html"):
+            return _response(200, "OK", self.page, "text/html; charset=utf-8")
+        return _text(404, "Not Found", f"no such endpoint: {path[:100]}\n")
+
+    def _check_handshake(self, request: Request) -> Response | None:
+        if self.connections() >= self.cfg.limits.max_connections:
+            return _text(
+                503,
+                "Service Unavailable",
+                "this worker is at its connection limit: retry shortly\n",
+                Retry_After="5",
+            )
+        origins = self.cfg.auth.allowed_origins
+        origin = request.headers.get("Origin")
+        if origins and origin is not None and origin not in origins:
+            return _text(403, "Forbidden", "origin not allowed\n")
+        tokens = self.cfg.auth.tokens
+        if tokens:
+            token = token_of(request)
+            if not any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
+                return _text(
+                    401,
+                    "Unauthorized",
+                    "missing or invalid token: send Authorization: Bearer TOKEN\n",
+                    WWW_Authenticate='Bearer realm="chatd"',
+                )
+        return None

@@ -1,0 +1,93 @@
+"""Logging setup for chatd's processes: stdlib ``logging`` to stderr, for journald.
+
+Every line carries the time (UTC, milliseconds), the level, the logger, the pid and the role of
+the process::
+
+    2026-11-27T13:45:33.123Z INFO chatd.master[1234] master: worker 2 (pid 1240) started
+
+or, with ``[log] format = "json"``, one JSON object per line with the same fields
+(``ts``, ``level``, ``logger``, ``pid``, ``role``, ``msg`` and ``exc`` for a traceback).
+
+Only entry points configure logging (:func:`setup_logging`); modules just use
+``logging.getLogger(__name__)``. After a fork the worker calls :func:`set_role`: the handler
+stays, the pid is read per record, so nothing else has to change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+from chatd.config import LogConfig
+
+_role = "chatd"
+
+
+def set_role(role: str) -> None:
+    """Name this process's role in every later line (``master``, ``worker 2``, ``chatctl``)."""
+    global _role
+    _role = role
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL LOGGER[PID] ROLE: MESSAGE`` plus the traceback, if any, on the next lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = (
+            f"{_timestamp(record)} {record.levelname} {record.name}[{record.process}] "
+            f"{_role}: {record.getMessage()}"
+        )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; a traceback goes into ``exc`` (so one record stays one line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "role": _role,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+class _ChatdHandler(logging.StreamHandler[TextIO]):
+    """Marks the handler this module installed, so a second setup replaces it."""
+
+
+def setup_logging(cfg: LogConfig, role: str, stream: TextIO | None = None) -> None:
+    """Send every log record at ``cfg.level`` or above to ``stream`` (stderr by default).
+
+    Idempotent: a second call (a reload, a test) replaces the handler it installed before and
+    leaves handlers installed by others (pytest's, for example) alone.
+    """
+    set_role(role)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _ChatdHandler)]:
+        root.removeHandler(old)
+    handler = _ChatdHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if cfg.format == "json" else TextFormatter())
+    root.addHandler(handler)
+    root.setLevel(cfg.level.upper())
+
+
+def flush_logging() -> None:
+    """Flush every root handler: call before ``os._exit`` (which skips Python's cleanup)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()

@@ -1,0 +1,171 @@
+"""The control channel's wire format: length-prefixed msgpack maps, without any I/O.
+
+Two kinds of peers speak it, over Unix stream sockets:
+
+* a **worker** and the master, over the socketpair the master creates for each worker;
+* **chatctl** and the master, over the control socket (``[control] socket``).
+
+Framing
+-------
+Each frame is a 4-byte big-endian unsigned length ``n`` followed by ``n`` bytes holding exactly
+one msgpack *map* whose keys are strings. The map's ``"t"`` field names the message type (the
+constants below). A frame longer than ``max_frame`` (1 MiB unless told otherwise) is refused
+*before* its body is buffered, so a peer cannot make the reader hold more than ``max_frame`` plus
+one read.
+
+Messages
+--------
+worker -> master
+    ``hello {slot, pid, gen}`` first; ``ready`` once it serves; ``stats {...}`` every second from
+    the worker's event loop (it doubles as the heartbeat, so a blocked loop goes silent);
+    ``draining`` to acknowledge a drain order.
+master -> worker
+    ``drain {timeout}``: stop accepting, finish the replies in flight, close clients with 1001,
+    exit 0. ``stop``: exit now.
+chatctl -> master
+    ``{"t": "status"}``; the master answers ``{"t": "status", "ok": true, "data": {...}}`` or
+    ``{"t": ..., "ok": false, "error": "one sentence"}``. A request may carry an ``id``, which the
+    reply echoes. ``reload``, ``scale``, ``stop`` and the LLM slot messages are reserved names.
+
+This module is pure (no asyncio, sockets or os): the master's selector loop, the worker's
+asyncio protocol and chatctl's blocking client all feed bytes into a :class:`Decoder` and write
+the bytes :func:`encode` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from chatd.errors import ControlError
+
+MAX_FRAME = 1 << 20
+"""Default largest frame body, in bytes (1 MiB)."""
+
+HEADER_SIZE = 4
+"""Size of the big-endian length prefix."""
+
+T = "t"
+"""The field that names a message's type."""
+
+# worker -> master
+HELLO = "hello"
+READY = "ready"
+STATS = "stats"
+DRAINING = "draining"
+# master -> worker
+DRAIN = "drain"
+STOP = "stop"
+# chatctl -> master (and the replies, which repeat the request's type)
+STATUS = "status"
+# Reserved for the full supervisor; named here so that nothing else takes the names.
+RELOAD = "reload"
+SCALE = "scale"
+SLOT_ACQUIRE = "slot_acquire"
+SLOT_RELEASE = "slot_release"
+
+
+def encode(msg: Mapping[str, Any], *, max_frame: int = MAX_FRAME) -> bytes:
+    """Return one frame holding ``msg``, ready to be written to the stream.
+
+    Args:
+        msg: a map with string keys; its values must be msgpack-serializable (a value that is
+            not raises ``TypeError``: that is a programming error, not a channel failure).
+        max_frame: the largest body allowed; the peer refuses larger frames.
+
+    Raises:
+        ControlError: the encoded body is larger than ``max_frame``.
+    """
+    body: bytes = msgpack.packb(dict(msg), use_bin_type=True)
+    if len(body) > max_frame:
+        raise ControlError(f"message too large: {len(body)} bytes (limit {max_frame})")
+    return len(body).to_bytes(HEADER_SIZE, "big") + body
+
+
+class Decoder:
+    """Turns a byte stream into messages: feed it what the socket gave, get the whole maps.
+
+    A frame may arrive in any number of pieces and one piece may hold several frames; the
+    decoder keeps the incomplete tail for the next :meth:`feed`.
+
+    After :meth:`feed` raises :class:`ControlError` the stream cannot be resynchronized: the
+    caller must close the connection. Every later :meth:`feed` raises again, and the messages
+    that came before the bad frame in the same piece are not returned.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._error: ControlError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a whole frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add ``data`` to the stream and return the messages it completed, in order.
+
+        Raises:
+            ControlError: a frame announces more than ``max_frame`` bytes, or its body is not
+                exactly one msgpack map with string keys.
+        """
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+        messages: list[dict[str, Any]] = []
+        start = 0
+        try:
+            while len(self._buffer) - start >= HEADER_SIZE:
+                size = int.from_bytes(self._buffer[start : start + HEADER_SIZE], "big")
+                if size > self.max_frame:
+                    raise ControlError(f"frame too large: {size} bytes (limit {self.max_frame})")
+                end = start + HEADER_SIZE + size
+                if len(self._buffer) < end:
+                    break
+                messages.append(_decode_body(bytes(self._buffer[start + HEADER_SIZE : end])))
+                start = end
+        except ControlError as exc:
+            self._error = exc
+            self._buffer.clear()
+            raise
+        del self._buffer[:start]
+        return messages
+
+
+def _decode_body(body: bytes) -> dict[str, Any]:
+    """Decode one frame body; it must be exactly one map with string keys."""
+    try:
+        value = msgpack.unpackb(body, raw=False)
+    except Exception as exc:  # msgpack raises ValueError, TypeError and its own errors
+        raise ControlError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ControlError(f"frame is not a map but {type(value).__name__}")
+    if not all(isinstance(key, str) for key in value):
+        raise ControlError("frame has a map key that is not a string")
+    return value
+
+
+def hello(slot: int, pid: int, generation: int) -> dict[str, Any]:
+    """The first message of a worker: which slot, process and generation it is."""
+    return {T: HELLO, "slot": slot, "pid": pid, "gen": generation}
+
+
+def ok_reply(request: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """A successful answer to ``request`` (same type, and its ``id`` when it had one)."""
+    return _reply(request, {"ok": True, "data": dict(data)})
+
+
+def error_reply(request: Mapping[str, Any], error: str) -> dict[str, Any]:
+    """A failed answer to ``request``: ``error`` is one sentence for a person."""
+    return _reply(request, {"ok": False, "error": error})
+
+
+def _reply(request: Mapping[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    reply: dict[str, Any] = {T: request.get(T)}
+    if "id" in request:
+        reply["id"] = request["id"]
+    reply.update(fields)
+    return reply

@@ -1,0 +1,181 @@
+"""One client connection: WebSocket frames <-> the protocol core <-> the hub and the store.
+
+:func:`serve_connection` runs for the life of one WebSocket connection. It feeds every frame
+to a :class:`chatd.proto.chat.ChatConnection` and executes the actions it returns; frames
+to the client go through an :class:`~chatd.outbox.Outbox` written by its own task, so a slow
+client never blocks a generation. The connection never owns a generation: when it closes,
+replies in progress go on and are stored for its resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from chatd.errors import StoreError
+from chatd.generation import Hub
+from chatd.http import token_of
+from chatd.outbox import Outbox
+from chatd.proto import chat
+from chatd.store.base import Store
+
+log = logging.getLogger("chatd.session")
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """What every connection of a worker shares."""
+
+    hub: Hub
+    store: Store
+    limits: chat.Limits
+    hello_timeout: float
+    worker_name: str  # "SLOT/PID", sent in welcome
+    auth_on: bool = False
+    draining: bool = False
+    connections: set[ServerConnection] = field(default_factory=set)
+    connections_total: int = 0
+    bad_frames_total: int = 0
+
+
+def owner_of(ws: ServerConnection, auth_on: bool) -> str:
+    """A hash of the auth token the connection presented ("" when auth is off)."""
+    if not auth_on or ws.request is None:
+        return ""
+    token = token_of(ws.request)
+    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
+
+
+async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
+    """Serve one client until it leaves, breaks the protocol, or the worker drains."""
+    loop = asyncio.get_running_loop()
+    conn = chat.ChatConnection(state.limits, time.monotonic())
+    outbox = Outbox(ws)
+    writer = asyncio.create_task(outbox.run())
+    hello_timer = loop.call_later(
+        state.hello_timeout,
+        lambda: asyncio.ensure_future(_run(conn.hello_timed_out(), ws, state, conn, outbox)),
+    )
+    state.connections.add(ws)
+    state.connections_total += 1
+    opened = time.monotonic()
+    peer = ws.remote_address[0] if ws.remote_address else "?"
+    log.info("connection open from %s", peer)
+    try:
+        async for data in ws:
+            if isinstance(data, str):
+                actions = conn.receive_text(data, time.monotonic())
+            else:
+                actions = conn.receive_binary()
+            if conn.state is not chat.State.AWAITING_HELLO:
+                hello_timer.cancel()
+            await _run(actions, ws, state, conn, outbox)
+    except ConnectionClosed:
+        pass
+    finally:
+        hello_timer.cancel()
+        conn.closed()
+        outbox.closed = True
+        if conn.session is not None:
+            state.hub.unsubscribe(conn.session, outbox)
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await writer
+        state.connections.discard(ws)
+        log.info(
+            "connection closed from %s session %s code %s after %.1fs",
+            peer,
+            (conn.session or "-")[:12],
+            ws.close_code,
+            time.monotonic() - opened,
+        )
+
+
+async def _run(
+    actions: list[chat.Action],
+    ws: ServerConnection,
+    state: WorkerState,
+    conn: chat.ChatConnection,
+    outbox: Outbox,
+) -> None:
+    """Execute the protocol core's actions, in order."""
+    for action in actions:
+        if isinstance(action, chat.Send):
+            if action.frame.startswith(b'{"type":"error"'):
+                state.bad_frames_total += 1
+            outbox.put(action.frame)
+        elif isinstance(action, chat.Close):
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await outbox.wait_empty()
+            await ws.close(action.code, action.reason)
+        elif isinstance(action, chat.Hello):
+            await _hello(action, ws, state, conn, outbox)
+        elif isinstance(action, chat.Message):
+            assert conn.session is not None
+            appended = await state.hub.submit(conn.session, action)
+            outbox.put(chat.ack_frame(action.id, appended.seq))
+        elif isinstance(action, chat.Cancel):
+            assert conn.session is not None
+            state.hub.cancel(conn.session, action.id)
+
+
+async def _hello(
+    hello: chat.Hello,
+    ws: ServerConnection,
+    state: WorkerState,
+    conn: chat.ChatConnection,
+    outbox: Outbox,
+) -> None:
+    """Resolve a hello: create or resume the session, welcome, replay what the client missed."""
+    if state.draining:
+        outbox.put(
+            chat.error_frame(
+                "shutting_down", "This worker is shutting down: reconnect and send hello again."
+            )
+        )
+        await outbox.wait_empty()
+        await ws.close(chat.CLOSE_GOING_AWAY, "worker shutting down")
+        return
+    owner = owner_of(ws, state.auth_on)
+    if hello.session is None:
+        session = await state.store.create_session(owner)
+        conn.welcomed(session)
+        state.hub.subscribe(session, outbox)
+        outbox.put(chat.welcome_frame(session, 0, False, state.worker_name))
+        return
+    info = await state.store.get_session(hello.session)
+    if info is None or info.owner != owner:
+        conn.hello_failed()
+        outbox.put(
+            chat.error_frame(
+                "unknown_session",
+                "That session does not exist or has expired: send hello without a session "
+                "to start a new one.",
+            )
+        )
+        return
+    # Subscribe before reading the log, holding live frames back: an event committed while
+    # the log is read is then either in the replay or in the held frames, never lost; the
+    # outbox drops the held ones the replay already carried (by seq).
+    conn.welcomed(info.session)
+    outbox.hold()
+    state.hub.subscribe(info.session, outbox)
+    try:
+        events = await state.store.events_after(info.session, hello.last_seq)
+    except StoreError:
+        outbox.release(hello.last_seq)
+        raise
+    last_seq = max([info.last_seq, *(ev.seq for ev in events)])
+    frames = [chat.welcome_frame(info.session, last_seq, True, state.worker_name)]
+    frames.extend(
+        chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta) for ev in events
+    )
+    outbox.release(max([hello.last_seq, *(ev.seq for ev in events)]), frames)

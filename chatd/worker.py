@@ -1,0 +1,286 @@
+"""A worker process: one uvloop event loop serving WebSocket chat on its slot's socket.
+
+The master forks a worker with :func:`run_worker`; everything the worker needs was imported
+by the master before the fork, so a replacement serves within milliseconds. The event loop is
+created here, after the fork (never inherited).
+
+Life of a worker:
+
+1. open the session store and the relay's connection pools;
+2. serve ``/ws`` and the HTTP endpoints on the inherited listening socket;
+3. tell the master it is ready, then report stats every second from the event loop (the
+   heartbeat: a blocked loop stops it);
+4. on ``drain`` (master order or SIGTERM): see :meth:`Worker.drain`;
+5. on SIGINT/SIGQUIT: close everything at once and exit;
+6. when the master is gone (its link closes): drain and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, NoReturn
+
+import psutil
+import uvloop
+from setproctitle import setproctitle
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from chatd.config import Config
+from chatd.errors import ExitCode
+from chatd.generation import Hub
+from chatd.http import HttpEndpoints
+from chatd.link import MasterLink
+from chatd.logs import set_role
+from chatd.proto import chat
+from chatd.relay import Relay
+from chatd.session import WorkerState, serve_connection
+from chatd.slots import LocalSlots
+from chatd.spec import WorkerSpec
+from chatd.store import open_store
+
+log = logging.getLogger("chatd.worker")
+
+HEALTH_INTERVAL = 5.0  # seconds between backend health checks (1 s while one is down)
+
+
+def frame_limit(cfg: Config) -> int:
+    """The WebSocket ``max_size``: a frame carrying the longest text, JSON-escaped, fits.
+
+    JSON escaping can grow text up to 6x (``\\u0000``); a frame over this closes with 1009,
+    a text over ``max_message_bytes`` in a smaller frame gets ``too_large`` and stays open.
+    """
+    return 6 * cfg.limits.max_message_bytes + 4096
+
+
+class Worker:
+    """The serving side of one worker process."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.cfg: Config = spec.cfg
+        self.name = f"{spec.slot}/{os.getpid()}"
+        self.store = open_store(self.cfg.sessions)
+        self.relay = Relay(self.cfg.llm)
+        self.slots = LocalSlots(self.cfg.llm.backends, self.cfg.llm.max_queue)
+        self.hub = Hub(self.cfg, self.store, self.relay, self.slots)
+        self.state = WorkerState(
+            hub=self.hub,
+            store=self.store,
+            limits=chat.Limits(
+                max_message_bytes=self.cfg.limits.max_message_bytes,
+                messages_per_minute=self.cfg.limits.messages_per_minute,
+                models=frozenset(self.cfg.llm.all_models),
+            ),
+            hello_timeout=self.cfg.limits.hello_timeout,
+            worker_name=self.name,
+            auth_on=bool(self.cfg.auth.tokens),
+        )
+        self.link = MasterLink(spec.link)
+        self.server: Server | None = None
+        self._stop = asyncio.Event()
+        self._fast = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._proc = psutil.Process()
+        self.started = time.monotonic()
+
+    # -- 1-3: start -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until told to stop; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, False)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop, True)
+        loop.add_signal_handler(signal.SIGQUIT, self.request_stop, True)
+        await self.store.open()
+        await self.relay.start()
+        endpoints = HttpEndpoints(
+            self.cfg,
+            ready=self._ready,
+            serving=lambda: not self.state.draining,
+            connections=lambda: len(self.state.connections),
+        )
+        self.server = await serve(
+            self._handle,
+            sock=self.spec.listener,
+            process_request=endpoints.process_request,
+            max_size=frame_limit(self.cfg),
+            ping_interval=self.cfg.limits.ping_interval,
+            ping_timeout=self.cfg.limits.ping_timeout,
+            compression="deflate" if self.cfg.server.compression else None,
+            open_timeout=self.cfg.limits.hello_timeout,
+            server_header=None,
+        )
+        await self.link.start(self._on_command, self._on_master_gone)
+        self._tasks.append(asyncio.create_task(self._health_loop()))
+        self._tasks.append(asyncio.create_task(self._prewarm()))
+        self.link.send({"t": "ready"})
+        self.link.start_reporting(self.statistics, 1.0)
+        log.info("worker %s serving (generation %d)", self.name, self.spec.generation)
+        await self._stop.wait()
+        if self._fast:
+            await self.stop_now()
+        else:
+            await self.drain()
+        return int(ExitCode.OK)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        await serve_connection(ws, self.state)
+
+    def _ready(self) -> tuple[bool, str]:
+        if any(self.slots.healthy):
+            return True, ""
+        urls = ", ".join(b.url for b in self.cfg.llm.backends)
+        return False, f"no LLM backend is healthy ({urls})"
+
+    async def _prewarm(self) -> None:
+        """Load the default model on every backend, so the first message is not a cold start."""
+        await asyncio.gather(
+            *(self.relay.prewarm(i, self.cfg.llm.model) for i in range(len(self.cfg.llm.backends)))
+        )
+
+    async def _health_loop(self) -> None:
+        while True:
+            for i in range(len(self.cfg.llm.backends)):
+                ok = await self.relay.check_health(i)
+                if ok != self.slots.healthy[i]:
+                    level = logging.INFO if ok else logging.WARNING
+                    url = self.cfg.llm.backends[i].url
+                    log.log(level, "backend %s is %s", url, "healthy" if ok else "unhealthy")
+                self.slots.set_healthy(i, ok)
+            await asyncio.sleep(HEALTH_INTERVAL if all(self.slots.healthy) else 1.0)
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        """The ``stats`` message sent to the master every second."""
+        hub = self.hub.stats
+        store = self.store.statistics()
+        return {
+            "t": "stats",
+            "connections": len(self.state.connections),
+            "connections_total": self.state.connections_total,
+            "messages_total": hub.messages_total,
+            "replies_total": hub.replies_total,
+            "errors_total": sum(hub.errors_by_code.values()),
+            "errors_by_code": dict(hub.errors_by_code),
+            "bad_frames_total": self.state.bad_frames_total,
+            "in_flight": self.hub.in_flight,
+            "queue_depth": self.slots.queue_depth,
+            "latency_ms": hub.latency.summary(),
+            "latency_buckets": sorted(hub.latency.counts.items()),
+            "ttft_ms": hub.ttft.summary(),
+            "ttft_buckets": sorted(hub.ttft.counts.items()),
+            "store": {
+                "commits": store.commits,
+                "commit_p50_ms": store.commit_p50_ms,
+                "commit_p99_ms": store.commit_p99_ms,
+                "busy_retries": store.busy_retries,
+            },
+            "backends": [
+                {
+                    "url": b.url,
+                    "healthy": self.slots.healthy[i],
+                    "in_flight": self.slots.in_flight[i],
+                }
+                for i, b in enumerate(self.cfg.llm.backends)
+            ],
+            "draining": self.state.draining,
+        }
+
+    # -- 4-6: stop ------------------------------------------------------------------------
+
+    def request_stop(self, fast: bool) -> None:
+        """Stop serving: gracefully (drain) or, with ``fast``, at once."""
+        self._fast = self._fast or fast
+        self._stop.set()
+
+    def _on_command(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if kind == "drain":
+            self.request_stop(False)
+        elif kind == "stop":
+            self.request_stop(True)
+
+    def _on_master_gone(self) -> None:
+        log.warning("the master is gone: draining and exiting")
+        self.request_stop(False)
+
+    async def drain(self) -> None:
+        """Graceful stop, in order:
+
+        1. refuse new sessions (``hello`` gets ``shutting_down``) and stop accepting;
+        2. let the replies in flight finish, up to ``graceful_timeout``;
+        3. write what is queued to the clients, then close them with 1001 (resume elsewhere);
+        4. flush the store and close the pools.
+        """
+        self.state.draining = True
+        self.link.send({"t": "draining"})
+        assert self.server is not None
+        self.server.close(close_connections=False)
+        deadline = time.monotonic() + self.cfg.server.graceful_timeout
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.cfg.server.graceful_timeout):
+                await self.hub.wait_idle()
+        if self.hub.running:
+            log.warning(
+                "drain: %d replies still running after the graceful timeout", self.hub.in_flight
+            )
+        await self._close_clients(max(1.0, deadline - time.monotonic()))
+        await self._shutdown()
+
+    async def stop_now(self) -> None:
+        """Fast stop: close the clients with 1001 at once; replies in flight stay unanswered."""
+        self.state.draining = True
+        if self.server is not None:
+            self.server.close(close_connections=False)
+        await self._close_clients(1.0)
+        await self._shutdown()
+
+    async def _close_clients(self, within: float) -> None:
+        clients = list(self.state.connections)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await asyncio.gather(
+                    *(
+                        ws.close(chat.CLOSE_GOING_AWAY, "server going away: resume elsewhere")
+                        for ws in clients
+                    ),
+                    return_exceptions=True,
+                )
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in list(self.hub.running.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self.hub.running.values(), return_exceptions=True)
+        if self.server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self.server.wait_closed()
+        await self.relay.close()
+        await self.store.close()
+        self.link.close()
+
+
+def run_worker(spec: WorkerSpec) -> NoReturn:
+    """The forked worker's main: never returns; the process exits with the worker's code."""
+    code = int(ExitCode.WORKER_BOOT_ERROR)
+    try:
+        setproctitle(f"chatd: worker {spec.slot} gen {spec.generation}")
+        set_role(f"worker {spec.slot}")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            code = runner.run(Worker(spec).run())
+    except BaseException:
+        log.exception("worker %d crashed", spec.slot)
+        code = int(ExitCode.FAILURE)
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)

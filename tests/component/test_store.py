@@ -1,0 +1,511 @@
+"""The session store's contracts (``chatd/store/base.py``), then the SQLite store's own promises.
+
+The contract tests use only the ``Store`` protocol, through two fixtures: ``make_store`` builds
+unopened stores that share one backing storage (several instances = several worker processes),
+``store`` is one of them. A Redis store joins by adding a param to ``make_store``. Every test
+runs its own event loop with ``asyncio.run`` (no pytest-asyncio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import uvloop
+
+from chatd.config import SessionsConfig
+from chatd.errors import StoreError
+from chatd.store import Event, SqliteStore, Store, open_store
+
+pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
+MakeStore = Callable[..., Store]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=["sqlite"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
+    """``make_store(ttl=3600)``: a new unopened store on the test's shared storage."""
+    # A missing parent directory on purpose: the store must create it.
+    path = str(tmp_path / "var" / "sessions.db")
+
+    def make(ttl: int = 3600) -> Store:
+        return SqliteStore(path, ttl)
+
+    return make
+
+
+@pytest.fixture
+def store(make_store: MakeStore) -> Store:
+    return make_store()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@contextlib.asynccontextmanager
+async def opened(*stores: Store) -> AsyncIterator[None]:
+    for s in stores:
+        await s.open()
+    try:
+        yield
+    finally:
+        for s in stores:
+            await s.close()
+
+
+def seqs(events: list[Event]) -> list[int]:
+    return [e.seq for e in events]
+
+
+# -- contracts, on the Store protocol only ----------------------------------------------------
+
+
+def test_append_user_is_idempotent(store: Store) -> None:
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("owner")
+            first = await store.append_user(s, "m1", "hello", "model-a")
+            again = await store.append_user(s, "m1", "something else", "model-b")
+            assert (first.seq, first.duplicate) == (1, False)
+            assert (again.seq, again.duplicate) == (1, True)
+            info = await store.get_session(s)
+            assert info is not None and info.last_seq == 1 and info.owner == "owner"
+            [ev] = await store.events_after(s, 0)
+            assert (ev.kind, ev.msg_id, ev.text, dict(ev.meta)) == (
+                "user", "m1", "hello", {"model": "model-a"},
+            )  # fmt: skip
+            other = await store.create_session("owner")  # msg ids are per session
+            assert (await store.append_user(other, "m1", "hi", "m")).duplicate is False
+
+    run(main())
+
+
+def test_append_final_at_most_once(store: Store) -> None:
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            await store.append_user(s, "m1", "q", "m")
+            reply = await store.append_final(s, "m1", "reply", "a", {"done_reason": "stop"})
+            dup = await store.append_final(s, "m1", "error", "x", {"code": "llm_error"})
+            dup2 = await store.append_final(s, "m1", "reply", "b", {"done_reason": "stop"})
+            assert (reply.seq, reply.duplicate) == (2, False)
+            assert (dup.seq, dup.duplicate) == (dup2.seq, dup2.duplicate) == (2, True)
+            events = await store.events_after(s, 0)
+            assert [(e.kind, e.text) for e in events] == [("user", "q"), ("reply", "a")]
+            assert dict(events[1].meta) == {"done_reason": "stop"} and events[1].ts > 0
+
+    run(main())
+
+
+def test_dedupe_holds_across_instances(make_store: MakeStore) -> None:
+    a, b = make_store(), make_store()
+
+    async def main() -> None:
+        async with opened(a, b):
+            s = await a.create_session("")
+            got = await asyncio.gather(*(st.append_user(s, "same", "q", "m") for st in (a, b) * 5))
+            assert {r.seq for r in got} == {1}
+            assert sum(not r.duplicate for r in got) == 1
+            finals = await asyncio.gather(
+                *(st.append_final(s, "same", "reply", "r", {}) for st in (a, b) * 5)
+            )
+            assert {r.seq for r in finals} == {2}
+            assert sum(not r.duplicate for r in finals) == 1
+
+    run(main())
+
+
+def test_session_ids_are_unguessable(store: Store) -> None:
+    async def main() -> None:
+        async with opened(store):
+            ids = await asyncio.gather(*(store.create_session("o") for _ in range(500)))
+            assert len(set(ids)) == 500
+            assert all(re.fullmatch(r"[A-Za-z0-9_-]{22,}", i) for i in ids)
+            info = await store.get_session(ids[0])
+            assert info is not None and (info.session, info.owner, info.last_seq) == (
+                ids[0], "o", 0,
+            )  # fmt: skip
+            assert await store.get_session("no-such-session") is None
+
+    run(main())
+
+
+def test_unknown_session_fails_alone(store: Store) -> None:
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            calls = [store.append_user(s, f"m{i}", "q", "m") for i in range(40)]
+            calls.insert(17, store.append_user("no-such-session", "x", "q", "m"))
+            calls.insert(30, store.append_final("no-such-session", "x", "reply", "r", {}))
+            got = await asyncio.gather(*calls, return_exceptions=True)
+            errors = [i for i, r in enumerate(got) if isinstance(r, BaseException)]
+            assert errors == [17, 30]
+            assert all(isinstance(got[i], StoreError) for i in errors)
+            assert seqs(await store.events_after(s, 0)) == list(range(1, 41))
+
+    run(main())
+
+
+def test_seqs_contiguous_under_concurrency(make_store: MakeStore) -> None:
+    """200 concurrent appends over 20 sessions from 2 instances: seqs 1..n, no gap or repeat."""
+    a, b = make_store(), make_store()
+
+    async def main() -> None:
+        async with opened(a, b):
+            sessions = [await a.create_session("") for _ in range(20)]
+            calls = []
+            for i in range(200):
+                st, s = (a, b)[i % 2], sessions[i % 20]
+                calls.append(st.append_user(s, f"m{i}", f"text {i}", "m"))
+            got = await asyncio.gather(*calls)
+            assert not any(r.duplicate for r in got)
+            for s in sessions:
+                events = await b.events_after(s, 0)
+                assert seqs(events) == list(range(1, 11))
+                info = await a.get_session(s)
+                assert info is not None and info.last_seq == 10
+
+    run(main())
+
+
+def test_events_after_orders_and_filters(store: Store) -> None:
+    async def main() -> None:
+        async with opened(store):
+            s, other = await store.create_session(""), await store.create_session("")
+            await store.append_user(s, "a", "q1", "m")
+            await store.append_user(other, "z", "elsewhere", "m")
+            await store.append_final(s, "a", "reply", "r1", {"done_reason": "stop"})
+            await store.append_user(s, "b", "q2", "m")
+            await store.append_final(s, "b", "error", "failed", {"code": "x", "retryable": True})
+            await store.append_user(s, "c", "q3", "m")
+            events = await store.events_after(s, 0)
+            assert [(e.seq, e.kind, e.msg_id) for e in events] == [
+                (1, "user", "a"), (2, "reply", "a"), (3, "user", "b"),
+                (4, "error", "b"), (5, "user", "c"),
+            ]  # fmt: skip
+            assert dict(events[3].meta) == {"code": "x", "retryable": True}
+            assert seqs(await store.events_after(s, 3)) == [4, 5]
+            assert await store.events_after(s, 5) == []
+            assert await store.events_after("no-such-session", 0) == []
+
+    run(main())
+
+
+def test_history_returns_answered_turns(store: Store) -> None:
+    """A turn is a user event with a reply; errored and unanswered messages are not turns."""
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            for mid in ("1", "2", "3", "4", "5"):
+                await store.append_user(s, mid, f"q{mid}", "m")
+                if mid == "2":
+                    await store.append_final(s, mid, "error", "e", {"code": "x"})
+                elif mid != "4":  # 4 stays unanswered
+                    await store.append_final(s, mid, "reply", f"r{mid}", {})
+            # Two messages in flight, answered in the opposite order.
+            await store.append_user(s, "6", "q6", "m")
+            await store.append_user(s, "7", "q7", "m")
+            await store.append_final(s, "7", "reply", "r7", {})
+            await store.append_final(s, "6", "reply", "r6", {})
+
+            def texts(evs: list[Event]) -> list[str]:
+                return [e.text for e in evs]
+
+            assert texts(await store.history(s, 2)) == ["q6", "r6", "q7", "r7"]
+            assert texts(await store.history(s, 3)) == ["q5", "r5", "q6", "r6", "q7", "r7"]
+            every = ["q1", "r1", "q3", "r3", "q5", "r5", "q6", "r6", "q7", "r7"]
+            assert texts(await store.history(s, 100)) == every
+            assert await store.history(s, 0) == []
+            assert await store.history("no-such-session", 5) == []
+
+    run(main())
+
+
+def test_unanswered(store: Store) -> None:
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            assert await store.unanswered(s) == []
+            for mid in "abcd":
+                await store.append_user(s, mid, mid, "m")
+            await store.append_final(s, "a", "reply", "r", {})
+            await store.append_final(s, "c", "error", "e", {})
+            pending = await store.unanswered(s)
+            assert [(e.msg_id, e.kind, e.seq) for e in pending] == [
+                ("b", "user", 2),
+                ("d", "user", 4),
+            ]
+
+    run(main())
+
+
+def test_ttl_expiry(make_store: MakeStore) -> None:
+    store = make_store(ttl=1)
+
+    async def main() -> None:
+        async with opened(store):
+            idle, busy = await store.create_session(""), await store.create_session("")
+            await store.append_user(idle, "m", "q", "m")
+            await asyncio.sleep(0.6)
+            await store.append_user(busy, "m", "q", "m")  # an append counts as activity
+            await asyncio.sleep(0.6)
+            assert await store.get_session(idle) is None  # invisible before expire()
+            assert await store.get_session(busy) is not None
+            with pytest.raises(StoreError):
+                await store.append_user(idle, "m2", "q", "m")
+            assert await store.expire() == 1
+            assert await store.events_after(idle, 0) == []
+            assert seqs(await store.events_after(busy, 0)) == [1]
+            assert await store.expire() == 0
+
+    run(main())
+
+
+def test_close_flushes_pending_appends(make_store: MakeStore) -> None:
+    store, fresh = make_store(), make_store()
+
+    async def main() -> None:
+        async with opened(fresh):
+            await store.open()
+            s = await store.create_session("")
+            tasks = [
+                asyncio.create_task(store.append_user(s, f"m{i}", "q", "m")) for i in range(100)
+            ]
+            await asyncio.sleep(0)  # every task has queued its append, none has committed yet
+            await store.close()
+            assert all(t.done() and not t.cancelled() for t in tasks)
+            assert sorted(t.result().seq for t in tasks) == list(range(1, 101))
+            assert seqs(await fresh.events_after(s, 0)) == list(range(1, 101))
+            with pytest.raises(StoreError):
+                await store.append_user(s, "late", "q", "m")
+
+    run(main())
+
+
+def test_statistics_count(store: Store) -> None:
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            await asyncio.gather(*(store.append_user(s, f"m{i}", "q", "m") for i in range(50)))
+            await store.append_user(s, "m0", "q", "m")  # a duplicate stores no row
+            stats = store.statistics()
+            assert stats.rows == 50
+            assert 1 <= stats.commits <= 52
+            assert 0 < stats.commit_p50_ms <= stats.commit_p99_ms
+            assert stats.busy_retries >= 0
+
+    run(main())
+
+
+def test_cancelled_caller_does_not_break_the_store(store: Store) -> None:
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            task = asyncio.create_task(store.append_user(s, "m1", "q", "m"))
+            await asyncio.sleep(0)
+            task.cancel()
+            # The cancelled append may or may not have committed; a retry tells which, once.
+            retry = await store.append_user(s, "m1", "q", "m")
+            assert retry.seq == 1
+            assert (await store.append_user(s, "m2", "q", "m")).seq == 2
+
+    run(main())
+
+
+# -- the SQLite store ---------------------------------------------------------------------------
+
+
+def test_sqlite_file_settings(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "s.db"
+
+    async def main() -> str:
+        async with opened(store := SqliteStore(str(path), 60)):
+            s = await store.create_session("")
+            await store.append_user(s, "m", "q", "m")
+            return s
+
+    s = run(main())
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    with pytest.raises(sqlite3.IntegrityError):  # the file itself refuses a second user row
+        db.execute(
+            "INSERT INTO events (session, seq, kind, msg_id, text, meta, ts)"
+            " VALUES (?, 2, 'user', 'm', 'q', '{}', 0)",
+            (s,),
+        )
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer"):
+        run(SqliteStore(str(path), 60).open())
+
+
+def test_sqlite_append_is_committed_when_it_returns(tmp_path: Path) -> None:
+    """Contract 3, in process: another connection sees the row while the store is still open."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            for i in range(1, 21):
+                got = await store.append_user(s, f"m{i}", "q", "m")
+                with contextlib.closing(sqlite3.connect(path)) as db:
+                    row = db.execute(
+                        "SELECT msg_id FROM events WHERE session = ? AND seq = ?", (s, got.seq)
+                    ).fetchone()
+                assert row == (f"m{i}",)
+
+    run(main())
+
+
+def test_sqlite_group_commit_batches(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"), 60)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            await asyncio.gather(*(store.append_user(s, f"m{i}", "q", "m") for i in range(300)))
+            stats = store.statistics()
+            assert stats.rows == 300
+            assert stats.commits <= 10  # 300 concurrent appends fit in a few transactions
+
+    run(main())
+
+
+def test_sqlite_busy_lock_is_waited_out(tmp_path: Path) -> None:
+    """A lock held elsewhere delays the append (retried, counted) without blocking the loop."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60, busy_timeout=0.02)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            task = asyncio.create_task(store.append_user(s, "m", "q", "m"))
+            loop, gaps = asyncio.get_running_loop(), []
+            for _ in range(30):  # 0.3 s of the lock being held elsewhere
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - before)
+            assert not task.done()
+            assert max(gaps) < 0.1  # the loop kept running while the writer waited
+            other.execute("ROLLBACK")
+            other.close()
+            assert (await task).seq == 1
+            assert store.statistics().busy_retries >= 3
+
+    run(main())
+
+
+def test_sqlite_on_uvloop(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"), 60)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            got = await asyncio.gather(*(store.append_user(s, str(i), "q", "m") for i in range(50)))
+            assert sorted(r.seq for r in got) == list(range(1, 51))
+            assert len(await store.history(s, 10)) == 0
+
+    uvloop.run(main())
+
+
+CHILD = """
+import asyncio, sys
+from chatd.store.sqlite import SqliteStore
+
+async def main(path, sessions, tag, n):
+    store = SqliteStore(path, 3600)
+    await store.open()
+    async def worker(first):  # 20 concurrent appenders: the kill lands amid open batches
+        for i in range(first, n, 20):
+            got = await store.append_user(sessions[i % len(sessions)], f"{tag}{i}", "x" * 200, "m")
+            sys.stdout.write(f"{got.seq} {tag}{i}\\n")
+            sys.stdout.flush()
+    await asyncio.gather(*(worker(w) for w in range(20)))
+    await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2].split(","), sys.argv[3], int(sys.argv[4])))
+"""
+
+
+def _child(path: str, sessions: list[str], tag: str, n: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", CHILD, path, ",".join(sessions), tag, str(n)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _new_sessions(path: str, n: int) -> list[str]:
+    async def main() -> list[str]:
+        async with opened(store := SqliteStore(path, 3600)):
+            return [await store.create_session("") for _ in range(n)]
+
+    return run(main())
+
+
+def test_sqlite_acked_appends_survive_sigkill(tmp_path: Path) -> None:
+    """Contract 3 across a crash: every seq a SIGKILLed process printed is in the file."""
+    path = str(tmp_path / "s.db")
+    [s] = _new_sessions(path, 1)
+    child = _child(path, [s], "m", 1_000_000)
+    assert child.stdout is not None
+    acked = [child.stdout.readline() for _ in range(300)]
+    child.send_signal(signal.SIGKILL)
+    acked += child.stdout.readlines()  # printed before the kill, not read yet
+    assert child.wait() == -signal.SIGKILL
+    printed = {int(seq): mid for seq, mid in (line.split() for line in acked if line.strip())}
+    assert len(printed) >= 300
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        stored = dict(db.execute("SELECT seq, msg_id FROM events WHERE session = ?", (s,)))
+    assert printed.items() <= stored.items()
+    assert sorted(stored) == list(range(1, len(stored) + 1))
+
+    async def after() -> None:  # a fresh store opens the crashed file and carries on
+        async with opened(store := SqliteStore(path, 3600)):
+            assert (await store.append_user(s, "next", "q", "m")).seq == len(stored) + 1
+
+    run(after())
+
+
+def test_sqlite_two_processes_share_sessions(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    sessions = _new_sessions(path, 10)
+    children = [_child(path, sessions, tag, 150) for tag in ("a", "b")]
+    outputs = [c.communicate(timeout=30)[0] for c in children]
+    assert [c.returncode for c in children] == [0, 0]
+    assert sum(len(o.splitlines()) for o in outputs) == 300
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for s in sessions:
+            got = [r[0] for r in db.execute("SELECT seq FROM events WHERE session = ?", (s,))]
+            assert sorted(got) == list(range(1, 31))
+            assert db.execute("SELECT last_seq FROM sessions WHERE id = ?", (s,)).fetchone() == (
+                30,
+            )
+
+
+def test_open_store_factory(tmp_path: Path) -> None:
+    store = open_store(SessionsConfig(store=f"sqlite://{tmp_path}/x/s.db", ttl=42))
+    assert isinstance(store, SqliteStore)
+    assert (store.path, store.ttl) == (f"{tmp_path}/x/s.db", 42)
+    assert not (tmp_path / "x").exists()  # built, not opened
+    rel = open_store(SessionsConfig(store="sqlite:var/s.db"))
+    assert isinstance(rel, SqliteStore) and rel.path == "var/s.db"
+    with pytest.raises(StoreError, match="redis store not available yet"):
+        open_store(SessionsConfig(store="redis://127.0.0.1:6379/0"))

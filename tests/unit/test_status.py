@@ -1,0 +1,94 @@
+"""chatd.status.aggregate_status: the `chatctl status --json` document from worker reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatd.config import BackendConfig, Config, LLMConfig
+from chatd.stats import Histogram
+from chatd.status import WorkerSnapshot, aggregate_status
+
+CFG = Config(
+    llm=LLMConfig(
+        backends=(BackendConfig(url="http://a:1"), BackendConfig(url="http://b:2", api="openai"))
+    )
+)
+
+
+def snap(wid: int, **stats: Any) -> WorkerSnapshot:
+    return WorkerSnapshot(
+        id=wid,
+        pid=100 + wid,
+        generation=1,
+        state="ready",
+        uptime_s=1.23456,
+        restarts=0,
+        rss_bytes=1000,
+        cpu_percent=1.234,
+        last_heartbeat_s=0.5,
+        stats={"t": "stats", **stats},
+    )
+
+
+def status(*workers: WorkerSnapshot, **kw: Any) -> dict[str, Any]:
+    return aggregate_status(master={"pid": 1}, workers=workers, cfg=CFG, restarts_total=2, **kw)
+
+
+def test_rows_and_totals() -> None:
+    """Rows carry the master's facts and the reported counters; totals add them up."""
+    st = status(
+        snap(
+            1, connections=2, messages_total=10, errors_total=1, errors_by_code={"llm_timeout": 1}
+        ),
+        snap(2, connections=3, messages_total=5, extra="kept", pid=999),
+        retired={"messages_total": 7, "errors_total": 2},
+    )
+    one, two = st["workers"]
+    assert one["uptime_s"] == 1.235 and one["cpu_percent"] == 1.2 and "t" not in one
+    assert two["extra"] == "kept" and two["pid"] == 102  # the master's facts win
+    totals = st["totals"]
+    assert (totals["connections"], totals["messages_total"], totals["errors_total"]) == (5, 22, 3)
+    assert totals["errors_by_code"] == {"llm_timeout": 1}
+    assert totals["worker_restarts_total"] == 2
+    assert st["queue"] == {"depth": 0, "max": 512}
+
+
+def test_malformed_reports_count_as_zero() -> None:
+    """A worker that reports nonsense cannot break status."""
+    st = status(
+        snap(1, connections="many", messages_total=True, errors_by_code=[1], latency_ms="fast"),
+        snap(2, backends="none", latency_buckets=[["x", 1]], errors_by_code={"a": "b"}),
+    )
+    assert st["workers"][0]["connections"] == 0
+    assert st["totals"]["latency_ms"] == {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    assert st["totals"]["errors_by_code"] == {"a": 0}
+
+
+def test_latency_is_merged_from_histograms() -> None:
+    """Workers' histograms merge exactly; bare percentiles give an upper bound."""
+    fast, slow = Histogram(), Histogram()
+    for _ in range(99):
+        fast.observe(10.0)
+    slow.observe(1000.0)
+    st = status(
+        snap(1, latency_buckets=sorted(fast.counts.items())),
+        snap(2, latency_buckets=sorted(slow.counts.items())),
+    )
+    merged = Histogram()
+    merged.merge(fast.counts)
+    merged.merge(slow.counts)
+    assert st["totals"]["latency_ms"]["p50"] == merged.percentile(50)
+    assert st["totals"]["latency_ms"]["p99"] == merged.percentile(99)
+    bound = status(snap(1, latency_ms={"p50": 5, "p95": 9, "p99": 20}), snap(2))
+    assert bound["totals"]["latency_ms"] == {"p50": 5.0, "p95": 9.0, "p99": 20.0}
+
+
+def test_backend_health_and_load() -> None:
+    """A backend is unknown until reported, healthy only if every report says so."""
+    st = status(
+        snap(1, backends=[{"url": "http://a:1/", "healthy": True, "in_flight": 2}]),
+        snap(2, backends=[{"url": "http://a:1", "healthy": False, "in_flight": 1}, "junk"]),
+    )
+    a, b = st["backends"]
+    assert (a["healthy"], a["in_flight"], a["max_parallel"]) == (False, 3, 4)
+    assert (b["url"], b["api"], b["healthy"], b["in_flight"]) == ("http://b:2", "openai", None, 0)
