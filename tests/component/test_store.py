@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ import uvloop
 
 from chatd.config import SessionsConfig
 from chatd.errors import StoreError
-from chatd.store import Event, SqliteStore, Store, open_store
+from chatd.store import Appended, Event, SqliteStore, Store, open_store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,6 +125,29 @@ def test_dedupe_holds_across_instances(make_store: MakeStore) -> None:
             )
             assert {r.seq for r in finals} == {2}
             assert sum(not r.duplicate for r in finals) == 1
+
+    run(main())
+
+
+def test_texts_round_trip_exactly(store: Store) -> None:
+    odd = ["nul \x00 inside", 'é 😀 "q" \\ \n\t', "\\u0000 literally", "x" * 100_000, " "]
+    meta = {"done_reason": "stop", "stats": {"tokens": 3, "s": "\x00é"}}
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            # Several in one batch, so a NUL in one row must not spoil its batch-mates.
+            await asyncio.gather(
+                *(store.append_user(s, f"id{i}", t, "m") for i, t in enumerate(odd))
+            )
+            await store.append_user(s, "id\x00nul", "q", "m")
+            assert (await store.append_user(s, "id\x00nul", "q", "m")).duplicate
+            await store.append_final(s, "id0", "reply", odd[0], meta)
+            events = await store.events_after(s, 0)
+            assert sorted(e.text for e in events if e.kind == "user") == sorted([*odd, "q"])
+            assert "id\x00nul" in {e.msg_id for e in events}
+            assert dict(events[-1].meta) == meta and events[-1].text == odd[0]
+            assert [e.text for e in await store.history(s, 1)] == [odd[0], odd[0]]
 
     run(main())
 
@@ -348,6 +372,14 @@ def test_sqlite_file_settings(tmp_path: Path) -> None:
             " VALUES (?, 2, 'user', 'm', 'q', '{}', 0)",
             (s,),
         )
+    with pytest.raises(sqlite3.IntegrityError, match="seq conflict"):  # seqs stay contiguous
+        db.execute(
+            "INSERT INTO events (session, seq, kind, msg_id, text, meta, ts)"
+            " VALUES (?, 3, 'user', 'm2', 'q', '{}', 0)",
+            (s,),
+        )
+    db.execute("DELETE FROM sessions WHERE id = ?", (s,))
+    assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)  # events go with it
     db.execute("PRAGMA user_version = 99")
     db.commit()
     db.close()
@@ -384,6 +416,73 @@ def test_sqlite_group_commit_batches(tmp_path: Path) -> None:
             stats = store.statistics()
             assert stats.rows == 300
             assert stats.commits <= 10  # 300 concurrent appends fit in a few transactions
+
+    run(main())
+
+
+def test_sqlite_failing_request_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails unexpectedly is retried request by request: only the culprit fails."""
+    store = SqliteStore(str(tmp_path / "s.db"), 60)
+    real = SqliteStore._append
+
+    def append(self: SqliteStore, reqs: list[tuple[str, ...]]) -> Any:
+        if any(r[3] == "poison" for r in reqs):
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(self, reqs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SqliteStore, "_append", append)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            texts = ["ok"] * 10 + ["poison"] + ["ok"] * 10
+            calls = [store.append_user(s, f"m{i}", t, "m") for i, t in enumerate(texts)]
+            got = await asyncio.gather(*calls, return_exceptions=True)
+            assert isinstance(got[10], StoreError)
+            assert sorted(r.seq for r in got if not isinstance(r, BaseException)) == list(
+                range(1, 21)
+            )
+            before = store.statistics().commits  # the next batch is whole again
+            await asyncio.gather(*(store.append_user(s, f"n{i}", "ok", "m") for i in range(20)))
+            assert store.statistics().commits - before <= 2
+
+    run(main())
+
+
+def test_sqlite_lost_race_is_planned_again(tmp_path: Path) -> None:
+    """Another process appends between the batch's read and its INSERT: the batch re-plans."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60)
+
+    class Interloper:
+        def __init__(self, db: sqlite3.Connection, session: str) -> None:
+            self.db, self.session, self.raced = db, session, False
+
+        def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+            if sql.lstrip().startswith("INSERT INTO events") and not self.raced:
+                self.raced = True
+                with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+                    other.execute(
+                        "INSERT INTO events (session, seq, kind, msg_id, text, meta, ts)"
+                        " VALUES (?, 1, 'user', 'theirs', 't', '{}', ?)",
+                        (self.session, time.time()),
+                    )
+            return self.db.execute(sql, params)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.db, name)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            store._wdb = Interloper(store._wdb, s)  # type: ignore[arg-type,assignment]
+            assert (await store.append_user(s, "mine", "q", "m")).seq == 2
+            assert (await store.append_user(s, "theirs", "q", "m")) == Appended(1, True)
+            assert [(e.seq, e.msg_id) for e in await store.events_after(s, 0)] == [
+                (1, "theirs"), (2, "mine"),
+            ]  # fmt: skip
 
     run(main())
 
@@ -498,6 +597,23 @@ def test_sqlite_two_processes_share_sessions(tmp_path: Path) -> None:
             assert db.execute("SELECT last_seq FROM sessions WHERE id = ?", (s,)).fetchone() == (
                 30,
             )
+
+
+def test_sqlite_open_and_use_errors(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match="cannot open"):
+        run(SqliteStore(str(tmp_path / "file" / "s.db"), 60).open())
+    store = SqliteStore(str(tmp_path / "s.db"), 60)
+
+    async def main() -> None:
+        with pytest.raises(StoreError, match="not open"):
+            await store.get_session("x")
+        async with opened(store):
+            pass
+        with pytest.raises(StoreError, match="not open"):
+            await store.create_session("")
+
+    run(main())
 
 
 def test_open_store_factory(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def _session() -> aiohttp.ClientSession:
     # reused pooled connection would fail (see the chatd.local_model docstring).
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(force_close=True),
-        timeout=aiohttp.ClientTimeout(total=30),
+        timeout=aiohttp.ClientTimeout(total=90),
     )
 
 
@@ -150,7 +150,7 @@ def server() -> Iterator[str]:
 
 
 @needs_model
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_streams_a_chat_completion(server: str) -> None:
     async def run() -> Stream:
         async with _session() as session:
@@ -177,7 +177,7 @@ def test_streams_a_chat_completion(server: str) -> None:
 
 
 @needs_model
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_two_requests_decode_in_parallel(server: str) -> None:
     async def run() -> tuple[Stream, Stream]:
         async with _session() as session:
@@ -209,7 +209,7 @@ def test_two_requests_decode_in_parallel(server: str) -> None:
 
 
 @needs_model
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_sigterm_mid_stream_exits_zero() -> None:
     proc, base_url = start_local_model(args=_ARGS, timeout=60)
     try:
@@ -244,7 +244,7 @@ def test_sigterm_mid_stream_exits_zero() -> None:
 
 
 @needs_model
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_port_taken_is_a_clear_error() -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
