@@ -107,10 +107,11 @@ class Hub:
         if appended.duplicate:
             return appended
         self.stats.messages_total += 1
-        history = await self._history_for(session, appended.seq, msg.text)
+        # The history is read (on a cache miss) inside the task, so the ack is not delayed.
+        history = self._cached_turns(session, appended.seq, msg.text)
         key = (session, msg.id)
         task = asyncio.create_task(
-            self._generate(session, msg.id, model, history, time.monotonic())
+            self._generate(session, msg.id, model, history, (appended.seq, msg.text))
         )
         self.running[key] = task
         task.add_done_callback(lambda _t: self._finished(key))
@@ -140,26 +141,36 @@ class Hub:
 
     # -- history --------------------------------------------------------------------------
 
-    async def _history_for(self, session: str, seq: int, text: str) -> list[dict[str, str]]:
-        """The model messages for a new user turn: system prompt, recent turns, the turn."""
+    def _cached_turns(self, session: str, seq: int, text: str) -> list[dict[str, str]] | None:
+        """The model messages for a new user turn from the cache, or None on a miss.
+
+        A hit needs the cache to account for every event up to ``seq - 1``; otherwise
+        another worker wrote to the session and the entry is dropped.
+        """
         turns = self._turns.get(session)
-        if turns is not None and turns.last_seq == seq - 1:
-            self._turns.move_to_end(session)
-            turns.messages.append({"role": "user", "content": text})
-            turns.last_seq = seq
-        else:
-            events = await self.store.history(session, self.cfg.sessions.history_turns)
-            turns = _Turns(deque(maxlen=max(1, self._max_turn_messages)), seq)
-            for ev in events:
-                turns.messages.append(_as_message(ev))
-            if not events or events[-1].seq != seq:
-                turns.messages.append({"role": "user", "content": text})
-            self._turns[session] = turns
-            if len(self._turns) > CACHE_SESSIONS:
-                self._turns.popitem(last=False)
+        if turns is None or turns.last_seq != seq - 1:
+            self._turns.pop(session, None)
+            return None
+        self._turns.move_to_end(session)
+        turns.messages.append({"role": "user", "content": text})
+        turns.last_seq = seq
+        return self._with_system(turns.messages)
+
+    async def _load_turns(self, session: str, seq: int, text: str) -> list[dict[str, str]]:
+        """The model messages for a new user turn, read from the store (and cached)."""
+        events = await self.store.history(session, self.cfg.sessions.history_turns)
+        turns = _Turns(deque(maxlen=max(1, self._max_turn_messages)), seq)
+        turns.messages.extend(_as_message(ev) for ev in events if ev.seq < seq)
+        turns.messages.append({"role": "user", "content": text})
+        self._turns[session] = turns
+        if len(self._turns) > CACHE_SESSIONS:
+            self._turns.popitem(last=False)
+        return self._with_system(turns.messages)
+
+    def _with_system(self, messages: deque[dict[str, str]]) -> list[dict[str, str]]:
         system = self.cfg.llm.system_prompt
         head = [{"role": "system", "content": system}] if system else []
-        return head + list(turns.messages)
+        return head + list(messages)
 
     def _remember_reply(self, session: str, seq: int, text: str) -> None:
         turns = self._turns.get(session)
@@ -174,9 +185,19 @@ class Hub:
     # -- generation -----------------------------------------------------------------------
 
     async def _generate(
-        self, session: str, msg_id: str, model: str, messages: list[dict[str, str]], t0: float
+        self,
+        session: str,
+        msg_id: str,
+        model: str,
+        messages: list[dict[str, str]] | None,
+        turn: tuple[int, str],
     ) -> None:
-        """Steps 3-5 of a message: slot, stream, store the final event, publish it."""
+        """Steps 3-5 of a message: slot, stream, store the final event, publish it.
+
+        ``messages`` is the model context from the cache, or None to read it from the store;
+        ``turn`` is the user message's ``(seq, text)``.
+        """
+        t0 = time.monotonic()
         parts: list[str] = []
 
         def on_token(text: str) -> None:
@@ -191,6 +212,8 @@ class Hub:
             self._publish(session, chat.queued_frame(msg_id, position))
 
         try:
+            if messages is None:
+                messages = await self._load_turns(session, *turn)
             reply = await self._attempts(model, messages, on_token, on_notice, on_position, parts)
         except asyncio.CancelledError:
             if (session, msg_id) not in self._cancelled:

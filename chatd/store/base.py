@@ -99,7 +99,12 @@ class Store(Protocol):
         """Every event with ``seq > after_seq``, in order."""
 
     async def history(self, session: str, turns: int) -> list[Event]:
-        """The ``user`` and ``reply`` events of the last ``turns`` user messages, in order."""
+        """The last ``turns`` answered turns: each ``user`` event followed by its ``reply``.
+
+        User messages that ended in an error or are not answered yet are left out, so the
+        message being answered never appears twice and the model never sees two user turns
+        in a row. An unknown session gives ``[]``.
+        """
 
     async def unanswered(self, session: str) -> list[Event]:
         """The ``user`` events that have no final event yet, in order."""

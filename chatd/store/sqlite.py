@@ -209,6 +209,11 @@ class SqliteStore:
         self._stats_lock = threading.Lock()
         self._commits = self._rows = self._busy_retries = self._n_samples = 0
         self._samples: list[float] = []
+        self._ops: dict[str, Callable[[list[Any]], list[Any]]] = {
+            "create": self._create,
+            "append": self._append,
+            "expire": self._expire,
+        }
 
     async def open(self) -> None:
         """Open both connections, switch to WAL, create or migrate the schema, start threads."""
@@ -358,19 +363,16 @@ class SqliteStore:
     def _run_batch(self, batch: list[_Request]) -> None:
         start = time.monotonic()
         results: list[Any] = [None] * len(batch)
-        for op, fn in (
-            ("create", self._create),
-            ("append", self._append),
-            ("expire", self._expire),
-        ):
-            index = [i for i, req in enumerate(batch) if req[0] == op]
-            if index:
-                for i, res in zip(
-                    index, self._commit(fn, [batch[i][1] for i in index]), strict=True
-                ):
+        try:
+            for op, fn in self._ops.items():  # each kind of request: one write transaction
+                index = [i for i, req in enumerate(batch) if req[0] == op]
+                got = self._commit(fn, [batch[i][1] for i in index]) if index else []
+                for i, res in zip(index, got, strict=True):
                     results[i] = res
-        rows = sum(1 for r in results if isinstance(r, Appended) and not r.duplicate)
-        self._record((time.monotonic() - start) * 1000.0, rows)
+            rows = sum(1 for r in results if isinstance(r, Appended) and not r.duplicate)
+            self._record((time.monotonic() - start) * 1000.0, rows)
+        except Exception as exc:  # a bug: fail the batch rather than leave its callers waiting
+            results = [StoreError(f"session store write failed: {exc!r}") for _ in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         for (_, _, fut, loop), res in zip(batch, results, strict=True):
             by_loop.setdefault(loop, []).append((fut, res))

@@ -424,7 +424,6 @@ def test_sqlite_failing_request_fails_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch that fails unexpectedly is retried request by request: only the culprit fails."""
-    store = SqliteStore(str(tmp_path / "s.db"), 60)
     real = SqliteStore._append
 
     def append(self: SqliteStore, reqs: list[tuple[str, ...]]) -> Any:
@@ -433,6 +432,7 @@ def test_sqlite_failing_request_fails_alone(
         return real(self, reqs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(SqliteStore, "_append", append)
+    store = SqliteStore(str(tmp_path / "s.db"), 60)
 
     async def main() -> None:
         async with opened(store):

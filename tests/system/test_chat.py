@@ -267,3 +267,34 @@ def test_draining_worker_finishes_reply_then_closes_1001(tmp_path: Path, fake: F
         assert getattr(closed.value, "rcvd", None) is not None and closed.value.rcvd.code == 1001
         assert d.stop() == 0
         assert [r[1] for r in rows(d.db, session)] == ["user", "reply"]
+
+
+def test_compression_is_off_unless_configured(chatd: Chatd) -> None:
+    """The client offers permessage-deflate; the server does not take it (47 KB vs 14 KB)."""
+    c = Client(chatd.url)
+    assert c.ws.response is not None
+    assert "Sec-WebSocket-Extensions" not in c.ws.response.headers
+    c.close()
+
+
+def test_retry_goes_to_the_other_backend_before_the_first_token(tmp_path: Path) -> None:
+    """One backend answers 503: the message is retried on the other, with a notice."""
+    with (
+        FakeOllamaThread(FakeOllama(tokens=3)) as bad,
+        FakeOllamaThread(FakeOllama(tokens=3)) as good,
+    ):
+        fake_config(bad.url, status=503)
+        backends = [{"url": bad.url, "max_parallel": 4}, {"url": good.url, "max_parallel": 1}]
+        with running_chatd(tmp_path, bad.url, workers=1, backends=backends) as d:
+            c = Client(d.url)
+            c.hello()
+            replies = []
+            for i in range(4):  # least-loaded choice sends some of them to the bad one first
+                frames = c.ask(f"r{i}", "retry me")
+                assert frames[-1]["type"] == "reply", frames
+                replies.append(frames)
+            notices = [f for fr in replies for f in fr if f["type"] == "notice"]
+            assert notices and all(n["code"] == "retrying" for n in notices)
+            assert bad.url.split("//")[1] in notices[0]["message"]
+            assert fake_stats(good.url)["requests_total"] == 4
+            c.close()
