@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -76,7 +77,19 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
                 actions = conn.receive_binary()
             if conn.state is not chat.State.AWAITING_HELLO:
                 hello_timer.cancel()
-            await _run(actions, ws, state, conn, outbox)
+            try:
+                await _run(actions, ws, state, conn, outbox)
+            except StoreError:
+                # Nothing was acknowledged: the client may resend with the same ids.
+                ref = f"{os.getpid()}-{int(time.time() * 1000) % 100000000}"
+                log.exception("session store failed (log reference %s)", ref)
+                outbox.put(
+                    chat.error_frame(
+                        "internal",
+                        f"The session store failed (log reference {ref}): "
+                        "resend the message with the same id.",
+                    )
+                )
     except ConnectionClosed:
         pass
     finally:
@@ -117,7 +130,16 @@ async def _run(
                     await outbox.wait_empty()
             await ws.close(action.code, action.reason)
         elif isinstance(action, chat.Hello):
-            await _hello(action, ws, state, conn, outbox)
+            try:
+                await _hello(action, ws, state, conn, outbox)
+            except StoreError:
+                # Back to waiting for hello, so the client can simply say hello again.
+                if conn.session is not None:
+                    state.hub.unsubscribe(conn.session, outbox)
+                    conn.session = None
+                outbox.release(0)
+                conn.hello_failed()
+                raise
         elif isinstance(action, chat.Message):
             assert conn.session is not None
             appended = await state.hub.submit(conn.session, action)
@@ -168,11 +190,7 @@ async def _hello(
     conn.welcomed(info.session)
     outbox.hold()
     state.hub.subscribe(info.session, outbox)
-    try:
-        events = await state.store.events_after(info.session, hello.last_seq)
-    except StoreError:
-        outbox.release(hello.last_seq)
-        raise
+    events = await state.store.events_after(info.session, hello.last_seq)
     last_seq = max([info.last_seq, *(ev.seq for ev in events)])
     frames = [chat.welcome_frame(info.session, last_seq, True, state.worker_name)]
     frames.extend(
