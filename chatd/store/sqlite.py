@@ -51,95 +51,10 @@ from typing import Any, TypeVar, cast
 import orjson
 
 from chatd.errors import StoreError
+from chatd.store import sqlite_sql as sql
 from chatd.store.base import Appended, Event, EventKind, SessionInfo, StoreStats
 
 T = TypeVar("T")
-
-SCHEMA_VERSION = 1
-"""``PRAGMA user_version`` of the schema; a later version adds its statements to _MIGRATIONS."""
-
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE sessions (
-            id         TEXT PRIMARY KEY,
-            owner      TEXT NOT NULL,
-            last_seq   INTEGER NOT NULL DEFAULT 0,  -- seq assignment reads one row, not MAX()
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        ) WITHOUT ROWID""",
-        "CREATE INDEX sessions_updated_at ON sessions (updated_at)",
-        """CREATE TABLE events (
-            session     TEXT NOT NULL,
-            seq         INTEGER NOT NULL,
-            kind        TEXT NOT NULL CHECK (kind IN ('user', 'reply', 'error')),
-            role        TEXT NOT NULL GENERATED ALWAYS AS
-                            (CASE kind WHEN 'user' THEN 'user' ELSE 'final' END) VIRTUAL,
-            msg_id      TEXT NOT NULL,
-            text        TEXT NOT NULL,
-            meta        TEXT NOT NULL,      -- a JSON object
-            ts          REAL NOT NULL,
-            -- Reserved for the takeover of unanswered messages (which worker generates this
-            -- user message, until when): unused by this version, here to spare a migration.
-            lease_owner TEXT NOT NULL DEFAULT '',
-            lease_until REAL NOT NULL DEFAULT 0,
-            PRIMARY KEY (session, seq),
-            UNIQUE (session, msg_id, role)  -- contracts 1 and 2, enforced by the file itself
-        )""",
-        """CREATE TRIGGER events_seq BEFORE INSERT ON events BEGIN
-            SELECT RAISE(ABORT, 'chatd: seq conflict') WHERE NEW.seq IS NOT
-                (SELECT last_seq + 1 FROM sessions WHERE id = NEW.session);
-        END""",
-        """CREATE TRIGGER events_bump AFTER INSERT ON events BEGIN
-            UPDATE sessions SET last_seq = NEW.seq, updated_at = NEW.ts WHERE id = NEW.session;
-        END""",
-        """CREATE TRIGGER sessions_delete AFTER DELETE ON sessions BEGIN
-            DELETE FROM events WHERE session = OLD.id;
-        END""",
-    ),
-}
-
-# Per (session, msg_id, role) of a batch: [index, last_seq, updated_at, seq already stored].
-_SQL_STATE = """
-SELECT json_group_array(json_array(r.key, s.last_seq, s.updated_at, e.seq))
-FROM json_each(?) r
-LEFT JOIN sessions s ON s.id = json_extract(r.value, '$[0]')
-LEFT JOIN events e ON e.session = s.id AND e.msg_id = json_extract(r.value, '$[1]')
-    AND e.role = json_extract(r.value, '$[2]')"""
-_SQL_INSERT_ALL = """
-INSERT INTO events (session, seq, kind, msg_id, text, meta, ts)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
-       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), ?
-FROM json_each(?) ORDER BY key"""
-_SQL_CREATE_ALL = """
-INSERT INTO sessions (id, owner, last_seq, created_at, updated_at)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 0, ?1, ?1 FROM json_each(?2)"""
-# Row-at-a-time twins, for a batch that holds a NUL character (json_extract stops at it).
-_SQL_LOOKUP = """
-SELECT s.last_seq, s.updated_at, e.seq FROM sessions s
-LEFT JOIN events e ON e.session = s.id AND e.msg_id = ? AND e.role = ? WHERE s.id = ?"""
-_SQL_INSERT = (
-    "INSERT INTO events (session, seq, kind, msg_id, text, meta, ts) VALUES (?,?,?,?,?,?,?)"
-)
-_NUL = b"\\u0000"  # how orjson writes a NUL (a literal backslash-u0000 also matches: harmless)
-
-
-def _ev(t: str) -> str:
-    return f"json_array({t}.seq, {t}.kind, {t}.msg_id, {t}.text, json({t}.meta), {t}.ts)"
-
-
-_SQL_EVENTS_AFTER = (
-    f"SELECT json_group_array({_ev('e')}) FROM events e WHERE session = ? AND seq > ?"
-)
-_SQL_HISTORY = f"""
-SELECT json_group_array(json(pair)) FROM (
-    SELECT json_array({_ev("u")}, {_ev("r")}) AS pair FROM events u JOIN events r
-        ON r.session = u.session AND r.msg_id = u.msg_id AND r.role = 'final'
-    WHERE u.session = ? AND u.role = 'user' AND r.kind = 'reply'
-    ORDER BY u.seq DESC LIMIT ?)"""
-_SQL_UNANSWERED = f"""
-SELECT json_group_array({_ev("u")}) FROM events u WHERE u.session = ? AND u.role = 'user'
-AND NOT EXISTS (SELECT 1 FROM events f WHERE f.session = u.session AND f.msg_id = u.msg_id
-                AND f.role = 'final')"""
 
 _RESERVOIR = 4096  # commit latency samples kept (uniform over all commits since open)
 _CONFLICTS = 8  # re-plans of a batch that keeps losing races before it is split up
@@ -272,13 +187,13 @@ class SqliteStore:
         db.execute("BEGIN IMMEDIATE")  # serializes schema creation among starting workers
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
+            if version > sql.SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path}: schema version {version} is newer than this "
-                    f"chatd ({SCHEMA_VERSION}); upgrade chatd"
+                    f"chatd ({sql.SCHEMA_VERSION}); upgrade chatd"
                 )
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[v]:
+            for v in range(version + 1, sql.SCHEMA_VERSION + 1):
+                for statement in sql.MIGRATIONS[v]:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {v}")
             db.execute("COMMIT")
@@ -405,7 +320,7 @@ class SqliteStore:
         ids = [secrets.token_urlsafe(16) for _ in reqs]  # a collision (2**-128) is a conflict
         now = time.time()
         rows = orjson.dumps([(sid, owner) for sid, (owner,) in zip(ids, reqs, strict=True)])
-        self._wdb.execute(_SQL_CREATE_ALL, (now, rows))
+        self._wdb.execute(sql.SQL_CREATE_ALL, (now, rows))
         self._commits += 1  # written by this thread only
         return ids
 
@@ -424,10 +339,10 @@ class SqliteStore:
         keys = [(s, m, "user" if k == "user" else "final") for s, m, k, _, _ in reqs]
         blob = orjson.dumps(keys)
         state: list[Any] = [None] * len(reqs)
-        if _NUL in blob:
-            state = [db.execute(_SQL_LOOKUP, (m, r, s)).fetchone() for s, m, r in keys]
+        if sql.NUL in blob:
+            state = [db.execute(sql.SQL_LOOKUP, (m, r, s)).fetchone() for s, m, r in keys]
         else:
-            for k, *found in orjson.loads(db.execute(_SQL_STATE, (blob,)).fetchone()[0]):
+            for k, *found in orjson.loads(db.execute(sql.SQL_STATE, (blob,)).fetchone()[0]):
                 state[k] = found
         results: list[Appended | StoreError] = []
         rows: list[tuple[str, int, str, str, str, str]] = []
@@ -442,16 +357,16 @@ class SqliteStore:
                 seq = seen[key] = last[session] = last.get(session, got[0]) + 1
                 rows.append((session, seq, kind, msg_id, text, meta))
                 results.append(Appended(seq, False))
-        if rows and _NUL in (blob := orjson.dumps(rows)):
+        if rows and sql.NUL in (blob := orjson.dumps(rows)):
             db.execute("BEGIN IMMEDIATE")  # rare: row by row, in one transaction
             try:
-                db.executemany(_SQL_INSERT, [(*row, now) for row in rows])
+                db.executemany(sql.SQL_INSERT, [(*row, now) for row in rows])
                 db.execute("COMMIT")
             finally:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
         elif rows:
-            db.execute(_SQL_INSERT_ALL, (now, blob))
+            db.execute(sql.SQL_INSERT_ALL, (now, blob))
         self._commits += bool(rows)
         return results
 
@@ -480,19 +395,19 @@ class SqliteStore:
 
     async def events_after(self, session: str, after_seq: int) -> list[Event]:
         """Every event with ``seq > after_seq``, in seq order."""
-        return _events((await self._read(_SQL_EVENTS_AFTER, session, after_seq))[0])
+        return _events((await self._read(sql.SQL_EVENTS_AFTER, session, after_seq))[0])
 
     async def history(self, session: str, turns: int) -> list[Event]:
         """The last ``turns`` answered user messages, each followed by its reply (see above)."""
         if turns <= 0:
             return []
-        pairs = orjson.loads((await self._read(_SQL_HISTORY, session, turns))[0])
+        pairs = orjson.loads((await self._read(sql.SQL_HISTORY, session, turns))[0])
         pairs.sort(key=lambda p: p[0][0])
         return [Event(*e) for pair in pairs for e in pair]
 
     async def unanswered(self, session: str) -> list[Event]:
         """The user events that have neither a reply nor a final error yet, in seq order."""
-        return _events((await self._read(_SQL_UNANSWERED, session))[0])
+        return _events((await self._read(sql.SQL_UNANSWERED, session))[0])
 
     def _record(self, elapsed_ms: float, rows: int) -> None:
         with self._stats_lock:

@@ -1,0 +1,94 @@
+"""The SQLite store's schema, its migrations and its SQL statements (see chatd.store.sqlite).
+
+Kept apart from the store's threads and batching so each reads on its own. Reads return one
+JSON value per query (one step, whatever the row count): the sqlite3 module releases the GIL
+around every step, and a busy event loop can make the store's thread wait long to take it back.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+"""``PRAGMA user_version`` of the schema; a later version adds its statements to MIGRATIONS."""
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE sessions (
+            id         TEXT PRIMARY KEY,
+            owner      TEXT NOT NULL,
+            last_seq   INTEGER NOT NULL DEFAULT 0,  -- seq assignment reads one row, not MAX()
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX sessions_updated_at ON sessions (updated_at)",
+        """CREATE TABLE events (
+            session     TEXT NOT NULL,
+            seq         INTEGER NOT NULL,
+            kind        TEXT NOT NULL CHECK (kind IN ('user', 'reply', 'error')),
+            role        TEXT NOT NULL GENERATED ALWAYS AS
+                            (CASE kind WHEN 'user' THEN 'user' ELSE 'final' END) VIRTUAL,
+            msg_id      TEXT NOT NULL,
+            text        TEXT NOT NULL,
+            meta        TEXT NOT NULL,      -- a JSON object
+            ts          REAL NOT NULL,
+            -- Reserved for the takeover of unanswered messages (which worker generates this
+            -- user message, until when): unused by this version, here to spare a migration.
+            lease_owner TEXT NOT NULL DEFAULT '',
+            lease_until REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (session, seq),
+            UNIQUE (session, msg_id, role)  -- contracts 1 and 2, enforced by the file itself
+        )""",
+        """CREATE TRIGGER events_seq BEFORE INSERT ON events BEGIN
+            SELECT RAISE(ABORT, 'chatd: seq conflict') WHERE NEW.seq IS NOT
+                (SELECT last_seq + 1 FROM sessions WHERE id = NEW.session);
+        END""",
+        """CREATE TRIGGER events_bump AFTER INSERT ON events BEGIN
+            UPDATE sessions SET last_seq = NEW.seq, updated_at = NEW.ts WHERE id = NEW.session;
+        END""",
+        """CREATE TRIGGER sessions_delete AFTER DELETE ON sessions BEGIN
+            DELETE FROM events WHERE session = OLD.id;
+        END""",
+    ),
+}
+
+# Per (session, msg_id, role) of a batch: [index, last_seq, updated_at, seq already stored].
+SQL_STATE = """
+SELECT json_group_array(json_array(r.key, s.last_seq, s.updated_at, e.seq))
+FROM json_each(?) r
+LEFT JOIN sessions s ON s.id = json_extract(r.value, '$[0]')
+LEFT JOIN events e ON e.session = s.id AND e.msg_id = json_extract(r.value, '$[1]')
+    AND e.role = json_extract(r.value, '$[2]')"""
+SQL_INSERT_ALL = """
+INSERT INTO events (session, seq, kind, msg_id, text, meta, ts)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), ?
+FROM json_each(?) ORDER BY key"""
+SQL_CREATE_ALL = """
+INSERT INTO sessions (id, owner, last_seq, created_at, updated_at)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 0, ?1, ?1 FROM json_each(?2)"""
+# Row-at-a-time twins, for a batch that holds a NUL character (json_extract stops at it).
+SQL_LOOKUP = """
+SELECT s.last_seq, s.updated_at, e.seq FROM sessions s
+LEFT JOIN events e ON e.session = s.id AND e.msg_id = ? AND e.role = ? WHERE s.id = ?"""
+SQL_INSERT = (
+    "INSERT INTO events (session, seq, kind, msg_id, text, meta, ts) VALUES (?,?,?,?,?,?,?)"
+)
+NUL = b"\\u0000"  # how orjson writes a NUL (a literal backslash-u0000 also matches: harmless)
+
+
+def _ev(t: str) -> str:
+    return f"json_array({t}.seq, {t}.kind, {t}.msg_id, {t}.text, json({t}.meta), {t}.ts)"
+
+
+SQL_EVENTS_AFTER = (
+    f"SELECT json_group_array({_ev('e')}) FROM events e WHERE session = ? AND seq > ?"
+)
+SQL_HISTORY = f"""
+SELECT json_group_array(json(pair)) FROM (
+    SELECT json_array({_ev("u")}, {_ev("r")}) AS pair FROM events u JOIN events r
+        ON r.session = u.session AND r.msg_id = u.msg_id AND r.role = 'final'
+    WHERE u.session = ? AND u.role = 'user' AND r.kind = 'reply'
+    ORDER BY u.seq DESC LIMIT ?)"""
+SQL_UNANSWERED = f"""
+SELECT json_group_array({_ev("u")}) FROM events u WHERE u.session = ? AND u.role = 'user'
+AND NOT EXISTS (SELECT 1 FROM events f WHERE f.session = u.session AND f.msg_id = u.msg_id
+                AND f.role = 'final')"""
