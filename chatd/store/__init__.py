@@ -28,8 +28,8 @@ def open_store(cfg: SessionsConfig) -> Store:
     """Build the (unopened) store named by ``cfg.store``; its ``open()`` is the caller's.
 
     ``sqlite:///ABS/PATH`` and ``sqlite:rel/path`` give a :class:`SqliteStore` (a relative path
-    is relative to the working directory). ``redis://`` and ``rediss://`` are valid in the config
-    but not implemented yet.
+    is relative to the working directory). ``redis://HOST:PORT/DB`` and ``rediss://`` give a
+    :class:`~chatd.store.redis.RedisStore`.
 
     Raises:
         StoreError: the URL names a store this build does not provide.
@@ -40,9 +40,13 @@ def open_store(cfg: SessionsConfig) -> Store:
             raise StoreError(f"sessions.store: {cfg.store!r} names no SQLite file")
         return SqliteStore(path, cfg.ttl)
     if cfg.store.startswith(("redis://", "rediss://")):
-        # The Redis store will be imported here, lazily, so that its client library stays an
-        # optional dependency: return RedisStore(cfg.store, cfg.ttl).
-        raise StoreError(
-            f'sessions.store: redis store not available yet ({cfg.store!r}); use "sqlite:///PATH"'
-        )
+        # Imported here, lazily: the ``redis`` client library is needed only by those using it.
+        try:
+            from chatd.store.redis import RedisStore
+        except ImportError as exc:
+            raise StoreError(
+                f"sessions.store: {cfg.store!r} needs the redis package ({exc}): "
+                "pip install 'redis>=5'"
+            ) from exc
+        return RedisStore(cfg.store, cfg.ttl)
     raise StoreError(f"sessions.store: unsupported store URL {cfg.store!r}")

@@ -1,15 +1,18 @@
-"""The session store's contracts (``chatd/store/base.py``), then the SQLite store's own promises.
+"""The session store's contracts (``chatd/store/base.py``), then each store's own promises.
 
 The contract tests use only the ``Store`` protocol, through two fixtures: ``make_store`` builds
-unopened stores that share one backing storage (several instances = several worker processes),
-``store`` is one of them. A Redis store joins by adding a param to ``make_store``. Every test
-runs its own event loop with ``asyncio.run`` (no pytest-asyncio).
+unopened stores that share one backing storage (several instances = several worker processes,
+or several hosts on one Redis), ``store`` is one of them. Both run every contract test on each
+``backend``: "sqlite" (a file in the test's tmp dir) and "redis" (the run's shared redis-server
+from tests/conftest.py; tests keep apart by their random session ids). Every test runs its own
+event loop with ``asyncio.run`` (no pytest-asyncio).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -27,6 +30,7 @@ import uvloop
 from chatd.config import SessionsConfig
 from chatd.errors import StoreError
 from chatd.store import Appended, Event, SqliteStore, Store, open_store
+from chatd.store.redis import RedisStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,9 +39,18 @@ MakeStore = Callable[..., Store]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["sqlite"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which store the contract tests run on."""
+    return str(request.param)
+
+
+@pytest.fixture
+def make_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
     """``make_store(ttl=3600)``: a new unopened store on the test's shared storage."""
+    if backend == "redis":
+        url = request.getfixturevalue("redis_url")  # skips, loudly, without redis-server
+        return lambda ttl=3600: RedisStore(url, ttl)
     # A missing parent directory on purpose: the store must create it.
     path = str(tmp_path / "var" / "sessions.db")
 
@@ -277,8 +290,10 @@ def test_unanswered(store: Store) -> None:
     run(main())
 
 
-def test_ttl_expiry(make_store: MakeStore) -> None:
+def test_ttl_expiry(make_store: MakeStore, backend: str) -> None:
     store = make_store(ttl=1)
+    # SQLite deletes in expire(); Redis has already deleted by key TTL, so expire() finds none.
+    deleted = 1 if backend == "sqlite" else 0
 
     async def main() -> None:
         async with opened(store):
@@ -291,7 +306,7 @@ def test_ttl_expiry(make_store: MakeStore) -> None:
             assert await store.get_session(busy) is not None
             with pytest.raises(StoreError):
                 await store.append_user(idle, "m2", "q", "m")
-            assert await store.expire() == 1
+            assert await store.expire() == deleted
             assert await store.events_after(idle, 0) == []
             assert seqs(await store.events_after(busy, 0)) == [1]
             assert await store.expire() == 0
@@ -346,6 +361,60 @@ def test_cancelled_caller_does_not_break_the_store(store: Store) -> None:
             retry = await store.append_user(s, "m1", "q", "m")
             assert retry.seq == 1
             assert (await store.append_user(s, "m2", "q", "m")).seq == 2
+
+    run(main())
+
+
+def test_two_instances_share_one_session(make_store: MakeStore) -> None:
+    """Two instances (two worker processes, or two hosts on one Redis) append concurrently to
+    the same session: distinct contiguous seqs, each message once."""
+    a, b = make_store(), make_store()
+
+    async def main() -> None:
+        async with opened(a, b):
+            s = await a.create_session("")
+            calls = [(a, b)[i % 2].append_user(s, f"m{i}", "q", "m") for i in range(400)]
+            got = await asyncio.gather(*calls)
+            assert sorted(r.seq for r in got) == list(range(1, 401))
+            events = await a.events_after(s, 0)
+            assert seqs(events) == list(range(1, 401))
+            assert {e.msg_id for e in events} == {f"m{i}" for i in range(400)}
+            assert [r.seq for r in got] == [
+                next(e.seq for e in events if e.msg_id == f"m{i}") for i in range(400)
+            ]
+
+    run(main())
+
+
+def test_history_looks_past_errors_and_pairs_early_finals(store: Store) -> None:
+    """Turns far back (behind many errored messages) are found; a final stored before its user
+    event (never done by the worker, but allowed) still pairs with it."""
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            await store.append_user(s, "old", "q-old", "m")
+            await store.append_final(s, "old", "reply", "r-old", {})
+            for i in range(60):
+                await store.append_user(s, f"e{i}", "q", "m")
+                await store.append_final(s, f"e{i}", "error", "e", {"code": "x"})
+            await store.append_user(s, "new", "q-new", "m")
+            await store.append_final(s, "new", "reply", "r-new", {})
+            await store.append_user(s, "pending", "q-pending", "m")
+            assert [e.text for e in await store.history(s, 2)] == [
+                "q-old",
+                "r-old",
+                "q-new",
+                "r-new",
+            ]
+            t = await store.create_session("")
+            await store.append_final(t, "x", "reply", "r-x", {})  # before its user event
+            await store.append_user(t, "y", "q-y", "m")
+            await store.append_final(t, "y", "reply", "r-y", {})
+            await store.append_user(t, "x", "q-x", "m")
+            assert [e.text for e in await store.history(t, 1)] == ["q-x", "r-x"]
+            assert [e.text for e in await store.history(t, 5)] == ["q-y", "r-y", "q-x", "r-x"]
+            assert await store.unanswered(t) == []  # x has its final already
 
     run(main())
 
@@ -623,5 +692,151 @@ def test_open_store_factory(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()  # built, not opened
     rel = open_store(SessionsConfig(store="sqlite:var/s.db"))
     assert isinstance(rel, SqliteStore) and rel.path == "var/s.db"
-    with pytest.raises(StoreError, match="redis store not available yet"):
-        open_store(SessionsConfig(store="redis://127.0.0.1:6379/0"))
+    redis = open_store(SessionsConfig(store="redis://127.0.0.1:6379/0", ttl=7))
+    assert isinstance(redis, RedisStore)
+    assert (redis.url, redis.ttl) == ("redis://127.0.0.1:6379/0", 7)
+
+
+# -- the Redis store ----------------------------------------------------------------------------
+
+
+def _raw(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def test_redis_keys_slot_and_ttl(redis_url: str) -> None:
+    """One hash-tagged slot per session; every key gets the ttl; a duplicate refreshes none."""
+    from redis.crc import key_slot
+
+    store, raw = RedisStore(redis_url, 100), _raw(redis_url)
+
+    async def main() -> str:
+        async with opened(store):
+            s = await store.create_session("o")
+            await store.append_user(s, "m1", "q", "m")
+            keys = sorted(raw.keys(f"chatd:s:{{{s}}}:*"))
+            assert keys == [f"chatd:s:{{{s}}}:{k}" for k in ("ids", "log", "meta", "pending")]
+            assert len({key_slot(k.encode()) for k in keys}) == 1
+            assert all(90 <= raw.ttl(k) <= 100 for k in keys)
+            for k in keys:
+                raw.pexpire(k, 50_000)
+            assert (await store.append_user(s, "m1", "q", "m")).duplicate
+            assert all(raw.pttl(k) <= 50_000 for k in keys)  # a duplicate is no activity
+            await store.append_final(s, "m1", "reply", "r", {})
+            assert not raw.exists(keys[3])  # nothing pending: the sorted set is gone
+            assert all(raw.ttl(k) >= 90 for k in keys[:3])
+            assert raw.type(keys[1]) == "stream" and raw.xrange(keys[1])[0][0] == "1-0"
+            return s
+
+    run(main())
+
+
+def test_redis_group_commit_batches(redis_url: str) -> None:
+    store = RedisStore(redis_url, 60)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            await asyncio.gather(*(store.append_user(s, f"m{i}", "q", "m") for i in range(300)))
+            stats = store.statistics()
+            assert stats.rows == 300
+            assert stats.commits <= 10  # 300 concurrent appends fit in a few round trips
+
+    uvloop.run(main())  # the workers' loop
+
+
+def test_redis_retry_after_a_lost_reply_is_not_a_duplicate(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The append ran but its reply was lost: the retry finds the caller's own write."""
+    from redis import exceptions
+    from redis.asyncio.client import Pipeline
+
+    real, lost = Pipeline.execute, []
+
+    async def execute(self: Pipeline, raise_on_error: bool = True) -> Any:
+        got = await real(self, raise_on_error)
+        if not lost:
+            lost.append(got)
+            raise exceptions.ConnectionError("Connection reset by peer (reply lost)")
+        return got
+
+    store = RedisStore(redis_url, 60)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            monkeypatch.setattr(Pipeline, "execute", execute)
+            assert await store.append_user(s, "m1", "q", "m") == Appended(1, False)
+            assert lost  # the first attempt did commit
+            assert await store.append_user(s, "m1", "q", "m") == Appended(1, True)
+            assert seqs(await store.events_after(s, 0)) == [1]
+
+    run(main())
+
+
+def test_redis_scripts_reload_after_flush(redis_url: str) -> None:
+    store = RedisStore(redis_url, 60)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            _raw(redis_url).script_flush()  # as after a Redis restart: EVALSHA gets NOSCRIPT
+            assert (await store.append_user(s, "m1", "q", "m")).seq == 1
+            _raw(redis_url).script_flush()
+            assert [e.msg_id for e in await store.unanswered(s)] == ["m1"]
+
+    run(main())
+
+
+def test_redis_unreachable_is_a_clear_error(start_redis: Callable[..., Any]) -> None:
+    server = start_redis()
+    server.stop()
+    url = f"redis://:s3cret@127.0.0.1:{server.port}/0"
+
+    async def main() -> None:
+        with pytest.raises(StoreError, match="cannot open") as err:
+            await RedisStore(url, 60, backoff=(0.01,)).open()
+        assert f"127.0.0.1:{server.port}" in str(err.value) and "s3cret" not in str(err.value)
+
+    run(main())
+
+
+def test_redis_killed_then_restarted(start_redis: Callable[..., Any]) -> None:
+    """SIGKILL redis-server amid appends: StoreError naming the URL, no crash; restarted on the
+    same AOF (appendfsync always), every acknowledged append is there and the store carries on."""
+    server = start_redis("--appendfsync", "always")
+    store = RedisStore(server.url, 3600, backoff=(0.01, 0.05))
+    acked: dict[int, str] = {}
+
+    async def main() -> None:
+        async with opened(store):
+            s, enough = await store.create_session(""), asyncio.Event()
+
+            async def appender(w: int) -> None:
+                for i in itertools.count():
+                    got = await store.append_user(s, f"w{w}-{i}", "x" * 200, "m")
+                    acked[got.seq] = f"w{w}-{i}"
+                    if len(acked) >= 300:
+                        enough.set()
+
+            tasks = [asyncio.create_task(appender(w)) for w in range(20)]
+            await enough.wait()
+            server.kill()
+            errors = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(e, StoreError) for e in errors)
+            assert server.url in str(errors[0]) and "cannot reach" in str(errors[0])
+            for call in (store.get_session(s), store.events_after(s, 0), store.unanswered(s)):
+                with pytest.raises(StoreError, match=re.escape(server.url)):
+                    await call
+            server.start()  # same port, same dir: Redis replays its AOF
+            stored = {e.seq: e.msg_id for e in await store.events_after(s, 0)}
+            assert acked.items() <= stored.items()
+            assert sorted(stored) == list(range(1, len(stored) + 1))
+            info = await store.get_session(s)
+            assert info is not None and info.last_seq == len(stored)
+            assert (await store.append_user(s, "after", "q", "m")).seq == len(stored) + 1
+
+    run(main())

@@ -1,0 +1,105 @@
+"""Shared fixtures: a throwaway ``redis-server`` on a free loopback port.
+
+``redis_url`` is one server for the whole run (tests keep apart by using fresh random session
+ids); ``start_redis`` starts a private one that a test may kill and restart (its pid is known).
+Both skip, loudly, when ``redis-server`` is not installed; ``make test`` installs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+NOT_INSTALLED = "redis-server not installed: apt-get install redis-server (make test installs it)"
+
+
+class RedisServer:
+    """One ``redis-server`` process: AOF on, RDB off, data in ``dir`` (kept across restarts)."""
+
+    def __init__(self, dir: Path, *extra: str) -> None:
+        self.dir, self.extra = dir, extra
+        with contextlib.closing(socket.socket()) as s:  # a free port (a tiny race: fine here)
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start it and wait until it answers PING (after loading its AOF)."""
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "yes", "--dir", str(self.dir), "--logfile", "redis.log"]
+        self.proc = subprocess.Popen([*argv, *self.extra], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not self._pong():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{log}")
+            time.sleep(0.02)
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")  # "-LOADING" while reading the AOF
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final fsync: only what the AOF already holds survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip(NOT_INSTALLED)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of a redis-server shared by the whole test run."""
+    return redis_server.url
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """``start_redis(*extra_args)``: a private, started redis-server; stopped after the test."""
+    if shutil.which("redis-server") is None:
+        pytest.skip(NOT_INSTALLED)
+    servers: list[RedisServer] = []
+
+    def start(*extra: str) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", *extra)
+        server.dir.mkdir()
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
