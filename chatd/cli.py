@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 from chatd.config import load, with_overrides
 from chatd.errors import ConfigError, ExitCode
@@ -76,15 +76,15 @@ def load_worker_main() -> WorkerMain:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``chatd`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {
+        "bind": args.bind,
+        "workers": args.workers,
+        "control_socket": args.control_socket,
+        "store": args.store,
+        "backends": args.backend,
+    }
     try:
-        cfg = with_overrides(
-            load(args.config),
-            bind=args.bind,
-            workers=args.workers,
-            control_socket=args.control_socket,
-            store=args.store,
-            backends=args.backend,
-        )
+        cfg = with_overrides(load(args.config), **overrides)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -99,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot load the worker: %s", exc)
         return ExitCode.FAILURE
     try:
-        return Master(cfg, worker_main).run()
+        # A reload reads the same file again, and the flags given now still win over it.
+        path = cfg.path or args.config
+        return Master(cfg, worker_main, lambda: with_overrides(load(path), **overrides)).run()
     except KeyboardInterrupt:  # Ctrl-C before the master's own handlers were installed
         return 128 + signal.SIGINT

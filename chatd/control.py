@@ -9,6 +9,8 @@ loop calls ``key.data(mask)``.
 * :class:`ControlServer` is the Unix socket chatctl connects to. It turns each frame into a
   :class:`Request` and dispatches it by its ``t`` to a handler the master registered. A garbage
   or oversized frame closes that one connection and is logged; nothing else is affected.
+  Each peer's credentials are checked when it connects (:mod:`chatd.peercred`): a peer that
+  is not allowed gets ``{"ok": false, "error": "permission denied: ..."}`` and is closed.
 
 The ``status`` document itself is built in :mod:`chatd.status`.
 """
@@ -24,6 +26,7 @@ import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from chatd import peercred
 from chatd.errors import ControlError
 from chatd.proto import control as proto
 
@@ -254,6 +257,17 @@ class ControlServer:
         self._listener = sock
         self._sel.register(sock, selectors.EVENT_READ, self._on_accept)
 
+    def set_mode(self, mode: int) -> None:
+        """Apply new permission bits to the socket file (a reload changed ``[control] mode``)."""
+        if mode != self._mode and self._listener is not None:
+            try:
+                os.chmod(self.path, mode)
+            except OSError as exc:
+                log.error("control socket %s: cannot change its mode: %s", self.path, exc)
+                return
+            log.info("control socket %s: mode %04o", self.path, mode)
+            self._mode = mode
+
     def close(self) -> None:
         """Close every client and the listener, and remove the socket file if it is still ours."""
         for client in list(self._clients):
@@ -286,14 +300,37 @@ class ControlServer:
             if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED):
                 log.warning("control socket: accept failed: %s", exc)
             return
+        denied = self._refusal(sock)
         client = Channel(
             self._sel,
             sock,
             name="control connection",
-            on_message=self._dispatch,
+            # A refused peer's request is read (closing a Unix socket with unread data would
+            # turn our answer into ECONNRESET on its side), then the connection is closed.
+            on_message=self._dispatch if denied is None else lambda ch, _: ch.close(),
             on_close=self._clients.discard,
         )
         self._clients.add(client)
+        if denied is not None:
+            client.send({"ok": False, "error": denied})
+
+    def _refusal(self, sock: socket.socket) -> str | None:
+        """Why this peer may not use the socket (logged), or None (see :mod:`chatd.peercred`)."""
+        try:
+            peer = peercred.peer_of(sock)
+        except OSError as exc:
+            log.warning("control socket: cannot read the peer's credentials (%s); refused", exc)
+            return "permission denied: the peer's credentials cannot be read"
+        try:
+            group = os.stat(self.path).st_gid
+        except OSError:
+            group = os.getegid()
+        why = peercred.refusal(
+            peer, master_uid=os.getuid(), group=group, groups=peercred.groups_of(peer.pid)
+        )
+        if why is not None:
+            log.warning("control socket: refused pid %d (uid %d): %s", peer.pid, peer.uid, why)
+        return why
 
     def _dispatch(self, channel: Channel, msg: dict[str, Any]) -> None:
         request = Request(channel, msg)

@@ -3,18 +3,34 @@
 ::
 
     chatctl [--socket PATH] [--config PATH] [--timeout S] status [--json]
+    chatctl ... reload [--timeout S]
+    chatctl ... stop [--timeout S]
+    chatctl ... scale N [--timeout S]
 
 The socket is ``--socket``, else ``$CHATD_CONTROL_SOCKET``, else the config's ``[control]
 socket`` (``--config``, or ``/etc/chatd/chatd.toml`` when it exists), else
 ``/run/chatd/control.sock``.
 
-Exit codes of ``status`` (LSB, as ``systemctl status``): 0 running and healthy (every worker
-ready, no backend known to be unhealthy), 1 running but degraded, 3 not running (no socket, or
-nobody accepts on it), 4 unknown (the master does not answer, or we may not ask it). 78: the
-config file given to find the socket is invalid.
+What each command waits for, and its exit codes (LSB: ``status`` as ``systemctl status``,
+the others as init scripts):
 
-Transport (:func:`request`) and formatting (:func:`format_status`) are kept apart, so that
-scripts and tests can use either alone.
+* ``status``: 0 running and healthy (every worker ready, no backend known to be unhealthy),
+  1 running but degraded (the reasons are printed), 3 not running, 4 unknown (no answer, or
+  permission denied).
+* ``reload``: returns when the reload has finished: every worker of the new generation
+  ready, no worker of the old one accepting (they may still be draining). 0 with the new
+  generation; 1 with what was wrong (every problem of an invalid config); the daemon then
+  still serves the old generation, unchanged. 7 not running.
+* ``stop``: graceful stop (as SIGTERM); returns when the master has exited: 0. 1 when it
+  has not exited after ``--timeout`` (default: its ``graceful_timeout`` plus 15 s). Already
+  stopped: 0.
+* ``scale N``: sets the number of workers until the next reload or restart; returns when N
+  workers are ready: 0; 1 when refused, or when they are not all ready after ``--timeout``.
+  7 not running.
+
+78 in every case: the config file given to find the socket is invalid. Transport
+(:func:`request`, :class:`Connection`) and formatting (:mod:`chatd.statusfmt`) are kept apart,
+so that scripts and tests can use either alone.
 """
 
 from __future__ import annotations
@@ -24,15 +40,21 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from chatd.config import load
 from chatd.errors import ConfigError, ControlError, ExitCode
 from chatd.proto import control as proto
+from chatd.statusfmt import format_status, is_healthy
+
+__all__ = ["Connection", "NotRunning", "find_socket", "format_status", "is_healthy", "main"]
 
 ENV_SOCKET = "CHATD_CONTROL_SOCKET"
-STATUS_UNKNOWN = 4  # LSB: "program or service status is unknown"
+STATUS_UNKNOWN = 4  # LSB status: "program or service status is unknown"
+NOT_RUNNING_ACTION = 7  # LSB init actions: "program is not running"
+STOP_MARGIN = 15.0  # seconds beyond the master's graceful_timeout that `stop` waits by default
 
 
 class NotRunning(Exception):
@@ -53,109 +75,167 @@ def find_socket(option: str | None, config_path: str | None) -> str:
     return load(config_path).control.socket
 
 
-def request(path: str, msg: Mapping[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one command to the master and return its reply.
+class Connection:
+    """One blocking connection to the master: send a command, read its reply, wait for EOF.
 
-    Raises:
+    Raises (from the constructor):
         NotRunning: the socket does not exist or nobody accepts on it.
-        TimeoutError: no complete reply within ``timeout`` seconds.
-        ControlError: the master closed the connection or sent garbage.
         OSError: anything else (a permission problem, for example).
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self._decoder = proto.Decoder()
         try:
-            sock.connect(path)
+            self.sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self.sock.close()
             raise NotRunning(
                 f"chatd is not running (control socket {path}: {exc.strerror})"
             ) from None
-        sock.sendall(proto.encode(msg))
-        decoder = proto.Decoder()
+        except OSError:
+            self.sock.close()
+            raise
+
+    def call(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        """Send ``msg`` and return the master's reply.
+
+        Raises:
+            TimeoutError: no complete reply within the timeout.
+            ControlError: the master closed the connection or sent garbage.
+        """
+        self.sock.sendall(proto.encode(msg))
         while True:
-            data = sock.recv(65536)
+            data = self.sock.recv(65536)
             if not data:
                 raise ControlError("the master closed the connection without answering")
-            replies = decoder.feed(data)
+            replies = self._decoder.feed(data)
             if replies:
                 return replies[0]
 
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait until the master closes the connection (it does so when it exits)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+        return False
 
-def is_healthy(data: Mapping[str, Any]) -> bool:
-    """Running, every worker ready, and no backend that the workers report unhealthy."""
-    workers = data.get("workers") or []
-    return (
-        data.get("master", {}).get("state") == "running"
-        and bool(workers)
-        and all(w.get("state") == "ready" for w in workers)
-        and not any(b.get("healthy") is False for b in data.get("backends") or [])
-    )
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    def close(self) -> None:
+        self.sock.close()
 
 
-_COLUMNS = ("ID", "PID", "STATE", "UPTIME", "CONNS", "MSGS", "ERRORS", "RESTARTS", "RSS MB", "CPU%")
+def request(path: str, msg: Mapping[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one command to the master and return its reply (see :class:`Connection`)."""
+    conn = Connection(path, timeout)
+    try:
+        return conn.call(msg)
+    finally:
+        conn.close()
 
 
-def _worker_cells(w: Mapping[str, Any]) -> list[str]:
-    rss = w.get("rss_bytes") or 0
-    return [
-        str(w.get("id", "?")),
-        str(w.get("pid") or "-"),
-        str(w.get("state", "?")),
-        _duration(w.get("uptime_s")) if w.get("pid") else "-",
-        str(w.get("connections", 0)),
-        str(w.get("messages_total", 0)),
-        str(w.get("errors_total", 0)),
-        str(w.get("restarts", 0)),
-        f"{rss / 1e6:.1f}",
-        f"{w.get('cpu_percent', 0.0):.1f}",
-    ]
+def process_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(") ", 1)[1].startswith(("Z", "X"))
+    except (OSError, IndexError):
+        return True
 
 
-def format_status(data: Mapping[str, Any]) -> str:
-    """The human-readable ``chatctl status``: a master line, a worker table, backends, totals."""
-    m = data.get("master", {})
-    lines = [
-        f"chatd {m.get('state', '?')}: master pid {m.get('pid')}, generation "
-        f"{m.get('generation')}, up {_duration(m.get('uptime_s'))}, bind {m.get('bind')}, "
-        f"config {m.get('config') or '(built-in defaults)'}",
-        "",
-    ]
-    rows = [list(_COLUMNS)] + [_worker_cells(w) for w in data.get("workers") or []]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    for row in rows:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        lines.append("  ".join(cells).rstrip())
-    lines.append("")
-    for b in data.get("backends") or []:
-        health = {True: "healthy", False: "UNHEALTHY", None: "health unknown"}.get(
-            b.get("healthy"), "?"
-        )
-        lines.append(
-            f"backend {b.get('url')} ({b.get('api')}): {health}, "
-            f"{b.get('in_flight', 0)}/{b.get('max_parallel', '?')} in flight"
-        )
-    q, t = data.get("queue", {}), data.get("totals", {})
-    lat = t.get("latency_ms") or {}
-    lines.append(f"queue {q.get('depth', 0)}/{q.get('max', '?')}")
-    lines.append(
-        f"totals: {t.get('connections', 0)} connections, {t.get('messages_total', 0)} messages, "
-        f"{t.get('errors_total', 0)} errors, {t.get('worker_restarts_total', 0)} worker restarts, "
-        f"latency p50/p95/p99 {lat.get('p50', 0)}/{lat.get('p95', 0)}/{lat.get('p99', 0)} ms"
-    )
-    return "\n".join(lines)
+def _print(text: str) -> None:
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `chatctl status --json | head`: the reader left; that is not our failure.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _status(conn: Connection, args: argparse.Namespace) -> int:
+    reply = conn.call({proto.T: proto.STATUS})
+    if not reply.get("ok"):
+        print(f"chatctl: {reply.get('error', 'the master refused')}", file=sys.stderr)
+        return STATUS_UNKNOWN
+    data = reply.get("data") or {}
+    _print(json.dumps(data, indent=2, default=str) if args.json else format_status(data))
+    return ExitCode.OK if is_healthy(data) else ExitCode.FAILURE
+
+
+def _reload(conn: Connection, args: argparse.Namespace) -> int:
+    conn.sock.settimeout(args.wait)
+    reply = conn.call({proto.T: proto.RELOAD})
+    if not reply.get("ok"):
+        print(f"chatctl: {reply.get('error', 'reload failed')}", file=sys.stderr)
+        return ExitCode.FAILURE
+    data = reply.get("data") or {}
+    _print(str(data.get("message") or f"reloaded: generation {data.get('generation')}"))
+    return ExitCode.OK
+
+
+def _stop(conn: Connection, args: argparse.Namespace) -> int:
+    reply = conn.call({proto.T: proto.STOP})
+    if not reply.get("ok"):
+        print(f"chatctl: {reply.get('error', 'stop refused')}", file=sys.stderr)
+        return ExitCode.FAILURE
+    data = reply.get("data") or {}
+    pid = int(data.get("pid") or 0)
+    graceful = float(data.get("graceful_timeout") or 30.0)
+    wait = args.wait if args.wait is not None else graceful + STOP_MARGIN
+    print(f"stopping chatd (master pid {pid}): draining, up to {wait:g}s", file=sys.stderr)
+    deadline = time.monotonic() + wait
+    conn.wait_closed(wait)
+    while not process_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not process_gone(pid):
+        print(f"chatctl: chatd (pid {pid}) is still stopping after {wait:g}s", file=sys.stderr)
+        return ExitCode.FAILURE
+    _print("chatd stopped")
+    return ExitCode.OK
+
+
+def _scale(conn: Connection, args: argparse.Namespace) -> int:
+    reply = conn.call({proto.T: proto.SCALE, "workers": args.workers})
+    if not reply.get("ok"):
+        print(f"chatctl: scale refused: {reply.get('error')}", file=sys.stderr)
+        return ExitCode.FAILURE
+    deadline = time.monotonic() + args.wait
+    while True:
+        data = conn.call({proto.T: proto.STATUS}).get("data") or {}
+        workers = data.get("workers") or []
+        ready = sum(1 for w in workers if w.get("state") == "ready")
+        if len(workers) == args.workers and ready == args.workers:
+            _print(f"{ready} workers ready (until the next reload or restart)")
+            return ExitCode.OK
+        if time.monotonic() > deadline:
+            print(
+                f"chatctl: {args.workers} workers wanted, {ready} ready after {args.wait:g}s",
+                file=sys.stderr,
+            )
+            return ExitCode.FAILURE
+        time.sleep(0.1)
+
+
+_COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
+    "status": _status,
+    "reload": _reload,
+    "stop": _stop,
+    "scale": _scale,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -168,6 +248,19 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     status = commands.add_parser("status", help="whole-daemon status")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    reload = commands.add_parser("reload", help="re-read the config, replace every worker")
+    reload.add_argument(
+        "--timeout", dest="wait", type=float, default=120.0, help="seconds to wait (120)"
+    )
+    stop = commands.add_parser("stop", help="graceful stop; waits for the master to exit")
+    stop.add_argument(
+        "--timeout", dest="wait", type=float, help="seconds to wait (graceful_timeout + 15)"
+    )
+    scale = commands.add_parser("scale", help="set the number of workers until the next reload")
+    scale.add_argument("workers", type=int, help="number of workers")
+    scale.add_argument(
+        "--timeout", dest="wait", type=float, default=30.0, help="seconds to wait (30)"
+    )
     return parser
 
 
@@ -180,25 +273,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return ExitCode.CONFIG
+    unknown = STATUS_UNKNOWN if args.command == "status" else ExitCode.FAILURE
     try:
-        reply = request(path, {proto.T: proto.STATUS}, timeout=args.timeout)
+        conn = Connection(path, args.timeout)
     except NotRunning as exc:
         print(f"chatctl: {exc}", file=sys.stderr)
-        return ExitCode.NOT_RUNNING
+        return {"status": ExitCode.NOT_RUNNING, "stop": ExitCode.OK}.get(
+            args.command, NOT_RUNNING_ACTION
+        )
+    except OSError as exc:
+        print(f"chatctl: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return unknown
+    try:
+        return _COMMANDS[args.command](conn, args)
     except TimeoutError:
-        print(f"chatctl: the master at {path} did not answer in {args.timeout:g}s", file=sys.stderr)
-        return STATUS_UNKNOWN
+        print(f"chatctl: the master at {path} did not answer in time", file=sys.stderr)
+        return unknown
     except (ControlError, OSError) as exc:
         print(f"chatctl: {path}: {exc}", file=sys.stderr)
-        return STATUS_UNKNOWN
-    if not reply.get("ok"):
-        print(f"chatctl: {reply.get('error', 'the master refused the command')}", file=sys.stderr)
-        return ExitCode.FAILURE
-    data = reply.get("data") or {}
-    try:
-        print(json.dumps(data, indent=2, default=str) if args.json else format_status(data))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # `chatctl status --json | head`: the reader left; that is not our failure.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return ExitCode.OK if is_healthy(data) else ExitCode.FAILURE
+        return unknown
+    finally:
+        conn.close()

@@ -73,6 +73,10 @@ class Hub:
         self.slots = slots
         self.subscribers: dict[str, set[Outbox]] = {}
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # Messages being stored or generated: a drain waits until there are none.
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._cancelled: set[tuple[str, str]] = set()
         self._turns: OrderedDict[str, _Turns] = OrderedDict()
         self.stats = HubStats()
@@ -103,6 +107,13 @@ class Hub:
         so only after the commit).
         """
         model = msg.model or self.cfg.llm.model
+        self._enter()
+        try:
+            return await self._submit(session, msg, model)
+        finally:
+            self._leave()
+
+    async def _submit(self, session: str, msg: chat.Message, model: str) -> Appended:
         appended = await self.store.append_user(session, msg.id, msg.text, model)
         if appended.duplicate:
             return appended
@@ -114,6 +125,7 @@ class Hub:
             self._generate(session, msg.id, model, history, (appended.seq, msg.text))
         )
         self.running[key] = task
+        self._enter()  # the task keeps the hub busy until it ends
         task.add_done_callback(lambda _t: self._finished(key))
         return appended
 
@@ -129,15 +141,25 @@ class Hub:
     def _finished(self, key: tuple[str, str]) -> None:
         self.running.pop(key, None)
         self._cancelled.discard(key)
+        self._leave()
 
     @property
     def in_flight(self) -> int:
         return len(self.running)
 
+    def _enter(self) -> None:
+        self._busy += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._idle.set()
+
     async def wait_idle(self) -> None:
-        """Wait until no generation runs (bound it with asyncio.timeout)."""
-        while self.running:
-            await asyncio.wait(list(self.running.values()))
+        """Wait until no generation runs and no message is being stored (bound it with
+        asyncio.timeout): a message committed while a drain waits is answered, not cut."""
+        await self._idle.wait()
 
     # -- history --------------------------------------------------------------------------
 

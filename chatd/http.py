@@ -1,16 +1,17 @@
 """The plain HTTP side of a worker's port, and the checks made before a WebSocket handshake.
 
 websockets calls :meth:`HttpEndpoints.process_request` for every request on the port before
-the opening handshake. It answers ``/healthz``, ``/readyz`` and ``/`` (the chat page) itself,
-and for ``/ws`` checks, in this order: the worker is not over ``max_connections`` (HTTP 503
-with ``Retry-After``), the origin is allowed (403), the auth token is valid (401). Anything
-else is a 404.
+the opening handshake. It answers ``/healthz``, ``/readyz``, ``/metrics`` (the whole daemon's,
+from the master: see :mod:`chatd.metrics`; 503 when the master does not answer in time) and
+``/`` (the chat page) itself, and for ``/ws`` checks, in this order: the worker is not over
+``max_connections`` (HTTP 503 with ``Retry-After``), the origin is allowed (403), the auth
+token is valid (401). Anything else is a 404.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +22,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from chatd.config import Config
+from chatd.metrics import CONTENT_TYPE
 
 
 def token_of(request: Request) -> str:
@@ -52,6 +54,8 @@ class HttpEndpoints:
     ready: Callable[[], tuple[bool, str]]  # (some backend healthy, reason when not)
     serving: Callable[[], bool]  # False while draining
     connections: Callable[[], int]
+    metrics: Callable[[], Awaitable[str | None]] | None = None  # the /metrics text, or None
+    worker_name: str = ""  # "slot/pid", in the X-Chatd-Worker header of /metrics
     page: bytes = b""
 
     def __post_init__(self) -> None:
@@ -60,11 +64,19 @@ class HttpEndpoints:
         except (FileNotFoundError, OSError):
             self.page = b"<!doctype html><title>chatd</title><p>chatd: connect to /ws</p>"
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """websockets' hook: a Response ends the request; None continues the handshake."""
+    def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | Awaitable[Response] | None:
+        """websockets' hook: a Response ends the request; None continues the handshake.
+
+        Only ``/metrics`` answers asynchronously (websockets awaits what it gets): it waits
+        for the master, and the other paths stay free of a coroutine per request.
+        """
         path = urlsplit(request.path).path
         if path == "/ws":
             return self._check_handshake(request)
+        if path == "/metrics":
+            return self._metrics()
         if path == "/healthz":
             if self.serving():
                 return _text(200, "OK", "ok\n")
@@ -78,6 +90,17 @@ class HttpEndpoints:
         if path in ("/", "/index.html"):
             return _response(200, "OK", self.page, "text/html; charset=utf-8")
         return _text(404, "Not Found", f"no such endpoint: {path[:100]}\n")
+
+    async def _metrics(self) -> Response:
+        text = await self.metrics() if self.metrics is not None else None
+        if text is None:
+            return _text(
+                503,
+                "Service Unavailable",
+                "the master did not send the daemon's figures in time: retry\n",
+                Retry_After="1",
+            )
+        return _response(200, "OK", text.encode(), CONTENT_TYPE, X_Chatd_Worker=self.worker_name)
 
     def _check_handshake(self, request: Request) -> Response | None:
         if self.connections() >= self.cfg.limits.max_connections:

@@ -13,7 +13,12 @@ What the worker must do with what arrives (``on_command`` gets each message as a
 * ``{"t": "drain", "timeout": s}``: call :meth:`MasterLink.send_draining`, stop accepting,
   finish the replies in flight, close clients with 1001, exit 0 within ``timeout``;
 * ``{"t": "stop"}``: exit now;
+* the LLM slot messages (``MasterSlots.MESSAGES``: ``slot_grant``, ``slot_queued``,
+  ``slot_refused``, ``slot_recall``): hand them to its :class:`chatd.slots.MasterSlots`;
 * anything else: ignore it (later versions of the master may send more).
+
+A worker may also ask the master something and await the answer with :meth:`MasterLink.request`
+(``metrics_request`` -> ``metrics``); those answers never reach ``on_command``.
 
 ``on_master_gone`` is called once when the link ends (EOF, error, or garbage from the master):
 the master is dead, so the worker should stop at once (no one would replace or supervise it).
@@ -79,6 +84,8 @@ class MasterLink:
         self._on_master_gone: Callable[[], None] = lambda: None
         self._gone_called = False
         self._reporter: asyncio.Task[None] | None = None
+        self._requests: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
+        self._next_rid = 0
 
     @classmethod
     def from_spec(cls, spec: WorkerSpec) -> MasterLink:
@@ -123,6 +130,25 @@ class MasterLink:
             return False
         self._transport.write(proto.encode(msg, max_frame=self._max_frame))
         return True
+
+    async def request(self, msg: Mapping[str, Any], answer: str, within: float) -> dict[str, Any]:
+        """Send ``msg`` with a fresh ``rid`` and return the master's ``answer`` with that rid.
+
+        Raises:
+            TimeoutError: no answer ``within`` seconds (a late one is dropped).
+            ConnectionError: the link is down, or ends before the answer.
+        """
+        self._next_rid += 1
+        rid = self._next_rid
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if not self.send({**msg, "rid": rid}):
+            raise ConnectionError("the master link is down")
+        self._requests[rid] = (answer, future)
+        try:
+            async with asyncio.timeout(within):
+                return await future
+        finally:
+            self._requests.pop(rid, None)
 
     def send_ready(self) -> bool:
         """Tell the master this worker serves: it becomes ``ready`` in ``chatctl status``."""
@@ -176,7 +202,13 @@ class MasterLink:
             self._gone(str(exc))
             return
         for msg in messages:
-            self._on_command(msg)
+            rid = msg.get("rid")
+            waiting = self._requests.get(rid) if isinstance(rid, int) else None
+            if waiting is not None and waiting[0] == msg.get(proto.T):
+                if not waiting[1].done():
+                    waiting[1].set_result(msg)
+            else:
+                self._on_command(msg)
 
     def _gone(self, why: str) -> None:
         if self._gone_called:
@@ -188,4 +220,7 @@ class MasterLink:
             self._reporter = None
         if self._transport is not None:
             self._transport.close()
+        for _, future in self._requests.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"the master link ended ({why})"))
         self._on_master_gone()

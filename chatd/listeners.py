@@ -30,6 +30,7 @@ import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Sequence
 
 from chatd.config import parse_bind
 from chatd.errors import ChatdError
@@ -114,19 +115,42 @@ def _taken(bind: str, others: dict[int, str]) -> BindError:
     )
 
 
-def bind_slots(bind: str, count: int, backlog: int = BACKLOG) -> list[socket.socket]:
+def tcp_migrate_req() -> int | None:
+    """``net.ipv4.tcp_migrate_req`` (Linux >= 5.14), or None when the kernel lacks it.
+
+    With 0, the connections queued on a slot socket that is closed (scaling down) are reset;
+    with 1 the kernel moves them to the other sockets of the group.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req", encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def bind_slots(
+    bind: str,
+    count: int,
+    backlog: int = BACKLOG,
+    existing: Sequence[socket.socket] = (),
+) -> list[socket.socket]:
     """Create ``count`` listening SO_REUSEPORT sockets on ``bind`` (``HOST:PORT``).
 
     Port 0 picks a free port for the first socket and binds the others to the same one.
+    With ``existing`` (our slot sockets already listening: scaling up), the new sockets join
+    their group, on their port; only sockets that are not ours count as "taken".
 
     Returns:
-        the sockets, listening, blocking, in slot order.
+        the new sockets, listening, blocking, in slot order.
 
     Raises:
         BindError: the host does not resolve, the port is taken (by anyone, see the module
             docstring), or the address cannot be bound; the message says which.
     """
     host, port = parse_bind(bind)
+    if existing:
+        port = existing[0].getsockname()[1]
+    ours = {os.fstat(s.fileno()).st_ino for s in existing}
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -135,7 +159,7 @@ def bind_slots(bind: str, count: int, backlog: int = BACKLOG) -> list[socket.soc
         raise BindError(f"cannot listen on {bind}: {exc.strerror}") from None
     address = str(sockaddr[0])
     if port:
-        others = listening_sockets(address, port)
+        others = {i: a for i, a in listening_sockets(address, port).items() if i not in ours}
         if others:
             raise _taken(bind, others)
     socks: list[socket.socket] = []
@@ -148,7 +172,7 @@ def bind_slots(bind: str, count: int, backlog: int = BACKLOG) -> list[socket.soc
             sock.bind((address, port, *sockaddr[2:]))
             port = sock.getsockname()[1]
             sock.listen(backlog)
-        mine = {os.fstat(s.fileno()).st_ino for s in socks}
+        mine = ours | {os.fstat(s.fileno()).st_ino for s in socks}
         others = {i: a for i, a in listening_sockets(address, port).items() if i not in mine}
         if others:
             raise _taken(bind, others)

@@ -7,7 +7,11 @@ Single-threaded, and its own code never touches asyncio: it is one ``selectors``
 * the control socket and its chatctl connections (:class:`chatd.control.ControlServer`);
 * one link per worker, the master's end of a socketpair (:mod:`chatd.workers`),
 
-with a short tick for timers (respawn backoff, stop deadlines, CPU and RSS samples).
+with a short tick for timers (respawn backoff, stop deadlines, CPU and RSS samples, heartbeat
+timeouts, the systemd watchdog), and one change to the workers at a time: a rolling reload
+(:mod:`chatd.reload`), an RSS recycle, a scale (:mod:`chatd.operations`, :mod:`chatd.scale`).
+What chatctl may ask is in :mod:`chatd.commands`; systemd is told how things go
+(:mod:`chatd.systemd`).
 
 Sockets: one SO_REUSEPORT listener per worker *slot*, bound before any fork and kept open by the
 master until it exits (:mod:`chatd.listeners`). Slot *i*'s worker inherits socket *i*, and so
@@ -24,21 +28,27 @@ import logging
 import os
 import selectors
 import signal
-import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import setproctitle
 
-from chatd.config import Config
-from chatd.control import ControlServer, Request
+from chatd import commands
+from chatd.config import Config, load
+from chatd.control import ControlServer
 from chatd.errors import ControlError, ExitCode
-from chatd.listeners import BindError, bind_slots
-from chatd.proto import control as proto
+from chatd.listeners import BindError, bind_slots, tcp_migrate_req
+from chatd.logs import setup_logging
+from chatd.operations import Operations
+from chatd.reload import worker_count
+from chatd.scale import MAX_WORKERS, scale_to
+from chatd.services import Services
+from chatd.shutdown import KILL_WAIT, Shutdown
 from chatd.spec import WorkerMain, WorkerSpec
-from chatd.status import aggregate_status
+from chatd.systemd import Notifier
 from chatd.workers import MASTER_SIGNALS, Workers
 
 __all__ = ["Master", "WorkerSpec"]
@@ -46,9 +56,7 @@ __all__ = ["Master", "WorkerSpec"]
 log = logging.getLogger(__name__)
 
 TICK = 0.5  # longest sleep of the loop; it also wakes at the next deadline
-DRAIN_ACK_TIMEOUT = 1.0  # a worker that has not acknowledged `drain` by then also gets SIGTERM
-FAST_STOP_GRACE = 2.0  # seconds a fast stop waits before SIGKILL
-KILL_WAIT = 5.0  # seconds to wait for SIGKILLed workers to be reaped before giving up
+STATUS_EVERY = 5.0  # seconds between two STATUS= lines to systemd when nothing notable changed
 
 
 class Master:
@@ -58,24 +66,36 @@ class Master:
         cfg: the validated configuration.
         worker_main: runs in each forked worker and never returns. None means
             ``chatd.worker.run_worker``, imported before the first fork.
+        load_config: reads the configuration again for a reload: the file the master was
+            started with, with the command-line overrides given at start (raises
+            ConfigError). None means ``load(cfg.path)`` (the defaults without a file).
     """
 
-    def __init__(self, cfg: Config, worker_main: WorkerMain | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        worker_main: WorkerMain | None = None,
+        load_config: Callable[[], Config] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.worker_main = worker_main
+        self.load_config = load_config or (lambda: load(cfg.path) if cfg.path else Config())
         self.state = "starting"  # starting -> running -> stopping
         self.bind = cfg.server.bind
         self.workers: Workers | None = None
-        self._started = time.monotonic()
+        self.services: Services | None = None  # LLM slots and metrics for the workers
+        self.ops: Operations | None = None  # reloads and RSS recycles
+        self.notifier = Notifier()
+        self.tcp_migrate_req = tcp_migrate_req()
+        self.started = time.monotonic()
+        self._status_key: tuple[Any, ...] = ()
+        self._next_status = 0.0
         self._sel: selectors.BaseSelector | None = None
         self._wakeup: tuple[int, int] | None = None
         self._signals: deque[int] = deque()
         self._old_handlers: dict[int, Any] = {}
         self._control: ControlServer | None = None
-        self._stopping: str | None = None  # None, "graceful" or "fast"
-        self._stop_deadline = 0.0
-        self._killed = False
-        self._done = False
+        self._shutdown: Shutdown | None = None
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -87,7 +107,7 @@ class Master:
             except (BindError, ControlError, OSError) as exc:
                 log.error("cannot start: %s", exc)
                 return ExitCode.FAILURE
-            while not self._done:
+            while not (self._shutdown is not None and self._shutdown.done):
                 self._run_once()
         except Exception:
             log.critical("the master failed; killing the workers", exc_info=True)
@@ -103,7 +123,7 @@ class Master:
             from chatd.worker import run_worker  # type: ignore[import-not-found,unused-ignore]
 
             self.worker_main = run_worker
-        count = self.cfg.server.workers or os.cpu_count() or 1
+        count = worker_count(self.cfg)
         # 1. The control socket first: a live master on it is the clearest "already running".
         ControlServer.check_free(self.cfg.control.socket)
         # 2. The slot sockets: a taken port fails here, before anything else exists.
@@ -116,6 +136,9 @@ class Master:
             self.cfg, self.worker_main, listeners, self._sel, self._close_in_child
         )
         self.workers.on_all_ready = self._all_ready
+        self.services = Services(self.cfg, self.workers)
+        self.ops = Operations(self.workers, self.load_config, self.notifier, self._apply)
+        self._shutdown = Shutdown(self.workers)
         self._wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel.register(self._wakeup[0], selectors.EVENT_READ, self._on_wakeup)
         signal.set_wakeup_fd(self._wakeup[1], warn_on_full_buffer=False)
@@ -125,7 +148,7 @@ class Master:
             self._sel,
             self.cfg.control.socket,
             self.cfg.control.mode_bits,
-            {proto.STATUS: self._cmd_status},
+            commands.handlers(self),
         )
         self._control.open()
         setproctitle.setproctitle(f"chatd: master [{self.cfg.path or 'defaults'}]")
@@ -133,6 +156,12 @@ class Master:
             "master listening on %s, %d workers, control socket %s",
             *(self.bind, count, self.cfg.control.socket),
         )
+        if self.tcp_migrate_req == 0:
+            log.warning(
+                "net.ipv4.tcp_migrate_req is 0: connections queued on a slot socket that is "
+                "closed (scaling down) are reset; set it to 1 to have them moved to the other "
+                "slots (sysctl -w net.ipv4.tcp_migrate_req=1, before chatd starts)"
+            )
         # 4. The workers.
         for slot in self.workers.slots:
             self.workers.spawn(slot)
@@ -141,8 +170,14 @@ class Master:
         assert self._sel is not None and self.workers is not None
         now = time.monotonic()
         timeout = self.workers.timeout(now, TICK)
-        if self._stopping:
-            timeout = max(0.0, min(timeout, self._stop_deadline - now))
+        if self.services is not None:
+            timeout = self.services.timeout(now, timeout)
+        watchdog = self.notifier.watchdog_due(now)
+        if watchdog is not None:
+            timeout = min(timeout, watchdog)
+        if self.stopping:
+            assert self._shutdown is not None
+            timeout = max(0.0, min(timeout, self._shutdown.deadline - now))
         for key, mask in self._sel.select(timeout):
             key.data(mask)
         while self._signals:
@@ -150,13 +185,62 @@ class Master:
             getattr(self, f"handle_{signal.Signals(signum).name[3:].lower()}")()
         now = time.monotonic()
         self.workers.tick(now)
-        if self._stopping:
-            self._stop_progress(now)
+        if self.services is not None:
+            self.services.tick(now)
+        if self._shutdown is not None and self._shutdown.mode:
+            self._shutdown.progress(now)
+        elif self.ops is not None:
+            self.ops.tick(now)
+            if self.state == "starting" and self.workers.all_ready():
+                self._all_ready()  # e.g. a reload fixed a start that was crash-looping
+            self._tell_systemd(now)
+        # Only a loop that goes round pings the watchdog: a stuck master gets restarted.
+        self.notifier.watchdog(now)
 
     def _all_ready(self) -> None:
         if self.state == "starting":
             self.state = "running"
             log.info("all workers ready")
+            self.notifier.ready(commands.status_line(self))
+
+    def _tell_systemd(self, now: float) -> None:
+        """A STATUS= line when something notable changed, else every STATUS_EVERY seconds."""
+        if not self.notifier.enabled or self.workers is None or self.ops is None:
+            return
+        slots = self.workers.slots
+        key = (
+            self.state,
+            self.workers.generation,
+            len(slots),
+            [(s.worker.state if s.worker else None, s.boot_failures) for s in slots],
+            self.ops.busy,
+            self.ops.last_reload,
+        )
+        if key != self._status_key or now >= self._next_status:
+            self._status_key, self._next_status = key, now + STATUS_EVERY
+            self.notifier.status(commands.status_line(self))
+
+    def _apply(self, cfg: Config) -> None:
+        """A reload succeeded: the master's own share of the new configuration."""
+        self.cfg = cfg
+        setup_logging(cfg.log, "master")
+        if self._control is not None:
+            self._control.set_mode(cfg.control.mode_bits)
+        if self.services is not None:
+            self.services.configure(cfg)
+
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown is not None and self._shutdown.mode is not None
+
+    def scale_refusal(self) -> str | None:
+        """Why the number of workers cannot change now, or None."""
+        if self.stopping:
+            return "the daemon is stopping"
+        busy = self.ops.busy if self.ops is not None else None
+        if busy:
+            return f"{busy} is in progress; scale again when it has finished"
+        return None
 
     def _close_in_child(self) -> None:
         """In a freshly forked worker: close the master's fds, touching no shared state."""
@@ -167,6 +251,7 @@ class Master:
                 os.close(fd)
         if self._sel is not None:
             self._sel.close()  # our copy of the epoll fd; nothing is unregistered
+        self.notifier.close_in_child()
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -196,90 +281,52 @@ class Master:
         self._begin_stop(graceful=False)
 
     def handle_hup(self) -> None:
-        log.warning("SIGHUP: reloading is not implemented yet; ignored")
+        if self.stopping or self.ops is None:
+            log.warning("SIGHUP: the daemon is stopping; no reload")
+            return
+        self.ops.request_reload(None, "SIGHUP")
 
     def handle_ttin(self) -> None:
-        log.warning("SIGTTIN: scaling is not implemented yet; ignored")
+        self._scale_by(+1, "SIGTTIN")
 
     def handle_ttou(self) -> None:
-        log.warning("SIGTTOU: scaling is not implemented yet; ignored")
+        self._scale_by(-1, "SIGTTOU")
+
+    def _scale_by(self, delta: int, source: str) -> None:
+        assert self.workers is not None
+        count = len(self.workers.slots) + delta
+        why = self.scale_refusal()
+        if why is None and not 1 <= count <= MAX_WORKERS:
+            why = f"the number of workers must stay within 1..{MAX_WORKERS}"
+        if why is not None:
+            log.warning("%s: not scaling to %d workers: %s", source, count, why)
+            return
+        try:
+            log.info("%s: %s", source, scale_to(self.workers, count))
+        except BindError as exc:
+            log.error("%s: %s", source, exc)
 
     # -- stopping ------------------------------------------------------------------------------
 
     def _begin_stop(self, *, graceful: bool) -> None:
-        """Start a graceful (drain) or a fast stop; a fast stop may overtake a graceful one.
-
-        Graceful stop (SIGTERM), step by step; steps 3 to 5 happen in :meth:`_stop_progress`
-        and :meth:`_cleanup`:
-
-        1. Stop replacing workers; the master's state becomes ``stopping`` (status still works).
-        2. Send ``drain`` to every worker over its link; a worker without a link gets SIGTERM.
-        3. A worker that has not answered ``draining`` within DRAIN_ACK_TIMEOUT gets SIGTERM
-           too. Reap the workers as they exit, until none is left or ``graceful_timeout`` has
-           passed.
-        4. SIGKILL the rest and reap them (waiting up to KILL_WAIT).
-        5. Close the listeners and the control socket (its file is removed); exit 0.
-
-        A fast stop (SIGINT, SIGQUIT) sends ``stop`` (SIGQUIT to a worker without a link),
-        SIGKILLs after FAST_STOP_GRACE, then steps 4 and 5.
-        """
-        assert self.workers is not None
-        if self._stopping == "fast" or (self._stopping and graceful):
-            log.info("already stopping")
+        """Start a graceful (drain) or a fast stop (:mod:`chatd.shutdown` has the steps)."""
+        assert self._shutdown is not None
+        graceful_timeout = self.cfg.server.graceful_timeout
+        if not self._shutdown.begin(
+            graceful=graceful, graceful_timeout=graceful_timeout, now=time.monotonic()
+        ):
             return
-        now = time.monotonic()
-        self.state = "stopping"
-        self._stopping = "graceful" if graceful else "fast"
-        workers = self.workers
-        workers.replacing = False
-        for slot in workers.slots:
-            slot.respawn_at = None
-        if graceful:
-            timeout = self.cfg.server.graceful_timeout
-            log.info("graceful stop: draining %d workers (up to %gs)", len(workers.by_pid), timeout)
-            self._stop_deadline = now + timeout
-            for worker in workers.by_pid.values():
-                worker.state = "draining"
-                worker.drain_sent = now
-                if not workers.tell(worker, {proto.T: proto.DRAIN, "timeout": timeout}):
-                    workers.kill(worker, signal.SIGTERM)
-        else:
-            log.info("fast stop: stopping %d workers", len(workers.by_pid))
-            self._stop_deadline = now + FAST_STOP_GRACE
-            for worker in workers.by_pid.values():
-                worker.drain_sent = None
-                if not workers.tell(worker, {proto.T: proto.STOP}):
-                    workers.kill(worker, signal.SIGQUIT)
-        self._stop_progress(now)
-
-    def _stop_progress(self, now: float) -> None:
-        assert self.workers is not None
-        workers = self.workers
-        if not workers.by_pid:
-            self._done = True
-            return
-        for worker in workers.by_pid.values():
-            sent = worker.drain_sent
-            late = sent is not None and now - sent > DRAIN_ACK_TIMEOUT and not worker.drain_acked
-            if late and not worker.signalled:
-                workers.kill(worker, signal.SIGTERM)
-        if now < self._stop_deadline:
-            return
-        if not self._killed:
-            log.warning(
-                "workers still running at the deadline, killing: %s", sorted(workers.by_pid)
-            )
-            for worker in workers.by_pid.values():
-                workers.kill(worker, signal.SIGKILL)
-            self._killed = True
-            self._stop_deadline = now + KILL_WAIT
-        else:
-            self._done = True  # _cleanup() reports the ones that would not die
+        if self.state != "stopping":
+            self.state = "stopping"
+            self.notifier.stopping()
+            if self.ops is not None:
+                self.ops.abort("the daemon is stopping")
 
     def _cleanup(self) -> None:
         """Last step of every exit path: no worker, no socket, no control socket file left."""
         if self.workers is not None:
-            self.workers.kill_all_and_reap(KILL_WAIT if not self._killed else 0.0)
+            killed = self._shutdown is not None and self._shutdown.killed
+            self.workers.kill_all_and_reap(0.0 if killed else KILL_WAIT)
             self.workers.close()
         if self._control is not None:
             self._control.close()
@@ -294,30 +341,10 @@ class Master:
         if self._sel is not None:
             self._sel.close()
             self._sel = None
+        self.notifier.close()
 
     # -- control commands ----------------------------------------------------------------------
 
-    def _cmd_status(self, request: Request) -> None:
-        request.ok(self.status())
-
     def status(self) -> dict[str, Any]:
-        """The ``chatctl status --json`` document."""
-        assert self.workers is not None
-        now = time.monotonic()
-        master = {
-            "pid": os.getpid(),
-            "uptime_s": round(now - self._started, 3),
-            "generation": self.workers.generation,
-            "config": self.cfg.path or None,
-            "bind": self.bind,
-            "state": self.state,
-            "workers_wanted": len(self.workers.slots),
-            "python": sys.version.split()[0],
-        }
-        return aggregate_status(
-            master=master,
-            workers=self.workers.snapshots(now),
-            cfg=self.cfg,
-            restarts_total=self.workers.restarts_total,
-            retired=self.workers.retired,
-        )
+        """The ``chatctl status --json`` document (see :mod:`chatd.commands`)."""
+        return commands.status_document(self)

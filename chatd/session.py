@@ -142,6 +142,13 @@ async def _run(
                 raise
         elif isinstance(action, chat.Message):
             assert conn.session is not None
+            if state.draining:
+                # Not stored, not acknowledged: this worker closes the connection with 1001
+                # once its replies in flight are stored, and the client sends the message
+                # again, with the same id, where it resumes. Accepting it here could start a
+                # reply the drain would have to cut short (an acked message left unanswered).
+                log.debug("draining: message %s not accepted; the client will resend", action.id)
+                continue
             appended = await state.hub.submit(conn.session, action)
             outbox.put(chat.ack_frame(action.id, appended.seq))
         elif isinstance(action, chat.Cancel):

@@ -4,24 +4,32 @@ A slot is the right to send one generation request to one backend. Requests in f
 backend never exceed its ``max_parallel``; waiters are served first in, first out, each by
 the least-loaded healthy backend it accepts; at most ``max_queue`` wait (then ``busy``).
 
-This module is the per-worker granter (:class:`LocalSlots`). The daemon-wide cap, where the
-master grants slots to all workers, implements the same :class:`Slots` protocol, so the
-generation code does not change when it arrives.
+Two implementations of the :class:`Slots` protocol the generation code uses:
+
+* :class:`MasterSlots`, what a worker under the master uses (always, in production): the
+  master grants the slots of every worker (:mod:`chatd.slotgrant`, the daemon-wide cap, FIFO
+  and queue), this class asks it over the worker's link and waits for the answer;
+* :class:`LocalSlots`, the same rules within one process, for in-process use and tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from chatd.config import BackendConfig
 from chatd.errors import UpstreamUnavailable
+from chatd.proto import control as proto
+
+log = logging.getLogger("chatd.slots")
 
 POSITION_NOTICE_INTERVAL = 1.0  # seconds: queued{position} at most once a second per waiter
+LEASE_IDLE = 1.0  # seconds: a leased slot unused for a whole period goes back to the master
 
 
 class QueueFull(Exception):
@@ -155,3 +163,199 @@ class LocalSlots:
             if pos != w.last_position and now - w.last_sent >= POSITION_NOTICE_INTERVAL:
                 w.last_position, w.last_sent = pos, now
                 w.on_position(pos)
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    future: asyncio.Future[int]
+    on_position: Callable[[int], None]
+
+
+class MasterSlots:
+    """Slots granted by the master, daemon-wide, over this worker's link.
+
+    ``send`` queues a message for the master (``MasterLink.send``: False when the link is
+    down); the worker routes the master's ``slot_*`` messages to :meth:`on_message`. The
+    wire messages are in :mod:`chatd.proto.control`; the granting rules, leases included,
+    in :mod:`chatd.slotgrant`.
+
+    A request is ``slot_acquire {rid, exclude}``; the master answers ``slot_grant {rid,
+    backend, lease}``, or ``slot_refused`` (``busy``: :class:`QueueFull`; ``unavailable``:
+    :class:`UpstreamUnavailable`), or ``slot_queued {position}`` first, as often as the
+    position changes (at most once a second). A waiter that goes away (its task is
+    cancelled) sends ``slot_cancel``; a grant that raced it (or any grant nobody waits for)
+    is given back at once with ``slot_release``.
+
+    *Leases.* While the last grant said ``lease`` (and no request of ours waits for the
+    master's answer), a slot this worker is done with is kept instead of released, and the
+    next request takes a kept slot (the least busy allowed backend) without asking the
+    master: no round trip. ``slot_recall`` ends that: the kept
+    slots go back at once (``slot_release {backend, count}``) and every later release is
+    sent, until a grant leases again. Slots kept unused for a whole ``LEASE_IDLE`` period go
+    back too (low-water mark per period), so an idle worker holds none.
+
+    When the link ends, every waiter fails with :class:`UpstreamUnavailable`; the slots held
+    are the master's to take back when this process exits.
+
+    ``in_flight`` counts the slots in use here, ``held`` those the master granted us (in use
+    or kept); ``healthy`` is this worker's own view from its checks (for ``/readyz``).
+    """
+
+    MESSAGES = frozenset(
+        (proto.SLOT_GRANT, proto.SLOT_QUEUED, proto.SLOT_REFUSED, proto.SLOT_RECALL)
+    )
+    """The message types from the master that :meth:`on_message` handles."""
+
+    def __init__(
+        self, backends: Sequence[BackendConfig], send: Callable[[Mapping[str, Any]], bool]
+    ) -> None:
+        self.backends = tuple(backends)
+        self.in_flight = [0] * len(self.backends)
+        self.held = [0] * len(self.backends)
+        self.healthy = [True] * len(self.backends)
+        self.leasing = False
+        self._reported: list[bool | None] = [None] * len(self.backends)
+        self._send = send
+        self._requests: dict[int, _Request] = {}
+        self._next_rid = 0
+        self._low = [0] * len(self.backends)  # fewest slots kept unused since the last trim
+        self._trim: asyncio.TimerHandle | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests of this worker waiting for the master's answer."""
+        return len(self._requests)
+
+    async def acquire(
+        self, on_position: Callable[[int], None], exclude: frozenset[int] = frozenset()
+    ) -> int:
+        if self.leasing and not self._requests:  # none of ours waits: no overtaking
+            kept = self._pick_kept(exclude)
+            if kept is not None:
+                self.in_flight[kept] += 1
+                self._low[kept] = min(self._low[kept], self._kept(kept))
+                return kept
+        self._next_rid += 1
+        rid = self._next_rid
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._requests[rid] = _Request(future, on_position)  # before sending: answers may be quick
+        if not self._send({proto.T: proto.SLOT_ACQUIRE, "rid": rid, "exclude": sorted(exclude)}):
+            del self._requests[rid]
+            raise _master_gone()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._requests.pop(rid, None) is not None:
+                self._send({proto.T: proto.SLOT_CANCEL, "rid": rid})
+            elif future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())  # granted, but the waiter went away first
+            raise
+
+    def release(self, backend: int) -> None:
+        self.in_flight[backend] -= 1
+        if self.leasing and not self._requests:
+            self._schedule_trim()
+        else:  # nobody may keep it, or one of ours waits at the master: FIFO goes through it
+            self._give_back(backend, 1)
+
+    def set_healthy(self, backend: int, healthy: bool) -> None:
+        """Record this worker's check and report it to the master when it changed."""
+        self.healthy[backend] = healthy
+        if self._reported[backend] is not healthy and self._send(
+            {proto.T: proto.HEALTH, "backend": backend, "healthy": healthy}
+        ):
+            self._reported[backend] = healthy
+
+    def on_message(self, msg: Mapping[str, Any]) -> None:
+        """Handle a ``slot_grant``, ``slot_queued``, ``slot_refused`` or ``slot_recall``."""
+        kind = msg.get(proto.T)
+        rid: int = msg.get("rid", 0)
+        if kind == proto.SLOT_QUEUED:
+            req = self._requests.get(rid)
+            position = msg.get("position")
+            if req is not None and isinstance(position, int):
+                req.on_position(position)
+            return
+        if kind == proto.SLOT_RECALL:
+            self.leasing = False
+            for i in range(len(self.backends)):
+                self._give_back(i, self._kept(i))
+            return
+        req = self._requests.pop(rid, None)
+        if kind == proto.SLOT_GRANT:
+            backend = msg.get("backend")
+            if not isinstance(backend, int) or not 0 <= backend < len(self.backends):
+                log.error("the master granted a slot of an unknown backend: %r", msg)
+                if req is not None and not req.future.done():
+                    req.future.set_exception(_master_gone())
+                return
+            self.leasing = msg.get("lease") is True
+            self.held[backend] += 1
+            self.in_flight[backend] += 1
+            if req is None or req.future.done():
+                self.release(backend)  # nobody waits for it (cancelled): keep or give back
+            else:
+                req.future.set_result(backend)
+        elif kind == proto.SLOT_REFUSED and req is not None and not req.future.done():
+            if msg.get("reason") == "busy":
+                req.future.set_exception(QueueFull())
+            else:
+                req.future.set_exception(
+                    UpstreamUnavailable(
+                        "No healthy LLM backend is available right now: retry in a few seconds."
+                    )
+                )
+
+    def link_gone(self) -> None:
+        """The master link ended: every waiter fails now (no answer can come)."""
+        self.leasing = False
+        requests, self._requests = self._requests, {}
+        for req in requests.values():
+            if not req.future.done():
+                req.future.set_exception(_master_gone())
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def _kept(self, backend: int) -> int:
+        return self.held[backend] - self.in_flight[backend]
+
+    def _pick_kept(self, exclude: frozenset[int]) -> int | None:
+        """The allowed backend with a kept slot and the fewest requests in use here."""
+        best: int | None = None
+        for i, b in enumerate(self.backends):
+            if i in exclude or self._kept(i) <= 0:
+                continue
+            if best is None or self.in_flight[i] / b.max_parallel < (
+                self.in_flight[best] / self.backends[best].max_parallel
+            ):
+                best = i
+        return best
+
+    def _give_back(self, backend: int, count: int) -> None:
+        if count <= 0:
+            return
+        self.held[backend] -= count
+        self._low[backend] = min(self._low[backend], self._kept(backend))
+        msg: dict[str, Any] = {proto.T: proto.SLOT_RELEASE, "backend": backend}
+        if count != 1:
+            msg["count"] = count
+        self._send(msg)
+
+    def _schedule_trim(self) -> None:
+        if self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(LEASE_IDLE, self._trim_idle)
+
+    def _trim_idle(self) -> None:
+        """Give back the slots that stayed unused for the whole period just ended."""
+        self._trim = None
+        for backend in range(len(self.backends)):
+            self._give_back(backend, min(self._low[backend], self._kept(backend)))
+            self._low[backend] = self._kept(backend)
+        if any(self._kept(b) > 0 for b in range(len(self.backends))):
+            self._schedule_trim()
+
+
+def _master_gone() -> UpstreamUnavailable:
+    return UpstreamUnavailable(
+        "This chatd worker lost its master and cannot get an LLM slot: reconnect and resend."
+    )

@@ -14,6 +14,7 @@ from typing import Any
 
 from chatd.config import Config
 from chatd.proto import control as proto
+from chatd.slotgrant import GranterStats, backend_keys
 from chatd.stats import Histogram
 
 
@@ -30,6 +31,8 @@ class WorkerSnapshot:
     rss_bytes: int
     cpu_percent: float
     last_heartbeat_s: float | None
+    msg_per_s: float = 0.0
+    """Messages per second, from the deltas of the worker's ``messages_total`` (the master's)."""
     stats: Mapping[str, Any] = field(default_factory=dict)
     """The worker's last ``stats`` message (empty before the first)."""
 
@@ -51,6 +54,7 @@ def _worker_row(w: WorkerSnapshot) -> dict[str, Any]:
         "uptime_s": round(w.uptime_s, 3),
         **{k: _number(w.stats.get(k, 0)) for k in _COUNTERS},
         "restarts": w.restarts,
+        "msg_per_s": round(w.msg_per_s, 1),
         "rss_bytes": w.rss_bytes,
         "cpu_percent": round(w.cpu_percent, 1),
         "last_heartbeat_s": None if w.last_heartbeat_s is None else round(w.last_heartbeat_s, 3),
@@ -87,6 +91,22 @@ def _backends(cfg: Config, workers: Sequence[WorkerSnapshot]) -> list[dict[str, 
             }
         )
     return out
+
+
+def _with_slots(backends: list[dict[str, Any]], cfg: Config, slots: GranterStats) -> None:
+    """Overwrite the workers' view with the master's slot granter: ``in_flight`` is the slots
+    granted (exact, daemon-wide; a slot a worker keeps leased for its next request counts
+    for up to two seconds after its last use), ``in_use`` the requests the workers last
+    reported running, ``healthy`` the granter's verdict once reported."""
+    granted = {b.key: b for b in slots.backends}
+    for row, key in zip(backends, backend_keys(b.url for b in cfg.llm.backends), strict=True):
+        b = granted.get(key)
+        if b is not None:
+            row["in_use"] = row["in_flight"]
+            row["in_flight"] = b.in_flight
+            row["max_parallel"] = b.max_parallel
+            if b.healthy is not None:
+                row["healthy"] = b.healthy
 
 
 def _buckets(value: Any) -> dict[int, int] | None:
@@ -128,6 +148,8 @@ def aggregate_status(
     cfg: Config,
     restarts_total: int,
     retired: Mapping[str, float] | None = None,
+    slots: GranterStats | None = None,
+    others: Sequence[WorkerSnapshot] = (),
 ) -> dict[str, Any]:
     """The ``chatctl status --json`` document (``spec/interfaces.md``), plus extra fields.
 
@@ -138,27 +160,40 @@ def aggregate_status(
         restarts_total: workers replaced since the master started.
         retired: counters (``messages_total``, ``errors_total``) of the workers that have
             exited, from their last report, so that the totals never go down.
+        slots: the master's LLM slot granter: backends' ``in_flight`` and ``healthy``, and
+            the queue, come from it (without it, from the workers' reports).
+        others: the workers that serve no slot (a reload's new worker not ready yet, old
+            ones draining): listed as ``other_workers``, and counted in the totals.
     """
     rows = [_worker_row(w) for w in workers]
+    other_rows = [_worker_row(w) for w in others]
+    everyone = [*workers, *others]
     errors_by_code: dict[str, float] = {}
-    for w in workers:
+    for w in everyone:
         codes = w.stats.get("errors_by_code")
         if isinstance(codes, Mapping):
             for code, count in codes.items():
                 errors_by_code[str(code)] = errors_by_code.get(str(code), 0) + _number(count)
-    totals: dict[str, Any] = {k: sum(row[k] for row in rows) for k in _COUNTERS}
+    totals: dict[str, Any] = {k: sum(row[k] for row in rows + other_rows) for k in _COUNTERS}
     for key, value in (retired or {}).items():
         totals[key] = totals.get(key, 0) + value
     totals.update(
         errors_by_code=errors_by_code,
         worker_restarts_total=restarts_total,
-        latency_ms=_merge_latency(workers, "latency"),
-        ttft_ms=_merge_latency(workers, "ttft"),
+        msg_per_s=round(sum(w.msg_per_s for w in everyone), 1),
+        latency_ms=_merge_latency(everyone, "latency"),
+        ttft_ms=_merge_latency(everyone, "ttft"),
     )
+    backends = _backends(cfg, everyone)
+    queue = {"depth": 0, "max": cfg.llm.max_queue}
+    if slots is not None:
+        _with_slots(backends, cfg, slots)
+        queue = {"depth": slots.queue_depth, "max": slots.max_queue}
     return {
         "master": dict(master),
         "workers": rows,
-        "backends": _backends(cfg, workers),
-        "queue": {"depth": 0, "max": cfg.llm.max_queue},
+        "other_workers": other_rows,
+        "backends": backends,
+        "queue": queue,
         "totals": totals,
     }

@@ -31,22 +31,26 @@ import uvloop
 from setproctitle import setproctitle
 from websockets.asyncio.server import Server, ServerConnection, serve
 
+from chatd import faults
 from chatd.config import Config
 from chatd.errors import ExitCode
 from chatd.generation import Hub
 from chatd.http import HttpEndpoints
 from chatd.link import MasterLink
 from chatd.logs import set_role
+from chatd.metrics import render
 from chatd.proto import chat
+from chatd.proto import control as proto
 from chatd.relay import Relay
 from chatd.session import WorkerState, serve_connection
-from chatd.slots import LocalSlots
+from chatd.slots import MasterSlots
 from chatd.spec import WorkerSpec
 from chatd.store import open_store
 
 log = logging.getLogger("chatd.worker")
 
 HEALTH_INTERVAL = 5.0  # seconds between backend health checks (1 s while one is down)
+METRICS_WAIT = 2.0  # seconds /metrics waits for the master's figures before answering 503
 
 
 def frame_limit(cfg: Config) -> int:
@@ -67,7 +71,9 @@ class Worker:
         self.name = f"{spec.slot}/{os.getpid()}"
         self.store = open_store(self.cfg.sessions)
         self.relay = Relay(self.cfg.llm)
-        self.slots = LocalSlots(self.cfg.llm.backends, self.cfg.llm.max_queue)
+        self.link = MasterLink.from_spec(spec)
+        # The master grants the LLM slots of every worker: the cap is daemon-wide.
+        self.slots = MasterSlots(self.cfg.llm.backends, self.link.send)
         self.hub = Hub(self.cfg, self.store, self.relay, self.slots)
         self.state = WorkerState(
             hub=self.hub,
@@ -81,7 +87,6 @@ class Worker:
             worker_name=self.name,
             auth_on=bool(self.cfg.auth.tokens),
         )
-        self.link = MasterLink.from_spec(spec)
         self.server: Server | None = None
         self._stop = asyncio.Event()
         self._fast = False
@@ -104,7 +109,11 @@ class Worker:
             ready=self._ready,
             serving=lambda: not self.state.draining,
             connections=lambda: len(self.state.connections),
+            metrics=self._metrics,
+            worker_name=self.name,
         )
+        # The link before the server: a message accepted at once needs a slot from the master.
+        await self.link.start(self._on_command, self._on_master_gone)
         self.server = await serve(
             self._handle,
             sock=self.spec.listener,
@@ -116,7 +125,6 @@ class Worker:
             open_timeout=self.cfg.limits.hello_timeout,
             server_header=None,
         )
-        await self.link.start(self._on_command, self._on_master_gone)
         self._tasks.append(asyncio.create_task(self._health_loop()))
         self._tasks.append(asyncio.create_task(self._prewarm()))
         self.link.send_ready()
@@ -157,6 +165,18 @@ class Worker:
 
     # -- reporting ------------------------------------------------------------------------
 
+    async def _metrics(self) -> str | None:
+        """The daemon-wide ``/metrics`` text, from the master's figures (None: no answer)."""
+        try:
+            answer = await self.link.request(
+                {proto.T: proto.METRICS_REQUEST}, proto.METRICS, METRICS_WAIT
+            )
+        except (TimeoutError, ConnectionError) as exc:
+            log.warning("/metrics: no figures from the master (%s)", str(exc) or "timed out")
+            return None
+        data = answer.get("data")
+        return render(data if isinstance(data, dict) else {})
+
     def statistics(self) -> dict[str, Any]:
         """The ``stats`` message sent to the master every second."""
         hub = self.hub.stats
@@ -174,8 +194,10 @@ class Worker:
             "queue_depth": self.slots.queue_depth,
             "latency_ms": hub.latency.summary(),
             "latency_buckets": sorted(hub.latency.counts.items()),
+            "latency_sum_ms": hub.latency.total_ms,
             "ttft_ms": hub.ttft.summary(),
             "ttft_buckets": sorted(hub.ttft.counts.items()),
+            "ttft_sum_ms": hub.ttft.total_ms,
             "store": {
                 "commits": store.commits,
                 "commit_p50_ms": store.commit_p50_ms,
@@ -187,6 +209,7 @@ class Worker:
                     "url": b.url,
                     "healthy": self.slots.healthy[i],
                     "in_flight": self.slots.in_flight[i],
+                    "held": self.slots.held[i],  # in use, or leased and kept unused
                 }
                 for i, b in enumerate(self.cfg.llm.backends)
             ],
@@ -202,13 +225,16 @@ class Worker:
 
     def _on_command(self, msg: dict[str, Any]) -> None:
         kind = msg.get("t")
-        if kind == "drain":
+        if kind in MasterSlots.MESSAGES:
+            self.slots.on_message(msg)
+        elif kind == "drain":
             self.request_stop(False)
         elif kind == "stop":
             self.request_stop(True)
 
     def _on_master_gone(self) -> None:
         log.warning("the master is gone: draining and exiting")
+        self.slots.link_gone()
         self.request_stop(False)
 
     async def drain(self) -> None:
@@ -271,6 +297,7 @@ class Worker:
 
 def run_worker(spec: WorkerSpec) -> NoReturn:
     """The forked worker's main: never returns; the process exits with the worker's code."""
+    faults.at_worker_start()  # CHATD_FAULT (tests only): may exit here, before anything starts
     code = int(ExitCode.WORKER_BOOT_ERROR)
     try:
         setproctitle(f"chatd: worker {spec.slot} gen {spec.generation}")

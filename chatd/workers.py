@@ -1,12 +1,21 @@
-"""The master's workers: slots, fork, the child's first steps, reaping, replacing, reports.
+"""The master's workers: slots, fork, the child's first steps, reaping, replacing, retiring.
 
 Runs inside the master's single-threaded selector loop (see :mod:`chatd.master`); nothing here
-blocks, and nothing uses asyncio.
+blocks, and nothing uses asyncio. The records and the health rules are in
+:mod:`chatd.supervision`.
 
 A *slot* is a worker position with its own listening socket; it outlives the workers that serve
-it. A worker that dies is replaced in its slot at once, with the same socket (the connections
-queued on it wait). Only a slot whose workers keep exiting before ``ready`` backs off (it is then
-``crash-looping``): a worker killed after it became ready is replaced at once, however often.
+it. A slot has at most one *serving* worker (``slot.worker``) and, during a roll (reload, RSS
+recycle), one *incoming* worker starting on the same socket (``slot.incoming``). Workers that
+no longer serve a slot are *detached*: draining (retired) or being killed (hung, abandoned).
+
+* A serving worker that dies, or is hung (no message for ``worker_timeout``: ``WORKER
+  TIMEOUT``, SIGTERM, SIGKILL after KILL_GRACE), is replaced in its slot at once, with the same
+  socket (the connections queued on it wait). Only a slot whose workers keep exiting before
+  ``ready`` backs off (it is then ``crash-looping``); a worker killed after it became ready is
+  replaced at once, however often.
+* A retired worker is told to drain; without an answer within DRAIN_ACK_TIMEOUT it gets
+  SIGTERM, and SIGKILL if it is still there RETIRE_GRACE after its ``graceful_timeout``.
 """
 
 from __future__ import annotations
@@ -19,79 +28,36 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
-import setproctitle
 
 from chatd.config import Config
 from chatd.control import Channel
-from chatd.logs import flush_logging, set_role
+from chatd.fork import MASTER_SIGNALS, fork_worker, kill_and_reap
 from chatd.proto import control as proto
 from chatd.spec import WorkerMain, WorkerSpec
 from chatd.status import WorkerSnapshot
+from chatd.supervision import (
+    BOOT_FAILURES_BEFORE_BACKOFF,
+    Slot,
+    Worker,
+    all_ready,
+    describe_exit,
+    sample,
+    silent_for,
+    status_rows,
+)
 
 log = logging.getLogger("chatd.master")
 
-MASTER_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGCHLD,
-    signal.SIGHUP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-)
-"""The signals the master handles: blocked across fork, back to their defaults in the child."""
+__all__ = ["MASTER_SIGNALS", "Slot", "Worker", "Workers", "describe_exit"]
 
 SAMPLE_EVERY = 1.0  # seconds between CPU/RSS samples of the workers (psutil)
-BOOT_FAILURES_BEFORE_BACKOFF = 3  # exits before `ready` in a row that make a slot crash-looping
 MAX_BACKOFF = 10.0  # seconds
-
-
-@dataclass(eq=False)
-class Worker:
-    """One worker process, as the master knows it."""
-
-    slot: int
-    pid: int
-    generation: int
-    started: float  # monotonic
-    link: Channel | None = None
-    state: str = "starting"  # starting -> ready -> draining
-    stats: dict[str, Any] = field(default_factory=dict)  # its last `stats` message
-    proc: psutil.Process | None = None
-    rss: int = 0
-    cpu: float = 0.0
-    last_heard: float | None = None  # monotonic time of its last message
-    drain_sent: float | None = None
-    drain_acked: bool = False
-    signalled: bool = False  # a stop signal (fallback or escalation) was sent
-
-
-@dataclass(eq=False)
-class Slot:
-    """A worker position: its socket outlives the workers that serve it."""
-
-    id: int  # 1-based
-    listener: socket.socket
-    worker: Worker | None = None
-    restarts: int = 0
-    boot_failures: int = 0  # workers in a row that exited before `ready`
-    respawn_at: float | None = None  # set while a crash-looping slot backs off
-
-
-def describe_exit(status: int) -> str:
-    """``exited with code 1`` or ``killed by signal 9 (SIGKILL)``, from a wait status."""
-    code = os.waitstatus_to_exitcode(status)
-    if code >= 0:
-        return f"exited with code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = "unknown"
-    return f"killed by signal {-code} ({name})"
+DRAIN_ACK_TIMEOUT = 1.0  # a worker that has not acknowledged `drain` by then also gets SIGTERM
+RETIRE_GRACE = 5.0  # seconds past its graceful_timeout before a retired worker gets SIGKILL
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a hung or abandoned worker
 
 
 class Workers:
@@ -116,13 +82,19 @@ class Workers:
     ) -> None:
         self.cfg = cfg
         self.generation = 1
-        self.slots = [Slot(id=i + 1, listener=s) for i, s in enumerate(listeners)]
+        self.slots = [
+            Slot(id=i + 1, listener=s, cfg=cfg, generation=1) for i, s in enumerate(listeners)
+        ]
         self.by_pid: dict[int, Worker] = {}
         self.restarts_total = 0
         self.retired: dict[str, float] = {"messages_total": 0, "errors_total": 0}
         """Counters of exited workers (their last report), so daemon totals never go down."""
         self.replacing = True  # False once the master stops: exits are then final
         self.on_all_ready: Callable[[], None] = lambda: None
+        self.handlers: dict[str, Callable[[Worker, dict[str, Any]], None]] = {}
+        """Handlers of further message types from workers (LLM slots, metrics: chatd.services)."""
+        self.on_exit: list[Callable[[Worker], None]] = []
+        """Called with each worker reaped (chatd.services takes its LLM slots back)."""
         self._worker_main = worker_main
         self._sel = sel
         self._close_master_fds = close_master_fds
@@ -136,43 +108,67 @@ class Workers:
         if self._reap_soon:
             return 0.0
         due = [s.respawn_at - now for s in self.slots if s.respawn_at is not None]
+        due += [w.kill_at - now for w in self.by_pid.values() if w.kill_at is not None]
         return max(0.0, min([longest, self._next_sample - now, *due]))
 
     def tick(self, now: float) -> None:
-        """Reap after a link EOF, respawn backed-off slots that are due, sample CPU and RSS."""
+        """Reap after a link EOF, respawn backed-off slots that are due, escalate on detached
+        workers, kill hung ones, sample CPU and RSS."""
         if self._reap_soon:
             self._reap_soon = False
             self.reap()
         for slot in self.slots:
             if slot.respawn_at is not None and now >= slot.respawn_at and self.replacing:
                 slot.respawn_at = None
-                self.spawn(slot)
+                if slot.worker is None and slot.incoming is None:
+                    self.spawn(slot)
+        for worker in list(self.by_pid.values()):
+            if worker.detached:
+                self._escalate(worker, now)
+            elif self.replacing and not worker.signalled:
+                silent = silent_for(worker, now)
+                if silent > worker.cfg.server.worker_timeout:
+                    self._timed_out(worker, silent)
         if now >= self._next_sample:
             self._next_sample = now + SAMPLE_EVERY
-            self._sample()
+            for worker in self.by_pid.values():
+                sample(worker, now)
 
     # -- fork ----------------------------------------------------------------------------------
 
-    def spawn(self, slot: Slot) -> None:
-        """Fork a worker into ``slot``; if the fork fails, try again in a second."""
+    def spawn(
+        self,
+        slot: Slot,
+        *,
+        incoming: bool = False,
+        cfg: Config | None = None,
+        generation: int | None = None,
+    ) -> Worker | None:
+        """Fork a worker into ``slot`` (with the slot's config and generation unless given).
+
+        With ``incoming`` it becomes ``slot.incoming`` (the slot's current worker keeps
+        serving) and a failed fork returns None with ``slot.incoming_failure`` set; otherwise
+        it becomes ``slot.worker`` and a failed fork is retried in a second.
+        """
+        cfg = cfg or slot.cfg
+        generation = generation or slot.generation
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec = WorkerSpec(self.cfg, slot.id, self.generation, slot.listener, theirs)
-        # Block the master's signals across the fork: the child must never run its handlers.
-        signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+        spec = WorkerSpec(cfg, slot.id, generation, slot.listener, theirs)
         try:
-            pid = os.fork()
+            pid = fork_worker(spec, self._worker_main, lambda: self._close_in_child(spec, ours))
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
             ours.close()
             theirs.close()
+            if incoming:
+                slot.incoming_failure = f"could not be forked: {exc}"
+                return None
             log.error("cannot fork worker %d: %s; retrying in 1s", slot.id, exc)
             slot.respawn_at = time.monotonic() + 1.0
-            return
-        if pid == 0:
-            self._become_worker(spec, ours)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+            return None
         theirs.close()
-        worker = Worker(slot=slot.id, pid=pid, generation=self.generation, started=time.monotonic())
+        worker = Worker(
+            slot=slot.id, pid=pid, generation=generation, cfg=cfg, started=time.monotonic()
+        )
         worker.link = Channel(
             self._sel,
             ours,
@@ -182,44 +178,24 @@ class Workers:
         )
         with contextlib.suppress(psutil.Error):  # already gone: the reaper will see it
             worker.proc = psutil.Process(pid)
-        slot.worker = worker
+        if incoming:
+            slot.incoming, slot.incoming_failure = worker, None
+        else:
+            slot.worker = worker
         self.by_pid[pid] = worker
-        log.info("worker %d (pid %d) started, generation %d", slot.id, pid, self.generation)
+        log.info("worker %d (pid %d) started, generation %d", slot.id, pid, generation)
+        return worker
 
-    def _become_worker(self, spec: WorkerSpec, master_end: socket.socket) -> None:
-        """In the child: shed the master's state and run the worker. Never returns."""
-        code = 1
-        try:
-            # 1. Python's default signal dispositions, then let pending signals in.
-            signal.set_wakeup_fd(-1)
-            for signum in MASTER_SIGNALS:
-                default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-                signal.signal(signum, default)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
-            # 2. Close every fd of the master's. Our link's other end above all: while we hold
-            #    it, the master's death would not show as EOF.
-            master_end.close()
-            for slot in self.slots:
-                if slot.listener is not spec.listener:
-                    slot.listener.close()
-            for worker in self.by_pid.values():
-                if worker.link is not None:
-                    worker.link.close_in_child()
-            self._close_master_fds()
-            # 3. Name the process and its log lines, then hand over.
-            set_role(f"worker {spec.slot}")
-            setproctitle.setproctitle(f"chatd: worker {spec.slot} gen {spec.generation}")
-            self._worker_main(spec)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        except KeyboardInterrupt:
-            code = 128 + signal.SIGINT
-        except BaseException:
-            log.exception("worker %d crashed", spec.slot)
-        finally:
-            # Never unwind into the master's code: its `finally` would clean up *its* state.
-            flush_logging()
-            os._exit(code)
+    def _close_in_child(self, spec: WorkerSpec, master_end: socket.socket) -> None:
+        """In a freshly forked worker: close every fd of the master's but its own socket."""
+        master_end.close()
+        for slot in self.slots:
+            if slot.listener is not spec.listener:
+                slot.listener.close()
+        for worker in self.by_pid.values():
+            if worker.link is not None:
+                worker.link.close_in_child()
+        self._close_master_fds()
 
     # -- reap ----------------------------------------------------------------------------------
 
@@ -239,22 +215,44 @@ class Workers:
             self._exited(worker, status)
 
     def _exited(self, worker: Worker, status: int) -> None:
-        slot = self.slots[worker.slot - 1]
-        if slot.worker is worker:
-            slot.worker = None
+        slot = self.slot_of(worker)
         if worker.link is not None:
             worker.link.close()
+        for hook in self.on_exit:
+            hook(worker)
         for key in self.retired:
             value = worker.stats.get(key, 0)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self.retired[key] += value
         how = describe_exit(status)
-        if not self.replacing:
-            log.info("worker %d (pid %d) %s", worker.slot, worker.pid, how)
+        if slot is not None and slot.incoming is worker:
+            slot.incoming = None
+            slot.incoming_failure = f"{how} before it was ready"
+            log.warning(
+                "new worker %d (pid %d, generation %d) %s before it was ready",
+                *(worker.slot, worker.pid, worker.generation, how),
+            )
             return
+        if slot is not None and slot.worker is worker:
+            slot.worker = None
+            if self.replacing:
+                self._lost(slot, worker, how, booted=worker.state != "starting")
+                return
+        log.info(
+            "worker %d (pid %d, generation %d) %s", worker.slot, worker.pid, worker.generation, how
+        )
+
+    def _lost(self, slot: Slot, worker: Worker, how: str, *, booted: bool) -> None:
+        """``slot`` lost its serving worker (exit or timeout): replace it, or back off."""
         slot.restarts += 1
         self.restarts_total += 1
-        slot.boot_failures = slot.boot_failures + 1 if worker.state == "starting" else 0
+        slot.boot_failures = 0 if booted else slot.boot_failures + 1
+        if slot.incoming is not None:
+            log.warning(
+                "worker %d (pid %d) %s; its successor (pid %d) is starting",
+                *(worker.slot, worker.pid, how, slot.incoming.pid),
+            )
+            return
         excess = slot.boot_failures - BOOT_FAILURES_BEFORE_BACKOFF
         if excess < 0:
             log.warning("worker %d (pid %d) %s; replacing it", worker.slot, worker.pid, how)
@@ -273,7 +271,27 @@ class Workers:
         # (not from here: that would re-enter the reaper from its own link.close()).
         self._reap_soon = True
 
-    # -- messages, samples, snapshots ----------------------------------------------------------
+    def _timed_out(self, worker: Worker, silent: float) -> None:
+        """A worker that has not spoken for ``worker_timeout``: kill it, replace it."""
+        slot = self.slot_of(worker)
+        limit = worker.cfg.server.worker_timeout
+        log.error(
+            "WORKER TIMEOUT (pid %d): worker %d sent nothing for %.1fs (worker_timeout %gs); "
+            "killing it",
+            *(worker.pid, worker.slot, silent, limit),
+        )
+        booted = worker.state != "starting"
+        serving = slot is not None and slot.worker is worker
+        incoming = slot is not None and slot.incoming is worker
+        self.abandon(worker)  # detaches it from the slot
+        if slot is not None and incoming:
+            slot.incoming_failure = (
+                f"sent no heartbeat for {silent:.1f}s (worker_timeout {limit:g}s)"
+            )
+        elif slot is not None and serving:
+            self._lost(slot, worker, "timed out", booted=booted)
+
+    # -- messages ------------------------------------------------------------------------------
 
     def _on_message(self, worker: Worker, msg: dict[str, Any]) -> None:
         worker.last_heard = time.monotonic()
@@ -288,6 +306,8 @@ class Workers:
         elif kind == proto.HELLO:
             if msg.get("pid") != worker.pid or msg.get("slot") != worker.slot:
                 log.warning("worker %d (pid %d): unexpected hello %r", worker.slot, worker.pid, msg)
+        elif isinstance(kind, str) and kind in self.handlers:
+            self.handlers[kind](worker, msg)
         else:
             log.debug("worker %d: ignoring message %r", worker.slot, kind)
 
@@ -295,57 +315,76 @@ class Workers:
         if worker.state != "starting":
             return
         worker.state = "ready"
-        self.slots[worker.slot - 1].boot_failures = 0
+        slot = self.slot_of(worker)
         ms = (time.monotonic() - worker.started) * 1000
+        if slot is not None and slot.incoming is worker:
+            log.info(
+                "new worker %d (pid %d, generation %d) ready in %.0f ms",
+                *(worker.slot, worker.pid, worker.generation, ms),
+            )
+            return
+        if slot is None or slot.worker is not worker:
+            return
+        slot.boot_failures = 0
         log.info("worker %d (pid %d) ready in %.0f ms", worker.slot, worker.pid, ms)
-        if all(s.worker is not None and s.worker.state == "ready" for s in self.slots):
+        if self.all_ready():
             self.on_all_ready()
 
-    def _sample(self) -> None:
-        """CPU% and RSS of each worker: a few /proc reads each, once per SAMPLE_EVERY."""
-        for worker in self.by_pid.values():
-            if worker.proc is None:
-                continue
-            try:
-                with worker.proc.oneshot():
-                    worker.cpu = worker.proc.cpu_percent(None)
-                    worker.rss = worker.proc.memory_info().rss
-            except psutil.Error:
-                pass
-
-    def snapshots(self, now: float) -> list[WorkerSnapshot]:
-        """One :class:`WorkerSnapshot` per slot, for ``chatctl status``."""
-        return [self._snapshot(slot, now) for slot in self.slots]
-
-    def _snapshot(self, slot: Slot, now: float) -> WorkerSnapshot:
-        w = slot.worker
-        looping = slot.boot_failures >= BOOT_FAILURES_BEFORE_BACKOFF
-        if w is None:
-            return WorkerSnapshot(
-                id=slot.id,
-                pid=None,
-                generation=self.generation,
-                state="crash-looping" if looping else "stopped",
-                uptime_s=0.0,
-                restarts=slot.restarts,
-                rss_bytes=0,
-                cpu_percent=0.0,
-                last_heartbeat_s=None,
-            )
-        return WorkerSnapshot(
-            id=slot.id,
-            pid=w.pid,
-            generation=w.generation,
-            state="crash-looping" if looping and w.state == "starting" else w.state,
-            uptime_s=now - w.started,
-            restarts=slot.restarts,
-            rss_bytes=w.rss,
-            cpu_percent=w.cpu,
-            last_heartbeat_s=None if w.last_heard is None else now - w.last_heard,
-            stats=w.stats,
-        )
-
     # -- orders --------------------------------------------------------------------------------
+
+    def retire(self, worker: Worker, why: str) -> None:
+        """Detach ``worker`` from its slot and make it drain (escalating, see the docstring)."""
+        self._detach(worker)
+        now = time.monotonic()
+        timeout = worker.cfg.server.graceful_timeout
+        worker.state = "draining"
+        worker.drain_sent = now
+        worker.kill_at = now + timeout + RETIRE_GRACE
+        log.info(
+            "worker %d (pid %d, generation %d) retiring (%s): draining, up to %gs",
+            *(worker.slot, worker.pid, worker.generation, why, timeout),
+        )
+        if not self.tell(worker, {proto.T: proto.DRAIN, "timeout": timeout}):
+            self.kill(worker, signal.SIGTERM)
+
+    def abandon(self, worker: Worker) -> None:
+        """Detach ``worker`` and stop it now: SIGTERM, then SIGKILL after KILL_GRACE."""
+        self._detach(worker)
+        worker.state = "stopping"
+        worker.kill_at = time.monotonic() + KILL_GRACE
+        self.kill(worker, signal.SIGTERM)
+
+    def _detach(self, worker: Worker) -> None:
+        worker.detached = True
+        slot = self.slot_of(worker)
+        if slot is not None and slot.worker is worker:
+            slot.worker = None
+        if slot is not None and slot.incoming is worker:
+            slot.incoming = None
+
+    def _escalate(self, worker: Worker, now: float) -> None:
+        sent = worker.drain_sent
+        unacked = sent is not None and not worker.drain_acked and not worker.signalled
+        if unacked and sent is not None and now - sent > DRAIN_ACK_TIMEOUT:
+            self.kill(worker, signal.SIGTERM)
+        if worker.kill_at is not None and now >= worker.kill_at:
+            log.warning(
+                "worker %d (pid %d) is still running after it was told to stop; SIGKILL",
+                *(worker.slot, worker.pid),
+            )
+            worker.kill_at = None
+            self.kill(worker, signal.SIGKILL)
+
+    def ensure(self, slot: Slot) -> None:
+        """Make sure ``slot`` gets a serving worker (after a failed roll, for example)."""
+        if (
+            self.replacing
+            and slot in self.slots
+            and slot.worker is None
+            and slot.incoming is None
+            and slot.respawn_at is None
+        ):
+            self.spawn(slot)
 
     @staticmethod
     def tell(worker: Worker, msg: dict[str, Any]) -> bool:
@@ -361,26 +400,31 @@ class Workers:
 
     def kill_all_and_reap(self, within: float) -> None:
         """SIGKILL every worker left and reap them, waiting at most ``within`` seconds."""
-        left = list(self.by_pid.values())
-        for worker in left:
+        for worker in list(self.by_pid.values()):
             self.kill(worker, signal.SIGKILL)
             if worker.link is not None:
                 worker.link.close()
-        deadline = time.monotonic() + within
-        while self.by_pid and time.monotonic() < deadline:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid:
-                self.by_pid.pop(pid, None)
-            else:
-                time.sleep(0.01)
-        if self.by_pid:
-            log.error("workers did not exit after SIGKILL: %s", sorted(self.by_pid))
+        left = kill_and_reap(set(self.by_pid), within)
+        if left:
+            log.error("workers did not exit after SIGKILL: %s", sorted(left))
         self.by_pid.clear()
 
     def close(self) -> None:
         """Close every slot's listener (the master is exiting)."""
         for slot in self.slots:
             slot.listener.close()
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def slot_of(self, worker: Worker) -> Slot | None:
+        """The slot ``worker`` belongs to, if the slot still exists."""
+        index = worker.slot - 1
+        return self.slots[index] if 0 <= index < len(self.slots) else None
+
+    def all_ready(self) -> bool:
+        """Every slot has a serving worker, and each is ready."""
+        return all_ready(self.slots)
+
+    def snapshots(self, now: float) -> tuple[list[WorkerSnapshot], list[WorkerSnapshot]]:
+        """Status rows: one per slot (its serving worker), then the other workers."""
+        return status_rows(self.slots, self.by_pid.values(), now)

@@ -70,8 +70,16 @@ def http_post_json(url: str, body: dict[str, Any]) -> Any:
 class Chatd:
     """A real ``chatd`` master run as a subprocess on loopback, with its own config file."""
 
-    def __init__(self, tmp: Path, backend_url: str, workers: int = 2, **sections: dict[str, Any]):
+    def __init__(
+        self,
+        tmp: Path,
+        backend_url: str,
+        workers: int = 2,
+        env: dict[str, str] | None = None,
+        **sections: dict[str, Any],
+    ):
         self.tmp = tmp
+        self.env = dict(env or {})  # added to chatd's environment (CHATD_FAULT, NOTIFY_SOCKET)
         self.port = free_port()
         self.socket = str(tmp / "control.sock")
         self.db = tmp / "sessions.db"
@@ -109,6 +117,7 @@ class Chatd:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **self.env},
         )
         if wait_ready:
             wait_for(self.all_ready, 20, "every worker ready")

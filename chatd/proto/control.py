@@ -18,14 +18,21 @@ Messages
 worker -> master
     ``hello {slot, pid, gen}`` first; ``ready`` once it serves; ``stats {...}`` every second from
     the worker's event loop (it doubles as the heartbeat, so a blocked loop goes silent);
-    ``draining`` to acknowledge a drain order.
+    ``draining`` to acknowledge a drain order. LLM slots: ``slot_acquire {rid, exclude}``,
+    ``slot_release {backend, count}``, ``slot_cancel {rid}``, ``health {backend, healthy}``; and
+    ``metrics_request {rid}`` (see the constants below).
 master -> worker
     ``drain {timeout}``: stop accepting, finish the replies in flight, close clients with 1001,
-    exit 0. ``stop``: exit now.
+    exit 0. ``stop``: exit now. LLM slots: ``slot_grant {rid, backend, lease}``,
+    ``slot_queued {rid, position}``, ``slot_refused {rid, reason}``, ``slot_recall``;
+    ``metrics {rid, data}``.
 chatctl -> master
     ``{"t": "status"}``; the master answers ``{"t": "status", "ok": true, "data": {...}}`` or
     ``{"t": ..., "ok": false, "error": "one sentence"}``. A request may carry an ``id``, which the
-    reply echoes. ``reload``, ``scale``, ``stop`` and the LLM slot messages are reserved names.
+    reply echoes. ``reload`` (answered when the reload has finished: ``{generation, message}``),
+    ``scale {workers}``, ``stop`` (answered at once; the connection then stays open until the
+    master exits). A peer that may not use the socket gets ``{"ok": false, "error":
+    "permission denied: ..."}`` as soon as it connects. See :mod:`chatd.commands`.
 
 This module is pure (no asyncio, sockets or os): the master's selector loop, the worker's
 asyncio protocol and chatctl's blocking client all feed bytes into a :class:`Decoder` and write
@@ -60,11 +67,22 @@ DRAIN = "drain"
 STOP = "stop"
 # chatctl -> master (and the replies, which repeat the request's type)
 STATUS = "status"
-# Reserved for the full supervisor; named here so that nothing else takes the names.
 RELOAD = "reload"
 SCALE = "scale"
-SLOT_ACQUIRE = "slot_acquire"
-SLOT_RELEASE = "slot_release"
+# ``stop`` from chatctl reuses STOP (above): there, a graceful stop of the whole daemon
+# LLM slots (chatd.slots.MasterSlots <-> chatd.services.SlotService); backends are indices
+# into the worker's own [[llm.backends]] list, ``rid`` is unique per worker.
+SLOT_ACQUIRE = "slot_acquire"  # worker -> master {rid, exclude: [backend]}
+SLOT_RELEASE = "slot_release"  # worker -> master {backend, count (default 1)}
+SLOT_CANCEL = "slot_cancel"  # worker -> master {rid}: stop waiting (a grant may still race in)
+HEALTH = "health"  # worker -> master {backend, healthy}: a health check result, on change
+SLOT_GRANT = "slot_grant"  # master -> worker {rid, backend, lease}: lease = may keep it
+SLOT_RECALL = "slot_recall"  # master -> worker: give back the slots kept unused, keep none
+SLOT_QUEUED = "slot_queued"  # master -> worker {rid, position}: 1 = next
+SLOT_REFUSED = "slot_refused"  # master -> worker {rid, reason: "busy" | "unavailable"}
+# Daemon-wide metrics for /metrics (chatd.metrics): request and answer, matched by ``rid``.
+METRICS_REQUEST = "metrics_request"  # worker -> master {rid}
+METRICS = "metrics"  # master -> worker {rid, data}
 
 
 def encode(msg: Mapping[str, Any], *, max_frame: int = MAX_FRAME) -> bytes:

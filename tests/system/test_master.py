@@ -38,7 +38,9 @@ TEST_WORKER = "tests.system.dummy_worker:run"
 class Daemon:
     """One ``chatd`` master subprocess with its own config, socket and log."""
 
-    def __init__(self, workdir: Path, *, workers: int = 2, graceful_timeout: float = 5.0) -> None:
+    def __init__(
+        self, workdir: Path, *, workers: int = 2, graceful_timeout: float = 5.0, **server: Any
+    ) -> None:
         self.dir = workdir
         self.port = free_port()
         self.socket = str(workdir / "ctl.sock")
@@ -47,12 +49,18 @@ class Daemon:
         self.boot_delay_file = workdir / "boot-delay"
         self.boot_fail_file = workdir / "boot-fail"
         self.env: dict[str, str] = {}
-        self.config.write_text(
-            f'[server]\nbind = "127.0.0.1:{self.port}"\nworkers = {workers}\n'
-            f"graceful_timeout = {graceful_timeout}\n"
-            f'[control]\nsocket = "{self.socket}"\n[log]\nlevel = "debug"\n'
-        )
+        self.write_config(workers=workers, graceful_timeout=graceful_timeout, **server)
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(
+        self, *, control_mode: str = "0660", level: str = "debug", **server: Any
+    ) -> None:
+        """(Re)write the config file: ``[server]`` keys (bind is ours unless given), mode, level."""
+        server = {"bind": f"127.0.0.1:{self.port}", "workers": 2, **server}
+        lines = ["[server]"] + [f"{k} = {json.dumps(v)}" for k, v in server.items()]
+        lines += ["[control]", f'socket = "{self.socket}"', f'mode = "{control_mode}"']
+        lines += ["[log]", f'level = "{level}"']
+        self.config.write_text("\n".join(lines) + "\n")
 
     def start(self, wait: bool = True) -> Daemon:
         env = {
@@ -433,7 +441,7 @@ def test_garbage_closes_only_that_connection(daemon: Daemon, garbage: bytes) -> 
         "t": "nonsense",
         "id": 1,
         "ok": False,
-        "error": "unknown command 'nonsense' (expected one of: status)",
+        "error": "unknown command 'nonsense' (expected one of: reload, scale, status, stop)",
     }
     assert replies[1]["ok"] is True and replies[1]["id"] == 2
     assert daemon.ready_status() is not None
@@ -446,7 +454,9 @@ def test_garbage_closes_only_that_connection(daemon: Daemon, garbage: bytes) -> 
 def test_master_modules_import_no_event_loop() -> None:
     """Importing the master's modules (transitively) brings in neither asyncio nor uvloop."""
     code = (
-        "import sys, chatd.master, chatd.control, chatd.workers, chatd.listeners, chatd.status;"
+        "import sys, chatd.master, chatd.control, chatd.workers, chatd.listeners, chatd.status,"
+        " chatd.reload, chatd.roll, chatd.scale, chatd.operations, chatd.commands,"
+        " chatd.supervision, chatd.systemd, chatd.peercred, chatd.fork, chatd.shutdown;"
         "print(sorted({'asyncio', 'uvloop'} & set(sys.modules)))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -91,11 +92,13 @@ def test_flags_are_checked(valid: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_flags_override_the_file(valid: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flags win over the file: the master would be built from the overridden values."""
+    """Flags win over the file: the master would be built from the overridden values, and a
+    reload (which reads the file again) would apply them again."""
     built: list[Config] = []
 
-    def fake_master(cfg: Config, worker_main: object) -> _Stub:
+    def fake_master(cfg: Config, worker_main: object, load_config: Callable[[], Config]) -> _Stub:
         built.append(cfg)
+        built.append(load_config())
         return _Stub()
 
     monkeypatch.setattr(cli, "Master", fake_master)
@@ -104,13 +107,14 @@ def test_flags_override_the_file(valid: Path, monkeypatch: pytest.MonkeyPatch) -
     argv = ["--config", str(valid), "--bind", "127.0.0.1:9999", "--workers", "5"]
     argv += ["--control-socket", "/tmp/x.sock", "--backend", "http://10.0.0.1:1#openai"]
     assert cli.main(argv) == 0
-    (cfg,) = built
-    assert (cfg.server.bind, cfg.server.workers, cfg.control.socket) == (
-        "127.0.0.1:9999",
-        5,
-        "/tmp/x.sock",
-    )
-    assert [(b.url, b.api) for b in cfg.llm.backends] == [("http://10.0.0.1:1", "openai")]
+    for cfg in built:  # at start, then at a reload
+        assert (cfg.server.bind, cfg.server.workers, cfg.control.socket) == (
+            "127.0.0.1:9999",
+            5,
+            "/tmp/x.sock",
+        )
+        assert [(b.url, b.api) for b in cfg.llm.backends] == [("http://10.0.0.1:1", "openai")]
+    assert len(built) == 2
 
 
 class _Stub:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from chatd.config import BackendConfig, Config, LLMConfig
+from chatd.slotgrant import Granter
 from chatd.stats import Histogram
 from chatd.status import WorkerSnapshot, aggregate_status
 
@@ -92,3 +93,40 @@ def test_backend_health_and_load() -> None:
     a, b = st["backends"]
     assert (a["healthy"], a["in_flight"], a["max_parallel"]) == (False, 3, 4)
     assert (b["url"], b["api"], b["healthy"], b["in_flight"]) == ("http://b:2", "openai", None, 0)
+
+
+def test_other_workers_are_listed_and_counted() -> None:
+    """Workers serving no slot (a reload's new one, old ones draining) appear as
+    other_workers and count in the totals, so nothing dips during a reload."""
+    draining = WorkerSnapshot(
+        id=1,
+        pid=99,
+        generation=1,
+        state="draining",
+        uptime_s=9.0,
+        restarts=0,
+        rss_bytes=0,
+        cpu_percent=0.0,
+        last_heartbeat_s=0.1,
+        msg_per_s=2.5,
+        stats={"connections": 4, "messages_total": 40},
+    )
+    st = status(snap(1, connections=1, messages_total=10), others=[draining])
+    assert [(w["pid"], w["state"]) for w in st["other_workers"]] == [(99, "draining")]
+    assert st["totals"]["connections"] == 5 and st["totals"]["messages_total"] == 50
+    assert st["totals"]["msg_per_s"] == 2.5 and st["other_workers"][0]["msg_per_s"] == 2.5
+
+
+def test_slots_and_queue_come_from_the_master_granter() -> None:
+    """With the master's granter: in_flight is what it granted, in_use what workers report,
+    healthy its verdict once reported, and the queue is the daemon-wide one."""
+    g = Granter([("http://a:1", 4), ("http://b:2", 4)], max_queue=7)
+    g.acquire(1, 1, ["http://a:1"], 0.0)
+    g.acquire(1, 2, ["http://a:1"], 0.0)
+    g.report_health("http://a:1", True)
+    used = [{"url": "http://a:1", "in_flight": 1, "healthy": False}]
+    st = status(snap(1, backends=used), slots=g.statistics())
+    a, b = st["backends"]
+    assert (a["in_flight"], a["in_use"], a["healthy"], a["max_parallel"]) == (2, 1, True, 4)
+    assert (b["in_flight"], b["healthy"]) == (0, None)  # no report yet: unknown
+    assert st["queue"] == {"depth": 0, "max": 7}

@@ -1,0 +1,290 @@
+"""``GET /metrics``: the whole daemon's figures in the Prometheus text format (version 0.0.4).
+
+Only the master sees every worker, and whichever worker a scrape lands on must answer for
+the whole daemon. So the answering worker asks the master over its link
+(``metrics_request {rid}`` -> ``metrics {rid, data}``): the master sums the workers' last
+``stats`` reports (sent every second, so figures are up to a second old), adds the counters
+of the workers that have exited (:class:`Retired`, so counters never go down) and its own
+figures (slots, queue, restarts) with :func:`aggregate`; the worker renders ``data`` with
+:func:`render`. Both functions are pure.
+
+Why not ``prometheus_client``: its registries live in one process; its multiprocess mode
+shares values through mmap files in a directory that must be wiped at start and cleaned of
+dead workers, puts a file write on the hot path of every observation, and still could not
+show the master's own figures (slots, queue, restarts), which live in no worker. The
+exposition format is small, so it is written here by hand: ``# HELP``/``# TYPE`` lines, label
+values escaped, histograms as cumulative ``_bucket{le}`` (ending with ``+Inf``), ``_sum`` and
+``_count``, in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatd.slotgrant import GranterStats, backend_keys
+from chatd.stats import Histogram
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+"""``le`` bounds of the latency histograms, in seconds (Prometheus' defaults, extended to the
+minutes a model load or a long reply can take)."""
+
+FINAL_ERROR_CODES = ("busy", "llm_timeout", "llm_unavailable", "llm_error", "internal")
+"""Codes of the errors that end a message: always exported, 0 until they happen."""
+
+_COUNTERS = ("messages_total", "replies_total", "connections_total", "bad_frames_total")
+_HISTOGRAMS = ("latency", "ttft")
+
+
+def _number(value: Any) -> float:
+    """A reported number, or 0 for anything else (a bad report must not break /metrics)."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _histogram(pairs: Any, sum_ms: Any) -> Histogram:
+    """A Histogram from ``[[bucket, count], ...]`` and a sum in ms (empty if malformed)."""
+    h = Histogram()
+    try:
+        counts = {int(b): int(n) for b, n in (pairs or ())}
+    except (TypeError, ValueError):
+        return h
+    h.merge(counts, float(_number(sum_ms)))
+    return h
+
+
+def _histogram_of(stats: Mapping[str, Any], name: str) -> Histogram:
+    """A worker report's ``<name>_buckets`` and ``<name>_sum_ms`` as a Histogram."""
+    return _histogram(stats.get(f"{name}_buckets"), stats.get(f"{name}_sum_ms"))
+
+
+@dataclass(slots=True)
+class Retired:
+    """The counters and histograms of the workers that have exited (their last report)."""
+
+    counters: dict[str, float] = field(default_factory=dict)
+    errors_by_code: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, Histogram] = field(
+        default_factory=lambda: {name: Histogram() for name in _HISTOGRAMS}
+    )
+
+    def fold(self, stats: Mapping[str, Any]) -> None:
+        """Add an exited worker's last ``stats`` report."""
+        _add(self.counters, self.errors_by_code, self.histograms, stats)
+
+
+def _add(
+    counters: dict[str, float],
+    errors: dict[str, float],
+    histograms: dict[str, Histogram],
+    stats: Mapping[str, Any],
+) -> None:
+    for key in _COUNTERS:
+        counters[key] = counters.get(key, 0) + _number(stats.get(key, 0))
+    codes = stats.get("errors_by_code")
+    if isinstance(codes, Mapping):
+        for code, n in codes.items():
+            errors[str(code)] = errors.get(str(code), 0) + _number(n)
+    for name in _HISTOGRAMS:
+        h = _histogram_of(stats, name)
+        histograms[name].merge(h.counts, h.total_ms)
+
+
+def aggregate(
+    workers: Iterable[tuple[str, Mapping[str, Any]]],
+    retired: Retired,
+    slots: GranterStats,
+    restarts_total: int,
+) -> dict[str, Any]:
+    """The daemon-wide figures (msgpack-friendly), for :func:`render`.
+
+    Args:
+        workers: ``(state, last stats report)`` of every live worker.
+        retired: what the exited workers had counted.
+        slots: the master's slot granter.
+        restarts_total: workers replaced since the master started.
+    """
+    counters = dict(retired.counters)
+    errors = dict(retired.errors_by_code)
+    histograms = {name: Histogram() for name in _HISTOGRAMS}
+    for name, h in retired.histograms.items():
+        histograms[name].merge(h.counts, h.total_ms)
+    states: dict[str, int] = {}
+    connections = 0.0
+    in_use: dict[str, float] = {}
+    for state, stats in workers:
+        states[state] = states.get(state, 0) + 1
+        connections += _number(stats.get("connections", 0))
+        _add(counters, errors, histograms, stats)
+        reported = [
+            b
+            for b in stats.get("backends") or ()
+            if isinstance(b, Mapping) and isinstance(b.get("url"), str)
+        ]
+        for key, b in zip(backend_keys(b["url"] for b in reported), reported, strict=True):
+            in_use[key] = in_use.get(key, 0) + _number(b.get("in_flight", 0))
+    return {
+        "workers": states,
+        "connections": connections,
+        **{key: counters.get(key, 0) for key in _COUNTERS},
+        "errors_by_code": errors,
+        **{
+            name: {"counts": sorted(h.counts.items()), "sum_ms": h.total_ms}
+            for name, h in histograms.items()
+        },
+        "queue": {"depth": slots.queue_depth, "max": slots.max_queue},
+        "backends": [
+            {
+                "backend": b.key,
+                "healthy": b.healthy,
+                "in_flight": b.in_flight,
+                "in_use": in_use.get(b.key, 0),
+                "max_parallel": b.max_parallel,
+            }
+            for b in slots.backends
+        ],
+        "slots": {
+            "granted_total": slots.granted_total,
+            "queued_total": slots.queued_total,
+            "refused_busy_total": slots.refused_busy_total,
+            "refused_unavailable_total": slots.refused_unavailable_total,
+        },
+        "worker_restarts_total": restarts_total,
+    }
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def escape_label(value: str) -> str:
+    """A label value as the text format wants it: backslash, double quote, newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def format_value(value: float) -> str:
+    """A sample value: integers without a fraction, ``+Inf``/``-Inf``/``NaN`` spelled out."""
+    if isinstance(value, int) or (math.isfinite(value) and value == int(value)):
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class _Text:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+        self.lines.append(f"# HELP {name} {escaped}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, labels: Mapping[str, str] | None = None) -> None:
+        if labels:
+            inner = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items())
+            name = f"{name}{{{inner}}}"
+        self.lines.append(f"{name} {format_value(value)}")
+
+    def single(self, name: str, kind: str, help_text: str, value: float) -> None:
+        self.family(name, kind, help_text)
+        self.sample(name, value)
+
+    def histogram(self, name: str, help_text: str, wire: Any) -> None:
+        """A histogram in seconds from the wire form ``{"counts": [[bucket, n]...], "sum_ms"}``."""
+        wire = wire if isinstance(wire, Mapping) else {}
+        h = _histogram(wire.get("counts"), wire.get("sum_ms"))
+        self.family(name, "histogram", help_text)
+        for bound_ms, n in h.cumulative(b * 1000.0 for b in LATENCY_BOUNDS_S):
+            self.sample(f"{name}_bucket", n, {"le": format_value(bound_ms / 1000.0)})
+        self.sample(f"{name}_bucket", h.count, {"le": "+Inf"})
+        self.sample(f"{name}_sum", h.total_ms / 1000.0)
+        self.sample(f"{name}_count", h.count)
+
+
+def render(data: Mapping[str, Any]) -> str:
+    """The ``/metrics`` body for the figures of :func:`aggregate` (missing ones count 0)."""
+    out = _Text()
+    n = _number
+    out.family("chatd_workers", "gauge", "Worker processes, by state.")
+    for state, count in sorted((data.get("workers") or {}).items()):
+        out.sample("chatd_workers", n(count), {"state": str(state)})
+    out.single(
+        "chatd_connections", "gauge", "Open WebSocket connections.", n(data.get("connections"))
+    )
+    for key, help_text in (
+        ("connections_total", "WebSocket connections accepted."),
+        ("messages_total", "User messages accepted (stored and acknowledged; not duplicates)."),
+        ("replies_total", "Replies stored (complete or cancelled)."),
+        ("bad_frames_total", "Client frames refused as malformed."),
+    ):
+        out.single(f"chatd_{key}", "counter", help_text, n(data.get(key)))
+    out.family("chatd_errors_total", "counter", "Messages answered with a final error, by code.")
+    errors = {code: 0.0 for code in FINAL_ERROR_CODES}
+    errors.update({str(k): n(v) for k, v in (data.get("errors_by_code") or {}).items()})
+    for code, count in sorted(errors.items()):
+        out.sample("chatd_errors_total", count, {"code": code})
+    out.histogram(
+        "chatd_time_to_first_token_seconds",
+        "From the request to the backend to its first token.",
+        data.get("ttft"),
+    )
+    out.histogram(
+        "chatd_reply_latency_seconds",
+        "From the message accepted to its reply stored.",
+        data.get("latency"),
+    )
+    queue = data.get("queue") or {}
+    out.single(
+        "chatd_queue_depth", "gauge", "Messages waiting for an LLM slot.", n(queue.get("depth"))
+    )
+    out.single(
+        "chatd_queue_max",
+        "gauge",
+        "Messages that may wait for a slot ([llm] max_queue).",
+        n(queue.get("max")),
+    )
+    backends = [b for b in data.get("backends") or () if isinstance(b, Mapping)]
+    for key, kind, help_text in (
+        (
+            "in_flight",
+            "gauge",
+            "Slots of the backend granted to workers: requests in flight, and for up to 2 s "
+            "after its last use a slot a worker keeps leased for its next request.",
+        ),
+        (
+            "in_use",
+            "gauge",
+            "Requests running on the backend, as the workers last reported (up to 1 s old).",
+        ),
+        ("max_parallel", "gauge", "Slots of the backend, all workers together."),
+        ("healthy", "gauge", "1 if the latest health check of the backend passed, else 0."),
+    ):
+        out.family(f"chatd_backend_{key}", kind, help_text)
+        for b in backends:
+            value = b.get(key)
+            if key == "healthy":
+                if not isinstance(value, bool):
+                    continue  # not checked yet: no sample rather than a guess
+                value = int(value)
+            out.sample(f"chatd_backend_{key}", n(value), {"backend": str(b.get("backend"))})
+    slots = data.get("slots") or {}
+    out.single(
+        "chatd_slot_grants_total", "counter", "LLM slots granted.", n(slots.get("granted_total"))
+    )
+    out.family("chatd_slot_refusals_total", "counter", "LLM slot requests refused, by reason.")
+    for reason in ("busy", "unavailable"):
+        out.sample(
+            "chatd_slot_refusals_total", n(slots.get(f"refused_{reason}_total")), {"reason": reason}
+        )
+    out.single(
+        "chatd_worker_restarts_total",
+        "counter",
+        "Workers replaced since the master started.",
+        n(data.get("worker_restarts_total")),
+    )
+    return "\n".join(out.lines) + "\n"

@@ -1,0 +1,175 @@
+"""What the master serves its workers over their links, besides supervision.
+
+* **LLM slots**: the master owns the daemon's :class:`chatd.slotgrant.Granter` and answers
+  each worker's ``slot_acquire {rid, exclude}`` with ``slot_grant {rid, backend, lease}``,
+  ``slot_queued {rid, position}`` or ``slot_refused {rid, reason}``, and sends
+  ``slot_recall`` when leased slots must come back; ``slot_release {backend, count}`` and
+  ``slot_cancel {rid}`` need no answer; ``health {backend, healthy}`` is a worker's health
+  check result. The slots and waiters of a worker that exits are taken back
+  when it is reaped: only then are its requests to the backends certainly over, so the cap
+  stays exact. (The worker side is :class:`chatd.slots.MasterSlots`.)
+* **Metrics**: ``metrics_request {rid}`` is answered with ``metrics {rid, data}``, the
+  daemon-wide figures of :func:`chatd.metrics.aggregate`, which the worker renders for
+  ``GET /metrics``.
+
+On the wire a backend is an index into the worker's own ``[[llm.backends]]`` list (its
+``cfg``); the granter names backends by :func:`chatd.slotgrant.backend_keys` (their base
+URL), so that workers of two generations with different lists can share the slots during a
+reload. The slot limits (``max_parallel``, ``max_queue``) are those last given to
+:meth:`Services.configure`: the master calls it when a new configuration takes effect.
+
+Runs in the master's single-threaded selector loop; every handler returns at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from chatd.config import Config
+from chatd.metrics import Retired, aggregate
+from chatd.proto import control as proto
+from chatd.slotgrant import Grant, Granter, Output, Queued, Recall, Refused, backend_keys
+from chatd.workers import Worker, Workers
+
+log = logging.getLogger("chatd.master")
+
+
+class Services:
+    """LLM slots and metrics for the workers of ``workers`` (registers its handlers there).
+
+    Args:
+        cfg: the configuration of the current generation.
+        workers: the master's workers; their message handlers and exit hooks are installed.
+    """
+
+    def __init__(self, cfg: Config, workers: Workers) -> None:
+        self.workers = workers
+        self.granter = Granter([], cfg.llm.max_queue)
+        self.retired = Retired()
+        # pid -> the worker's backend keys, and key -> index (its cfg never changes).
+        self._maps: dict[int, tuple[tuple[str, ...], dict[str, int]]] = {}
+        self.configure(cfg)
+        workers.handlers.update(
+            {
+                proto.SLOT_ACQUIRE: self._acquire,
+                proto.SLOT_RELEASE: self._release,
+                proto.SLOT_CANCEL: self._cancel,
+                proto.HEALTH: self._health,
+                proto.METRICS_REQUEST: self._metrics,
+            }
+        )
+        workers.on_exit.append(self._exited)
+
+    def configure(self, cfg: Config) -> None:
+        """Apply ``cfg``'s backends (``max_parallel``) and ``max_queue`` to the slots from now
+        on. Backends kept by URL keep their slots in flight and their health; a lower limit
+        takes effect as slots come back; dropped backends get no new slots."""
+        keys = backend_keys(b.url for b in cfg.llm.backends)
+        pairs = [(k, b.max_parallel) for k, b in zip(keys, cfg.llm.backends, strict=True)]
+        self._send(self.granter.reconfigure(pairs, cfg.llm.max_queue))
+
+    # -- the master loop's hooks ---------------------------------------------------------------
+
+    def timeout(self, now: float, longest: float) -> float:
+        """How long the loop may sleep before :meth:`tick` has position updates to send."""
+        due = self.granter.next_due()
+        return longest if due is None else max(0.0, min(longest, due - now))
+
+    def tick(self, now: float) -> None:
+        """Send the queue position updates that are due."""
+        self._send(self.granter.tick(now))
+
+    # -- handlers (Workers._on_message) --------------------------------------------------------
+
+    def _acquire(self, worker: Worker, msg: dict[str, Any]) -> None:
+        rid = msg.get("rid")
+        if not isinstance(rid, int):
+            log.warning("worker %d: slot_acquire without an integer rid: %r", worker.slot, msg)
+            return
+        exclude = msg.get("exclude")
+        excluded = set(exclude) if isinstance(exclude, list) else set()
+        keys = self._keys_of(worker)
+        allowed = [key for i, key in enumerate(keys) if i not in excluded]
+        self._send(self.granter.acquire(worker.pid, rid, allowed, time.monotonic()))
+
+    def _release(self, worker: Worker, msg: dict[str, Any]) -> None:
+        key, count = self._key(worker, msg.get("backend")), msg.get("count", 1)
+        if key is not None and isinstance(count, int):
+            self._send(self.granter.release(worker.pid, key, count))
+
+    def _cancel(self, worker: Worker, msg: dict[str, Any]) -> None:
+        rid = msg.get("rid")
+        if isinstance(rid, int):
+            self._send(self.granter.cancel(worker.pid, rid))
+
+    def _health(self, worker: Worker, msg: dict[str, Any]) -> None:
+        key, healthy = self._key(worker, msg.get("backend")), msg.get("healthy")
+        if key is None or not isinstance(healthy, bool):
+            return
+        b = self.granter.backends.get(key)
+        if b is not None and b.healthy is not healthy:
+            level = logging.INFO if healthy else logging.WARNING
+            log.log(
+                level,
+                "backend %s is %s (reported by worker %d); %s",
+                *(key, "healthy" if healthy else "unhealthy", worker.slot),
+                "granting its slots again" if healthy else "no slots for it until it recovers",
+            )
+        self._send(self.granter.report_health(key, healthy))
+
+    def _metrics(self, worker: Worker, msg: dict[str, Any]) -> None:
+        live = [(w.state, w.stats) for w in self.workers.by_pid.values()]
+        data = aggregate(live, self.retired, self.granter.statistics(), self.workers.restarts_total)
+        self.workers.tell(worker, {proto.T: proto.METRICS, "rid": msg.get("rid"), "data": data})
+
+    def _exited(self, worker: Worker) -> None:
+        self._maps.pop(worker.pid, None)
+        self.retired.fold(worker.stats)
+        held = sum(self.granter.held(worker.pid).values())
+        if held:
+            log.info(
+                "worker %d (pid %d) held %d LLM slots: taken back", *(worker.slot, worker.pid, held)
+            )
+        self._send(self.granter.owner_gone(worker.pid))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _keys_of(self, worker: Worker) -> tuple[str, ...]:
+        return self._map_of(worker)[0]
+
+    def _map_of(self, worker: Worker) -> tuple[tuple[str, ...], dict[str, int]]:
+        found = self._maps.get(worker.pid)
+        if found is None:
+            keys = backend_keys(b.url for b in worker.cfg.llm.backends)
+            found = self._maps[worker.pid] = (keys, {k: i for i, k in enumerate(keys)})
+        return found
+
+    def _key(self, worker: Worker, index: Any) -> str | None:
+        keys = self._keys_of(worker)
+        if isinstance(index, int) and 0 <= index < len(keys):
+            return keys[index]
+        log.warning("worker %d: no backend %r in its configuration", worker.slot, index)
+        return None
+
+    def _send(self, outputs: Iterable[Output]) -> None:
+        """Deliver the granter's answers; a worker without a link gets nothing (the slots it
+        was granted come back when it is reaped)."""
+        for out in outputs:
+            worker = self.workers.by_pid.get(out.owner)
+            if worker is None:
+                continue
+            if isinstance(out, Grant):
+                index = self._map_of(worker)[1][out.backend]
+                msg = {proto.T: proto.SLOT_GRANT, "rid": out.rid, "backend": index}
+                if out.lease:
+                    msg["lease"] = True
+            elif isinstance(out, Queued):
+                msg = {proto.T: proto.SLOT_QUEUED, "rid": out.rid, "position": out.position}
+            elif isinstance(out, Refused):
+                msg = {proto.T: proto.SLOT_REFUSED, "rid": out.rid, "reason": out.reason}
+            elif isinstance(out, Recall):
+                msg = {proto.T: proto.SLOT_RECALL}
+            self.workers.tell(worker, msg)

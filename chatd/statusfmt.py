@@ -1,0 +1,157 @@
+"""``chatctl status`` for people: the status document as a table read at a glance.
+
+Pure formatting of the ``chatctl status --json`` document (``spec/interfaces.md``); the
+transport is in :mod:`chatd.ctl`. :func:`is_healthy` and :func:`problems` decide the exit code
+(0 healthy, 1 degraded) and say why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+_COLUMNS = (
+    "SLOT",
+    "PID",
+    "GEN",
+    "STATE",
+    "UPTIME",
+    "CONNS",
+    "MSG/S",
+    "P50 MS",
+    "P99 MS",
+    "RSS MB",
+    "CPU%",
+    "RESTARTS",
+    "HEARTBEAT",
+)
+_OTHER_STATES = {"starting": "starting (new)", "draining": "draining (old)", "stopping": "killed"}
+
+
+def problems(data: Mapping[str, Any]) -> list[str]:
+    """Why the daemon is not healthy (empty when it is): each reason is one short phrase."""
+    out = []
+    m = data.get("master") or {}
+    if m.get("state") != "running":
+        out.append(f"master {m.get('state', 'in an unknown state')}")
+    workers = data.get("workers") or []
+    if not workers:
+        out.append("no worker")
+    for w in workers:
+        if w.get("state") != "ready":
+            out.append(f"worker slot {w.get('id')} {w.get('state')}")
+    for b in data.get("backends") or []:
+        if b.get("healthy") is False:
+            out.append(f"backend {b.get('url')} unhealthy")
+    return out
+
+
+def is_healthy(data: Mapping[str, Any]) -> bool:
+    """Running, every worker ready, and no backend that is known to be unhealthy."""
+    return not problems(data)
+
+
+def duration(seconds: float | None) -> str:
+    """``4.2s``, ``37s``, ``5m02s``, ``2h03m``, ``3d04h``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, int | float) and value else "-"
+
+
+def _cells(w: Mapping[str, Any], other: bool) -> list[str]:
+    rss = w.get("rss_bytes") or 0
+    reported = w.get("latency_ms")
+    latency: Mapping[str, Any] = reported if isinstance(reported, Mapping) else {}
+    state = str(w.get("state", "?"))
+    heartbeat = w.get("last_heartbeat_s")
+    return [
+        str(w.get("id", "?")),
+        str(w.get("pid") or "-"),
+        str(w.get("generation", "?")),
+        _OTHER_STATES.get(state, state) if other else state,
+        duration(w.get("uptime_s")) if w.get("pid") else "-",
+        str(w.get("connections", 0)),
+        f"{w.get('msg_per_s', 0.0):.1f}",
+        _ms(latency.get("p50")),
+        _ms(latency.get("p99")),
+        f"{rss / 1e6:.1f}" if rss else "-",
+        f"{w.get('cpu_percent', 0.0):.1f}",
+        str(w.get("restarts", 0)),
+        duration(heartbeat) + " ago" if heartbeat is not None else "-",
+    ]
+
+
+def _table(rows: Sequence[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def _master_lines(data: Mapping[str, Any]) -> list[str]:
+    m = data.get("master") or {}
+    workers = data.get("workers") or []
+    ready = sum(1 for w in workers if w.get("state") == "ready")
+    first = (
+        f"chatd {m.get('state', '?')}: master pid {m.get('pid')}, generation "
+        f"{m.get('generation')}, up {duration(m.get('uptime_s'))}, bind {m.get('bind')}, "
+        f"{ready}/{len(workers)} workers ready"
+    )
+    second = [f"config {m.get('config') or '(built-in defaults)'}"]
+    last = m.get("last_reload")
+    if isinstance(last, Mapping):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("at") or 0))
+        second.append(f"last reload {when} {'ok' if last.get('ok') else 'FAILED'}")
+    if m.get("operation"):
+        second.append(f"{m['operation']} in progress")
+    migrate = m.get("tcp_migrate_req")
+    if migrate is not None:
+        note = " (a retired slot's queued connections are reset)" if migrate == 0 else ""
+        second.append(f"tcp_migrate_req {migrate}{note}")
+    lines = [first, "; ".join(second)]
+    if isinstance(last, Mapping) and not last.get("ok"):
+        lines.append(f"last reload: {last.get('message')}")
+    return lines
+
+
+def format_status(data: Mapping[str, Any]) -> str:
+    """The human-readable ``chatctl status``: master lines, the worker table, backends, queue,
+    totals, and what is wrong when something is."""
+    lines = _master_lines(data)
+    rows = [list(_COLUMNS)]
+    rows += [_cells(w, False) for w in data.get("workers") or []]
+    rows += [_cells(w, True) for w in data.get("other_workers") or []]
+    lines += ["", *_table(rows), ""]
+    for b in data.get("backends") or []:
+        health = {True: "healthy", False: "UNHEALTHY", None: "health unknown"}.get(
+            b.get("healthy"), "?"
+        )
+        lines.append(
+            f"backend {b.get('url')} ({b.get('api')}): {health}, "
+            f"{b.get('in_flight', 0)}/{b.get('max_parallel', '?')} in flight"
+        )
+    q, t = data.get("queue") or {}, data.get("totals") or {}
+    lat = t.get("latency_ms") or {}
+    lines.append(f"queue {q.get('depth', 0)}/{q.get('max', '?')} waiting for an LLM slot")
+    lines.append(
+        f"totals: {t.get('connections', 0)} connections, {t.get('msg_per_s', 0):.1f} msg/s, "
+        f"{t.get('messages_total', 0)} messages, {t.get('errors_total', 0)} errors, "
+        f"{t.get('worker_restarts_total', 0)} worker restarts, latency p50/p95/p99 "
+        f"{_ms(lat.get('p50'))}/{_ms(lat.get('p95'))}/{_ms(lat.get('p99'))} ms"
+    )
+    wrong = problems(data)
+    if wrong:
+        lines.append("DEGRADED: " + "; ".join(wrong))
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""GET /metrics: the whole daemon in the Prometheus text format, whichever worker answers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from chatd.fake_ollama import FakeOllama, FakeOllamaThread
+from tests.promtext import Family, parse
+from tests.support import Chatd, Client, http_get, running_chatd, t, wait_for
+
+pytestmark = pytest.mark.system
+
+MESSAGES = 12
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOllama]:
+    with FakeOllamaThread(FakeOllama(["qwen2.5-coder:7b"], tokens=4)) as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def chatd(fake: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chatd]:
+    with running_chatd(
+        tmp_path_factory.mktemp("metrics"),
+        fake.url,
+        workers=2,
+        backends=[{"url": fake.url, "max_parallel": 2}],
+        llm={"max_queue": 32},
+        limits={"messages_per_minute": 600},
+    ) as d:
+        yield d
+
+
+def scrape(d: Chatd) -> tuple[str, dict[str, Family]]:
+    """One GET /metrics on a new connection: (the answering worker, the parsed families)."""
+    status, headers, body = http_get(f"{d.http}/metrics")
+    assert status == 200, body
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return headers["X-Chatd-Worker"], parse(body.decode())
+
+
+def test_metrics_are_daemon_wide_whichever_worker_answers(chatd: Chatd) -> None:
+    """N messages over both workers: every scrape, from either worker, says N, which is also
+    the sum of the workers' messages_total in chatctl status."""
+    workers_used = set()
+    clients = []
+    for i in range(MESSAGES):
+        c = Client(chatd.url)
+        workers_used.add(c.hello()["worker"])
+        assert c.ask(f"m{i}", f"count me {i}")[-1]["type"] == "reply"
+        clients.append(c)
+    assert len(workers_used) == 2, "SO_REUSEPORT sent every connection to one worker"
+
+    def settled() -> bool:  # the workers report every second
+        st = chatd.status()
+        return st is not None and sum(w["messages_total"] for w in st["workers"]) == MESSAGES
+
+    wait_for(settled, 5, "both workers' reports")
+    # Slots a worker keeps leased for its next message go back after 1-2 s unused.
+    wait_for(
+        lambda: scrape(chatd)[1]["chatd_backend_in_flight"].samples[0][2] == 0,
+        5,
+        "the leased slots given back",
+    )
+    st = chatd.status()
+    assert st is not None
+    per_worker = [w["messages_total"] for w in st["workers"]]
+    backend = st["backends"][0]["url"].rstrip("/")
+    assert all(n > 0 for n in per_worker), per_worker
+    answered_by = set()
+    for _ in range(40):
+        worker, fams = scrape(chatd)
+        answered_by.add(worker)
+        assert fams["chatd_messages_total"].value() == MESSAGES == sum(per_worker)
+        assert fams["chatd_replies_total"].value() == MESSAGES
+        assert fams["chatd_connections"].value() == MESSAGES  # all still open
+        latency = fams["chatd_reply_latency_seconds"]
+        count = [v for n, _, v in latency.samples if n.endswith("_count")]
+        assert count == [MESSAGES]
+        ttft = fams["chatd_time_to_first_token_seconds"]
+        assert [v for n, _, v in ttft.samples if n.endswith("_count")] == [MESSAGES]
+        assert fams["chatd_errors_total"].value(code="busy") == 0
+        assert fams["chatd_queue_depth"].value() == 0
+        assert fams["chatd_queue_max"].value() == 32
+        assert fams["chatd_backend_in_flight"].value(backend=backend) == 0
+        assert fams["chatd_backend_in_use"].value(backend=backend) == 0
+        assert fams["chatd_backend_max_parallel"].value(backend=backend) == 2
+        assert fams["chatd_backend_healthy"].value(backend=backend) == 1
+        assert fams["chatd_workers"].value(state="ready") == 2
+        assert fams["chatd_worker_restarts_total"].value() == 0
+        # One message after another: the workers reuse leased slots, few go to the master.
+        assert 2 <= fams["chatd_slot_grants_total"].value() < MESSAGES
+        if len(answered_by) == 2:
+            break
+    assert len(answered_by) == 2, f"every scrape was answered by {answered_by}"
+    for c in clients:
+        c.close()
+
+
+def test_counters_survive_a_worker_restart(chatd: Chatd) -> None:
+    """A killed worker's counts stay in the totals (counters never go down); restarts count."""
+    before = scrape(chatd)[1]["chatd_messages_total"].value()
+    pid = chatd.worker_pids()[0]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: pid not in chatd.worker_pids() and chatd.all_ready(), 10, "the worker replaced"
+    )
+    fams = scrape(chatd)[1]
+    assert fams["chatd_worker_restarts_total"].value() == 1
+    assert fams["chatd_messages_total"].value() == before
+
+
+def test_metrics_answer_503_when_the_master_does_not_answer(chatd: Chatd) -> None:
+    """The worker waits for the master's figures for 2 s at most, then answers 503."""
+    assert chatd.proc is not None
+    os.kill(chatd.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        status, headers, body = http_get(f"{chatd.http}/metrics", timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(chatd.proc.pid, signal.SIGCONT)
+    assert status == 503 and headers.get("Retry-After") == "1", body
+    assert 1.5 < elapsed < t(5), elapsed
+    wait_for(lambda: http_get(f"{chatd.http}/metrics")[0] == 200, 5, "/metrics back")

@@ -1,0 +1,100 @@
+"""chatd.statusfmt: the table a sysadmin reads, and the healthy/degraded verdict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatd.statusfmt import duration, format_status, is_healthy, problems
+
+
+def doc(**overrides: Any) -> dict[str, Any]:
+    worker = {
+        "id": 1,
+        "pid": 4250,
+        "generation": 3,
+        "state": "ready",
+        "uptime_s": 302.0,
+        "connections": 37,
+        "msg_per_s": 60.24,
+        "latency_ms": {"p50": 41.3, "p95": 120.0, "p99": 230.1},
+        "rss_bytes": 48_100_000,
+        "cpu_percent": 12.0,
+        "restarts": 1,
+        "last_heartbeat_s": 0.4,
+    }
+    data: dict[str, Any] = {
+        "master": {
+            "pid": 4242,
+            "uptime_s": 7380.0,
+            "generation": 3,
+            "config": "/etc/chatd/chatd.toml",
+            "bind": "0.0.0.0:8000",
+            "state": "running",
+            "tcp_migrate_req": 1,
+            "last_reload": {"generation": 3, "ok": True, "message": "reloaded", "at": 0},
+        },
+        "workers": [worker],
+        "other_workers": [{**worker, "pid": 4100, "generation": 2, "state": "draining"}],
+        "backends": [
+            {
+                "url": "http://o:11434",
+                "api": "ollama",
+                "healthy": True,
+                "in_flight": 2,
+                "max_parallel": 4,
+            }
+        ],
+        "queue": {"depth": 0, "max": 512},
+        "totals": {"connections": 40, "msg_per_s": 60.2, "messages_total": 9000},
+    }
+    data.update(overrides)
+    return data
+
+
+def test_table() -> None:
+    text = format_status(doc())
+    lines = text.splitlines()
+    assert lines[0].startswith("chatd running: master pid 4242, generation 3, up 2h03m")
+    assert lines[0].endswith("1/1 workers ready")
+    header = next(line for line in lines if line.startswith("SLOT"))
+    for column in (
+        "PID",
+        "GEN",
+        "STATE",
+        "UPTIME",
+        "CONNS",
+        "MSG/S",
+        "P50 MS",
+        "P99 MS",
+        "RSS MB",
+        "CPU%",
+        "RESTARTS",
+        "HEARTBEAT",
+    ):
+        assert column in header
+    row = lines[lines.index(header) + 1].split()
+    assert row[:7] == ["1", "4250", "3", "ready", "5m02s", "37", "60.2"]
+    assert row[7:10] == ["41.3", "230.1", "48.1"]
+    assert "draining (old)" in lines[lines.index(header) + 2]
+    assert "backend http://o:11434 (ollama): healthy, 2/4 in flight" in text
+    assert "DEGRADED" not in text and is_healthy(doc())
+
+
+def test_degraded_says_why() -> None:
+    data = doc()
+    data["workers"][0]["state"] = "crash-looping"
+    data["backends"][0]["healthy"] = False
+    assert problems(data) == ["worker slot 1 crash-looping", "backend http://o:11434 unhealthy"]
+    assert "DEGRADED: worker slot 1 crash-looping" in format_status(data)
+    assert not is_healthy(doc(workers=[]))
+
+
+def test_durations() -> None:
+    assert [duration(x) for x in (None, 4.25, 37, 302, 7380, 2 * 86400 + 3600)] == [
+        "-",
+        "4.2s",
+        "37s",
+        "5m02s",
+        "2h03m",
+        "2d01h",
+    ]
