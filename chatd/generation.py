@@ -94,9 +94,11 @@ class Hub:
             if not subs:
                 del self.subscribers[session]
 
-    def _publish(self, session: str, frame: bytes, seq: int = 0) -> None:
+    def _publish(
+        self, session: str, frame: bytes, seq: int = 0, reply_to: str | None = None
+    ) -> None:
         for outbox in self.subscribers.get(session, ()):
-            outbox.put(frame, seq)
+            outbox.put(frame, seq, reply_to)
 
     # -- messages -------------------------------------------------------------------------
 
@@ -162,6 +164,12 @@ class Hub:
         await self._idle.wait()
 
     # -- history --------------------------------------------------------------------------
+
+    def new_session(self, session: str) -> None:
+        """A session this worker just created: its (empty) history needs no store read."""
+        self._turns[session] = _Turns(deque(maxlen=max(1, self._max_turn_messages)), 0)
+        if len(self._turns) > CACHE_SESSIONS:
+            self._turns.popitem(last=False)
 
     def _cached_turns(self, session: str, seq: int, text: str) -> list[dict[str, str]] | None:
         """The model messages for a new user turn from the cache, or None on a miss.
@@ -315,6 +323,7 @@ class Hub:
             session,
             chat.reply_frame(msg_id, appended.seq, text, done_reason, stats),
             appended.seq,
+            reply_to=msg_id,
         )
 
     async def _store_error(self, session: str, msg_id: str, code: str, message: str) -> None:

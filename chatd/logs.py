@@ -85,6 +85,11 @@ def setup_logging(cfg: LogConfig, role: str, stream: TextIO | None = None) -> No
     handler.setFormatter(JsonFormatter() if cfg.format == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(cfg.level.upper())
+    # websockets logs its own line per connection open and close, which chatd.session's
+    # lines already carry (with the session and close code): keep only its warnings, unless
+    # debugging.
+    debug = cfg.level.lower() == "debug"
+    logging.getLogger("websockets").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def flush_logging() -> None:

@@ -51,8 +51,13 @@ class Outbox:
         self._empty.set()
         self.closed = False
 
-    def put(self, frame: bytes, seq: int = 0) -> None:
-        """Queue a frame; ``seq`` > 0 marks a stored event (deduplicated after a replay)."""
+    def put(self, frame: bytes, seq: int = 0, reply_to: str | None = None) -> None:
+        """Queue a frame; ``seq`` > 0 marks a stored event (deduplicated after a replay).
+
+        ``reply_to`` marks the frame as the whole reply to that message: token text of it
+        still queued right before is dropped, since the reply carries it all (the protocol
+        promises only that the tokens a client saw are a prefix of the reply).
+        """
         if self.closed:
             return
         if self._held is not None:
@@ -60,7 +65,12 @@ class Outbox:
             return
         if seq and seq <= self._replayed_upto:
             return
-        self._queue.append(frame)
+        queue = self._queue
+        if reply_to is not None and queue:
+            last = queue[-1]
+            if isinstance(last, _Tokens) and last.msg_id == reply_to:
+                queue.pop()
+        queue.append(frame)
         self._empty.clear()
         self._wake.set()
 

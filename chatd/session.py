@@ -176,6 +176,7 @@ async def _hello(
     owner = owner_of(ws, state.auth_on)
     if hello.session is None:
         session = await state.store.create_session(owner)
+        state.hub.new_session(session)
         conn.welcomed(session)
         state.hub.subscribe(session, outbox)
         outbox.put(chat.welcome_frame(session, 0, False, state.worker_name))

@@ -92,7 +92,9 @@ def test_message_is_acked_streamed_replied_and_stored(chatd: Chatd, client: Clie
     expected = expected_reply("hello there friend", TOKENS)
     assert reply["type"] == "reply", reply
     assert reply["seq"] == 2 and reply["text"] == expected
-    assert "".join(tokens) == expected
+    # Tokens are a preview: whatever arrived is a prefix of the reply (token text still
+    # queued when the reply is stored is dropped, the reply carries it).
+    assert expected.startswith("".join(tokens))
     assert reply["done_reason"] == "stop"
     assert set(reply["stats"]) == {"ttft_ms", "total_ms", "tokens"}
     assert rows(chatd.db, welcome["session"]) == [

@@ -195,9 +195,8 @@ def test_conversation(one: Chatd) -> None:
     assert isinstance(events[1], Ack) and events[1] == Ack(events[1].id, 1)
     first_id = events[1].id
     reply = next(e for e in events if isinstance(e, Reply))
-    assert (
-        "".join(e.text for e in events if isinstance(e, Token) and e.id == first_id) == reply.text
-    )
+    streamed = "".join(e.text for e in events if isinstance(e, Token) and e.id == first_id)
+    assert reply.text.startswith(streamed)  # tokens are a preview: a prefix of the reply
     assert [type(e).__name__ for e in events].count("Reply") == 2
 
 
