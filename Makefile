@@ -38,6 +38,9 @@ test: install
 	scripts/ensure-debs.sh $(DEBS)
 	$(BIN)/ruff check chatd tests
 	$(BIN)/mypy
+	# The pure protocol cores: 100% branch coverage from their own unit tests.
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit/test_proto_chat.py tests/unit/test_control_codec.py \
+		--cov=chatd.proto --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=100
 	$(BIN)/pytest -q -p no:cacheprovider --timeout=300 --durations=15 tests
 
 clean:
