@@ -1,0 +1,196 @@
+"""The fake Ollama's data: its replies, knobs, counters, and Ollama's wire details.
+
+Pure helpers of :mod:`chatd.fake_ollama` (no server here): the deterministic reply function
+tests compute expected text with, the knob and counter dataclasses, Ollama's status texts,
+and the parsed request. Like the server, it imports nothing from the rest of chatd: a
+stand-in must not share code (and so bugs) with what it stands in for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import http
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+OLLAMA_VERSION = "0.33.0"
+DEFAULT_MODEL = "qwen2.5-coder:7b"
+#: Ollama's ErrMaxQueue text, two spaces included (server/sched.go).
+BUSY_TEXT = "server busy, please try again.  maximum pending requests exceeded"
+MAX_WORD_CHARS = 32
+RECENT_REQUESTS = 64  # generation request bodies kept for GET /_fake/requests
+_DEFAULT_KEEP_ALIVE_S = 300.0  # OLLAMA_KEEP_ALIVE default, 5m
+_MODEL_SIZE = 4_683_087_332
+_CONTEXT_LENGTH = 4096
+_JSON_CT = {"Content-Type": "application/json; charset=utf-8"}
+_NDJSON_CT = {"Content-Type": "application/x-ndjson"}
+_SSE_CT = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_SSE_DONE = b"data: [DONE]\n\n"
+_MS_KNOBS = ("first_token_ms", "token_ms", "extra_latency_ms", "load_ms")
+
+
+@functools.lru_cache(maxsize=4096)  # load tests repeat the same few prompts
+def reply_tokens(text: str, tokens: int) -> tuple[str, ...]:
+    """The reply to a last user message ``text``, as ``tokens`` token strings.
+
+    Token ``i`` (0-based) is ``w + "#" + str(i)``, prefixed by one space unless ``i == 0``, where
+    ``w`` is word ``i mod len(words)`` of ``text.split()`` cut to its first MAX_WORD_CHARS code
+    points, and ``words`` is ``["echo"]`` when ``text`` has none. Example:
+    ``reply_tokens("hello world", 3) == ("hello#0", " world#1", " hello#2")``. So the reply for
+    ``n`` tokens is a prefix of the reply for ``n + 1`` (truncation by num_predict is exact) and a
+    dropped, doubled or reordered token shows. This definition is a stable contract.
+    """
+    words = [w[:MAX_WORD_CHARS] for w in text.split()] or ["echo"]
+    return tuple(f"{' ' if i else ''}{words[i % len(words)]}#{i}" for i in range(tokens))
+
+
+def expected_reply(text: str, tokens: int) -> str:
+    """The full reply text: ``"".join(reply_tokens(text, tokens))``."""
+    return "".join(reply_tokens(text, tokens))
+
+
+def rfc3339nano(ns: int | None = None) -> str:
+    """UTC time (now, or ``ns`` since the epoch) as Go's RFC3339Nano, trailing zeros trimmed."""
+    sec, frac = divmod(time.time_ns() if ns is None else ns, 1_000_000_000)
+    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{base}.{frac:09d}".rstrip("0") + "Z" if frac else base + "Z"
+
+
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: Any) -> float:
+    """Ollama's ``keep_alive``: seconds (number) or a Go duration ("10m", "1h30m"); negative means
+    forever (``math.inf``); absent or unparseable gives the 5 minute default."""
+    if isinstance(value, bool) or value is None:
+        return _DEFAULT_KEEP_ALIVE_S
+    if isinstance(value, int | float):
+        secs = float(value)
+    elif isinstance(value, str):
+        s = value.strip()
+        body = s.lstrip("+-")
+        parts = _GO_DURATION.findall(body)
+        if body == "0":  # the one unitless duration Go accepts
+            return 0.0
+        if not parts or "".join(a + b for a, b in parts) != body:
+            return _DEFAULT_KEEP_ALIVE_S
+        secs = sum(float(a) * _UNIT_S[u] for a, u in parts) * (-1 if s.startswith("-") else 1)
+    else:
+        return _DEFAULT_KEEP_ALIVE_S
+    return math.inf if secs < 0 else secs
+
+
+@dataclass
+class FakeConfig:
+    """Run-time knobs, named as in ``POST /_fake/config``; times in milliseconds.
+
+    A generation request goes: ``status`` (if set, answered at once with that status and
+    Ollama's ``{"error"}`` body) -> ``hang`` (held, headers unsent, until the knob is cleared; then
+    served normally) -> a ``max_parallel`` slot -> cold load (``load_ms``, first request of a model
+    not in /api/ps) -> ``first_token_ms + extra_latency_ms`` -> headers with the first token ->
+    ``token_ms`` between tokens. It uses the knobs as they were on arrival, except ``hang``.
+    ``error_after_tokens`` = k: when streaming, k token chunks then one error line (an SSE error
+    frame on /v1) and the end, no done chunk; k = 0, or stream:false, gives HTTP 500 + error body.
+    """
+
+    first_token_ms: float = 0.0  # before the first token (headers go out with it)
+    token_ms: float = 0.0  # between tokens; 0 = everything in one write
+    tokens: int = 8  # tokens per reply
+    hang: bool = False  # hold generation requests before headers until cleared
+    status: int | None = None  # answer generation requests with this status + {"error"}
+    error_after_tokens: int | None = None  # k tokens then an {"error"} line; 0 = 500 before
+    extra_latency_ms: float = 0.0  # added before the first token (latency spike)
+    load_ms: float = 0.0  # cold load of a model not in /api/ps
+
+
+@dataclass
+class FakeStats:
+    """Generation requests (non-empty messages/prompt, any API, whatever the answer), each in
+    flight from arrival until its response ends or its client goes away."""
+
+    in_flight: int = 0
+    max_in_flight: int = 0
+    requests_total: int = 0
+
+
+def _status_text(status: int, model: str) -> str:
+    if status == 503:
+        return BUSY_TEXT
+    if status == 404:
+        return f"model '{model}' not found"
+    with contextlib.suppress(ValueError):
+        return http.HTTPStatus(status).phrase.lower()
+    return f"error {status}"
+
+
+def _json_error_text(body: bytes) -> str:
+    """Go's encoding/json text for the two common decode failures (the rest: unexpected EOF)."""
+    head = body.lstrip()[:1].decode("latin-1")
+    if head and head not in '{["-0123456789tfn':
+        return f"invalid character '{head}' looking for beginning of value"
+    return "unexpected EOF"
+
+
+def _text_of(content: Any) -> str:
+    """Message content as text: a string, or OpenAI's list of {"type":"text","text"} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _model_info(name: str) -> dict[str, Any]:
+    base, _, tag = name.partition(":")
+    fam = re.match(r"[a-z]+\d*", base.rsplit("/", 1)[-1].lower())
+    family = fam.group(0) if fam else "llama"
+    size = re.search(r"(\d+(?:\.\d+)?)b", tag.lower())
+    return {
+        "name": name,
+        "model": name,
+        "size": _MODEL_SIZE,
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": family,
+            "families": [family],
+            "parameter_size": f"{size.group(1)}B" if size else "7B",
+            "quantization_level": "Q4_K_M",
+        },
+    }
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(payload), headers=_JSON_CT)
+
+
+_NL = orjson.OPT_APPEND_NEWLINE
+_RUN_ERROR = "an error was encountered while running the model: fake error_after_tokens"
+_Timing = tuple[int, int, int, int]  # perf_counter ns: arrival, load wait, prefill start, 1st token
+
+
+@dataclass(slots=True)
+class _Job:
+    """One parsed generation request."""
+
+    api: str  # "chat" | "generate" | "openai"
+    key: str  # the known model it resolved to (residency, /api/ps)
+    model: str  # the name as the client sent it (echoed in replies, as Ollama does)
+    text: str  # last user message (or prompt): the only input to the reply
+    limit: int | None  # options.num_predict / max_tokens
+    prompt_count: int
+    stream: bool
+    include_usage: bool
+    keep_alive: float
+    cid: str  # OpenAI completion id
+    created: int  # OpenAI "created", unix seconds
