@@ -1,0 +1,495 @@
+"""Open-loop load across several client processes, latency from the intended send time.
+
+The model: ``connections`` C WebSocket sessions, spread over ``procs`` P client processes
+(forked; each runs uvloop), send messages at a fixed total rate R msg/s: connection i sends
+its k-th message at the intended time ``t0 + i/R + k*C/R`` (:func:`stats.uniform_schedule`),
+whatever happened to earlier messages. Every latency is measured from that intended time (no
+coordinated omission, see :mod:`chatd.bench.stats`). The first ``warmup`` seconds are sent
+but not measured; after the last send the clients wait up to ``drain`` seconds for answers.
+
+Two ways to speak to chatd, chosen per scenario:
+
+- ``raw``: bare ``websockets`` frames (``hello``, then ``message{id,text}``) with orjson. Used
+  for the throughput scenarios: its per-frame cost is a JSON parse and a list store, so the
+  client processes, which share the machine's cores with chatd, take as little CPU as
+  possible from what is measured.
+- ``client``: :class:`chatd.client.ChatClient`, the project's client (outbox, reconnect with
+  backoff, resume with ``last_seq``, resend of unacknowledged messages). Used for the failure
+  scenarios (``crash``, ``drops``, ``latency-spike``, ``llm-timeout``, ``memory``), where
+  what matters is that a user of the real client loses nothing. It costs more CPU per frame
+  (an event object and outbox bookkeeping per frame, a callback per event), which is why the
+  pure-throughput path does not use it.
+
+Per message a client records (seconds from the run's start, perf_counter clock): intended,
+actually sent, ``ack`` received, first ``token`` received, ``reply`` (or final ``error``)
+received, and the error code. The parent merges the processes' records (:class:`LoadResult`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import random
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+import orjson
+import uvloop
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from chatd.bench import stats
+from chatd.client import Ack, ChatClient, Error, Event, Reconnecting, Reply, Token
+
+TEXT = "hello world from chatd bench"  # every load message; the fake's answer is known
+WS_OPTS: dict[str, Any] = {
+    "compression": None,  # chatd's default
+    "ping_interval": None,  # no client pings: they would add frames to the measurement
+    "max_size": None,
+    "open_timeout": 20,
+    "close_timeout": 2,
+}
+clock = time.perf_counter  # not loop.time(): uvloop's has a 1 ms resolution
+
+
+class Counter(Protocol):
+    """A shared integer (``multiprocessing.Value("q", lock=False)``): one writer each."""
+
+    value: int
+
+
+# One message: intended, sent, ack, first token, done (reply or final error), error code.
+Record = tuple[float, float | None, float | None, float | None, float | None, str | None]
+
+
+@dataclass
+class LoadJob:
+    """What one client process does; ``conns`` are global connection indexes."""
+
+    mode: str  # "raw", "client" (ChatClient) or "direct" (POST to the backend)
+    url: str
+    conns: list[int]
+    rate: float  # total, all client processes together
+    connections: int  # total
+    warmup: float
+    duration: float
+    drain: float
+    drop_at: float | None = None  # client mode: abort connections this long after start
+    drop_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class LoadResult:
+    """The merged records of every client process, and their counters."""
+
+    records: list[Record] = field(default_factory=list)
+    connections_opened: int = 0
+    connect_failed: int = 0
+    bad_reply: int = 0
+    closed: int = 0  # connections closed by the server (raw mode) and not reopened
+    drops: int = 0  # connections we cut on purpose (drops scenario)
+    reconnects: int = 0  # ChatClient: welcomes after the first
+    resumes: int = 0  # ChatClient: welcomes with resumed=true
+    reconnect_ms: list[float] = field(default_factory=list)  # cut -> welcome again
+    duplicates: int = 0  # answers received twice for one message
+    client_cpu_s: float = 0.0
+
+
+class _Conn:
+    """One connection's schedule and what came back (times relative to the start)."""
+
+    __slots__ = ("ack", "done", "err", "first", "intended", "left", "sent", "wake")
+
+    def __init__(self, intended: list[float]) -> None:
+        n = len(intended)
+        self.intended = intended
+        self.sent: list[float | None] = [None] * n
+        self.ack: list[float | None] = [None] * n
+        self.first: list[float | None] = [None] * n
+        self.done: list[float | None] = [None] * n
+        self.err: list[str | None] = [None] * n
+        self.left = n
+        self.wake = asyncio.Event()
+        if not n:
+            self.wake.set()
+
+    def finish(self, k: int, now: float, err: str | None = None) -> bool:
+        """Record the answer to message k; False if it was already answered."""
+        if self.done[k] is not None:
+            return False
+        self.done[k], self.err[k] = now, err
+        self.left -= 1
+        if self.left <= 0:
+            self.wake.set()
+        return True
+
+    def records(self) -> list[Record]:
+        return list(
+            zip(self.intended, self.sent, self.ack, self.first, self.done, self.err, strict=True)
+        )
+
+
+def schedule(job: LoadJob) -> list[_Conn]:
+    """Every connection's intended send times, relative to the start (0)."""
+    end = job.warmup + job.duration
+    return [
+        _Conn(stats.uniform_schedule(i, job.connections, job.rate, 0.0, end)) for i in job.conns
+    ]
+
+
+async def _paced_send(c: _Conn, t0: float, send: Callable[[int], Any]) -> None:
+    """Send message k of connection c at its intended time (never earlier)."""
+    for k, t in enumerate(c.intended):
+        delay = t0 + t - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        c.sent[k] = clock() - t0
+        if not await send(k):
+            return
+
+
+async def _await_answers(conns: list[_Conn], t0: float, job: LoadJob) -> None:
+    until = t0 + job.warmup + job.duration + job.drain
+    waits = [asyncio.create_task(c.wake.wait()) for c in conns]
+    if waits:
+        await asyncio.wait(waits, timeout=max(0.1, until - clock()))
+    for w in waits:
+        w.cancel()
+
+
+async def raw_load(job: LoadJob, go: Callable[[], Any], progress: Counter) -> LoadResult:
+    """Bare websockets: open every connection (``hello``/``welcome``), then the schedule."""
+    from chatd.fake_ollama_wire import expected_reply
+
+    expected = expected_reply(TEXT, 8)
+    gate = asyncio.Semaphore(50)  # connect 50 at a time: the listen backlog stays short
+    res = LoadResult()
+
+    async def open_one() -> ClientConnection:
+        async with gate:
+            ws = await ws_connect(job.url, **WS_OPTS)
+            await ws.send(b'{"type":"hello"}', text=True)
+            welcome = orjson.loads(await asyncio.wait_for(ws.recv(decode=False), 20))
+            if welcome.get("type") != "welcome":
+                raise RuntimeError(f"no welcome: {welcome}")
+            return ws
+
+    opened = await asyncio.gather(*(open_one() for _ in job.conns), return_exceptions=True)
+    conns = schedule(job)
+    pairs = [
+        (ws, c) for ws, c in zip(opened, conns, strict=True) if isinstance(ws, ClientConnection)
+    ]
+    res.connect_failed = len(conns) - len(pairs)
+    res.connections_opened = len(pairs)
+    t0 = await go()
+    head = b'{"type":"message","text":"' + TEXT.encode() + b'","id":"'
+
+    async def receiver(ws: ClientConnection, c: _Conn) -> None:
+        try:
+            while True:
+                raw = await ws.recv(decode=False)
+                now = clock() - t0
+                f = orjson.loads(raw)
+                typ = f.get("type")
+                if typ == "token":
+                    k = int(f["id"])
+                    if c.first[k] is None:
+                        c.first[k] = now
+                elif typ == "ack":
+                    c.ack[int(f["id"])] = now
+                elif typ == "reply":
+                    k = int(f["id"])
+                    if f.get("text") != expected:
+                        res.bad_reply += 1
+                    if not c.finish(k, now):
+                        res.duplicates += 1
+                    progress.value += 1
+                elif typ == "error" and "id" in f:
+                    c.finish(int(f["id"]), now, str(f.get("code")))
+                    progress.value += 1
+        except ConnectionClosed:
+            res.closed += 1
+            c.wake.set()
+
+    async def send_on(ws: ClientConnection, c: _Conn) -> None:
+        async def one(k: int) -> bool:
+            try:
+                await ws.send(head + str(k).encode() + b'"}', text=True)
+                return True
+            except ConnectionClosed:
+                return False
+
+        await _paced_send(c, t0, one)
+
+    receivers = [asyncio.create_task(receiver(ws, c)) for ws, c in pairs]
+    await asyncio.gather(*(send_on(ws, c) for ws, c in pairs))
+    await _await_answers([c for _, c in pairs], t0, job)
+    for r in receivers:
+        r.cancel()
+    await asyncio.gather(*receivers, return_exceptions=True)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(ws.close() for ws, _ in pairs), return_exceptions=True)
+    res.records = [r for c in conns for r in c.records()]
+    return res
+
+
+async def client_load(job: LoadJob, go: Callable[[], Any], progress: Counter) -> LoadResult:
+    """:class:`ChatClient` per connection: reconnects and resumes; ``drop_at`` cuts some."""
+    res = LoadResult()
+    conns = schedule(job)
+    t0_box = [clock()]
+    cut_at: dict[int, float] = {}
+
+    def handler(c: _Conn, idx: int) -> Callable[[Event], None]:
+        def on_event(ev: Event) -> None:
+            now = clock() - t0_box[0]
+            if isinstance(ev, Ack):
+                c.ack[int(ev.id[1:])] = now
+            elif isinstance(ev, Token):
+                k = int(ev.id[1:])
+                if c.first[k] is None:
+                    c.first[k] = now
+            elif isinstance(ev, Reply):
+                if not c.finish(int(ev.id[1:]), now):
+                    res.duplicates += 1
+                progress.value += 1
+            elif isinstance(ev, Error) and ev.final and ev.id:
+                c.finish(int(ev.id[1:]), now, ev.code)
+                progress.value += 1
+            elif isinstance(ev, Reconnecting):
+                cut_at.setdefault(idx, now)
+            elif type(ev).__name__ == "Welcome" and idx in cut_at:
+                res.reconnect_ms.append((now - cut_at.pop(idx)) * 1000.0)
+
+        return on_event
+
+    clients = [
+        ChatClient(
+            job.url,
+            on_event=handler(c, i),
+            queue_events=False,
+            initial_delay=0.05,
+            max_delay=1.0,
+            stall_timeout=5.0,
+            connect_options={k: v for k, v in WS_OPTS.items() if k != "open_timeout"},
+        )
+        for i, c in enumerate(conns)
+    ]
+    gate = asyncio.Semaphore(50)
+
+    async def open_one(cl: ChatClient) -> bool:
+        async with gate:
+            try:
+                async with asyncio.timeout(20):
+                    await cl.connect()
+                return True
+            except Exception:
+                return False
+
+    ok = await asyncio.gather(*(open_one(cl) for cl in clients))
+    res.connections_opened = sum(ok)
+    res.connect_failed = len(ok) - res.connections_opened
+    t0 = t0_box[0] = await go()
+
+    async def send_on(cl: ChatClient, c: _Conn) -> None:
+        async def one(k: int) -> bool:
+            try:
+                await cl.send(TEXT, id=f"m{k}")
+                return True
+            except Exception:
+                return False
+
+        await _paced_send(c, t0, one)
+
+    async def dropper() -> None:
+        if job.drop_at is None:
+            return
+        await asyncio.sleep(max(0.0, t0 + job.drop_at - clock()))
+        rnd = random.Random(job.seed)
+        victims = [i for i in range(len(clients)) if rnd.random() < job.drop_fraction]
+        for i in victims:
+            cut_at[i] = clock() - t0
+            clients[i].abort_connection()
+        res.drops += len(victims)
+
+    live = [(cl, c) for cl, c, good in zip(clients, conns, ok, strict=True) if good]
+    await asyncio.gather(dropper(), *(send_on(cl, c) for cl, c in live))
+    await _await_answers([c for _, c in live], t0, job)
+    for cl in clients:
+        s = cl.statistics()
+        res.reconnects += s.reconnects
+        res.resumes += s.resumes
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
+    res.records = [r for c in conns for r in c.records()]
+    return res
+
+
+def _child(job: LoadJob, pipe: Connection, progress: Counter) -> None:
+    """A client process: run the job on uvloop; send ``("result", LoadResult)`` back."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+
+    async def go() -> float:
+        pipe.send(("ready", None))
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(pipe.fileno(), wake)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(pipe.fileno())
+        msg = pipe.recv()
+        if msg[0] != "go":
+            raise RuntimeError("aborted")
+        delay = float(msg[1]) - time.time()
+        await asyncio.sleep(max(0.0, delay))
+        return clock()
+
+    async def main() -> LoadResult:
+        if job.mode == "raw":
+            return await raw_load(job, go, progress)
+        if job.mode == "client":
+            return await client_load(job, go, progress)
+        from chatd.bench.direct import direct_load
+
+        return await direct_load(job, go, progress)
+
+    try:
+        cpu0 = time.process_time()
+        result = uvloop.run(main())
+        result.client_cpu_s = time.process_time() - cpu0
+        pipe.send(("result", result))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            pipe.send(("error", traceback.format_exc()))
+    finally:
+        pipe.close()
+
+
+@dataclass
+class Run:
+    """A load in progress: the client processes and their pipes."""
+
+    procs: list[tuple[mp.process.BaseProcess, Connection]]
+    progress: list[Counter]
+    start_wall: float = 0.0
+
+    def replies(self) -> int:
+        """Answers (replies and final errors) received so far, all processes together."""
+        return sum(p.value for p in self.progress)
+
+
+def start(jobs: list[LoadJob], ready_timeout: float = 90.0) -> Run:
+    """Fork one client process per job, wait until all are connected, then start them all
+    together 0.3 s later (the run's time 0 is that wall-clock instant)."""
+    ctx = mp.get_context("fork")
+    run = Run([], [])
+    for job in jobs:
+        parent, child = ctx.Pipe()
+        counter: Counter = ctx.Value("q", 0, lock=False)
+        p = ctx.Process(target=_child, args=(job, child, counter), daemon=True)
+        p.start()
+        child.close()
+        run.procs.append((p, parent))
+        run.progress.append(counter)
+    try:
+        for _, pipe in run.procs:
+            _expect(pipe, "ready", ready_timeout)
+        run.start_wall = time.time() + 0.3
+        for _, pipe in run.procs:
+            pipe.send(("go", run.start_wall))
+    except BaseException:
+        stop(run)
+        raise
+    return run
+
+
+def _expect(pipe: Connection, kind: str, timeout: float) -> Any:
+    if not pipe.poll(timeout):
+        raise RuntimeError(f"a client process sent no {kind!r} within {timeout:.0f} s")
+    msg = pipe.recv()
+    if msg[0] == "error":
+        raise RuntimeError(f"a client process failed:\n{msg[1]}")
+    if msg[0] != kind:
+        raise RuntimeError(f"a client process sent {msg[0]!r}, expected {kind!r}")
+    return msg[1]
+
+
+def collect(run: Run, timeout: float) -> LoadResult:
+    """Wait for every process's result and merge them."""
+    merged = LoadResult()
+    try:
+        for _, pipe in run.procs:
+            r: LoadResult = _expect(pipe, "result", timeout)
+            merged.records += r.records
+            merged.reconnect_ms += r.reconnect_ms
+            for name in (
+                "connections_opened",
+                "connect_failed",
+                "bad_reply",
+                "closed",
+                "drops",
+                "reconnects",
+                "resumes",
+                "duplicates",
+                "client_cpu_s",
+            ):
+                setattr(merged, name, getattr(merged, name) + getattr(r, name))
+    finally:
+        stop(run)
+    return merged
+
+
+def stop(run: Run) -> None:
+    """Join every client process; SIGKILL (by its PID) one that does not end in 5 s."""
+    for p, pipe in run.procs:
+        with contextlib.suppress(OSError):
+            pipe.send(("abort", None))
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+        pipe.close()
+
+
+def split(
+    mode: str,
+    url: str,
+    connections: int,
+    procs: int,
+    rate: float,
+    window: tuple[float, float, float],
+) -> list[LoadJob]:
+    """The jobs of ``procs`` processes (no more than there are connections): connection i
+    goes to process ``i % procs``. ``window`` is (warmup, duration, drain) in seconds."""
+    n = max(1, min(procs, connections))
+    warmup, duration, drain = window
+    return [
+        LoadJob(
+            mode,
+            url,
+            list(range(p, connections, n)),
+            rate,
+            connections,
+            warmup,
+            duration,
+            drain,
+            seed=p,
+        )
+        for p in range(n)
+    ]

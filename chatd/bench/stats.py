@@ -1,0 +1,156 @@
+"""Pure statistics for ``chatd-bench``: percentiles, summaries, histograms, rates, timelines.
+
+Nothing here does I/O or reads a clock: every function takes numbers and returns numbers, so
+each is unit-tested on known inputs (``tests/unit/test_bench_stats.py``).
+
+Latency without coordinated omission
+------------------------------------
+The load is *open loop*: message ``k`` of a run has an **intended** send time fixed before the
+run starts (a uniform schedule at the offered rate). Every latency is measured from that
+intended time, not from the moment the client managed to send the frame. When the server
+stalls for ``S`` seconds, every message scheduled during the stall is charged the time it
+waited in the queue, exactly as a user arriving then would see it; a closed-loop tester (or
+one that timed from the actual send) would send fewer messages during the stall and record
+one slow sample among many fast ones (Gil Tene's "coordinated omission", corrected as wrk2
+does). :func:`latencies_from_intended` is that computation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+
+# Bucket upper bounds (ms) of the seed report's "Response Time Distribution" table.
+SEED_BUCKETS_MS: tuple[float, ...] = (100.0, 200.0, 300.0, 500.0, 1000.0)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0 < q <= 100) by nearest rank of an already sorted sequence.
+
+    Nearest rank: the smallest value such that at least ``q`` % of the values are <= it (so
+    p100 is the maximum and every result is an observed value). ``nan`` when empty.
+    """
+    if not 0 < q <= 100:
+        raise ValueError("q must be in (0, 100]")
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(len(sorted_values) * q / 100.0))
+    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def summary(values: Iterable[float]) -> dict[str, float]:
+    """``count``, ``mean``, ``p50``, ``p95``, ``p99`` and ``max`` of latencies in ms (rounded
+    to µs). Only ``count`` (0) for no values."""
+    v = sorted(values)
+    if not v:
+        return {"count": 0}
+    return {
+        "count": len(v),
+        "mean": round(statistics.fmean(v), 3),
+        "p50": round(percentile(v, 50), 3),
+        "p95": round(percentile(v, 95), 3),
+        "p99": round(percentile(v, 99), 3),
+        "max": round(v[-1], 3),
+    }
+
+
+def latencies_from_intended(
+    intended: Sequence[float], done: Sequence[float | None]
+) -> list[float | None]:
+    """Milliseconds from each message's intended send time to its completion (seconds in,
+    ms out); None where the message never completed. Sequences are aligned by index.
+
+    Because the start is the *intended* time, a message that sat in a client or server queue
+    behind a stall carries that wait: a stall of S seconds adds up to S to every message
+    scheduled during it, not just to the first one.
+    """
+    if len(intended) != len(done):
+        raise ValueError("intended and done must have the same length")
+    return [None if d is None else (d - t) * 1000.0 for t, d in zip(intended, done, strict=True)]
+
+
+def histogram(values: Iterable[float], bounds: Sequence[float]) -> list[tuple[str, int]]:
+    """Counts of ``values`` per bucket: ``< b0``, ``b0-b1``, … , ``>= b_last``.
+
+    A value equal to a bound goes to the bucket above it (``[lo, hi)``). Labels are in the
+    unit of ``bounds`` (``"<100"``, ``"100-200"``, ``">=1000"``).
+    """
+    if list(bounds) != sorted(bounds) or not bounds:
+        raise ValueError("bounds must be non-empty and ascending")
+    labels = [f"<{_fmt(bounds[0])}"]
+    labels += [f"{_fmt(lo)}-{_fmt(hi)}" for lo, hi in itertools.pairwise(bounds)]
+    labels.append(f">={_fmt(bounds[-1])}")
+    counts = [0] * len(labels)
+    for x in values:
+        i = 0
+        while i < len(bounds) and x >= bounds[i]:
+            i += 1
+        counts[i] += 1
+    return list(zip(labels, counts, strict=True))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def rate(count: int, seconds: float) -> float:
+    """Events per second over a window (0 for an empty window)."""
+    return count / seconds if seconds > 0 else 0.0
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    """``numerator / denominator``, or None when the denominator is 0 or either is nan."""
+    if denominator == 0 or math.isnan(numerator) or math.isnan(denominator):
+        return None
+    return numerator / denominator
+
+
+def share_pct(part: int, whole: int) -> float:
+    """``part`` as a percentage of ``whole``; 100 % when there is nothing to count (a run
+    without messages had no failures)."""
+    return 100.0 * part / whole if whole else 100.0
+
+
+def timeline(
+    samples: Iterable[tuple[float, float]], window_s: float, bucket_s: float = 1.0
+) -> list[dict[str, float]]:
+    """Per time bucket of ``bucket_s`` seconds over ``[0, window_s)``: the number of samples
+    and their p50/p99/max. ``samples`` are ``(time_s, latency_ms)`` with the time relative to
+    the window's start (the intended send time); samples outside the window are ignored.
+    An empty bucket has ``count`` 0 and nan percentiles."""
+    if bucket_s <= 0:
+        raise ValueError("bucket_s must be positive")
+    n = max(1, math.ceil(window_s / bucket_s - 1e-9))
+    buckets: list[list[float]] = [[] for _ in range(n)]
+    for t, lat in samples:
+        if 0 <= t < window_s:
+            buckets[min(n - 1, int(t // bucket_s))].append(lat)
+    out = []
+    for i, b in enumerate(buckets):
+        b.sort()
+        out.append(
+            {
+                "t_s": round(i * bucket_s, 3),
+                "count": float(len(b)),
+                "p50": percentile(b, 50),
+                "p99": percentile(b, 99),
+                "max": b[-1] if b else math.nan,
+            }
+        )
+    return out
+
+
+def uniform_schedule(
+    index: int, connections: int, rate_per_s: float, start: float, end: float
+) -> list[float]:
+    """Intended send times of connection ``index`` of ``connections`` for a total open-loop
+    ``rate_per_s``: ``start + index/R + k*C/R`` for every such time before ``end``. Together
+    the connections send uniformly at R msg/s, each at R/C."""
+    if rate_per_s <= 0 or connections <= 0:
+        raise ValueError("rate and connections must be positive")
+    period = connections / rate_per_s
+    first = start + index / rate_per_s
+    n = max(0, math.ceil((end - first) / period - 1e-12))
+    return [first + k * period for k in range(n)]
