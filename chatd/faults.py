@@ -7,6 +7,10 @@ chatd's environment). Values:
   becomes ``crash-looping`` and the master backs off.
 
 Anything else is ignored. Production never sets it; a worker that obeys it says so on stderr.
+
+``CHATD_TEST_LEASE`` (seconds, a float) shortens the owner lease of unanswered messages
+(:data:`chatd.store.base.LEASE_S`), so tests see takeovers within their time; read when
+:mod:`chatd.store.base` is imported. Production never sets it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import sys
 
 ENV = "CHATD_FAULT"
+LEASE_ENV = "CHATD_TEST_LEASE"
 
 
 def at_worker_start() -> None:
@@ -23,3 +28,17 @@ def at_worker_start() -> None:
         sys.stderr.write(f"{ENV}=crash_at_start: worker pid {os.getpid()} exits 1 before ready\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+def lease_seconds(default: float) -> float:
+    """The message lease: ``CHATD_TEST_LEASE`` when set to a positive number, else ``default``."""
+    raw = os.environ.get(LEASE_ENV)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            return default
+        if value > 0:
+            sys.stderr.write(f"{LEASE_ENV}={value:g}: message leases shortened (tests only)\n")
+            return value
+    return default

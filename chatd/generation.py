@@ -14,6 +14,15 @@ A :class:`Hub` owns, per worker process:
   session; an append whose ``seq`` is not the next one means another worker wrote to the
   session, and the cache entry is reloaded from the store.
 
+- the *leases* of its messages (contract 6 of :mod:`chatd.store.base`): every acknowledged
+  message is leased to the worker's store for ``LEASE_S``; one task renews the leases of all
+  running generations every ``RENEW_S`` (one batched store call per worker, not a task per
+  message) and stops a generation whose lease another worker took. *Takeover*: a message whose
+  worker died is claimed once its lease lapsed, by :meth:`Hub.take_over` when its session
+  resumes here (the client sees ack ... reply) or by the periodic sweep of some worker
+  (:meth:`Hub.run_sweeps`, every ``SWEEP_S`` jittered, one store query across sessions), which
+  generates it with nobody subscribed so the reply waits in the log.
+
 Flow of one message (numbered as in DESIGN.md): 2. the user message is appended (dedupe on
 its id) and acknowledged by the caller; 3. a slot is acquired (``queued`` frames meanwhile);
 4. the backend streams tokens to the subscribers; 5. the reply or the final error is appended
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -36,12 +46,15 @@ from chatd.proto import chat
 from chatd.relay import Relay, Reply
 from chatd.slots import QueueFull, Slots
 from chatd.stats import Histogram
-from chatd.store.base import Appended, Event, Store
+from chatd.store.base import LEASE_S, RENEW_S, Appended, Event, Store
 
 log = logging.getLogger("chatd.generation")
 
 MAX_ATTEMPTS = 3  # per message, only before the first token was forwarded
 CACHE_SESSIONS = 10000  # sessions whose history a worker keeps in memory
+SWEEP_S = 5.0  # mean seconds between two sweeps of one worker (each jittered to 50-150 %)
+SWEEP_LIMIT = 32  # messages one sweep claims at most (the rest: the next sweep, or others)
+CLAIM_LIMIT = 64  # lapsed messages of one session a resume claims at most
 
 
 @dataclass(slots=True)
@@ -58,6 +71,7 @@ class HubStats:
 
     messages_total: int = 0
     replies_total: int = 0
+    takeovers_total: int = 0  # messages claimed after their lease lapsed, and generated here
     errors_by_code: dict[str, int] = field(default_factory=dict)
     latency: Histogram = field(default_factory=Histogram)
     ttft: Histogram = field(default_factory=Histogram)
@@ -78,6 +92,10 @@ class Hub:
         self._idle = asyncio.Event()
         self._idle.set()
         self._cancelled: set[tuple[str, str]] = set()
+        # Generations storing their final event: a lost lease no longer stops them (the
+        # final is then already being written, and its publication must not be cut).
+        self._finishing: set[tuple[str, str]] = set()
+        self.sweeping = True  # False once the worker drains: it claims no more messages
         self._turns: OrderedDict[str, _Turns] = OrderedDict()
         self.stats = HubStats()
         self._max_turn_messages = 2 * cfg.sessions.history_turns
@@ -122,14 +140,113 @@ class Hub:
         self.stats.messages_total += 1
         # The history is read (on a cache miss) inside the task, so the ack is not delayed.
         history = self._cached_turns(session, appended.seq, msg.text)
-        key = (session, msg.id)
-        task = asyncio.create_task(
-            self._generate(session, msg.id, model, history, (appended.seq, msg.text))
-        )
+        self._start(session, msg.id, model, history, (appended.seq, msg.text))
+        return appended
+
+    def _start(
+        self,
+        session: str,
+        msg_id: str,
+        model: str,
+        history: list[dict[str, str]] | None,
+        turn: tuple[int, str],
+    ) -> None:
+        key = (session, msg_id)
+        task = asyncio.create_task(self._generate(session, msg_id, model, history, turn))
         self.running[key] = task
         self._enter()  # the task keeps the hub busy until it ends
         task.add_done_callback(lambda _t: self._finished(key))
-        return appended
+
+    # -- leases and takeovers -------------------------------------------------------------
+
+    async def take_over(self, session: str | None) -> int:
+        """Claim the lapsed unanswered messages of ``session`` (None: of any session, up to
+        SWEEP_LIMIT) and generate them here; returns how many were started.
+
+        A claimed message already running here (its lease lapsed while this worker was
+        stalled) keeps its generation: the claim just renewed its lease.
+        """
+        if session is None:
+            events = await self.store.claim(None, LEASE_S, SWEEP_LIMIT)
+        else:
+            events = await self.store.claim(session, LEASE_S, CLAIM_LIMIT)
+        started = 0
+        for ev in events:
+            if (ev.session, ev.msg_id) in self.running:
+                continue
+            model = ev.meta.get("model")
+            self._start(
+                ev.session,
+                ev.msg_id,
+                model if isinstance(model, str) and model else self.cfg.llm.model,
+                None,  # the context is read from the store: another worker wrote this session
+                (ev.seq, ev.text),
+            )
+            started += 1
+        if started:
+            self.stats.takeovers_total += started
+            log.info(
+                "takeover: %d unanswered messages claimed (%s)",
+                started,
+                "sweep" if session is None else f"resume of {session[:8]}",
+            )
+        return started
+
+    async def run_leases(self) -> None:
+        """Renew the leases of every running generation each RENEW_S, until cancelled.
+
+        One store call per session, all issued in the same tick (the store sends them as one
+        batch). A generation whose lease is gone was claimed by another worker (this one
+        stalled for a whole lease): it is stopped without storing anything, so the message is
+        generated once, there. A failed renewal is retried next round: the lease outlives
+        two missed renewals.
+        """
+        while True:
+            await asyncio.sleep(RENEW_S)
+            by_session: dict[str, list[str]] = {}
+            for session, msg_id in self.running:
+                by_session.setdefault(session, []).append(msg_id)
+            if not by_session:
+                continue
+            sessions = list(by_session)
+            results = await asyncio.gather(
+                *(self.store.renew(s, by_session[s], LEASE_S) for s in sessions),
+                return_exceptions=True,
+            )
+            for session, held in zip(sessions, results, strict=True):
+                if isinstance(held, BaseException):
+                    log.warning("lease renewal failed (%s); retrying in %.1fs", held, RENEW_S)
+                    continue
+                for msg_id in by_session[session]:
+                    key = (session, msg_id)
+                    task = self.running.get(key)
+                    if msg_id in held or task is None or key in self._finishing:
+                        continue
+                    log.warning("lease of %s/%s lost to another worker: stopping", *key)
+                    task.cancel()  # not in _cancelled: nothing is stored for it here
+
+    async def run_sweeps(self) -> None:
+        """Every SWEEP_S (jittered: workers do not sweep in step), claim lapsed messages of
+        any session and generate them, until cancelled or :attr:`sweeping` is off."""
+        while True:
+            await asyncio.sleep(SWEEP_S * random.uniform(0.5, 1.5))
+            if not self.sweeping:
+                return
+            try:
+                await self.take_over(None)
+            except Exception as exc:  # a store hiccup: the next sweep tries again
+                log.warning("takeover sweep failed: %s", exc)
+
+    async def hand_back(self, keys: list[tuple[str, str]]) -> None:
+        """Let the leases of ``keys`` (generations this worker stopped unanswered) lapse now,
+        so another worker takes them over at its next claim instead of a lease later."""
+        by_session: dict[str, list[str]] = {}
+        for session, msg_id in keys:
+            by_session.setdefault(session, []).append(msg_id)
+        await asyncio.gather(
+            *(self.store.renew(s, ids, 0.0) for s, ids in by_session.items()),
+            return_exceptions=True,
+        )
 
     def cancel(self, session: str, msg_id: str) -> bool:
         """Stop generating ``msg_id``; its partial reply is stored as ``cancelled``."""
@@ -292,6 +409,10 @@ class Hub:
                     raise
                 # Health is the health checks' call; one failure only steers the retry elsewhere.
                 failed.add(backend)
+                if exc.code == "llm_timeout" and len(failed) >= len(self.cfg.llm.backends):
+                    # A backend that let a deadline pass is busy or stuck: asking it again
+                    # would make the client wait the deadline twice. Only another one may.
+                    raise
                 on_notice("retrying", f"{exc.message} Retrying ({attempt + 1}/{MAX_ATTEMPTS}).")
             finally:
                 self.slots.release(backend)
@@ -313,7 +434,11 @@ class Hub:
             "tokens": reply.tokens if reply else None,
         }
         meta = {"done_reason": done_reason, "stats": stats}
-        appended = await self.store.append_final(session, msg_id, "reply", text, meta)
+        self._finishing.add((session, msg_id))
+        try:
+            appended = await self.store.append_final(session, msg_id, "reply", text, meta)
+        finally:
+            self._finishing.discard((session, msg_id))
         self._remember_reply(session, appended.seq, text)
         self.stats.replies_total += 1
         self.stats.latency.observe(total_ms)
@@ -328,7 +453,11 @@ class Hub:
 
     async def _store_error(self, session: str, msg_id: str, code: str, message: str) -> None:
         meta = {"code": code, "retryable": chat.RETRYABLE[code]}
-        appended = await self.store.append_final(session, msg_id, "error", message, meta)
+        self._finishing.add((session, msg_id))
+        try:
+            appended = await self.store.append_final(session, msg_id, "error", message, meta)
+        finally:
+            self._finishing.discard((session, msg_id))
         self._turns.pop(session, None)  # the error is not a turn: reload the history next time
         self.stats.errors_by_code[code] = self.stats.errors_by_code.get(code, 0) + 1
         self._publish(

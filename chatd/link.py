@@ -10,8 +10,10 @@ A worker uses it like this (``spec`` is its :class:`chatd.spec.WorkerSpec`)::
 
 What the worker must do with what arrives (``on_command`` gets each message as a dict):
 
-* ``{"t": "drain", "timeout": s}``: call :meth:`MasterLink.send_draining`, stop accepting,
-  finish the replies in flight, close clients with 1001, exit 0 within ``timeout``;
+* ``{"t": "drain", "timeout": s, "handover": bool}``: call :meth:`MasterLink.send_draining`,
+  stop accepting, finish the replies in flight, close clients with 1001, exit 0 within
+  ``timeout``; ``handover`` (reload, recycle, scale: other workers go on serving) closes a
+  late hello with a bare 1001 instead of a ``shutting_down`` error;
 * ``{"t": "stop"}``: exit now;
 * the LLM slot messages (``MasterSlots.MESSAGES``: ``slot_grant``, ``slot_queued``,
   ``slot_refused``, ``slot_recall``): hand them to its :class:`chatd.slots.MasterSlots`;

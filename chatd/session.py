@@ -41,6 +41,11 @@ class WorkerState:
     worker_name: str  # "SLOT/PID", sent in welcome
     auth_on: bool = False
     draining: bool = False
+    handover: bool = False  # draining because another worker takes over (not a stop)
+    # Set once a drain's graceful time is over: messages are no longer acknowledged (the
+    # client resends them, same id, where it resumes), as the generations left are handed
+    # over to other workers and the connections close.
+    closing: bool = False
     connections: set[ServerConnection] = field(default_factory=set)
     connections_total: int = 0
     bad_frames_total: int = 0
@@ -142,12 +147,13 @@ async def _run(
                 raise
         elif isinstance(action, chat.Message):
             assert conn.session is not None
-            if state.draining:
-                # Not stored, not acknowledged: this worker closes the connection with 1001
-                # once its replies in flight are stored, and the client sends the message
-                # again, with the same id, where it resumes. Accepting it here could start a
-                # reply the drain would have to cut short (an acked message left unanswered).
-                log.debug("draining: message %s not accepted; the client will resend", action.id)
+            # Acknowledged even while draining (protocol.md, shutting_down): the reply is
+            # generated here if the graceful timeout allows; otherwise the drain hands its
+            # lease back and another worker takes it over (Hub.take_over).
+            if state.closing:
+                # Past the graceful time the connection is about to close with 1001: not
+                # stored, not acknowledged; the client resends it (same id) where it resumes.
+                log.debug("closing: message %s not accepted; the client will resend", action.id)
                 continue
             appended = await state.hub.submit(conn.session, action)
             outbox.put(chat.ack_frame(action.id, appended.seq))
@@ -165,13 +171,18 @@ async def _hello(
 ) -> None:
     """Resolve a hello: create or resume the session, welcome, replay what the client missed."""
     if state.draining:
-        outbox.put(
-            chat.error_frame(
-                "shutting_down", "This worker is shutting down: reconnect and send hello again."
+        # A connection accepted just before this worker stopped accepting. When another
+        # worker takes over (reload, recycle, scale), a bare 1001 sends the client there at
+        # once: it did nothing wrong, so it gets no error. When the daemon stops, it is told.
+        if not state.handover:
+            outbox.put(
+                chat.error_frame(
+                    "shutting_down",
+                    "This worker is shutting down: reconnect and send hello again.",
+                )
             )
-        )
-        await outbox.wait_empty()
-        await ws.close(chat.CLOSE_GOING_AWAY, "worker shutting down")
+            await outbox.wait_empty()
+        await ws.close(chat.CLOSE_GOING_AWAY, "worker going away: reconnect and resume")
         return
     owner = owner_of(ws, state.auth_on)
     if hello.session is None:
@@ -205,3 +216,9 @@ async def _hello(
         chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta) for ev in events
     )
     outbox.release(max([hello.last_seq, *(ev.seq for ev in events)]), frames)
+    # Messages whose worker died (lease lapsed) are generated here, after the replay: the
+    # client sees their ack replayed, then tokens and the reply live.
+    try:
+        await state.hub.take_over(info.session)
+    except StoreError as exc:  # not fatal to the hello: the sweep will take them later
+        log.warning("takeover on resume of %s failed: %s", info.session[:8], exc)

@@ -127,6 +127,8 @@ class Worker:
         )
         self._tasks.append(asyncio.create_task(self._health_loop()))
         self._tasks.append(asyncio.create_task(self._prewarm()))
+        self._tasks.append(asyncio.create_task(self.hub.run_leases()))
+        self._tasks.append(asyncio.create_task(self.hub.run_sweeps()))
         self.link.send_ready()
         self.link.start_reporting(self.statistics, 1.0)
         log.info("worker %s serving (generation %d)", self.name, self.spec.generation)
@@ -187,6 +189,7 @@ class Worker:
             "connections_total": self.state.connections_total,
             "messages_total": hub.messages_total,
             "replies_total": hub.replies_total,
+            "takeovers_total": hub.takeovers_total,
             "errors_total": sum(hub.errors_by_code.values()),
             "errors_by_code": dict(hub.errors_by_code),
             "bad_frames_total": self.state.bad_frames_total,
@@ -228,6 +231,7 @@ class Worker:
         if kind in MasterSlots.MESSAGES:
             self.slots.on_message(msg)
         elif kind == "drain":
+            self.state.handover = bool(msg.get("handover", False))
             self.request_stop(False)
         elif kind == "stop":
             self.request_stop(True)
@@ -240,12 +244,15 @@ class Worker:
     async def drain(self) -> None:
         """Graceful stop, in order:
 
-        1. refuse new sessions (``hello`` gets ``shutting_down``) and stop accepting;
+        1. refuse new sessions (``hello`` gets ``shutting_down``), stop accepting connections
+           and claiming messages; open connections still get their messages acknowledged;
         2. let the replies in flight finish, up to ``graceful_timeout``;
         3. write what is queued to the clients, then close them with 1001 (resume elsewhere);
-        4. flush the store and close the pools.
+        4. stop the generations still running and hand their leases back, so another worker
+           takes them over at once; flush the store and close the pools.
         """
         self.state.draining = True
+        self.hub.sweeping = False
         self.link.send_draining()
         assert self.server is not None
         self.server.close(close_connections=False)
@@ -257,14 +264,19 @@ class Worker:
             log.warning(
                 "drain: %d replies still running after the graceful timeout", self.hub.in_flight
             )
+        # Before the 1001: a client resuming elsewhere then finds its unanswered messages'
+        # leases handed back, and its new worker claims them at the hello.
+        self.state.closing = True
+        await self._stop_generations()
         await self._close_clients(max(1.0, deadline - time.monotonic()))
         await self._shutdown()
 
     async def stop_now(self) -> None:
         """Fast stop: close the clients with 1001 at once; replies in flight stay unanswered."""
-        self.state.draining = True
+        self.state.draining = self.state.closing = True
         if self.server is not None:
             self.server.close(close_connections=False)
+        await self._stop_generations()
         await self._close_clients(1.0)
         await self._shutdown()
 
@@ -280,12 +292,25 @@ class Worker:
                     return_exceptions=True,
                 )
 
+    async def _stop_generations(self) -> None:
+        """Stop claiming, cancel the generations still running, hand their leases back."""
+        self.hub.sweeping = False
+        unanswered = list(self.hub.running)
+        tasks = list(self.hub.running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if unanswered:
+            # Stopped before their reply was stored: acknowledged, so another worker must
+            # generate them; handing the leases back spares it the wait for them to lapse.
+            log.warning("%d acknowledged messages left unanswered: handed over", len(unanswered))
+            await self.hub.hand_back(unanswered)
+
     async def _shutdown(self) -> None:
+        await self._stop_generations()
         for task in self._tasks:
             task.cancel()
-        for task in list(self.hub.running.values()):
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self.hub.running.values(), return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.server is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):

@@ -344,7 +344,9 @@ class Workers:
             "worker %d (pid %d, generation %d) retiring (%s): draining, up to %gs",
             *(worker.slot, worker.pid, worker.generation, why, timeout),
         )
-        if not self.tell(worker, {proto.T: proto.DRAIN, "timeout": timeout}):
+        # handover: other workers go on serving, so the drainer sends late hellos there.
+        drain = {proto.T: proto.DRAIN, "timeout": timeout, "handover": True}
+        if not self.tell(worker, drain):
             self.kill(worker, signal.SIGTERM)
 
     def abandon(self, worker: Worker) -> None:

@@ -16,13 +16,42 @@ Contracts every implementation keeps (the store tests check them on each):
 3. A coroutine that returned has committed: the row survives the death of the process.
 4. No method blocks the event loop: I/O happens off the loop (a thread or the network).
 5. A session unused for ``ttl`` seconds is gone: ``get_session`` returns None for it.
+6. Every unanswered user message has an *owner lease*: the store instance (one per worker
+   process, named by its ``owner`` id, unique across hosts and restarts) that generates its
+   reply, until a deadline. ``append_user`` of a new message gives the lease to the appending
+   store for ``lease_s`` seconds, atomically with the append; ``renew`` extends it; the final
+   event releases it; once it lapsed, ``claim`` hands it to exactly one claimer (atomic: two
+   stores never both claim one message). So two live workers never generate one message, and
+   a message whose worker died is generated again within about one lease.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
+
+from chatd import faults
+
+LEASE_S = faults.lease_seconds(10.0)
+"""Seconds a worker owns an unanswered message it acknowledged or claimed (contract 6).
+
+A generation renews its lease every :data:`RENEW_S`; a worker that died (or stalled for a
+whole lease) lets it lapse, and the message is claimed by the worker its session resumes on,
+or by some worker's periodic sweep. Long enough to ride out a few missed renewals (a store
+hiccup, a busy loop), short enough that a takeover happens within seconds. Tests shorten it
+with ``CHATD_TEST_LEASE`` (:func:`chatd.faults.lease_seconds`)."""
+RENEW_S = LEASE_S / 3.0
+"""Seconds between two lease renewals of a worker's generations (a third of the lease)."""
+
+
+def new_owner_id() -> str:
+    """An owner id unique across hosts and restarts: ``hostname:pid:random``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+
 
 EventKind = Literal["user", "reply", "error"]
 
@@ -41,6 +70,8 @@ class Event:
     text: str
     meta: Mapping[str, Any] = field(default_factory=dict)
     ts: float = 0.0
+    session: str = ""
+    """Filled by :meth:`Store.claim` only (a sweep claims across sessions); "" elsewhere."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +118,19 @@ class Store(Protocol):
     async def get_session(self, session: str) -> SessionInfo | None:
         """The session, or None when it never existed or has expired."""
 
-    async def append_user(self, session: str, msg_id: str, text: str, model: str) -> Appended:
-        """Append a user message (contract 1). Raises StoreError if the session is unknown."""
+    @property
+    def owner(self) -> str:
+        """This store instance's owner id in leases (contract 6), unique across hosts and
+        restarts (:func:`new_owner_id` unless given to the constructor)."""
+
+    async def append_user(
+        self, session: str, msg_id: str, text: str, model: str, lease_s: float = LEASE_S
+    ) -> Appended:
+        """Append a user message (contract 1). Raises StoreError if the session is unknown.
+
+        A new message is leased to this store for ``lease_s`` seconds, in the same atomic
+        write (contract 6); a duplicate changes no lease.
+        """
 
     async def append_final(
         self, session: str, msg_id: str, kind: EventKind, text: str, meta: Mapping[str, Any]
@@ -108,6 +150,28 @@ class Store(Protocol):
 
     async def unanswered(self, session: str) -> list[Event]:
         """The ``user`` events that have no final event yet, in order."""
+
+    async def claim(self, session: str | None, lease_s: float, limit: int) -> list[Event]:
+        """Take the lease of up to ``limit`` unanswered user messages whose lease lapsed.
+
+        In ``session``, or with None across every session (the periodic sweep: one query,
+        not one per session). Atomic: a message is claimed by one store only, and its lease
+        is then this store's for ``lease_s`` seconds. Returns the claimed ``user`` events,
+        each with its ``session`` filled in, in (session, seq) order. A message whose lease
+        is held (by anyone, this store included) is not claimed. A claim whose answer was
+        lost (a connection error) leaves the messages leased to this store until the lease
+        lapses; then they are claimable again: late, never twice at once.
+        """
+
+    async def renew(self, session: str, msg_ids: Sequence[str], lease_s: float) -> set[str]:
+        """Extend this store's leases on ``msg_ids`` of ``session`` to now + ``lease_s``.
+
+        Returns the ids whose lease this store still held (lapsed but not yet claimed by
+        another counts as held); a missing id was answered or claimed by another store: its
+        generation here should stop. ``lease_s`` 0 hands the leases over at once (a worker
+        that stops before answering: the next claim takes them). Calls made in the same
+        event-loop tick share one store round trip.
+        """
 
     async def expire(self) -> int:
         """Delete sessions idle for longer than the ttl; return how many were deleted."""

@@ -9,7 +9,19 @@ they sit on one slot and one Lua script may touch them all:
 - ``chatd:s:{S}:log`` stream: one entry per event, its id ``<seq>-0``; fields ``k`` kind,
   ``m`` msg_id, ``t`` text, ``x`` meta (JSON), ``ts``;
 - ``chatd:s:{S}:ids`` hash: ``u:<msg_id>`` / ``f:<msg_id>`` -> ``<seq>:<token>`` (the dedupe);
-- ``chatd:s:{S}:pending`` sorted set: the unanswered user msg_ids, scored by seq.
+- ``chatd:s:{S}:pending`` sorted set: the unanswered user msg_ids, scored by seq;
+- ``chatd:s:{S}:lease`` hash: msg_id -> ``owner:until_ms:fence``, the owner lease of each
+  unanswered message (contract 6; ``owner`` is the store's id, ``until_ms`` Redis server time,
+  ``fence`` counts the claims). Plus one global key, ``chatd:leases``, a sorted set of
+  ``"S msg_id"`` scored by ``until_ms``: the sweep finds lapsed leases across sessions in one
+  ZRANGEBYSCORE instead of visiting every session.
+
+Leases: the append script leases a new user message to the appending store and, for a final,
+deletes the lease (both key and index, atomically with the append). ``claim`` and ``renew`` are
+scripts too, so a lease changes hands atomically. The sweep's claim script reaches the session
+keys it finds in ``chatd:leases`` without declaring them: fine on one node (what this store
+supports), a Cluster would need one index per slot. Index members of expired or answered
+sessions are dropped by the claim that meets them.
 
 Appends: ONE Lua script per append (Centrifugo's ``broker_history_add_stream.lua`` pattern) checks
 the session, dedupes, takes the seq with HINCRBY, XADDs, keeps ``ids`` and ``pending`` and
@@ -59,18 +71,34 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from chatd.errors import StoreError
-from chatd.store.base import Appended, Event, EventKind, SessionInfo, StoreStats
+from chatd.store.base import (
+    LEASE_S,
+    Appended,
+    Event,
+    EventKind,
+    SessionInfo,
+    StoreStats,
+    new_owner_id,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# (script name: "append" or "create", KEYS, ARGV, the caller's future, the session id)
+# (script name: "append", "create", "claim", "claim_any" or "renew", KEYS, ARGV, the
+# caller's future, the session id)
 _Request = tuple[str, list[str], list[str | int], asyncio.Future[Any], str]
 _RESERVOIR = 4096  # commit latency samples kept (uniform over all commits since open)
 _SESSION = re.compile(r"[A-Za-z0-9_-]{1,64}")  # anything else was not made by create_session
 _FATAL = (rx.AuthenticationError, rx.AuthorizationError)  # ConnectionErrors a retry won't fix
 _TRANSIENT = (rx.ConnectionError, rx.TimeoutError, OSError)  # incl. BusyLoadingError (restart)
 
+_INDEX = "chatd:leases"
+_NOW_MS = "local t = redis.call('TIME') local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)"
+_LEASE_OF = """local function lease_of(v)  -- owner, until_ms, fence of a lease value (or nil)
+  if not v then return nil, 0, 0 end
+  local o, u, f = string.match(v, '^(.*):(%d+):(%d+)$')
+  return o, tonumber(u), tonumber(f)
+end"""
 _NOW = "local t = redis.call('TIME') local now = t[1] .. '.' .. string.format('%06d', t[2])"
 _CREATE = f"""-- KEYS: meta. ARGV: owner, ttl
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end  -- a retried create: already done
@@ -78,7 +106,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end  -- a retried create: al
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'seq', 0, 'created_at', now, 'updated_at', now)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1"""
-_APPEND = f"""-- KEYS: meta, log, ids, pending. ARGV: msg_id, kind, text, meta, ttl, token
+_APPEND = f"""-- KEYS: meta, log, ids, pending, lease, the lease index.
+-- ARGV: msg_id, kind, text, meta, ttl, token, owner, lease_ms, session.
 -- Returns {{seq, duplicate}}; seq 0: the session is unknown or expired.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {{0, 0}} end
 local user = ARGV[2] == 'user'
@@ -94,14 +123,23 @@ redis.call('XADD', KEYS[2], seq .. '-0', 'k', ARGV[2], 'm', ARGV[1], 't', ARGV[3
            'ts', now)
 redis.call('HSET', KEYS[3], field, seq .. ':' .. ARGV[6])
 redis.call('HSET', KEYS[1], 'updated_at', now)
+local member = ARGV[9] .. ' ' .. ARGV[1]
 if user then
   if redis.call('HEXISTS', KEYS[3], 'f:' .. ARGV[1]) == 0 then
     redis.call('ZADD', KEYS[4], seq, ARGV[1])
+    {_NOW_MS}
+    local untl = now_ms + tonumber(ARGV[8])  -- leased to the appender (contract 6)
+    redis.call('HSET', KEYS[5], ARGV[1], ARGV[7] .. ':' .. untl .. ':1')
+    redis.call('ZADD', KEYS[6], untl, member)
   end
-elseif redis.call('ZREM', KEYS[4], ARGV[1]) == 0 then  -- no user event yet: a final first
-  redis.call('HINCRBY', KEYS[1], 'early', 1)
+else
+  if redis.call('ZREM', KEYS[4], ARGV[1]) == 0 then  -- no user event yet: a final first
+    redis.call('HINCRBY', KEYS[1], 'early', 1)
+  end
+  redis.call('HDEL', KEYS[5], ARGV[1])  -- answered: the lease ends
+  redis.call('ZREM', KEYS[6], member)
 end
-for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return {{seq, 0}}"""
 _UNANSWERED = """-- KEYS: pending, log. Returns the pending user events as XRANGE entries.
 local out = {}
@@ -111,13 +149,86 @@ for i = 2, #pending, 2 do
   if got[1] then out[#out + 1] = got[1] end
 end
 return out"""
-_SCRIPTS = {"create": _CREATE, "append": _APPEND, "unanswered": _UNANSWERED}
+_CLAIM = f"""-- KEYS: meta, log, pending, lease, the lease index.
+-- ARGV: owner, lease_ms, limit, session.
+-- Claims the lapsed (or missing) leases of the session's unanswered messages; returns their
+-- user events as XRANGE entries.
+{_LEASE_OF}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{}} end
+{_NOW_MS}
+local out, limit = {{}}, tonumber(ARGV[3])
+local pending = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+for i = 1, #pending, 2 do
+  if #out >= limit then break end
+  local m = pending[i]
+  local _, untl, fence = lease_of(redis.call('HGET', KEYS[4], m))
+  if untl < now_ms then
+    local got = redis.call('XRANGE', KEYS[2], pending[i + 1] .. '-0', pending[i + 1] .. '-0')
+    if got[1] then
+      local new = now_ms + tonumber(ARGV[2])
+      redis.call('HSET', KEYS[4], m, ARGV[1] .. ':' .. new .. ':' .. (fence + 1))
+      redis.call('ZADD', KEYS[5], new, ARGV[4] .. ' ' .. m)
+      out[#out + 1] = got[1]
+    end
+  end
+end
+return out"""
+_CLAIM_ANY = f"""-- KEYS: the lease index. ARGV: owner, lease_ms, limit.
+-- The sweep: claims lapsed leases across sessions; returns {{session, XRANGE entry}} pairs.
+{_LEASE_OF}
+{_NOW_MS}
+local out, limit = {{}}, tonumber(ARGV[3])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms - 1, 'LIMIT', 0, 4 * limit)
+for _, member in ipairs(due) do
+  if #out >= limit then break end
+  local sp = string.find(member, ' ', 1, true)
+  local s, m = string.sub(member, 1, sp - 1), string.sub(member, sp + 1)
+  local prefix = 'chatd:s:{{' .. s .. '}}:'
+  local seq = redis.call('ZSCORE', prefix .. 'pending', m)
+  local got = seq and redis.call('XRANGE', prefix .. 'log', seq .. '-0', seq .. '-0') or {{}}
+  if not got[1] then
+    redis.call('ZREM', KEYS[1], member)  -- answered, or the session expired
+  else
+    local _, untl, fence = lease_of(redis.call('HGET', prefix .. 'lease', m))
+    if untl < now_ms then
+      local new = now_ms + tonumber(ARGV[2])
+      redis.call('HSET', prefix .. 'lease', m, ARGV[1] .. ':' .. new .. ':' .. (fence + 1))
+      redis.call('ZADD', KEYS[1], new, member)
+      out[#out + 1] = {{s, got[1]}}
+    else
+      redis.call('ZADD', KEYS[1], untl, member)  -- the index lagged a renewal: repair it
+    end
+  end
+end
+return out"""
+_RENEW = f"""-- KEYS: lease, the lease index. ARGV: owner, lease_ms, session, msg_id...
+-- Extends the caller's leases; returns the msg_ids it still held.
+{_LEASE_OF}
+{_NOW_MS}
+local out, new = {{}}, now_ms + tonumber(ARGV[2])
+for i = 4, #ARGV do
+  local owner, _, fence = lease_of(redis.call('HGET', KEYS[1], ARGV[i]))
+  if owner == ARGV[1] then
+    redis.call('HSET', KEYS[1], ARGV[i], owner .. ':' .. new .. ':' .. fence)
+    redis.call('ZADD', KEYS[2], new, ARGV[3] .. ' ' .. ARGV[i])
+    out[#out + 1] = ARGV[i]
+  end
+end
+return out"""
+_SCRIPTS = {
+    "create": _CREATE,
+    "append": _APPEND,
+    "unanswered": _UNANSWERED,
+    "claim": _CLAIM,
+    "claim_any": _CLAIM_ANY,
+    "renew": _RENEW,
+}
 
 
 def _keys(session: str) -> list[str]:
-    """meta, log, ids, pending: one hash tag, so one Cluster slot."""
+    """meta, log, ids, pending, lease: one hash tag, so one Cluster slot."""
     prefix = f"chatd:s:{{{session}}}:"
-    return [prefix + "meta", prefix + "log", prefix + "ids", prefix + "pending"]
+    return [prefix + k for k in ("meta", "log", "ids", "pending", "lease")]
 
 
 def _short(session: str) -> str:
@@ -134,9 +245,14 @@ def _redacted(url: str) -> str:
     return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
-def _event(entry_id: str, f: Mapping[str, Any]) -> Event:
+def _event(entry_id: str, f: Mapping[str, Any], session: str = "") -> Event:
     seq, kind = int(entry_id.partition("-")[0]), f["k"]  # the kind was checked when stored
-    return Event(seq, kind, f["m"], f["t"], orjson.loads(f["x"]), float(f["ts"]))
+    return Event(seq, kind, f["m"], f["t"], orjson.loads(f["x"]), float(f["ts"]), session)
+
+
+def _fields(flat: Sequence[str]) -> dict[str, str]:
+    """A stream entry's fields as a script returns them (a flat list) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 class RedisStore:
@@ -156,8 +272,10 @@ class RedisStore:
         backoff: Sequence[float] = (0.05, 0.2, 0.5),
         timeout: float = 5.0,
         max_connections: int = 16,
+        owner: str | None = None,
     ) -> None:
         self.url, self.ttl, self._where = url, ttl, _redacted(url)
+        self.owner = owner or new_owner_id()
         self._max_batch, self._backoff = max_batch, tuple(backoff)
         self._pool_args: dict[str, Any] = {
             "max_connections": max_connections,
@@ -264,9 +382,12 @@ class RedisStore:
         await self._write("create", _keys(session)[:1], [owner, self.ttl], session)
         return session
 
-    async def append_user(self, session: str, msg_id: str, text: str, model: str) -> Appended:
-        """Append a user message; a repeated ``msg_id`` returns the original seq (contract 1)."""
-        return await self._append(session, msg_id, "user", text, {"model": model})
+    async def append_user(
+        self, session: str, msg_id: str, text: str, model: str, lease_s: float = LEASE_S
+    ) -> Appended:
+        """Append a user message leased to this store for ``lease_s`` s; a repeated ``msg_id``
+        returns the original seq and changes nothing (contracts 1, 6)."""
+        return await self._append(session, msg_id, "user", text, {"model": model}, lease_s)
 
     async def append_final(
         self, session: str, msg_id: str, kind: EventKind, text: str, meta: Mapping[str, Any]
@@ -274,18 +395,55 @@ class RedisStore:
         """Append the one reply or final error of ``msg_id`` (contract 2)."""
         if kind not in ("reply", "error"):
             raise ValueError(f"append_final takes 'reply' or 'error', not {kind!r}")
-        return await self._append(session, msg_id, kind, text, meta)
+        return await self._append(session, msg_id, kind, text, meta, 0.0)
 
     async def _append(
-        self, session: str, msg_id: str, kind: str, text: str, meta: Mapping[str, Any]
+        self,
+        session: str,
+        msg_id: str,
+        kind: str,
+        text: str,
+        meta: Mapping[str, Any],
+        lease_s: float,
     ) -> Appended:
         if not _SESSION.fullmatch(session):
             raise StoreError(f"unknown or expired session {_short(session)}")
         # Serialized here, so a bad meta fails its caller at once rather than in the batch.
         blob = orjson.dumps(meta if isinstance(meta, dict) else dict(meta)).decode()
         args = [msg_id, kind, text, blob, self.ttl, next(self._tokens)]
-        result: Appended = await self._write("append", _keys(session), args, session)
+        args += [self.owner, int(lease_s * 1000), session]
+        keys = [*_keys(session), _INDEX]
+        result: Appended = await self._write("append", keys, args, session)
         return result
+
+    async def claim(self, session: str | None, lease_s: float, limit: int) -> list[Event]:
+        """Take up to ``limit`` lapsed leases, in ``session`` or (None) across sessions through
+        ``chatd:leases``; one script, so atomic (contract 6)."""
+        if limit <= 0:
+            return []
+        lease_ms = int(lease_s * 1000)
+        if session is None:
+            got = await self._write("claim_any", [_INDEX], [self.owner, lease_ms, limit], "")
+            events = [_event(i, _fields(f), s) for s, (i, f) in got]
+        else:
+            if not _SESSION.fullmatch(session):
+                return []
+            k = _keys(session)
+            keys = [k[0], k[1], k[3], k[4], _INDEX]
+            got = await self._write("claim", keys, [self.owner, lease_ms, limit, session], session)
+            events = [_event(i, _fields(f), session) for i, f in got]
+        events.sort(key=lambda e: (e.session, e.seq))
+        return events
+
+    async def renew(self, session: str, msg_ids: Sequence[str], lease_s: float) -> set[str]:
+        """Extend this store's leases (contract 6); renewals queued together share the writer's
+        pipeline, one round trip."""
+        if not msg_ids or not _SESSION.fullmatch(session):
+            return set()
+        keys = [_keys(session)[4], _INDEX]
+        args = [self.owner, int(lease_s * 1000), session, *msg_ids]
+        got = await self._write("renew", keys, args, session)
+        return set(got)
 
     async def expire(self) -> int:
         """Redis deletes idle sessions itself (key TTLs): nothing is left to delete; returns 0."""
@@ -324,6 +482,8 @@ class RedisStore:
                 result.__cause__ = reply
             elif script == "create":
                 result, wrote = session, 1
+            elif script != "append":  # claim, claim_any, renew: the script's reply as it is
+                result = reply
             elif reply[0] == 0:
                 result = StoreError(f"unknown or expired session {_short(session)}")
             else:

@@ -23,6 +23,11 @@ survive ``fork``). SQLite has one writer at a time per file, so the store spends
 - **Reads** use a second connection in one reader thread, and return one JSON value per query
   (one step, whatever the row count) for the same GIL reason.
 
+- **Leases** (contract 6) live in the ``events`` row of the user message (``lease_owner``,
+  ``lease_until``, unix time: one clock, as every process shares the host): set by the append's
+  INSERT, released by a trigger on the final's INSERT, taken by ``claim`` with one ``UPDATE ...
+  RETURNING`` (SQLite >= 3.35) in the writer thread, so atomically against every process.
+
 Durability: WAL with ``synchronous=NORMAL`` survives the death of any process, not a power loss.
 
 Beyond the ``Store`` docstrings: ``history`` counts as a turn a user event *with a reply*; user
@@ -44,7 +49,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
@@ -52,7 +57,15 @@ import orjson
 
 from chatd.errors import StoreError
 from chatd.store import sqlite_sql as sql
-from chatd.store.base import Appended, Event, EventKind, SessionInfo, StoreStats
+from chatd.store.base import (
+    LEASE_S,
+    Appended,
+    Event,
+    EventKind,
+    SessionInfo,
+    StoreStats,
+    new_owner_id,
+)
 
 T = TypeVar("T")
 
@@ -108,8 +121,10 @@ class SqliteStore:
         max_batch: int = 256,
         busy_timeout: float = 0.01,
         lock_timeout: float = 30.0,
+        owner: str | None = None,
     ) -> None:
         self.path = path
+        self.owner = owner or new_owner_id()
         self.ttl = ttl
         self._window = window
         self._max_batch = max_batch
@@ -132,6 +147,8 @@ class SqliteStore:
             "create": self._create,
             "append": self._append,
             "expire": self._expire,
+            "claim": self._claim,
+            "renew": self._renew,
         }
 
     async def open(self) -> None:
@@ -243,10 +260,15 @@ class SqliteStore:
             raise ValueError("a session owner cannot contain NUL")
         return cast(str, await self._write("create", owner))
 
-    async def append_user(self, session: str, msg_id: str, text: str, model: str) -> Appended:
-        """Append a user message; a repeated ``msg_id`` returns the original seq (contract 1)."""
+    async def append_user(
+        self, session: str, msg_id: str, text: str, model: str, lease_s: float = LEASE_S
+    ) -> Appended:
+        """Append a user message leased to this store for ``lease_s`` s; a repeated ``msg_id``
+        returns the original seq and changes nothing (contracts 1, 6)."""
         meta = orjson.dumps({"model": model}).decode()
-        return cast(Appended, await self._write("append", session, msg_id, "user", text, meta))
+        return cast(
+            Appended, await self._write("append", session, msg_id, "user", text, meta, lease_s)
+        )
 
     async def append_final(
         self, session: str, msg_id: str, kind: EventKind, text: str, meta: Mapping[str, Any]
@@ -256,7 +278,21 @@ class SqliteStore:
             raise ValueError(f"append_final takes 'reply' or 'error', not {kind!r}")
         # Serialized here, so a bad meta fails its caller at once rather than in the batch.
         blob = orjson.dumps(meta if isinstance(meta, dict) else dict(meta)).decode()
-        return cast(Appended, await self._write("append", session, msg_id, kind, text, blob))
+        return cast(Appended, await self._write("append", session, msg_id, kind, text, blob, 0.0))
+
+    async def claim(self, session: str | None, lease_s: float, limit: int) -> list[Event]:
+        """Take up to ``limit`` lapsed leases (of ``session``, or of all with None): one UPDATE
+        ... RETURNING in the writer thread, so atomic against every process (contract 6)."""
+        if limit <= 0:
+            return []
+        return cast(list[Event], await self._write("claim", session, lease_s, limit))
+
+    async def renew(self, session: str, msg_ids: Sequence[str], lease_s: float) -> set[str]:
+        """Extend this store's leases (contract 6); the renewals queued in one event-loop tick
+        are one UPDATE per distinct ``lease_s`` in the writer thread."""
+        if not msg_ids:
+            return set()
+        return cast(set[str], await self._write("renew", session, tuple(msg_ids), lease_s))
 
     async def expire(self) -> int:
         """Delete the sessions (and their events) idle for more than ``ttl`` seconds."""
@@ -345,11 +381,51 @@ class SqliteStore:
         self._commits += 1
         return [n] + [0] * (len(reqs) - 1)
 
-    def _append(self, reqs: list[tuple[str, str, str, str, str]]) -> list[Appended | StoreError]:
+    def _claim(self, reqs: list[tuple[str | None, float, int]]) -> list[list[Event]]:
+        """Each claim: one UPDATE ... RETURNING (its own transaction)."""
+        assert self._wdb is not None
+        results: list[list[Event]] = []
+        for session, lease_s, limit in reqs:
+            now = time.time()
+            rows = self._wdb.execute(
+                sql.SQL_CLAIM, (self.owner, now + lease_s, now, session, limit)
+            ).fetchall()
+            self._commits += bool(rows)
+            events = [
+                Event(seq, kind, msg_id, text, orjson.loads(meta), ts, sess)
+                for sess, seq, kind, msg_id, text, meta, ts in rows
+            ]
+            events.sort(key=lambda e: (e.session, e.seq))
+            results.append(events)
+        return results
+
+    def _renew(self, reqs: list[tuple[str, tuple[str, ...], float]]) -> list[set[str]]:
+        """The renewals of a batch: one UPDATE per distinct lease length (one, in practice)."""
+        assert self._wdb is not None
+        db, now = self._wdb, time.time()
+        held: set[tuple[str, str]] = set()
+        by_lease: dict[float, list[tuple[str, str]]] = {}
+        for session, msg_ids, lease_s in reqs:
+            by_lease.setdefault(lease_s, []).extend((session, m) for m in msg_ids)
+        for lease_s, pairs in by_lease.items():
+            blob = orjson.dumps(pairs)
+            if sql.NUL in blob:  # json_extract stops at a NUL: row by row (rare)
+                for session, msg_id in pairs:
+                    args = (now + lease_s, self.owner, session, msg_id)
+                    got = db.execute(sql.SQL_RENEW_ONE, args)
+                    held.update(got.fetchall())
+            else:
+                held.update(db.execute(sql.SQL_RENEW, (now + lease_s, self.owner, blob)).fetchall())
+            self._commits += 1
+        return [{m for m in msg_ids if (session, m) in held} for session, msg_ids, _ in reqs]
+
+    def _append(
+        self, reqs: list[tuple[str, str, str, str, str, float]]
+    ) -> list[Appended | StoreError]:
         """Read the state of every (session, msg_id, role), plan in Python, write in one INSERT."""
         assert self._wdb is not None
         db, now = self._wdb, time.time()
-        keys = [(s, m, "user" if k == "user" else "final") for s, m, k, _, _ in reqs]
+        keys = [(s, m, "user" if k == "user" else "final") for s, m, k, _, _, _ in reqs]
         blob = orjson.dumps(keys)
         state: list[Any] = [None] * len(reqs)
         if sql.NUL in blob:
@@ -358,17 +434,21 @@ class SqliteStore:
             for k, *found in orjson.loads(db.execute(sql.SQL_STATE, (blob,)).fetchone()[0]):
                 state[k] = found
         results: list[Appended | StoreError] = []
-        rows: list[tuple[str, int, str, str, str, str]] = []
+        rows: list[tuple[str, int, str, str, str, str, str, float]] = []
         last: dict[str, int] = {}  # session -> its highest seq in this batch
         seen: dict[tuple[str, str, str], int] = {}  # key -> seq given earlier in this batch
-        for (session, msg_id, kind, text, meta), key, got in zip(reqs, keys, state, strict=True):
+        for (session, msg_id, kind, text, meta, lease_s), key, got in zip(
+            reqs, keys, state, strict=True
+        ):
             if got is None or got[0] is None or got[1] + self.ttl < now:
                 results.append(StoreError(f"unknown or expired session {_short(session)}"))
             elif (old := got[2] if got[2] is not None else seen.get(key)) is not None:
                 results.append(Appended(old, True))
             else:
                 seq = seen[key] = last[session] = last.get(session, got[0]) + 1
-                rows.append((session, seq, kind, msg_id, text, meta))
+                # A new user message is leased to this store (contract 6); a final has none.
+                lease = (self.owner, now + lease_s) if kind == "user" else ("", 0.0)
+                rows.append((session, seq, kind, msg_id, text, meta, *lease))
                 results.append(Appended(seq, False))
         if rows and sql.NUL in (blob := orjson.dumps(rows)):
             db.execute("BEGIN IMMEDIATE")  # rare: row by row, in one transaction

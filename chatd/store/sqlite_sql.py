@@ -7,7 +7,7 @@ around every step, and a busy event loop can make the store's thread wait long t
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """``PRAGMA user_version`` of the schema; a later version adds its statements to MIGRATIONS."""
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -30,8 +30,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             text        TEXT NOT NULL,
             meta        TEXT NOT NULL,      -- a JSON object
             ts          REAL NOT NULL,
-            -- Reserved for the takeover of unanswered messages (which worker generates this
-            -- user message, until when): unused by this version, here to spare a migration.
+            -- The owner lease of an unanswered user message (contract 6): which store
+            -- generates it, until when (unix time); 0 once answered (see migration 2).
             lease_owner TEXT NOT NULL DEFAULT '',
             lease_until REAL NOT NULL DEFAULT 0,
             PRIMARY KEY (session, seq),
@@ -48,6 +48,21 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             DELETE FROM events WHERE session = OLD.id;
         END""",
     ),
+    # 2: owner leases. Finals release the lease in the file itself (a trigger), so every
+    # writer, old or new, keeps "lease_until > 0" meaning "unanswered and leased"; the
+    # partial index holds just those rows, so a sweep across all sessions reads only them.
+    # Messages left unanswered by version 1 get a lapsed lease: the next claim takes them.
+    2: (
+        """CREATE INDEX events_lease ON events (lease_until)
+            WHERE kind = 'user' AND lease_until > 0""",
+        """CREATE TRIGGER events_release AFTER INSERT ON events WHEN NEW.kind != 'user' BEGIN
+            UPDATE events SET lease_owner = '', lease_until = 0
+            WHERE session = NEW.session AND msg_id = NEW.msg_id AND kind = 'user';
+        END""",
+        """UPDATE events SET lease_until = 1 WHERE kind = 'user' AND NOT EXISTS
+            (SELECT 1 FROM events f WHERE f.session = events.session
+             AND f.msg_id = events.msg_id AND f.role = 'final')""",
+    ),
 }
 
 # Per (session, msg_id, role) of a batch: [index, last_seq, updated_at, seq already stored].
@@ -58,9 +73,10 @@ LEFT JOIN sessions s ON s.id = json_extract(r.value, '$[0]')
 LEFT JOIN events e ON e.session = s.id AND e.msg_id = json_extract(r.value, '$[1]')
     AND e.role = json_extract(r.value, '$[2]')"""
 SQL_INSERT_ALL = """
-INSERT INTO events (session, seq, kind, msg_id, text, meta, ts)
+INSERT INTO events (session, seq, kind, msg_id, text, meta, lease_owner, lease_until, ts)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
-       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), ?
+       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'),
+       json_extract(value, '$[6]'), json_extract(value, '$[7]'), ?
 FROM json_each(?) ORDER BY key"""
 SQL_CREATE_ALL = """
 INSERT INTO sessions (id, owner, last_seq, created_at, updated_at)
@@ -70,8 +86,29 @@ SQL_LOOKUP = """
 SELECT s.last_seq, s.updated_at, e.seq FROM sessions s
 LEFT JOIN events e ON e.session = s.id AND e.msg_id = ? AND e.role = ? WHERE s.id = ?"""
 SQL_INSERT = (
-    "INSERT INTO events (session, seq, kind, msg_id, text, meta, ts) VALUES (?,?,?,?,?,?,?)"
+    "INSERT INTO events (session, seq, kind, msg_id, text, meta, lease_owner, lease_until, ts)"
+    " VALUES (?,?,?,?,?,?,?,?,?)"
 )
+# Claim (contract 6): one UPDATE takes the lapsed leases, atomically against every other
+# writer (SQLite has one writer at a time). ?1 owner, ?2 new deadline, ?3 now, ?4 session or
+# NULL for all sessions, ?5 limit. The inner query walks the partial index events_lease.
+SQL_CLAIM = """
+UPDATE events SET lease_owner = ?1, lease_until = ?2 WHERE rowid IN (
+    SELECT u.rowid FROM events u WHERE u.kind = 'user' AND u.lease_until > 0
+    AND u.lease_until < ?3 AND (?4 IS NULL OR u.session = ?4)
+    AND NOT EXISTS (SELECT 1 FROM events f WHERE f.session = u.session
+                    AND f.msg_id = u.msg_id AND f.role = 'final')
+    ORDER BY u.lease_until LIMIT ?5)
+RETURNING session, seq, kind, msg_id, text, meta, ts"""
+# Renew: ?1 new deadline, ?2 owner, ?3 a JSON array of [session, msg_id] pairs.
+SQL_RENEW = """
+UPDATE events SET lease_until = ?1 WHERE kind = 'user' AND lease_owner = ?2
+AND lease_until > 0 AND (session, msg_id) IN
+    (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?3))
+RETURNING session, msg_id"""
+SQL_RENEW_ONE = """
+UPDATE events SET lease_until = ?1 WHERE kind = 'user' AND lease_owner = ?2
+AND lease_until > 0 AND session = ?3 AND msg_id = ?4 RETURNING session, msg_id"""
 NUL = b"\\u0000"  # how orjson writes a NUL (a literal backslash-u0000 also matches: harmless)
 
 

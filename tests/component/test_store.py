@@ -290,6 +290,80 @@ def test_unanswered(store: Store) -> None:
     run(main())
 
 
+def test_lease_held_by_the_appender_until_it_lapses(make_store: MakeStore) -> None:
+    """Contract 6: a new message is leased to its appender; nobody claims it before it lapses,
+    then exactly one claimer does; the final releases it; a duplicate changes nothing."""
+    a, b = make_store(), make_store()
+
+    async def main() -> None:
+        async with opened(a, b):
+            assert a.owner != b.owner
+            s = await a.create_session("")
+            await a.append_user(s, "m1", "q1", "model-x", lease_s=30)
+            await a.append_user(s, "m2", "q2", "m", lease_s=0.2)
+            await b.append_user(s, "m2", "again", "m", lease_s=30)  # a duplicate: no lease
+            assert await b.claim(s, 30, 10) == [] and await b.claim(None, 30, 100) == []
+            await asyncio.sleep(0.35)
+            got = await asyncio.gather(*(st.claim(s, 30, 10) for st in (a, b, a, b)))
+            assert sum(len(g) for g in got) == 1  # atomic: one claimer only
+            [ev] = [e for g in got for e in g]
+            assert (ev.session, ev.seq, ev.kind, ev.msg_id, ev.text) == (s, 2, "user", "m2", "q2")
+            assert await a.claim(s, 30, 10) == await b.claim(s, 30, 10) == []  # held again
+            # The final (by anyone) releases: nothing left to claim even once it would lapse.
+            await a.append_final(s, "m1", "reply", "r", {})
+            await a.append_final(s, "m2", "error", "e", {"code": "internal"})
+            assert await a.renew(s, ["m1", "m2"], 30) == set()
+            assert await b.renew(s, ["m1", "m2"], 30) == set()
+
+    run(main())
+
+
+def test_renew_keeps_only_the_owners_leases(make_store: MakeStore) -> None:
+    a, b = make_store(), make_store()
+
+    async def main() -> None:
+        async with opened(a, b):
+            s = await a.create_session("")
+            for mid in ("x", "y"):
+                await a.append_user(s, mid, mid, "m", lease_s=0.3)
+            assert await b.renew(s, ["x", "y"], 30) == set()  # not b's
+            assert await a.renew(s, ["x", "y", "nope"], 0.3) == {"x", "y"}
+            # Renewed in the same tick: one round trip; x is extended, y handed over (0 s).
+            held = await asyncio.gather(a.renew(s, ["x"], 30), a.renew(s, ["y"], 0))
+            assert held == [{"x"}, {"y"}]
+            await asyncio.sleep(0.05)
+            [ev] = await b.claim(s, 30, 10)  # y lapsed at once; x is still a's
+            assert ev.msg_id == "y"
+            assert await a.renew(s, ["x", "y"], 30) == {"x"}  # y is b's now: a must stop
+            assert await b.renew(s, ["y"], 30) == {"y"}
+
+    run(main())
+
+
+def test_sweep_claims_across_sessions_with_a_limit(make_store: MakeStore) -> None:
+    """``claim(None, ...)``: lapsed messages of every session, up to ``limit`` per call, each
+    once; answered ones never."""
+    a, b = make_store(), make_store()
+
+    async def main() -> None:
+        async with opened(a, b):
+            sessions = [await a.create_session("") for _ in range(3)]
+            for s in sessions:
+                for mid in ("p", "q"):
+                    await a.append_user(s, mid, f"{s}{mid}", "m", lease_s=0.1)
+            await a.append_final(sessions[0], "p", "reply", "r", {})
+            await asyncio.sleep(0.25)
+            first = await b.claim(None, 30, 3)
+            rest = await a.claim(None, 30, 100)
+            mine = {(e.session, e.msg_id) for e in first + rest if e.session in sessions}
+            assert len(first) <= 3 and len(mine) == 5
+            assert (sessions[0], "p") not in mine
+            assert all(e.text == f"{e.session}{e.msg_id}" for e in first + rest)
+            assert await b.claim(None, 30, 100) == []
+
+    run(main())
+
+
 def test_ttl_expiry(make_store: MakeStore, backend: str) -> None:
     store = make_store(ttl=1)
     # SQLite deletes in expire(); Redis has already deleted by key TTL, so expire() finds none.
@@ -434,7 +508,7 @@ def test_sqlite_file_settings(tmp_path: Path) -> None:
     s = run(main())
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    assert db.execute("PRAGMA user_version").fetchone() == (2,)
     with pytest.raises(sqlite3.IntegrityError):  # the file itself refuses a second user row
         db.execute(
             "INSERT INTO events (session, seq, kind, msg_id, text, meta, ts)"
@@ -454,6 +528,35 @@ def test_sqlite_file_settings(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StoreError, match="newer"):
         run(SqliteStore(str(path), 60).open())
+
+
+def test_sqlite_migration_2_leases_unanswered_messages(tmp_path: Path) -> None:
+    """A version-1 file: its unanswered messages get a lapsed lease (claimable at once)."""
+    from chatd.store import sqlite_sql
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    for statement in sqlite_sql.MIGRATIONS[1]:
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    now = time.time()
+    db.execute("INSERT INTO sessions VALUES ('s1', '', 0, ?, ?)", (now, now))
+    rows = [(1, "user", "a"), (2, "reply", "a"), (3, "user", "b")]
+    for seq, kind, mid in rows:
+        db.execute(
+            "INSERT INTO events (session, seq, kind, msg_id, text, meta, ts)"
+            " VALUES ('s1', ?, ?, ?, 't', '{}', ?)",
+            (seq, kind, mid, now),
+        )
+    db.close()
+
+    async def main() -> list[Event]:
+        async with opened(store := SqliteStore(str(path), 3600)):
+            return await store.claim(None, 30, 10)
+
+    [ev] = run(main())
+    assert (ev.session, ev.msg_id, ev.seq) == ("s1", "b", 3)
 
 
 def test_sqlite_append_is_committed_when_it_returns(tmp_path: Path) -> None:
@@ -717,7 +820,8 @@ def test_redis_keys_slot_and_ttl(redis_url: str) -> None:
             s = await store.create_session("o")
             await store.append_user(s, "m1", "q", "m")
             keys = sorted(raw.keys(f"chatd:s:{{{s}}}:*"))
-            assert keys == [f"chatd:s:{{{s}}}:{k}" for k in ("ids", "log", "meta", "pending")]
+            names = ("ids", "lease", "log", "meta", "pending")
+            assert keys == [f"chatd:s:{{{s}}}:{k}" for k in names]
             assert len({key_slot(k.encode()) for k in keys}) == 1
             assert all(90 <= raw.ttl(k) <= 100 for k in keys)
             for k in keys:
@@ -725,9 +829,11 @@ def test_redis_keys_slot_and_ttl(redis_url: str) -> None:
             assert (await store.append_user(s, "m1", "q", "m")).duplicate
             assert all(raw.pttl(k) <= 50_000 for k in keys)  # a duplicate is no activity
             await store.append_final(s, "m1", "reply", "r", {})
-            assert not raw.exists(keys[3])  # nothing pending: the sorted set is gone
-            assert all(raw.ttl(k) >= 90 for k in keys[:3])
-            assert raw.type(keys[1]) == "stream" and raw.xrange(keys[1])[0][0] == "1-0"
+            assert not raw.exists(keys[4]) and not raw.exists(keys[1])  # no pending, no lease
+            assert all(raw.ttl(k) >= 90 for k in (keys[0], keys[2], keys[3]))
+            assert raw.zscore("chatd:leases", f"{s} m1") is None  # released in the index too
+            keys = [keys[2], keys[3]]  # the stream and the meta hash, for the checks below
+            assert raw.type(keys[0]) == "stream" and raw.xrange(keys[0])[0][0] == "1-0"
             return s
 
     run(main())

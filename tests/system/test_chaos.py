@@ -1,0 +1,288 @@
+"""Zero loss under faults: workers SIGKILLed under load, every acknowledged message answered once.
+
+Two workers, CLIENTS clients of :class:`chatd.client.ChatClient` in one event loop sending
+continuously (at most OUTSTANDING messages awaiting an answer each), and a serving worker
+SIGKILLed every KILL_EVERY seconds for CHAOS_S seconds (pids from ``chatctl status --json``).
+Then quiet, until every outbox is empty and every acknowledged message is answered (bounded).
+
+Checked, from the store (the SQLite file or Redis, read directly):
+
+1. every stored user message has exactly one final event (reply or error);
+2. each session's seqs are 1..N, contiguous;
+
+and from what the clients received:
+
+3. no stored event (ack, reply, final error) was delivered twice, and seqs came in order;
+4. every acknowledged message got exactly one answer (reply or final error);
+5. every message the client sent was acknowledged (none lost before the ack either);
+
+and 6. the master's pid never changed. The lease is shortened (``CHATD_TEST_LEASE``) so the
+messages of a killed worker are taken over within the test: the figures (acknowledged,
+replies, takeovers, duplicates, lost) are printed per store (``pytest -s`` shows them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from chatd.client import Ack, ChatClient, Error, Event, Reply
+from chatd.fake_ollama import FakeOllama, FakeOllamaThread
+from tests.support import Chatd, fake_config, running_chatd, t
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
+
+CLIENTS = 50
+OUTSTANDING = 2  # messages a client has awaiting an answer at most
+SEND_PAUSE = (0.1, 0.4)  # seconds between two sends of a client
+KILL_EVERY = 2.0
+CHAOS_S = 30.0
+QUIET_S = 90.0  # bound on the wait for every answer after the chaos
+LEASE = "2"  # seconds (CHATD_TEST_LEASE): renewed every 0.67 s, lapses 2 s after a kill
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOllama]:
+    # 10 tokens 30 ms apart: a reply takes ~0.3 s, so kills often land mid-generation.
+    with FakeOllamaThread(
+        FakeOllama(["qwen2.5-coder:7b"], tokens=10, token_ms=30, first_token_ms=20)
+    ) as f:
+        yield f
+
+
+class Tally:
+    """What one client received, for the invariants 3-5."""
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self.acked: dict[str, int] = {}
+        self.answers: Counter[str] = Counter()
+        self.sent: set[str] = set()
+        self.changed: asyncio.Event | None = None  # set on each event, once a test waits
+
+    async def wait(self, cond: Callable[[], bool], within: float) -> None:
+        """Wait (bounded) until ``cond()`` holds, re-checked after each event."""
+        self.changed = asyncio.Event()
+        async with asyncio.timeout(t(within)):
+            while not cond():
+                self.changed.clear()
+                await self.changed.wait()
+
+    def __call__(self, event: Event) -> None:
+        if self.changed is not None:
+            self.changed.set()
+        if isinstance(event, Ack):
+            self.seqs.append(event.seq)
+            self.acked.setdefault(event.id, event.seq)
+        elif isinstance(event, Reply) or (isinstance(event, Error) and event.seq):
+            assert event.id is not None and event.seq is not None
+            self.seqs.append(event.seq)
+            self.answers[event.id] += 1
+
+    @property
+    def unanswered(self) -> int:
+        return sum(1 for m in self.acked if not self.answers[m])
+
+
+async def _client(url: str, stop: asyncio.Event, tally: Tally) -> ChatClient:
+    client = ChatClient(
+        url,
+        on_event=tally,
+        initial_delay=0.05,
+        max_delay=0.5,
+        stall_timeout=3.0,  # the fallback when a reply lands on a worker it is not on
+    )
+    await client.connect()
+    n = 0
+    while not stop.is_set():
+        if len(tally.sent) - sum(1 for m in tally.sent if tally.answers[m]) < OUTSTANDING:
+            n += 1
+            tally.sent.add(await client.send(f"message {n} of {id(tally) % 9973}"))
+        await asyncio.sleep(random.uniform(*SEND_PAUSE))
+    return client
+
+
+def _killer(d: Chatd, pids: list[int], takeovers: dict[int, int]) -> None:
+    """In a thread: SIGKILL a ready worker every KILL_EVERY s for CHAOS_S s."""
+    end = time.monotonic() + t(CHAOS_S)
+    while time.monotonic() < end:
+        time.sleep(KILL_EVERY)
+        st = d.status()
+        if st is None:
+            continue
+        for w in st["workers"]:
+            takeovers[w["pid"]] = max(takeovers.get(w["pid"], 0), w.get("takeovers_total", 0))
+        ready = [w["pid"] for w in st["workers"] if w["state"] == "ready"]
+        if ready:
+            pid = random.choice(ready)
+            os.kill(pid, signal.SIGKILL)
+            pids.append(pid)
+
+
+def _store_logs_sqlite(db: Path) -> dict[str, list[tuple[int, str, str]]]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT session, seq, kind, msg_id FROM events ORDER BY session, seq")
+        logs: dict[str, list[tuple[int, str, str]]] = {}
+        for session, seq, kind, msg_id in rows:
+            logs.setdefault(session, []).append((seq, kind, msg_id))
+    return logs
+
+
+def _store_logs_redis(url: str, sessions: list[str]) -> dict[str, list[tuple[int, str, str]]]:
+    raw = redis.Redis.from_url(url, decode_responses=True)
+    logs = {}
+    for s in sessions:
+        entries = raw.xrange(f"chatd:s:{{{s}}}:log")
+        logs[s] = [(int(i.partition("-")[0]), f["k"], f["m"]) for i, f in entries]
+    return logs
+
+
+def _chaos(d: Chatd, store: str, redis_url: str | None) -> dict[str, Any]:
+    master = d.status()
+    assert master is not None
+    master_pid = master["master"]["pid"]
+    tallies = [Tally() for _ in range(CLIENTS)]
+    killed: list[int] = []
+    takeovers: dict[int, int] = {}
+
+    async def main() -> list[ChatClient]:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(_client(d.url, stop, tl)) for tl in tallies]
+        await asyncio.to_thread(_killer, d, killed, takeovers)
+        stop.set()
+        clients = await asyncio.gather(*tasks)
+        # Quiet: every outbox empty, every acknowledged message answered (bounded).
+        deadline = time.monotonic() + t(QUIET_S)
+        while time.monotonic() < deadline:
+            if all(c.pending == 0 for c in clients) and all(not tl.unanswered for tl in tallies):
+                break
+            await asyncio.sleep(0.2)
+        for c in clients:
+            await c.close()
+        return clients
+
+    clients = asyncio.run(main())
+    st = d.status()
+    assert st is not None
+    for w in st["workers"]:
+        takeovers[w["pid"]] = max(takeovers.get(w["pid"], 0), w.get("takeovers_total", 0))
+    # The log counts every takeover, also of workers killed before a status poll saw it.
+    logged = sum(int(n) for n in re.findall(r"takeover: (\d+) unanswered", d.log()))
+
+    sessions = [c.session for c in clients if c.session]
+    assert len(sessions) == CLIENTS
+    logs = _store_logs_sqlite(d.db) if redis_url is None else _store_logs_redis(redis_url, sessions)
+    # 1-2. From the store.
+    stored_users = finals = 0
+    problems: list[str] = []
+    for s in sessions:
+        log = logs.get(s, [])
+        if [seq for seq, _, _ in log] != list(range(1, len(log) + 1)):
+            problems.append(f"session {s[:8]}: seqs not contiguous")
+        kinds = Counter((kind == "user", m) for _, kind, m in log)
+        for is_user, m in kinds:
+            if is_user:
+                stored_users += 1
+                answers = kinds.get((False, m), 0)
+                finals += answers
+                if answers != 1:
+                    problems.append(f"{s[:8]}/{m}: {answers} final events")
+    # 3-5. From the clients.
+    duplicates = lost = acked = replies = unsent = 0
+    for tl in tallies:
+        duplicates += len(tl.seqs) - len(set(tl.seqs))
+        if tl.seqs != sorted(tl.seqs):
+            problems.append("seqs delivered out of order")
+        acked += len(tl.acked)
+        replies += sum(tl.answers.values())
+        duplicates += sum(n - 1 for n in tl.answers.values() if n > 1)
+        lost += tl.unanswered
+        unsent += len(tl.sent - set(tl.acked))
+    final_status = d.status()
+    assert final_status is not None
+    figures = {
+        "store": store,
+        "clients": CLIENTS,
+        "workers_killed": len(killed),
+        "acknowledged": acked,
+        "stored_user_messages": stored_users,
+        "replies_or_final_errors": replies,
+        "stored_finals": finals,
+        "takeovers_status": sum(takeovers.values()),
+        "takeovers_logged": logged,
+        "duplicates": duplicates,
+        "lost": lost + unsent,
+    }
+    print(f"\nCHAOS {json.dumps(figures)}")
+    assert final_status["master"]["pid"] == master_pid, "the master was replaced"
+    assert len(killed) >= int(CHAOS_S / KILL_EVERY) - 2
+    assert not problems, problems[:20]
+    assert duplicates == 0 and lost == 0 and unsent == 0, figures
+    assert acked == stored_users == replies == finals, figures
+    assert logged > 0, "no message was taken over: the kills never hit a generation?"
+    return figures
+
+
+def test_chaos_sqlite(fake: FakeOllama, tmp_path: Path) -> None:
+    with running_chatd(
+        tmp_path,
+        fake.url,
+        workers=2,
+        env={"CHATD_TEST_LEASE": LEASE},
+        limits={"messages_per_minute": 600},
+    ) as d:
+        _chaos(d, "sqlite", None)
+
+
+def test_chaos_redis(fake: FakeOllama, tmp_path: Path, redis_url: str) -> None:
+    with running_chatd(
+        tmp_path,
+        fake.url,
+        workers=2,
+        env={"CHATD_TEST_LEASE": LEASE},
+        sessions={"store": redis_url},
+        limits={"messages_per_minute": 600},
+    ) as d:
+        _chaos(d, "redis", redis_url)
+
+
+def test_takeover_after_sigkill_reaches_the_resumed_client(
+    fake: FakeOllama, tmp_path: Path
+) -> None:
+    """One worker, SIGKILLed mid-reply: the client resumes on its replacement, and once the
+    lease lapsed the message is generated again there and answered live, exactly once; the
+    replacement counts the takeover in ``chatctl status --json`` (``takeovers_total``)."""
+    with running_chatd(tmp_path, fake.url, workers=1, env={"CHATD_TEST_LEASE": LEASE}) as d:
+        fake_config(fake.url, token_ms=200, tokens=20)
+        tally = Tally()
+
+        async def main() -> None:
+            async with ChatClient(d.url, on_event=tally, initial_delay=0.05) as client:
+                msg_id = await client.send("slow one")
+                await tally.wait(lambda: msg_id in tally.acked, 10)
+                await asyncio.sleep(0.5)  # mid-generation
+                os.kill(int(client.worker.split("/")[1]), signal.SIGKILL)
+                await tally.wait(lambda: tally.answers[msg_id] > 0, 30)
+                await asyncio.sleep(0.5)  # nothing more may come
+
+        try:
+            asyncio.run(main())
+        finally:
+            fake_config(fake.url, token_ms=30, tokens=10)
+        assert dict(tally.answers) == {next(iter(tally.acked)): 1}
+        assert len(tally.seqs) == len(set(tally.seqs)) == 2
+        st = d.status()
+        assert st is not None and st["workers"][0]["takeovers_total"] == 1
