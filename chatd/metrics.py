@@ -281,6 +281,19 @@ def render(data: Mapping[str, Any]) -> str:
         out.sample(
             "chatd_slot_refusals_total", n(slots.get(f"refused_{reason}_total")), {"reason": reason}
         )
+    out.family(
+        "chatd_worker_resident_memory_bytes", "gauge", "RSS of each worker (sampled every second)."
+    )
+    for m in data.get("memory") or ():
+        if isinstance(m, Mapping):
+            labels = {"slot": str(m.get("slot")), "generation": str(m.get("generation"))}
+            out.sample("chatd_worker_resident_memory_bytes", n(m.get("rss")), labels)
+    out.single(
+        "chatd_worker_memory_limit_bytes",
+        "gauge",
+        "[server] max_worker_rss_mb in bytes: a worker above it is recycled (0 = off).",
+        n(data.get("memory_limit")),
+    )
     out.single(
         "chatd_worker_restarts_total",
         "counter",

@@ -123,6 +123,13 @@ class Services:
     def _metrics(self, worker: Worker, msg: dict[str, Any]) -> None:
         live = [(w.state, w.stats) for w in self.workers.by_pid.values()]
         data = aggregate(live, self.retired, self.granter.statistics(), self.workers.restarts_total)
+        # RSS is sampled by the master (psutil, every second), not reported by the workers.
+        data["memory"] = [
+            {"slot": w.slot, "generation": w.generation, "rss": w.rss}
+            for w in self.workers.by_pid.values()
+            if w.rss
+        ]
+        data["memory_limit"] = worker.cfg.server.max_worker_rss_mb * 1024 * 1024
         self.workers.tell(worker, {proto.T: proto.METRICS, "rid": msg.get("rid"), "data": data})
 
     def _exited(self, worker: Worker) -> None:

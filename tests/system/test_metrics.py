@@ -86,6 +86,10 @@ def test_metrics_are_daemon_wide_whichever_worker_answers(chatd: Chatd) -> None:
         ttft = fams["chatd_time_to_first_token_seconds"]
         assert [v for n, _, v in ttft.samples if n.endswith("_count")] == [MESSAGES]
         assert fams["chatd_errors_total"].value(code="busy") == 0
+        rss = {
+            labels["slot"]: v for _, labels, v in fams["chatd_worker_resident_memory_bytes"].samples
+        }
+        assert set(rss) == {"1", "2"} and all(v > 10 * 1024 * 1024 for v in rss.values()), rss
         assert fams["chatd_queue_depth"].value() == 0
         assert fams["chatd_queue_max"].value() == 32
         assert fams["chatd_backend_in_flight"].value(backend=backend) == 0
