@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -67,6 +68,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
+_SYSLOG_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+
+class JournalPrefix(logging.Formatter):
+    """Prefixes each line with its syslog priority (``<3>`` for ERROR, ...), which journald
+    reads from a service's stderr, so ``journalctl -p err`` finds chatd's errors."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_SYSLOG_PRIORITY.get(record.levelname, 6)}>"
+        # Every line of a multi-line record (a traceback) carries it, or journald would
+        # store the continuation lines at the default priority.
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
 class _ChatdHandler(logging.StreamHandler[TextIO]):
     """Marks the handler this module installed, so a second setup replaces it."""
 
@@ -82,7 +101,11 @@ def setup_logging(cfg: LogConfig, role: str, stream: TextIO | None = None) -> No
     for old in [h for h in root.handlers if isinstance(h, _ChatdHandler)]:
         root.removeHandler(old)
     handler = _ChatdHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if cfg.format == "json" else TextFormatter())
+    formatter: logging.Formatter = JsonFormatter() if cfg.format == "json" else TextFormatter()
+    # JOURNAL_STREAM is set by systemd when stderr goes to the journal (and only then).
+    if stream is None and os.environ.get("JOURNAL_STREAM"):
+        formatter = JournalPrefix(formatter)
+    handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(cfg.level.upper())
     # websockets logs its own line per connection open and close, which chatd.session's
