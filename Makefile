@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests use (installed only when missing; needs root or sudo).
-DEBS   := redis-server chromium shellcheck prometheus
+DEBS   := redis-server chromium shellcheck prometheus nginx-light
 
 .PHONY: run test install lint typecheck unit clean
 
