@@ -8,8 +8,16 @@ and a zero-delay backend costs one frame per read instead of one per token (a We
 costs ~15 µs of CPU, DESIGN.md "Where the time goes").
 
 While a resumed connection replays the stored log, live frames are held back and released
-after the replay, minus the final events the replay already carried (deduplicated by
-``seq``), so the client sees every event exactly once and in order.
+after the replay, minus the final events the replay already carried.
+
+A stored event (a frame queued with its ``seq``) reaches a connection at most once: by the
+replay, live from the generation on this worker, or forwarded from the log when another
+worker stored it (live handoff, :meth:`chatd.generation.Hub.on_stored`). The outbox remembers
+a *floor* (every stored event up to it was sent or replayed) and the seqs sent above it, and
+drops a stored event it already sent. The floor only rises: at the replay, and when a forward
+delivered every final of the log up to some seq (:meth:`Outbox.advance`). Not a plain
+"highest seq sent": finals of one session stored by two workers may reach a connection out
+of seq order (a local reply with seq 6 published before the forwarded one with seq 5).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from chatd.proto.chat import token_frame
+
+MAX_SENT = 4096  # stored seqs remembered above the floor; beyond, the floor rises to the oldest
 
 
 class FrameSink(Protocol):
@@ -46,13 +56,14 @@ class Outbox:
         self._queue: deque[bytes | _Tokens] = deque()
         self._wake = asyncio.Event()
         self._held: list[tuple[bytes | _Tokens, int]] | None = None
-        self._replayed_upto = 0
+        self._floor = 0
+        self._sent: set[int] = set()
         self._empty = asyncio.Event()
         self._empty.set()
         self.closed = False
 
     def put(self, frame: bytes, seq: int = 0, reply_to: str | None = None) -> None:
-        """Queue a frame; ``seq`` > 0 marks a stored event (deduplicated after a replay).
+        """Queue a frame; ``seq`` > 0 marks a stored event, dropped if already sent or replayed.
 
         ``reply_to`` marks the frame as the whole reply to that message: token text of it
         still queued right before is dropped, since the reply carries it all (the protocol
@@ -63,7 +74,7 @@ class Outbox:
         if self._held is not None:
             self._held.append((frame, seq))
             return
-        if seq and seq <= self._replayed_upto:
+        if seq and not self._first(seq):
             return
         queue = self._queue
         if reply_to is not None and queue:
@@ -98,16 +109,43 @@ class Outbox:
         self._held = []
 
     def release(self, replayed_upto: int, replay: Sequence[bytes] = ()) -> None:
-        """Queue ``replay``, then the held frames but stored events with seq <= replayed_upto."""
+        """Queue ``replay`` (every stored event up to ``replayed_upto``), then the held frames
+        but the stored events already sent or replayed."""
         held, self._held = self._held or [], None
-        self._replayed_upto = replayed_upto
+        self.advance(replayed_upto)
         self._queue.extend(replay)
         for item, seq in held:
-            if isinstance(item, _Tokens) or not seq or seq > replayed_upto:
+            if isinstance(item, _Tokens) or not seq or self._first(seq):
                 self._queue.append(item)
         if self._queue:
             self._empty.clear()
             self._wake.set()
+
+    @property
+    def holding(self) -> bool:
+        """True between :meth:`hold` and :meth:`release`."""
+        return self._held is not None
+
+    @property
+    def floor(self) -> int:
+        """Every stored event with a seq up to this one was sent (or replayed) already."""
+        return self._floor
+
+    def advance(self, upto: int) -> None:
+        """Record that every stored event up to ``upto`` was queued (a replay, or a forward
+        from the log); a lower ``upto`` changes nothing."""
+        if upto > self._floor:
+            self._floor = upto
+            self._sent = {seq for seq in self._sent if seq > upto}
+
+    def _first(self, seq: int) -> bool:
+        """True (and remember it) unless the stored event ``seq`` was sent already."""
+        if seq <= self._floor or seq in self._sent:
+            return False
+        self._sent.add(seq)
+        if len(self._sent) > MAX_SENT:  # a long connection: forget the oldest (never resent)
+            self.advance(min(self._sent))
+        return True
 
     async def run(self) -> None:
         """Write queued frames until cancelled or the connection fails."""

@@ -11,6 +11,12 @@
 * **Metrics**: ``metrics_request {rid}`` is answered with ``metrics {rid, data}``, the
   daemon-wide figures of :func:`chatd.metrics.aggregate`, which the worker renders for
   ``GET /metrics``.
+* **Live handoff**: a worker that resumed a session whose reply another worker generates
+  sends ``watch {rid, session}`` (answered ``watching {rid, session}`` once registered) and
+  ``unwatch {session}`` when its last client of the session leaves; a worker that stored a
+  final with no client of the session of its own sends ``stored {session, seq}``, which is
+  forwarded to every other worker watching the session (and dropped when none does). The
+  watches of a worker that exits go with it.
 
 On the wire a backend is an index into the worker's own ``[[llm.backends]]`` list (its
 ``cfg``); the granter names backends by :func:`chatd.slotgrant.backend_keys` (their base
@@ -51,6 +57,9 @@ class Services:
         self.retired = Retired()
         # pid -> the worker's backend keys, and key -> index (its cfg never changes).
         self._maps: dict[int, tuple[tuple[str, ...], dict[str, int]]] = {}
+        # session -> the pids watching it, and pid -> the sessions it watches.
+        self.watchers: dict[str, set[int]] = {}
+        self._watched: dict[int, set[str]] = {}
         self.configure(cfg)
         workers.handlers.update(
             {
@@ -59,6 +68,9 @@ class Services:
                 proto.SLOT_CANCEL: self._cancel,
                 proto.HEALTH: self._health,
                 proto.METRICS_REQUEST: self._metrics,
+                proto.WATCH: self._watch,
+                proto.UNWATCH: self._unwatch,
+                proto.STORED: self._stored,
             }
         )
         workers.on_exit.append(self._exited)
@@ -132,8 +144,47 @@ class Services:
         data["memory_limit"] = worker.cfg.server.max_worker_rss_mb * 1024 * 1024
         self.workers.tell(worker, {proto.T: proto.METRICS, "rid": msg.get("rid"), "data": data})
 
+    def _watch(self, worker: Worker, msg: dict[str, Any]) -> None:
+        session = msg.get("session")
+        if not isinstance(session, str):
+            log.warning("worker %d: watch without a session: %r", worker.slot, msg)
+            return
+        self.watchers.setdefault(session, set()).add(worker.pid)
+        self._watched.setdefault(worker.pid, set()).add(session)
+        answer = {proto.T: proto.WATCHING, "rid": msg.get("rid"), "session": session}
+        self.workers.tell(worker, answer)
+
+    def _unwatch(self, worker: Worker, msg: dict[str, Any]) -> None:
+        session = msg.get("session")
+        if isinstance(session, str):
+            self._drop_watch(worker.pid, session)
+
+    def _drop_watch(self, pid: int, session: str) -> None:
+        pids = self.watchers.get(session)
+        if pids is not None:
+            pids.discard(pid)
+            if not pids:
+                del self.watchers[session]
+        sessions = self._watched.get(pid)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._watched[pid]
+
+    def _stored(self, worker: Worker, msg: dict[str, Any]) -> None:
+        session, seq = msg.get("session"), msg.get("seq")
+        if not isinstance(session, str) or not isinstance(seq, int):
+            return
+        notice = {proto.T: proto.STORED, "session": session, "seq": seq}
+        for pid in self.watchers.get(session, ()):
+            watcher = self.workers.by_pid.get(pid)
+            if watcher is not None and pid != worker.pid:
+                self.workers.tell(watcher, notice)
+
     def _exited(self, worker: Worker) -> None:
         self._maps.pop(worker.pid, None)
+        for session in list(self._watched.get(worker.pid, ())):
+            self._drop_watch(worker.pid, session)
         self.retired.fold(worker.stats)
         held = sum(self.granter.held(worker.pid).values())
         if held:

@@ -222,3 +222,9 @@ async def _hello(
         await state.hub.take_over(info.session)
     except StoreError as exc:  # not fatal to the hello: the sweep will take them later
         log.warning("takeover on resume of %s failed: %s", info.session[:8], exc)
+    # Messages another worker is still generating (it lives, or a sweep took them): the
+    # master forwards the notice of their stored reply here, and it is published live.
+    try:
+        await state.hub.watch(info.session)
+    except StoreError as exc:  # not fatal: the client's stall fallback resumes it later
+        log.warning("watch on resume of %s failed: %s", info.session[:8], exc)

@@ -74,7 +74,7 @@ class Worker:
         self.link = MasterLink.from_spec(spec)
         # The master grants the LLM slots of every worker: the cap is daemon-wide.
         self.slots = MasterSlots(self.cfg.llm.backends, self.link.send)
-        self.hub = Hub(self.cfg, self.store, self.relay, self.slots)
+        self.hub = Hub(self.cfg, self.store, self.relay, self.slots, self.link)
         self.state = WorkerState(
             hub=self.hub,
             store=self.store,
@@ -230,6 +230,10 @@ class Worker:
         kind = msg.get("t")
         if kind in MasterSlots.MESSAGES:
             self.slots.on_message(msg)
+        elif kind == proto.STORED:
+            session = msg.get("session")
+            if isinstance(session, str):
+                self.hub.on_stored(session)
         elif kind == "drain":
             self.state.handover = bool(msg.get("handover", False))
             self.request_stop(False)

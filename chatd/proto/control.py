@@ -20,12 +20,13 @@ worker -> master
     the worker's event loop (it doubles as the heartbeat, so a blocked loop goes silent);
     ``draining`` to acknowledge a drain order. LLM slots: ``slot_acquire {rid, exclude}``,
     ``slot_release {backend, count}``, ``slot_cancel {rid}``, ``health {backend, healthy}``; and
-    ``metrics_request {rid}`` (see the constants below).
+    ``metrics_request {rid}``; live handoff: ``watch {rid, session}``, ``unwatch {session}``,
+    ``stored {session, seq}`` (see the constants below).
 master -> worker
     ``drain {timeout}``: stop accepting, finish the replies in flight, close clients with 1001,
     exit 0. ``stop``: exit now. LLM slots: ``slot_grant {rid, backend, lease}``,
     ``slot_queued {rid, position}``, ``slot_refused {rid, reason}``, ``slot_recall``;
-    ``metrics {rid, data}``.
+    ``metrics {rid, data}``; ``watching {rid, session}``, ``stored {session, seq}``.
 chatctl -> master
     ``{"t": "status"}``; the master answers ``{"t": "status", "ok": true, "data": {...}}`` or
     ``{"t": ..., "ok": false, "error": "one sentence"}``. A request may carry an ``id``, which the
@@ -83,6 +84,12 @@ SLOT_REFUSED = "slot_refused"  # master -> worker {rid, reason: "busy" | "unavai
 # Daemon-wide metrics for /metrics (chatd.metrics): request and answer, matched by ``rid``.
 METRICS_REQUEST = "metrics_request"  # worker -> master {rid}
 METRICS = "metrics"  # master -> worker {rid, data}
+# Live handoff (chatd.services.Services, chatd.generation.Hub): a worker that resumed a session
+# whose reply another worker generates watches it, and gets the finals stored elsewhere.
+WATCH = "watch"  # worker -> master {rid, session}: send me the stored{} of this session
+WATCHING = "watching"  # master -> worker {rid, session}: the watch is registered
+UNWATCH = "unwatch"  # worker -> master {session}: its last subscriber here left
+STORED = "stored"  # worker -> master, master -> watchers {session, seq}: a final was stored
 
 
 def encode(msg: Mapping[str, Any], *, max_frame: int = MAX_FRAME) -> bytes:

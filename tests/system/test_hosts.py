@@ -27,7 +27,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +128,11 @@ def _collect(c: Client, until: float, pred: Any) -> list[dict[str, Any]]:
 
 
 def test_host_killed_mid_reply_client_resumes_on_other_host(
-    fake: FakeOllama, tmp_path: Path, redis_url: str
+    fake: FakeOllama, tmp_path: Path, start_redis: Callable[..., Any]
 ) -> None:
+    # A Redis of its own: the shared one holds other tests' unanswered messages, which host
+    # B's sweeps would rightly take over too.
+    redis_url = start_redis().url
     with _hosts(tmp_path, fake.url, redis_url) as (a, b):
         rx = Received()
         c = Client(a.url)

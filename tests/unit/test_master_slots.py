@@ -45,6 +45,7 @@ class FakeWorker:
     generation: int = 1
     state: str = "ready"
     stats: dict[str, Any] = field(default_factory=dict)
+    rss: int = 0  # sampled by the master (psutil), read by the metrics answer
     inbox: Callable[[dict[str, Any]], None] = lambda msg: None
 
 
