@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import random
 import signal
 import time
@@ -353,6 +354,9 @@ def _child(job: LoadJob, pipe: Connection, progress: Counter) -> None:
             await readable
         finally:
             loop.remove_reader(pipe.fileno())
+            # The event loop made the pipe non-blocking; the result sent later can be larger
+            # than the pipe's buffer, and a partial write would corrupt the stream.
+            os.set_blocking(pipe.fileno(), True)
         msg = pipe.recv()
         if msg[0] != "go":
             raise RuntimeError("aborted")
