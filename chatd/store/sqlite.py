@@ -180,8 +180,10 @@ class SqliteStore:
     def _connect(self) -> None:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self._wdb = self._connection()
-            self._rdb = self._connection()
+            # Workers starting together open a new file at once: one of them turning it into
+            # WAL holds a lock the others must wait out, even for their first PRAGMA.
+            self._wdb = self._retrying(self._connection)
+            self._rdb = self._retrying(self._connection)
             self._retrying(self._setup)
             self._rdb.execute("PRAGMA query_only = ON")  # the reader never writes, by mistake
         except BaseException as exc:
@@ -197,7 +199,11 @@ class SqliteStore:
         db = sqlite3.connect(
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
-        db.execute("PRAGMA synchronous = NORMAL")  # per connection; durable across process death
+        try:
+            db.execute("PRAGMA synchronous = NORMAL")  # per connection; survives process death
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _setup(self) -> None:

@@ -946,3 +946,33 @@ def test_redis_killed_then_restarted(start_redis: Callable[..., Any]) -> None:
             assert (await store.append_user(s, "after", "q", "m")).seq == len(stored) + 1
 
     run(main())
+
+
+def _open_and_append(path: str) -> int:
+    """In a fresh process: open the store on ``path`` (maybe brand new), create a session,
+    append one message; the seq it got."""
+    from chatd.store.sqlite import SqliteStore
+
+    async def go() -> int:
+        s = SqliteStore(path, 3600)
+        await s.open()
+        try:
+            session = await s.create_session("")
+            return (await s.append_user(session, "m", "hi", "x")).seq
+        finally:
+            await s.close()
+
+    return asyncio.run(go())
+
+
+def test_workers_opening_a_new_sqlite_file_together(tmp_path: Path) -> None:
+    """Six processes open the same new file at once (workers starting together): none fails
+    with 'database is locked' while another turns the file into WAL and creates the schema."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for n in range(3):
+        path = str(tmp_path / f"fresh{n}" / "sessions.db")
+        with concurrent.futures.ProcessPoolExecutor(6, mp_context=ctx) as pool:
+            assert list(pool.map(_open_and_append, [path] * 6)) == [1] * 6
