@@ -20,7 +20,7 @@ model loaded less than ``keep_alive`` (minus a margin) ago; a first-token timeou
 
 Every failure leaves :meth:`Relay.generate` as an :class:`~chatd.errors.UpstreamError`
 whose ``message`` is one sentence for the client (see :mod:`chatd.relay_wire`) and which
-carries ``first_token_sent`` (see :func:`first_token_sent`). Cancelling the awaiting task
+carries ``first_token_sent`` (see :class:`chatd.errors.UpstreamError`). Cancelling the awaiting task
 closes the HTTP connection at once, which makes Ollama stop generating.
 """
 
@@ -62,16 +62,6 @@ _DRAIN_AFTER_DONE = 0.1
 # aiohttp warns that enable_cleanup_closed is useless where CPython fixed the SSL leak.
 _CLEANUP_CLOSED = sys.version_info < (3, 12, 7) or (3, 13) <= sys.version_info < (3, 13, 1)
 _JSON = {"Content-Type": "application/json"}
-
-
-def first_token_sent(exc: UpstreamError) -> bool:
-    """Whether ``on_token`` had already been called when ``exc`` ended a generation.
-
-    :meth:`Relay.generate` sets the attribute ``first_token_sent`` on every UpstreamError
-    it raises. Only while it is False may the caller retry (on this or another backend):
-    afterwards the client has seen part of a reply that a retry would not continue.
-    """
-    return exc.first_token_sent
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> aiohttp.ClientResponse:
@@ -342,7 +332,8 @@ class Relay:
             UpstreamRejected: HTTP 4xx, an error inside the stream, a protocol violation.
             asyncio.CancelledError: the caller cancelled; the connection is closed already.
 
-        Every UpstreamError raised carries ``first_token_sent`` (see :func:`first_token_sent`).
+        Every UpstreamError raised carries ``first_token_sent``: reply text had reached
+        the caller.
         """
         b = self._backends[backend]
         session = self._session(b)

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from chatd.config import BackendConfig, LLMConfig
 from chatd.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from chatd.relay import Relay, Reply, first_token_sent
+from chatd.relay import Relay, Reply
 from chatd.relay_wire import (
     LineSplitter,
     OllamaDecoder,
@@ -378,26 +378,26 @@ def test_an_error_line_inside_the_stream_is_rejected_after_the_first_token() -> 
     script = [chunk("partial"), b'{"error":"an error was encountered while running the model"}\n']
     err, got, *_ = run(generate({"POST /api/chat": script}))
     expect_error(err, UpstreamRejected, "while running the model", "during the reply")
-    assert first_token_sent(err) and got.tokens == ["partial"]
+    assert err.first_token_sent and got.tokens == ["partial"]
     assert err.code == "llm_error" and not err.retryable
 
 
 def test_a_stream_that_ends_without_done_is_unavailable() -> None:
     err, *_ = run(generate({"POST /api/chat": [chunk("a"), chunk("b")]}))
     expect_error(err, UpstreamUnavailable, "ended the stream before the reply was complete")
-    assert first_token_sent(err)
+    assert err.first_token_sent
 
 
 def test_a_dropped_connection_is_unavailable() -> None:
     err, *_ = run(generate({"POST /api/chat": [chunk("a"), 0.02, CLOSE]}))
     expect_error(err, UpstreamUnavailable, "before the reply was complete")
-    assert first_token_sent(err)
+    assert err.first_token_sent
 
 
 def test_a_malformed_line_is_a_protocol_violation() -> None:
     err, *_ = run(generate({"POST /api/chat": [b"<html>oops</html>\n"]}))
     expect_error(err, UpstreamRejected, "protocol", "<html>")
-    assert not first_token_sent(err)
+    assert not err.first_token_sent
 
 
 @pytest.mark.parametrize(
@@ -422,7 +422,7 @@ def test_http_errors_quote_the_backend(
     err, *_ = run(generate({"POST /api/chat": status(code, body)}))
     detail = error_detail(body)
     expect_error(err, kind, detail, *words)
-    assert not first_token_sent(err)
+    assert not err.first_token_sent
 
 
 def test_connection_refused_is_unavailable() -> None:
@@ -443,7 +443,7 @@ def test_connection_refused_is_unavailable() -> None:
 
         err = run(main())
     expect_error(err, UpstreamUnavailable, "unreachable", "connecting failed")
-    assert not first_token_sent(err)
+    assert not err.first_token_sent
 
 
 def test_connect_timeout_when_the_backend_never_accepts() -> None:
@@ -490,7 +490,7 @@ def test_first_token_deadline(route: Any) -> None:
     err, _, server, relay = run(generate({"POST /api/chat": route}))
     took = time.monotonic() - t
     expect_error(err, UpstreamTimeout, "no first token", "0.4 s")
-    assert not first_token_sent(err) and err.code == "llm_timeout" and err.retryable
+    assert not err.first_token_sent and err.code == "llm_timeout" and err.retryable
     assert 0.35 < took < 1.5
     assert server.in_flight == 0
     # A first-token timeout forgets that the model was loaded: /api/ps is asked again.
@@ -503,7 +503,7 @@ def test_idle_deadline_after_some_tokens() -> None:
     err, got, *_ = run(generate({"POST /api/chat": script}))
     took = time.monotonic() - t
     expect_error(err, UpstreamTimeout, "stopped sending tokens for 0.4 s")
-    assert first_token_sent(err) and got.tokens == ["a", "b", "c"]
+    assert err.first_token_sent and got.tokens == ["a", "b", "c"]
     assert 0.75 < took < 1.8  # 0.4 s of tokens, then 0.4 s idle
 
 
@@ -511,7 +511,7 @@ def test_total_deadline_with_steady_tokens() -> None:
     script = [x for i in range(100) for x in (chunk(str(i)), 0.05)]
     err, got, *_ = run(generate({"POST /api/chat": script}, total_timeout=0.6))
     expect_error(err, UpstreamTimeout, "did not finish the reply within 0.6 s")
-    assert first_token_sent(err) and 5 <= len(got.tokens) <= 14
+    assert err.first_token_sent and 5 <= len(got.tokens) <= 14
 
 
 def test_cold_model_gets_a_notice_and_the_load_timeout() -> None:
@@ -721,7 +721,7 @@ def test_openai_errors_in_stream_and_truncation() -> None:
     err_event = sse({"error": {"message": "the model crashed", "type": "server_error"}})
     err, *_ = run(generate({"POST /v1/chat/completions": [delta("a"), err_event]}, "openai"))
     expect_error(err, UpstreamRejected, "the model crashed")
-    assert first_token_sent(err)
+    assert err.first_token_sent
     err, *_ = run(generate({"POST /v1/chat/completions": [delta("a")]}, "openai"))
     expect_error(err, UpstreamUnavailable, "ended the stream")
     # A finish_reason ends the reply even when the server never sends [DONE].
@@ -845,5 +845,5 @@ def test_fake_ollama_status_and_hang_knobs() -> None:
         return busy.value, hung.value
 
     busy, hung = run(main())
-    assert "503" in busy.message and not first_token_sent(busy)
-    assert not first_token_sent(hung)
+    assert "503" in busy.message and not busy.first_token_sent
+    assert not hung.first_token_sent
