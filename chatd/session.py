@@ -2,9 +2,9 @@
 
 :func:`serve_connection` runs for the life of one WebSocket connection. It feeds every frame
 to a :class:`chatd.proto.chat.ChatConnection` and executes the actions it returns; frames
-to the client go through an :class:`~chatd.outbox.Outbox` written by its own task, so a slow
-client never blocks a generation. The connection never owns a generation: when it closes,
-replies in progress go on and are stored for its resume.
+to the client go through an :class:`~chatd.outbox.Outbox` (written once per event-loop tick,
+through :class:`WsSink`), so a slow client never blocks a generation. The connection never
+owns a generation: when it closes, replies in progress go on and are stored for its resume.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from chatd.errors import StoreError
 from chatd.generation import Hub
@@ -51,6 +53,41 @@ class WorkerState:
     bad_frames_total: int = 0
 
 
+class WsSink:
+    """The outbox's :class:`~chatd.outbox.FrameSink` on a websockets connection.
+
+    :meth:`write` frames the messages with the connection's sans-I/O protocol object and
+    hands all the bytes to the transport in one ``writelines`` (one system call for a tick's
+    frames), which is what websockets' own ``send`` does per message, minus its per-call
+    context manager and flow-control wait: the caller only writes when :meth:`writable`, so
+    there is nothing to wait for. :meth:`send` is websockets' ``send``, flow control included.
+    """
+
+    __slots__ = ("_ws",)
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self._ws = ws
+
+    def writable(self) -> bool:
+        ws = self._ws
+        transport = ws.transport
+        return (
+            ws.protocol.state is State.OPEN
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]
+        )
+
+    def write(self, frames: Sequence[bytes]) -> None:
+        protocol = self._ws.protocol
+        for frame in frames:
+            protocol.send_text(frame)
+        # While OPEN, data_to_send() holds frames only (no end-of-stream marker).
+        self._ws.transport.writelines(protocol.data_to_send())
+
+    async def send(self, frame: bytes) -> None:
+        await self._ws.send(frame, text=True)
+
+
 def owner_of(ws: ServerConnection, auth_on: bool) -> str:
     """A hash of the auth token the connection presented ("" when auth is off)."""
     if not auth_on or ws.request is None:
@@ -63,8 +100,7 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
     """Serve one client until it leaves, breaks the protocol, or the worker drains."""
     loop = asyncio.get_running_loop()
     conn = chat.ChatConnection(state.limits, time.monotonic())
-    outbox = Outbox(ws)
-    writer = asyncio.create_task(outbox.run())
+    outbox = Outbox(WsSink(ws))
     hello_timer = loop.call_later(
         state.hello_timeout,
         lambda: asyncio.ensure_future(_run(conn.hello_timed_out(), ws, state, conn, outbox)),
@@ -100,12 +136,9 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
     finally:
         hello_timer.cancel()
         conn.closed()
-        outbox.closed = True
+        outbox.close()
         if conn.session is not None:
             state.hub.unsubscribe(conn.session, outbox)
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-            await writer
         state.connections.discard(ws)
         log.info(
             "connection closed from %s session %s code %s after %.1fs",

@@ -1,10 +1,14 @@
-"""Live handoff pieces in one process: the outbox's dedupe of stored events, and the master's
+"""Live handoff pieces in one process: the outbox (dedupe of stored events, one write per
+tick, token coalescing, the slow path under flow control), and the master's
 routing of ``watch`` / ``unwatch`` / ``stored`` (chatd.services.Services)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import orjson
 
 from chatd.outbox import Outbox
 from chatd.proto import control as proto
@@ -13,19 +17,34 @@ from tests.unit.test_master_slots import FakeWorker, FakeWorkers, config
 
 
 class Sink:
-    def __init__(self) -> None:
+    """A FrameSink that records what reached the "socket": each write() call is one batch."""
+
+    def __init__(self, writable: bool = True) -> None:
         self.frames: list[bytes] = []
+        self.batches: list[list[bytes]] = []
+        self.open = writable
+        self.sent_slowly: list[bytes] = []
+        self.gate: asyncio.Event | None = None
 
-    async def send(self, message: bytes, *, text: bool | None = None) -> None:
-        self.frames.append(message)
+    def writable(self) -> bool:
+        return self.open
+
+    def write(self, frames: Sequence[bytes]) -> None:
+        assert self.open, "write() while not writable"
+        self.batches.append(list(frames))
+        self.frames.extend(frames)
+
+    async def send(self, frame: bytes) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.sent_slowly.append(frame)
+        self.frames.append(frame)
 
 
-def written(outbox: Outbox, sink: Sink) -> list[bytes]:
+def written(outbox: Outbox, sink: Sink, fill: Callable[[], None]) -> list[bytes]:
     async def main() -> None:
-        task = asyncio.create_task(outbox.run())
-        await asyncio.sleep(0)
+        fill()
         await outbox.wait_empty()
-        task.cancel()
 
     asyncio.run(main())
     return sink.frames
@@ -34,31 +53,130 @@ def written(outbox: Outbox, sink: Sink) -> list[bytes]:
 def test_stored_events_reach_a_connection_once_in_any_order() -> None:
     sink = Sink()
     outbox = Outbox(sink)
-    outbox.put(b"live-6", 6)  # a local reply published before ...
-    outbox.put(b"fwd-5", 5)  # ... a forwarded one stored earlier by another worker
-    outbox.put(b"fwd-6", 6)  # the forward reads 6 again: dropped
-    outbox.put(b"ack", 0)  # frames without a seq are never deduplicated
-    outbox.put(b"ack", 0)
-    outbox.advance(6)
-    outbox.put(b"again-5", 5)
-    outbox.put(b"next-7", 7)
-    assert written(outbox, sink) == [b"live-6", b"fwd-5", b"ack", b"ack", b"next-7"]
+
+    def fill() -> None:
+        outbox.put(b"live-6", 6)  # a local reply published before ...
+        outbox.put(b"fwd-5", 5)  # ... a forwarded one stored earlier by another worker
+        outbox.put(b"fwd-6", 6)  # the forward reads 6 again: dropped
+        outbox.put(b"ack", 0)  # frames without a seq are never deduplicated
+        outbox.put(b"ack", 0)
+        outbox.advance(6)
+        outbox.put(b"again-5", 5)
+        outbox.put(b"next-7", 7)
+
+    assert written(outbox, sink, fill) == [b"live-6", b"fwd-5", b"ack", b"ack", b"next-7"]
     assert outbox.floor == 6
+    assert len(sink.batches) == 1  # one tick, one write
 
 
 def test_replay_floor_drops_held_events_already_replayed() -> None:
     sink = Sink()
     outbox = Outbox(sink)
-    outbox.hold()
-    assert outbox.holding
-    outbox.put(b"held-3", 3)
-    outbox.put(b"held-5", 5)
-    outbox.put(b"held-5-twice", 5)
-    outbox.release(4, [b"welcome", b"replay-3"])
-    assert not outbox.holding and outbox.floor == 4
-    outbox.release(0)  # a failed hello releases with 0: the floor never goes down
-    assert outbox.floor == 4
-    assert written(outbox, sink) == [b"welcome", b"replay-3", b"held-5"]
+
+    def fill() -> None:
+        outbox.hold()
+        assert outbox.holding
+        outbox.put(b"held-3", 3)
+        outbox.put(b"held-5", 5)
+        outbox.put(b"held-5-twice", 5)
+        outbox.release(4, [b"welcome", b"replay-3"])
+        assert not outbox.holding and outbox.floor == 4
+        outbox.release(0)  # a failed hello releases with 0: the floor never goes down
+        assert outbox.floor == 4
+
+    assert written(outbox, sink, fill) == [b"welcome", b"replay-3", b"held-5"]
+
+
+def test_tokens_of_one_tick_become_one_frame_and_a_reply_replaces_them() -> None:
+    sink = Sink()
+    outbox = Outbox(sink)
+
+    async def main() -> None:
+        outbox.put(b"ack-m1")
+        outbox.token("m1", "Hel")
+        outbox.token("m1", "lo")
+        await outbox.wait_empty()
+        outbox.token("m1", " wor")
+        outbox.token("m1", "ld")
+        outbox.put(b"reply-m1", 9, reply_to="m1")  # carries the whole text: tokens dropped
+        outbox.token("m2", "x")
+        await outbox.wait_empty()
+
+    asyncio.run(main())
+    assert [orjson.loads(f) if f.startswith(b"{") else f for f in sink.frames] == [
+        b"ack-m1",
+        {"type": "token", "id": "m1", "text": "Hello"},
+        b"reply-m1",
+        {"type": "token", "id": "m2", "text": "x"},
+    ]
+    assert len(sink.batches) == 2
+
+
+def test_a_slow_client_is_written_in_order_through_flow_control() -> None:
+    """Not writable (the transport's buffer is full): a writer task sends frame by frame,
+    waiting; frames queued meanwhile follow in order; once writable, the rest goes at once."""
+    sink = Sink(writable=False)
+    outbox = Outbox(sink)
+
+    async def main() -> None:
+        sink.gate = asyncio.Event()
+        outbox.put(b"1")
+        outbox.put(b"2")
+        await asyncio.sleep(0.01)
+        assert sink.frames == []  # waiting for flow control
+        outbox.put(b"3")
+        outbox.token("m", "t")
+        sink.gate.set()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        sink.open = True  # the buffer drained: what is left goes in one write
+        await asyncio.wait_for(outbox.wait_empty(), 5)
+        outbox.put(b"4")
+        await outbox.wait_empty()
+
+    asyncio.run(main())
+    assert sink.frames[:3] == [b"1", b"2", b"3"]
+    assert orjson.loads(sink.frames[3]) == {"type": "token", "id": "m", "text": "t"}
+    assert sink.frames[4:] == [b"4"]
+    assert sink.sent_slowly[:2] == [b"1", b"2"]
+    assert sink.batches[-1] == [b"4"]  # back on the fast path
+
+
+def test_close_drops_the_queue_and_wakes_waiters() -> None:
+    sink = Sink(writable=False)
+    outbox = Outbox(sink)
+
+    async def main() -> None:
+        sink.gate = asyncio.Event()  # never set: the writer task stays blocked
+        outbox.put(b"1")
+        outbox.put(b"2")
+        waiter = asyncio.create_task(outbox.wait_empty())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        outbox.close()
+        await asyncio.wait_for(waiter, 5)
+        outbox.put(b"3")  # after close: ignored
+        outbox.token("m", "t")
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert sink.frames == []
+
+
+def test_a_failing_write_closes_the_outbox() -> None:
+    class Broken(Sink):
+        def write(self, frames: Sequence[bytes]) -> None:
+            raise ConnectionResetError("gone")
+
+    sink = Broken()
+    outbox = Outbox(sink)
+
+    async def main() -> None:
+        outbox.put(b"1")
+        await asyncio.wait_for(outbox.wait_empty(), 5)
+
+    asyncio.run(main())
+    assert outbox.closed
 
 
 def setup() -> tuple[Services, FakeWorkers, list[FakeWorker], list[list[dict[str, Any]]]]:
