@@ -44,7 +44,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,7 +57,7 @@ from chatd.proto import control as proto
 from chatd.relay import Relay, Reply
 from chatd.slots import QueueFull, Slots
 from chatd.stats import Histogram
-from chatd.store.base import LEASE_S, RENEW_S, Appended, Event, Store
+from chatd.store.base import LEASE_S, RENEW_S, Appended, Store
 
 log = logging.getLogger("chatd.generation")
 
@@ -81,10 +81,18 @@ class MasterChannel(Protocol):
 
 @dataclass(slots=True)
 class _Turns:
-    """A session's recent turns as model messages, and the last seq they account for."""
+    """A session's recent turns as model messages (at most ``limit``, oldest dropped first),
+    and the last seq they account for. A list, not a ``deque(maxlen=…)``: an empty deque
+    costs ~600 bytes, and every open session has one of these."""
 
-    messages: deque[dict[str, str]]
+    messages: list[dict[str, str]]
     last_seq: int
+    limit: int
+
+    def add(self, role: str, text: str) -> None:
+        self.messages.append({"role": role, "content": text})
+        if len(self.messages) > self.limit:
+            del self.messages[0]
 
 
 @dataclass(slots=True)
@@ -116,7 +124,7 @@ class Hub:
         self.store = store
         self.relay = relay
         self.slots = slots
-        self.subscribers: dict[str, set[Outbox]] = {}
+        self.subscribers: dict[str, list[Outbox]] = {}
         self.master = master
         # Sessions the master forwards stored{} of to this worker (until their last
         # subscriber here leaves), and the forwards in progress (one per session at a time;
@@ -141,14 +149,19 @@ class Hub:
     # -- subscribers ----------------------------------------------------------------------
 
     def subscribe(self, session: str, outbox: Outbox) -> None:
-        self.subscribers.setdefault(session, set()).add(outbox)
+        # A list, not a set: nearly every session has one subscriber, and an empty set
+        # costs ~200 bytes more per open session.
+        subs = self.subscribers.setdefault(session, [])
+        if outbox not in subs:
+            subs.append(outbox)
 
     def unsubscribe(self, session: str, outbox: Outbox) -> None:
         """Stop publishing ``session`` to ``outbox``; after the last subscriber, stop
         watching the session (``unwatch``)."""
         subs = self.subscribers.get(session)
         if subs is not None:
-            subs.discard(outbox)
+            if outbox in subs:
+                subs.remove(outbox)
             if not subs:
                 del self.subscribers[session]
                 if session in self.watching:
@@ -234,7 +247,7 @@ class Hub:
             reply_to = ev.msg_id if ev.kind == "reply" else None
             self._publish(session, frame, ev.seq, reply_to)
         if events:
-            current = self.subscribers.get(session, set())
+            current = self.subscribers.get(session, [])
             for outbox in subs:
                 if outbox in current:
                     outbox.advance(events[-1].seq)
@@ -417,7 +430,7 @@ class Hub:
 
     def new_session(self, session: str) -> None:
         """A session this worker just created: its (empty) history needs no store read."""
-        self._turns[session] = _Turns(deque(maxlen=max(1, self._max_turn_messages)), 0)
+        self._turns[session] = _Turns([], 0, max(1, self._max_turn_messages))
         if len(self._turns) > CACHE_SESSIONS:
             self._turns.popitem(last=False)
 
@@ -432,22 +445,24 @@ class Hub:
             self._turns.pop(session, None)
             return None
         self._turns.move_to_end(session)
-        turns.messages.append({"role": "user", "content": text})
+        turns.add("user", text)
         turns.last_seq = seq
         return self._with_system(turns.messages)
 
     async def _load_turns(self, session: str, seq: int, text: str) -> list[dict[str, str]]:
         """The model messages for a new user turn, read from the store (and cached)."""
         events = await self.store.history(session, self.cfg.sessions.history_turns)
-        turns = _Turns(deque(maxlen=max(1, self._max_turn_messages)), seq)
-        turns.messages.extend(_as_message(ev) for ev in events if ev.seq < seq)
-        turns.messages.append({"role": "user", "content": text})
+        turns = _Turns([], seq, max(1, self._max_turn_messages))
+        for ev in events:
+            if ev.seq < seq:
+                turns.add("user" if ev.kind == "user" else "assistant", ev.text)
+        turns.add("user", text)
         self._turns[session] = turns
         if len(self._turns) > CACHE_SESSIONS:
             self._turns.popitem(last=False)
         return self._with_system(turns.messages)
 
-    def _with_system(self, messages: deque[dict[str, str]]) -> list[dict[str, str]]:
+    def _with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         system = self.cfg.llm.system_prompt
         head = [{"role": "system", "content": system}] if system else []
         return head + list(messages)
@@ -457,7 +472,7 @@ class Hub:
         if turns is None:
             return
         if turns.last_seq == seq - 1:
-            turns.messages.append({"role": "assistant", "content": text})
+            turns.add("assistant", text)
             turns.last_seq = seq
         else:
             del self._turns[session]  # interleaved with other writers: reload next time
@@ -598,7 +613,3 @@ class Hub:
         self._publish(
             session, chat.error_frame(code, message, msg_id=msg_id, seq=appended.seq), appended.seq
         )
-
-
-def _as_message(ev: Event) -> dict[str, str]:
-    return {"role": "user" if ev.kind == "user" else "assistant", "content": ev.text}
