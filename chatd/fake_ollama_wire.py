@@ -1,9 +1,9 @@
 """The fake Ollama's data: its replies, knobs, counters, and Ollama's wire details.
 
-Pure helpers of :mod:`chatd.fake_ollama` (no server here): the deterministic reply function
-tests compute expected text with, the knob and counter dataclasses, Ollama's status texts,
-and the parsed request. Like the server, it imports nothing from the rest of chatd: a
-stand-in must not share code (and so bugs) with what it stands in for.
+Pure helpers of :mod:`chatd.fake_ollama_server` (no server here): the deterministic reply
+function tests compute expected text with, the knob and counter dataclasses, Ollama's status
+texts, and the parsed request with its parser. Like the server, it imports nothing from the rest
+of chatd: a stand-in must not share code (and so bugs) with what it stands in for.
 """
 
 from __future__ import annotations
@@ -194,3 +194,42 @@ class _Job:
     keep_alive: float
     cid: str  # OpenAI completion id
     created: int  # OpenAI "created", unix seconds
+
+
+def parse_job(api: str, body: dict[str, Any], key: str, cid: str) -> _Job | str:
+    """The generation request ``body`` (non-empty messages or prompt) sent to ``api``, whose
+    model resolved to the known model ``key``; ``cid`` is its OpenAI completion id. Returns the
+    text of Ollama's 400 error instead when ``messages`` is not a list."""
+    if api == "generate":
+        text = _text_of(body.get("prompt"))
+        count = len(text.split()) + len(_text_of(body.get("system")).split())
+    else:
+        msgs = body["messages"]
+        if not isinstance(msgs, list):
+            return "json: cannot unmarshal messages into []api.Message"
+        msgs = [m for m in msgs if isinstance(m, dict)]
+        users = [m for m in msgs if m.get("role") == "user"]
+        text = _text_of(users[-1].get("content")) if users else ""
+        count = sum(len(_text_of(m.get("content")).split()) for m in msgs)
+    if api == "openai":
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        opts = body.get("stream_options")
+        usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        stream = body.get("stream") is True  # OpenAI defaults to a single object
+    else:
+        opts = body.get("options")
+        limit = opts.get("num_predict") if isinstance(opts, dict) else None
+        usage, stream = False, body.get("stream") is not False  # Ollama streams by default
+    return _Job(
+        api=api,
+        key=key,
+        model=body["model"],
+        text=text,
+        limit=limit if type(limit) is int and limit >= 0 else None,
+        prompt_count=max(1, count),
+        stream=stream,
+        include_usage=usage,
+        keep_alive=keep_alive_seconds(body.get("keep_alive")),
+        cid=cid,
+        created=int(time.time()),
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from chatd import config
+from chatd.config_schema import iter_keys
 from chatd.errors import ConfigError
 
 ETC = Path(__file__).resolve().parents[2] / "etc" / "chatd" / "chatd.toml"
@@ -180,7 +181,7 @@ def test_etc_file_lists_exactly_the_known_keys_with_defaults_and_comments() -> N
                     file_keys.add(("llm", key))
         else:
             file_keys.update((section, k) for k in table)
-    code_keys = {(s, k) for s, k, _, _ in config.iter_keys() if (s, k) != ("llm", "backends")}
+    code_keys = {(s, k) for s, k, _, _ in iter_keys() if (s, k) != ("llm", "backends")}
     assert file_keys == code_keys
     cfg = config.load(str(ETC))
     assert dataclasses.replace(cfg, path="") == config.Config()

@@ -1,0 +1,114 @@
+"""The fake Ollama's response bodies: what one parsed request (a ``_Job``) is answered with.
+
+Pure builders, no I/O, for :mod:`chatd.fake_ollama_server`: Ollama's NDJSON chunks and its done
+chunk with timing metrics, the OpenAI-compatible SSE chunks, finish/usage tails and whole
+completions, and the error bodies of both APIs. Field order follows Ollama's Go structs. The
+timing metrics read the clock when built, so a done chunk must be built when it is due. Like the
+server, it imports nothing from the rest of chatd but :mod:`chatd.fake_ollama_wire`: a stand-in
+must not share code (and so bugs) with what it stands in for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from chatd.fake_ollama_wire import _NL, _RUN_ERROR, _SSE_DONE, _Job, _Timing, rfc3339nano
+
+
+def error_body(api: str, status: int, message: str) -> dict[str, Any]:
+    """The JSON error body: Ollama's ``{"error": message}``, or OpenAI's error object."""
+    if api != "openai":
+        return {"error": message}
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def chunk(job: _Job, tok: str, ts: str) -> bytes:
+    """One streamed token: an NDJSON line (``chat``, ``generate``) or an SSE event (openai)."""
+    if job.api == "chat":
+        msg = {"role": "assistant", "content": tok}
+        c = {"model": job.model, "created_at": ts, "message": msg, "done": False}
+        return orjson.dumps(c, option=_NL)
+    if job.api == "generate":
+        c = {"model": job.model, "created_at": ts, "response": tok, "done": False}
+        return orjson.dumps(c, option=_NL)
+    return sse(openai(job, {"role": "assistant", "content": tok}, None))
+
+
+def final(job: _Job, content: str, reason: str, m: dict[str, int]) -> dict[str, Any]:
+    """Ollama's done object (``chat`` or ``generate``) with ``content`` and the metrics ``m``."""
+    head: dict[str, Any] = {"model": job.model, "created_at": rfc3339nano()}
+    if job.api == "chat":  # field order as Ollama's Go structs
+        msg = {"role": "assistant", "content": content}
+        return head | {"message": msg, "done_reason": reason, "done": True} | m
+    return head | {"response": content, "done": True, "done_reason": reason} | m
+
+
+def done_line(job: _Job, toks: Sequence[str], reason: str, timing: _Timing) -> bytes:
+    """Ollama's streamed done chunk: it carries the last token (if any) and the metrics."""
+    m = metrics(job, len(toks), timing)
+    return orjson.dumps(final(job, toks[-1] if toks else "", reason, m), option=_NL)
+
+
+def whole(job: _Job, toks: Sequence[str], reason: str, timing: _Timing) -> dict[str, Any]:
+    """The non-streamed answer: Ollama's done object, or an OpenAI ``chat.completion``."""
+    text = "".join(toks)
+    if job.api != "openai":
+        return final(job, text, reason, metrics(job, len(toks), timing))
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+    out = openai(job, None, reason) | {"object": "chat.completion"}
+    return out | {"choices": [choice | {"finish_reason": reason}]} | usage(job, len(toks))
+
+
+def metrics(job: _Job, n: int, timing: _Timing) -> dict[str, int]:
+    """Ollama's timing fields for ``n`` tokens, measured up to now (never 0, as Go omits 0)."""
+    t0, load_ns, t_prefill, t_first = timing
+    now = time.perf_counter_ns()
+    # Go's omitempty drops zeros; a real run never takes 0 ns, so never report 0.
+    return {
+        "total_duration": max(1, now - t0),
+        "load_duration": max(1, load_ns),
+        "prompt_eval_count": job.prompt_count,
+        "prompt_eval_duration": max(1, t_first - t_prefill),
+        "eval_count": n,
+        "eval_duration": max(1, now - t_first),
+    }
+
+
+def openai(job: _Job, delta: dict[str, str] | None, finish: str | None) -> dict[str, Any]:
+    """An OpenAI ``chat.completion.chunk``; with ``delta`` None, the head only (no choices)."""
+    out = {"id": job.cid, "object": "chat.completion.chunk", "created": job.created}
+    out |= {"model": job.model, "system_fingerprint": "fp_ollama"}
+    if delta is None:
+        return out
+    return out | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def usage(job: _Job, n: int) -> dict[str, Any]:
+    """OpenAI's ``usage`` member for a reply of ``n`` tokens."""
+    p = job.prompt_count
+    return {"usage": {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}}
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    """One SSE ``data:`` event."""
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def openai_tail(job: _Job, reason: str, n: int) -> bytes:
+    """The end of an OpenAI stream: the finish chunk, the usage chunk if asked, ``[DONE]``."""
+    out = sse(openai(job, {}, reason))
+    if job.include_usage:
+        out += sse(openai(job, None, None) | {"choices": []} | usage(job, n))
+    return out + _SSE_DONE
+
+
+def error_frame(job: _Job) -> bytes:
+    """The error that cuts a stream short (``error_after_tokens``): a line, or an SSE event."""
+    err = error_body(job.api, 500, _RUN_ERROR)
+    # OpenAI: no [DONE] after it, the stream is cut short as on any upstream error.
+    return sse(err) if job.api == "openai" else orjson.dumps(err, option=_NL)
