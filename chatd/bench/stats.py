@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 # Bucket upper bounds (ms) of the seed report's "Response Time Distribution" table.
 SEED_BUCKETS_MS: tuple[float, ...] = (100.0, 200.0, 300.0, 500.0, 1000.0)
@@ -154,3 +154,38 @@ def uniform_schedule(
     first = start + index / rate_per_s
     n = max(0, math.ceil((end - first) / period - 1e-12))
     return [first + k * period for k in range(n)]
+
+
+def per_message_us(cpu_s: float, messages: int) -> float | None:
+    """CPU microseconds per message: ``cpu_s`` CPU seconds spent over a window in which
+    ``messages`` were answered, rounded to 0.1 µs; None when nothing was answered."""
+    if messages <= 0:
+        return None
+    return round(cpu_s / messages * 1e6, 1)
+
+
+# Process-name prefixes (as chatd-bench keys its CPU readings) -> the group they count for.
+CPU_GROUPS: dict[str, str] = {
+    "worker": "workers",
+    "master": "master",
+    "fake": "backend",
+    "model": "backend",
+    "client": "clients",
+}
+
+
+def cpu_per_reply(cpu_s: Mapping[str, float], replies: int) -> dict[str, float | None]:
+    """CPU µs per reply of each group of processes: ``workers`` (every ``worker …`` key
+    together), ``master``, ``backend`` (``fake`` or ``model``) and ``clients`` (``client
+    …``), from CPU seconds per process over the window in which ``replies`` replies came in
+    (:func:`per_message_us`). A group without a process, or no reply, gives None; other keys
+    are ignored."""
+    sums: dict[str, float] = {}
+    for key, seconds in cpu_s.items():
+        group = CPU_GROUPS.get(key.split(" ", 1)[0])
+        if group is not None:
+            sums[group] = sums.get(group, 0.0) + seconds
+    return {
+        g: None if g not in sums else per_message_us(sums[g], replies)
+        for g in ("workers", "master", "backend", "clients")
+    }

@@ -1,0 +1,59 @@
+"""The long scenarios against the bare reference relay: ``max`` and ``idle``.
+
+``max`` (:mod:`chatd.bench.maxrate`): the highest rate sustained with reply p99 < 50 ms and
+no error, for chatd, the bare relay and direct to the backend. ``idle``
+(:mod:`chatd.bench.idle`): KB of worker RSS per idle connection, chatd and the bare relay.
+Both start the bare relay (:mod:`chatd.bench.bare`) with as many workers as the own chatd
+(``--workers``), or ``--bare-workers`` (default 2 for a running chatd). They are not in the
+seed report's default list (they take minutes at their defaults): ``chatd-bench run max``,
+``chatd-bench run idle --conns 10000``, or ``seed-report --only max idle``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from chatd.bench import idle, maxrate
+from chatd.bench.server import Target
+
+NAMES = ("max", "idle")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``max`` and ``idle`` (``--duration`` is the seconds per step of
+    ``max``)."""
+    p.add_argument(
+        "--conns",
+        type=int,
+        help="connections: max 100 (default), idle 1,000 (default); 10,000 works",
+    )
+    p.add_argument("--step", type=float, default=500.0, help="max: msg/s between steps (500)")
+    p.add_argument(
+        "--bare-workers",
+        type=int,
+        help="the bare relay's workers (default: --workers for the own chatd, else 2)",
+    )
+
+
+def run(
+    name: str, target: Target, args: argparse.Namespace, progress: bool, duration: float | None
+) -> dict[str, Any]:
+    """Run ``max`` or ``idle`` against ``target`` with the command line's options."""
+    bare = args.bare_workers or (2 if args.url else args.workers)
+    if name == "idle":
+        conns = 1000 if args.conns is None else args.conns
+        return idle.run_idle(target, conns, args.procs, progress, bare)
+    base = maxrate.MaxParams()
+    params = maxrate.MaxParams(
+        connections=base.connections if args.conns is None else args.conns,
+        start=args.step,
+        step=args.step,
+        duration=base.duration if duration is None else duration,
+    )
+    return maxrate.run_max(target, params, args.procs, progress, bare)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The table of a ``max`` or ``idle`` result."""
+    return maxrate.markdown(r) if r["name"] == "max" else idle.markdown(r)

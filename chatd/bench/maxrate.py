@@ -1,0 +1,266 @@
+"""Scenario ``max``: the highest offered rate sustained with reply p99 < 50 ms and no error.
+
+For three targets in one run, on the same zero-delay fake Ollama (8 tokens per reply):
+chatd (the :class:`~chatd.bench.server.Target`), the bare reference relay
+(:mod:`chatd.bench.bare`, started here with as many workers as chatd) and the backend
+itself (:mod:`chatd.bench.direct`). Each is offered an open-loop load (``raw`` mode, see
+:mod:`chatd.bench.load`) at ``start`` msg/s, then ``start + step``, … for ``duration``
+seconds after ``warmup`` seconds per step, until the first failing step (or ``max_rate``).
+
+A step **passes** when every message intended in its measured window was answered with a
+correct reply (no error frame, none lost, no bad reply, every connection opened, none closed
+by the server) and the reply p99 is under 50 ms (:func:`verdict`). The sustained rate is
+the last passing step's offered rate; the search stops at the first failing step
+(:func:`search`). Per step: p50/p99, the rate achieved, and the **CPU per message** of the
+relay's worker processes (their CPU seconds in the measured window / replies received in it;
+chatd's workers from its status, the bare relay's from its own pids), of the fake, and of the
+client processes in % of a core (they share the machine's cores with what is measured).
+``ratios``: chatd's sustained rate / the bare relay's, and / direct's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from chatd.bench import scenarios, server
+from chatd.bench import stats as st
+from chatd.bench.bare import BareRelay
+from chatd.bench.scenarios import Scenario
+from chatd.bench.server import Target
+
+P99_LIMIT_MS = 50.0
+TITLE = "Highest sustained rate (reply p99 < 50 ms, no error)"
+KINDS = ("chatd", "bare", "direct")
+LABELS = {"chatd": "chatd", "bare": "bare relay", "direct": "direct to the backend"}
+
+
+@dataclass(frozen=True)
+class MaxParams:
+    """The search: rates in msg/s, times in seconds."""
+
+    connections: int = 100
+    start: float = 500.0
+    step: float = 500.0
+    max_rate: float = 20000.0
+    duration: float = 8.0
+    warmup: float = 1.0
+    drain: float = 3.0
+
+
+def rates(p: MaxParams) -> list[float]:
+    """The offered rates of the steps: ``start``, ``start + step``, … up to ``max_rate``."""
+    if p.start <= 0 or p.step <= 0:
+        raise ValueError("start and step must be positive")
+    n = math.floor((p.max_rate - p.start) / p.step + 1e-9) + 1
+    return [p.start + i * p.step for i in range(max(0, n))]
+
+
+def verdict(step: dict[str, Any], limit_ms: float = P99_LIMIT_MS) -> str | None:
+    """Why a step fails, in a few words; None when it passes.
+
+    ``step`` holds ``scheduled``, ``answered``, ``errors`` (``total``, ``by_code``, ``lost``,
+    ``bad_reply``, ``connect_failed``, ``closed``) and ``reply_ms`` (a summary with ``p99``).
+    """
+    e = step["errors"]
+    problems = [f"{k} {v}" for k, v in sorted(e.get("by_code", {}).items())]
+    for key, what in (
+        ("lost", "lost"),
+        ("bad_reply", "bad replies"),
+        ("connect_failed", "connections failed"),
+        ("closed", "connections closed by the server"),
+    ):
+        if e.get(key):
+            problems.append(f"{e[key]} {what}")
+    if problems:
+        return "errors: " + ", ".join(problems)
+    if not step["scheduled"] or step["answered"] < step["scheduled"]:
+        return "no reply measured" if not step["answered"] else "not every message answered"
+    p99 = step["reply_ms"].get("p99", math.inf)
+    if not p99 < limit_ms:
+        return f"p99 {p99:,.1f} ms >= {limit_ms:g} ms"
+    return None
+
+
+def search(
+    offered: Iterable[float],
+    run_step: Callable[[float], dict[str, Any]],
+    limit_ms: float = P99_LIMIT_MS,
+) -> dict[str, Any]:
+    """Run ``run_step(rate)`` for each rate in turn until one fails (:func:`verdict`).
+
+    Returns ``sustained_rate`` (the last passing rate, None if the first step failed),
+    ``at_sustained`` (that step), ``first_failing`` (the failing step, None if every rate
+    passed) and ``steps`` (all of them, each with ``ok`` and ``why``).
+    """
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    for rate in offered:
+        step = run_step(rate)
+        why = verdict(step, limit_ms)
+        step["ok"], step["why"] = why is None, why
+        steps.append(step)
+        if why is not None:
+            break
+        best = step
+    failing = steps[-1] if steps and not steps[-1]["ok"] else None
+    return {
+        "sustained_rate": None if best is None else best["rate"],
+        "at_sustained": best,
+        "first_failing": failing,
+        "steps": steps,
+    }
+
+
+def run_step(
+    kind: str, target: Target, url: str, rate: float, p: MaxParams, procs: int, progress: bool
+) -> dict[str, Any]:
+    """One step against one target: the load, then the figures :func:`verdict` reads."""
+    sc = Scenario(f"max {kind} {rate:g}/s", TITLE, p.connections, rate, p.duration)
+    mode = "direct" if kind == "direct" else "raw"
+    window = (p.warmup, p.duration, p.drain)
+    res, cpu = scenarios.run_load(sc, target, mode, url, window, procs, progress=progress)
+    s = scenarios.summarize(res.records, p.warmup, p.duration)
+    replies = s["replies_in_window"]
+    workers = sum(v for k, v in cpu.items() if k.startswith("worker"))
+    clients = sum(v for k, v in cpu.items() if k.startswith("client"))
+    errors = s["errors"] | {
+        "bad_reply": res.bad_reply,
+        "connect_failed": res.connect_failed,
+        "closed": res.closed,
+    }
+    return {
+        "rate": rate,
+        "achieved_per_s": s["throughput_per_s"],
+        "scheduled": s["scheduled"],
+        "answered": s["answered"],
+        "reply_ms": s["reply_ms"],
+        "errors": errors,
+        "send_lag_p99_ms": s["send_lag_ms"].get("p99"),
+        "worker_cpu_us_per_msg": st.per_message_us(workers, replies) if mode == "raw" else None,
+        "workers_pct_of_core": round(100 * workers / p.duration, 1),
+        "fake_cpu_us_per_msg": st.per_message_us(cpu["fake"], replies) if "fake" in cpu else None,
+        "clients_pct_of_core": round(100 * clients / p.duration, 1),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run_max(
+    target: Target,
+    params: MaxParams | None = None,
+    procs: int = 2,
+    progress: bool = False,
+    bare_workers: int = 2,
+) -> dict[str, Any]:
+    """The whole scenario: the search for each target, then the ratios (JSON-ready).
+
+    The bare relay and the direct baseline need the backend's URL (``target.fake_url``);
+    without it only chatd is searched. The fake's delay knobs are set to zero first.
+    """
+    p = params or MaxParams()
+    fake = target.fake_url
+    if fake:
+        zero = {"first_token_ms": 0, "token_ms": 0, "extra_latency_ms": 0, "hang": False}
+        server.fake_config(fake, **zero, tokens=server.TOKENS)
+    out: dict[str, Any] = {
+        "name": "max",
+        "title": TITLE,
+        "params": dataclasses.asdict(p) | {"p99_limit_ms": P99_LIMIT_MS, "mode": "raw"},
+        "procs": procs,
+        "workers": {"chatd": len(target.worker_pids()), "bare": bare_workers},
+        "targets": {},
+    }
+    for kind in KINDS if fake else ("chatd",):
+        out["targets"][kind] = _search_one(kind, target, p, procs, progress, bare_workers)
+    sustained = {k: v["sustained_rate"] for k, v in out["targets"].items()}
+    out["ratios"] = {
+        f"chatd/{k}": _ratio(sustained.get("chatd"), sustained.get(k)) for k in ("bare", "direct")
+    }
+    out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def _search_one(
+    kind: str, target: Target, p: MaxParams, procs: int, progress: bool, bare_workers: int
+) -> dict[str, Any]:
+    if kind == "chatd":
+        return search(rates(p), lambda r: run_step(kind, target, target.url, r, p, procs, progress))
+    assert target.fake_url is not None
+    if kind == "direct":
+        url = target.fake_url
+        return search(rates(p), lambda r: run_step(kind, target, url, r, p, procs, progress))
+    bare = BareRelay(target.fake_url, bare_workers)
+    bare.fake_pid = target.fake_pid
+    try:
+        return search(rates(p), lambda r: run_step(kind, bare, bare.url, r, p, procs, progress))
+    finally:
+        bare.stop()
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    r = st.ratio(a, b)
+    return None if r is None else round(r, 3)
+
+
+def _v(x: Any, unit: str = "", digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:,.{digits}f}{unit}"
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker" + ("" if n == 1 else "s")
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The scenario's tables: one row per target, then every step."""
+    p, w = r["params"], r["workers"]
+    lines = [f"### {r['title']}", ""]
+    lines += [
+        f"- {p['connections']} connections; steps of {p['step']:g} msg/s from "
+        f"{p['start']:g}, {p['duration']:g} s each after {p['warmup']:g} s warm-up, up to "
+        f"{p['max_rate']:g}; stop at the first failing step; client processes: {r['procs']}; "
+        f"zero-delay fake Ollama; chatd {_workers(w['chatd'])}, bare relay "
+        f"{_workers(w['bare'])}",
+        "",
+        "| target | sustained | reply p50 / p99 at it | worker CPU / msg at it "
+        "| first failing step | why |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, t in r["targets"].items():
+        best, bad = t["at_sustained"] or {}, t["first_failing"] or {}
+        lat = best.get("reply_ms", {})
+        name = LABELS[kind] + (f" ({_workers(w[kind])})" if kind in w else "")
+        lines.append(
+            f"| {name} | {_v(t['sustained_rate'], ' msg/s')} "
+            f"| {_v(lat.get('p50'), '', 2)} / {_v(lat.get('p99'), ' ms', 2)} "
+            f"| {_v(best.get('worker_cpu_us_per_msg'), ' µs')} "
+            f"| {_v(bad.get('rate'), ' msg/s')} | {bad.get('why') or 'none up to the cap'} |"
+        )
+    ratios = r["ratios"]
+    lines += [
+        "",
+        f"- chatd / bare relay: {_v(ratios.get('chatd/bare'), '', 2)}; "
+        f"chatd / direct: {_v(ratios.get('chatd/direct'), '', 2)}",
+        "",
+        "| target | offered | achieved | reply p50 / p99 (ms) | errors | worker CPU / msg "
+        "| fake CPU / msg | clients CPU | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, t in r["targets"].items():
+        for s in t["steps"]:
+            lat = s["reply_ms"]
+            lines.append(
+                f"| {LABELS[kind]} | {_v(s['rate'])} | {_v(s['achieved_per_s'], '', 1)} "
+                f"| {_v(lat.get('p50'), '', 2)} / {_v(lat.get('p99'), '', 2)} "
+                f"| {s['errors']['total']} | {_v(s['worker_cpu_us_per_msg'], ' µs')} "
+                f"| {_v(s['fake_cpu_us_per_msg'], ' µs')} | {_v(s['clients_pct_of_core'], ' %')} "
+                f"| {'ok' if s['ok'] else s['why']} |"
+            )
+    return "\n".join([*lines, ""])

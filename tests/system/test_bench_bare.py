@@ -1,0 +1,121 @@
+"""chatd-bench's bare reference relay on the wire, and short smokes of the ``max`` and ``idle``
+scenarios against it and the own chatd. Checks frames, structure and sane values, never
+timings."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import psutil
+import pytest
+from websockets.asyncio.client import connect
+
+from chatd.bench import idle, longrun, maxrate, report
+from chatd.bench.bare import BareRelay
+from chatd.bench.server import FakeBackend, OwnChatd, fake_config
+from chatd.fake_ollama_wire import expected_reply
+
+pytestmark = [pytest.mark.system]
+
+
+async def _converse(url: str, text: str) -> list[dict[str, Any]]:
+    """hello, one message; every frame received until the reply (or an error)."""
+    frames: list[dict[str, Any]] = []
+    async with connect(url, compression=None) as ws:
+        await ws.send(orjson.dumps({"type": "hello"}), text=True)
+        frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10)))
+        await ws.send(orjson.dumps({"type": "message", "id": "m1", "text": text}), text=True)
+        while frames[-1]["type"] not in ("reply", "error"):
+            frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10)))
+    return frames
+
+
+def test_bare_relay_answers_hello_and_a_message_on_the_wire() -> None:
+    fake = FakeBackend()
+    bare = None
+    try:
+        fake_config(fake.url, token_ms=20)  # tokens in separate chunks: token frames
+        bare = BareRelay(fake.url, workers=2)
+        assert bare.url.startswith("ws://127.0.0.1:") and len(bare.pids) == 2
+        assert bare.proc is not None
+        started = [bare.proc.pid, *bare.pids]
+        frames = asyncio.run(_converse(bare.url, "hello bare relay"))
+    finally:
+        if bare is not None:
+            bare.stop()
+        fake.stop()
+    welcome, ack, *tokens, reply = frames
+    assert welcome["type"] == "welcome" and welcome["resumed"] is False
+    assert welcome["session"] and welcome["protocol"] == 1
+    assert ack == {"type": "ack", "id": "m1", "seq": 1}
+    assert tokens and all(t["type"] == "token" and t["id"] == "m1" for t in tokens)
+    want = expected_reply("hello bare relay", 8)
+    assert want.startswith("".join(t["text"] for t in tokens))
+    assert reply["type"] == "reply" and reply["id"] == "m1" and reply["seq"] == 2
+    assert reply["text"] == want and reply["done_reason"] == "stop"
+    assert reply["stats"]["tokens"] == 8
+    for pid in started:  # stopped: the parent and its workers are gone
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+@pytest.fixture(scope="module")
+def chatd() -> Iterator[OwnChatd]:
+    target = OwnChatd(workers=1)
+    try:
+        yield target
+    finally:
+        target.stop()
+
+
+@pytest.mark.slow
+def test_max_smoke(chatd: OwnChatd) -> None:
+    params = maxrate.MaxParams(
+        connections=10, start=20, step=20, max_rate=40, duration=0.5, warmup=0.2, drain=2.0
+    )
+    r = maxrate.run_max(chatd, params, procs=1, bare_workers=1)
+    assert set(r["targets"]) == {"chatd", "bare", "direct"}
+    assert r["workers"] == {"chatd": 1, "bare": 1}
+    for kind, t in r["targets"].items():
+        assert 1 <= len(t["steps"]) <= 2, kind
+        first = t["steps"][0]
+        assert first["rate"] == 20.0 and first["scheduled"] >= 5
+        if first["ok"]:
+            assert first["answered"] == first["scheduled"] and first["why"] is None
+            assert t["sustained_rate"] in (20.0, 40.0)
+            lat = t["at_sustained"]["reply_ms"]
+            assert 0 < lat["p50"] <= lat["p99"]
+        else:  # a busy machine may miss 50 ms even at 20 msg/s: then it says why
+            assert first["why"] and t["sustained_rate"] is None
+        cpu = first["worker_cpu_us_per_msg"]
+        assert (cpu is None) if kind == "direct" else (cpu is None or cpu >= 0)
+    ratios = r["ratios"]
+    assert set(ratios) == {"chatd/bare", "chatd/direct"}
+    assert all(x is None or x > 0 for x in ratios.values())
+    md = report.scenario_markdown(r)
+    for text in (
+        "### Highest sustained rate",
+        "| chatd (1 worker) |",
+        "| bare relay (1 worker) |",
+        "| direct to the backend |",
+        "- chatd / bare relay:",
+    ):
+        assert text in md, text
+
+
+@pytest.mark.slow
+def test_idle_smoke(chatd: OwnChatd) -> None:
+    r = idle.run_idle(chatd, connections=50, procs=2, bare_workers=1)
+    assert r["name"] == "idle" and r["workers"] == {"chatd": 1, "bare": 1}
+    for kind in ("chatd", "bare"):
+        t = r["targets"][kind]
+        assert t["opened"] == 50 and t["failed"] == 0, t["errors_sample"]
+        assert len(t["workers"]) == 1 and t["workers"][0]["rss_after_mb"] > 1
+        assert isinstance(t["kb_per_conn"], float)
+    assert r["targets"]["chatd"]["workers"][0]["connections"] == 50
+    c, b = r["targets"]["chatd"]["kb_per_conn"], r["targets"]["bare"]["kb_per_conn"]
+    assert r["difference_kb"] == pytest.approx(c - b, abs=0.011)
+    md = longrun.markdown(r)
+    assert "### Memory per idle connection" in md and "| bare relay (1 worker) | 50 |" in md
