@@ -79,18 +79,35 @@ def test_search_stops_at_the_first_failing_step() -> None:
         return step(rate, known[rate])
 
     r = maxrate.search([500.0, 1000.0, 1500.0, 2000.0], run)
-    assert asked == [500.0, 1000.0, 1500.0]  # 2000 is never offered
+    assert asked == [500.0, 1000.0, 1500.0, 1500.0]  # failed twice; 2000 is never offered
     assert r["sustained_rate"] == 1000.0
     assert r["at_sustained"]["reply_ms"]["p99"] == 20.0
     assert r["first_failing"]["rate"] == 1500.0
     assert r["first_failing"]["why"] == "p99 61.0 ms >= 50 ms"
-    assert [s["ok"] for s in r["steps"]] == [True, True, False]
+    assert [s["ok"] for s in r["steps"]] == [True, True, False, False]
+    assert [s["attempt"] for s in r["steps"]] == [1, 1, 1, 2]
+
+
+def test_search_runs_a_failing_rate_again_once() -> None:
+    """A stall of another process fails one step: the second attempt decides."""
+    p99 = {500.0: [8.0], 1000.0: [70.0, 12.0], 1500.0: [80.0, 90.0]}
+
+    def run(rate: float) -> dict[str, Any]:
+        return step(rate, p99[rate].pop(0))
+
+    r = maxrate.search([500.0, 1000.0, 1500.0], run)
+    assert r["sustained_rate"] == 1000.0 and r["at_sustained"]["reply_ms"]["p99"] == 12.0
+    assert r["first_failing"]["rate"] == 1500.0 and r["first_failing"]["attempt"] == 2
+    assert (
+        maxrate.search([500.0], lambda rate: step(rate, 70.0), attempts=1)["steps"][0]["attempt"]
+        == 1
+    )
 
 
 def test_search_when_the_first_step_fails_or_none_does() -> None:
     r = maxrate.search([500.0, 1000.0], lambda rate: step(rate, 5.0, lost=1))
     assert r["sustained_rate"] is None and r["at_sustained"] is None
-    assert r["first_failing"]["rate"] == 500.0 and len(r["steps"]) == 1
+    assert r["first_failing"]["rate"] == 500.0 and len(r["steps"]) == 2
     r = maxrate.search([500.0, 1000.0], lambda rate: step(rate, 5.0))
     assert r["sustained_rate"] == 1000.0 and r["first_failing"] is None
     assert maxrate.search([], lambda rate: step(rate, 5.0))["sustained_rate"] is None
