@@ -13,7 +13,12 @@ Deadlines, all counted from the moment the request is sent:
   cannot be asked, so an unknown model there gets ``load_timeout`` silently. Any chunk ends
   this phase, a thinking-only one too: the backend is then visibly generating.
 * idle: ``idle_timeout`` between two chunks; total: ``total_timeout`` for the whole reply.
-* connect: ``connect_timeout`` (aiohttp's connect and sock_connect timeouts).
+* connect: ``connect_timeout`` (each connect of the generation pool, and aiohttp's).
+
+The generation's ``POST`` (and the ``GET /api/ps`` before it, so that both share one
+connection) goes through :mod:`chatd.relay_http`, a lean keep-alive client: aiohttp's request
+machinery was the largest CPU cost per relayed message. The rare requests (health checks,
+prewarm) keep using aiohttp.
 
 "Known loaded" means that a prewarm, an ``/api/ps`` answer or a finished reply showed the
 model loaded less than ``keep_alive`` (minus a margin) ago; a first-token timeout forgets it.
@@ -40,6 +45,7 @@ import orjson
 
 from chatd.config import BackendConfig, LLMConfig
 from chatd.errors import UpstreamError
+from chatd.relay_http import ConnectError, Pool, Response
 from chatd.relay_wire import (
     LineSplitter,
     OllamaDecoder,
@@ -51,6 +57,7 @@ from chatd.relay_wire import (
     keep_alive_value,
     parse_keep_alive,
     timeout_error,
+    unreachable,
 )
 
 log = logging.getLogger("chatd.relay")
@@ -59,23 +66,19 @@ log = logging.getLogger("chatd.relay")
 _KEEP_ALIVE_MARGIN = 5.0
 _ERROR_BODY_MAX = 64 * 1024
 _DRAIN_AFTER_DONE = 0.1
+_PS_MAX = 1 << 20  # /api/ps lists the loaded models: a few KB
 # aiohttp warns that enable_cleanup_closed is useless where CPython fixed the SSL leak.
 _CLEANUP_CLOSED = sys.version_info < (3, 12, 7) or (3, 13) <= sys.version_info < (3, 13, 1)
 _JSON = {"Content-Type": "application/json"}
+# The Accept header of a generation, per api (Ollama's own client sends application/x-ndjson).
+_ACCEPT = {"ollama": "application/x-ndjson", "openai": "text/event-stream"}
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> aiohttp.ClientResponse:
-    """POST, sending once more if a pooled connection turns out closed before any answer.
-
-    Some servers (llama.cpp's among them) close the connection after each streamed response
-    although they announce keep-alive; the next request on that pooled connection then fails
-    with ServerDisconnectedError before a byte came back. Sending again on a new connection
-    is safe: nothing of the reply was received.
-    """
-    try:
-        return await session.post(url, data=body, headers=_JSON, allow_redirects=False)
-    except aiohttp.ServerDisconnectedError:
-        return await session.post(url, data=body, headers=_JSON, allow_redirects=False)
+def _upstream_error(b: _Backend, exc: BaseException) -> UpstreamError | None:
+    """connection_error(), plus the connect failures of :mod:`chatd.relay_http`."""
+    if isinstance(exc, ConnectError):
+        return unreachable(b.url, exc.reason)
+    return connection_error(b, exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,8 @@ class _Backend:
     api: str
     chat_url: str
     session: aiohttp.ClientSession | None = None
+    pool: Pool | None = None  # the generations' connections (relay_http)
+    chat_head: bytes = b""  # the generation's request head, built once for the pool
     requests: int = 0
     tokens: int = 0
     cancelled: int = 0
@@ -209,7 +214,7 @@ class _Guard:
                 err = timeout_error(self.b.url, self.model, kind, self.limits[kind])
                 exc = None
         if err is None and exc is not None:
-            err = exc if isinstance(exc, UpstreamError) else connection_error(self.b, exc)
+            err = exc if isinstance(exc, UpstreamError) else _upstream_error(self.b, exc)
         if err is not None:
             err.first_token_sent = self.sent
             if err is not exc:
@@ -231,10 +236,11 @@ class Relay:
         self._keep_alive = keep_alive_value(llm.keep_alive)
 
     async def start(self) -> None:
-        """Create one keep-alive HTTP session per backend; call inside the running loop.
+        """Create one keep-alive HTTP session and one generation pool per backend; call
+        inside the running loop.
 
         No connection limit: the master's LLM slots already bound the in-flight requests,
-        and an aiohttp limit would add a second, hidden queue without a deadline.
+        and a limit would add a second, hidden queue without a deadline.
         """
         timeout = aiohttp.ClientTimeout(
             total=None,
@@ -249,10 +255,18 @@ class Relay:
                     timeout=timeout,
                     cookie_jar=aiohttp.DummyCookieJar(),
                 )
+            if b.pool is None:
+                b.pool = Pool(b.url, connect_timeout=self._llm.connect_timeout)
+                path = b.chat_url[len(b.url) :]
+                b.chat_head = b.pool.head("POST", path, _ACCEPT.get(b.api, "*/*"))
 
     async def close(self) -> None:
-        """Close every session (generations still running fail with UpstreamUnavailable)."""
+        """Close every session and pool (generations still running fail with
+        UpstreamUnavailable)."""
         for b in self._backends:
+            if b.pool is not None:
+                pool, b.pool = b.pool, None
+                pool.close()
             if b.session is not None:
                 session, b.session = b.session, None
                 await session.close()
@@ -336,7 +350,7 @@ class Relay:
         the caller.
         """
         b = self._backends[backend]
-        session = self._session(b)
+        pool = self._pool(b)
         llm = self._llm
         first_limit = await self._first_limit(b, model, on_notice)
         if b.api == "ollama":
@@ -358,10 +372,10 @@ class Relay:
         t0 = first_at = guard.last
         try:
             with guard:
-                async with await _post(session, b.chat_url, body) as resp:
+                async with await pool.request(b.chat_head, body) as resp:
                     if resp.status >= 300:
                         raise http_error(b.url, model, resp.status, await _read_capped(resp))
-                    read, feed, decode = resp.content.readany, LineSplitter().feed, decoder.feed
+                    read, feed, decode = resp.readany, LineSplitter().feed, decoder.feed
                     # The hot loop: per read one split() and one clock call, per line one
                     # orjson.loads(); nothing else is allocated per token.
                     eof = False
@@ -432,6 +446,11 @@ class Relay:
             raise RuntimeError("Relay.start() must be awaited before use")
         return b.session
 
+    def _pool(self, b: _Backend) -> Pool:
+        if b.pool is None:
+            raise RuntimeError("Relay.start() must be awaited before use")
+        return b.pool
+
     def _mark_loaded(self, b: _Backend, model: str) -> None:
         hold = self._ollama_hold if b.api == "ollama" else math.inf
         if hold > 0:
@@ -467,9 +486,25 @@ class Relay:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
 
+    async def _ps_body(self, b: _Backend) -> bytes | None:
+        """``GET /api/ps`` within ``connect_timeout``: the body on HTTP 200, else None.
+
+        Sent on the generation pool, not aiohttp: the generation that follows then reuses
+        the connection, one connect fewer and one connection per backend rather than two.
+        """
+        pool = self._pool(b)
+        try:
+            async with asyncio.timeout(self._llm.connect_timeout):
+                head = pool.head("GET", "/api/ps", "application/json")
+                async with await pool.request(head) as resp:
+                    data = await _read_capped(resp, _PS_MAX)
+                    return data if resp.status == 200 and resp.at_eof() else None
+        except (OSError, TimeoutError):
+            return None
+
     async def _ps(self, b: _Backend, model: str) -> bool | None:
         """Ask Ollama's ``GET /api/ps`` whether ``model`` is loaded; None if it cannot say."""
-        data = await self._get(b, "/api/ps", self._llm.connect_timeout)
+        data = await self._ps_body(b)
         if data is None:
             return None
         try:
@@ -480,25 +515,25 @@ class Relay:
         return model in names or f"{model}:latest" in names  # "llama3" is listed as ":latest"
 
 
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
-    """Up to _ERROR_BODY_MAX bytes of an error body (a huge one is not worth more)."""
+async def _read_capped(resp: Response, limit: int = _ERROR_BODY_MAX) -> bytes:
+    """Up to ``limit`` bytes of a body (a huge error body is not worth more)."""
     buf = bytearray()
-    while len(buf) < _ERROR_BODY_MAX:
-        data = await resp.content.readany()
+    while len(buf) < limit:
+        data = await resp.readany()
         if not data:
             break
         buf += data
-    return bytes(buf[:_ERROR_BODY_MAX])
+    return bytes(buf[:limit])
 
 
-async def _drain(resp: aiohttp.ClientResponse) -> None:
+async def _drain(resp: Response) -> None:
     """Wait briefly for the end of the body after the done chunk, so that the connection
     goes back to the pool; a backend that keeps the body open is cut (the reply is whole)."""
-    if resp.content.at_eof():
+    if resp.at_eof():
         return
     try:
         async with asyncio.timeout(_DRAIN_AFTER_DONE):
-            while await resp.content.readany():
+            while await resp.readany():
                 pass
-    except (TimeoutError, aiohttp.ClientError, OSError):
+    except (TimeoutError, OSError):
         resp.close()
