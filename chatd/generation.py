@@ -2,17 +2,13 @@
 
 A :class:`Hub` owns, per worker process:
 
-- the *subscribers* of each session: the outboxes of this worker's connections resumed on it.
-  A generation publishes its queue positions, notices, tokens and the final event to every
-  subscriber of its session, so a client that reconnects to the same worker mid-reply gets
-  the rest live.
+- the *subscribers* of each session and the *live handoff* of replies stored by another
+  worker: its base class :class:`chatd.handoff.Listeners`.
 - the *generations*: one task per acknowledged message, owned by the hub and not by the
   connection, so a client that disconnects does not stop its reply: the reply is stored and
   replayed on resume.
-- the *history cache*: the recent turns of the sessions it served, so a message costs no
-  store read (DESIGN.md, "history cache"). The cache knows the last ``seq`` it saw of a
-  session; an append whose ``seq`` is not the next one means another worker wrote to the
-  session, and the cache entry is reloaded from the store.
+- the *history cache* (:class:`chatd.history.History`): the recent turns of the sessions it
+  served, so a message costs no store read.
 
 - the *leases* of its messages (contract 6 of :mod:`chatd.store.base`): every acknowledged
   message is leased to the worker's store for ``LEASE_S``; one task renews the leases of all
@@ -22,15 +18,6 @@ A :class:`Hub` owns, per worker process:
   resumes here (the client sees ack ... reply) or by the periodic sweep of some worker
   (:meth:`Hub.run_sweeps`, every ``SWEEP_S`` jittered, one store query across sessions), which
   generates it with nobody subscribed so the reply waits in the log.
-
-- the *live handoff* of replies generated elsewhere: a client that resumes here while another
-  worker (the one it left, or a sweep) still generates its reply gets the reply when it is
-  stored, without polling. The resume asks the master to *watch* the session
-  (:meth:`Hub.watch`); a worker that stores a final event of a session with no subscriber of
-  its own tells the master ``stored {session, seq}`` (:meth:`Hub._announce`: one small link
-  message per such reply, none when the client listens on the generating worker); the master
-  forwards it to the workers watching the session, which read the new finals from the log and
-  publish them (:meth:`Hub.on_stored`). Tokens are not forwarded, only the final events.
 
 Flow of one message (numbered as in DESIGN.md): 2. the user message is appended (dedupe on
 its id) and acknowledged by the caller; 3. a slot is acquired (``queued`` frames meanwhile);
@@ -44,16 +31,14 @@ import asyncio
 import logging
 import random
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from chatd.config import Config
-from chatd.errors import StoreError, UpstreamError
-from chatd.outbox import Outbox
+from chatd.errors import UpstreamError
+from chatd.handoff import Listeners, MasterChannel
+from chatd.history import History
 from chatd.proto import chat
-from chatd.proto import control as proto
 from chatd.relay import Relay, Reply
 from chatd.slots import QueueFull, Slots
 from chatd.stats import Histogram
@@ -62,37 +47,9 @@ from chatd.store.base import LEASE_S, RENEW_S, Appended, Store
 log = logging.getLogger("chatd.generation")
 
 MAX_ATTEMPTS = 3  # per message, only before the first token was forwarded
-CACHE_SESSIONS = 10000  # sessions whose history a worker keeps in memory
 SWEEP_S = 5.0  # mean seconds between two sweeps of one worker (each jittered to 50-150 %)
 SWEEP_LIMIT = 32  # messages one sweep claims at most (the rest: the next sweep, or others)
 CLAIM_LIMIT = 64  # lapsed messages of one session a resume claims at most
-WATCH_WITHIN = 2.0  # seconds the master has to register a watch (else: the client's fallback)
-
-
-class MasterChannel(Protocol):
-    """What the hub needs of the master link (:class:`chatd.link.MasterLink`)."""
-
-    def send(self, msg: Mapping[str, Any]) -> bool: ...
-
-    async def request(
-        self, msg: Mapping[str, Any], answer: str, within: float
-    ) -> dict[str, Any]: ...
-
-
-@dataclass(slots=True)
-class _Turns:
-    """A session's recent turns as model messages (at most ``limit``, oldest dropped first),
-    and the last seq they account for. A list, not a ``deque(maxlen=…)``: an empty deque
-    costs ~600 bytes, and every open session has one of these."""
-
-    messages: list[dict[str, str]]
-    last_seq: int
-    limit: int
-
-    def add(self, role: str, text: str) -> None:
-        self.messages.append({"role": role, "content": text})
-        if len(self.messages) > self.limit:
-            del self.messages[0]
 
 
 @dataclass(slots=True)
@@ -107,7 +64,7 @@ class HubStats:
     ttft: Histogram = field(default_factory=Histogram)
 
 
-class Hub:
+class Hub(Listeners):
     """Subscribers, generations and history of the sessions served by one worker."""
 
     def __init__(
@@ -118,20 +75,11 @@ class Hub:
         slots: Slots,
         master: MasterChannel | None = None,
     ) -> None:
-        """``master``: the link for the live handoff; without it (one process, tests) a
-        client resumed here gets a reply stored elsewhere only at its next resume."""
+        """``master``: the link for the live handoff (:class:`chatd.handoff.Listeners`)."""
+        super().__init__(store, master)
         self.cfg = cfg
-        self.store = store
         self.relay = relay
         self.slots = slots
-        self.subscribers: dict[str, list[Outbox]] = {}
-        self.master = master
-        # Sessions the master forwards stored{} of to this worker (until their last
-        # subscriber here leaves), and the forwards in progress (one per session at a time;
-        # a stored{} arriving meanwhile makes it read the log once more).
-        self.watching: set[str] = set()
-        self._forwarding: dict[str, asyncio.Task[None]] = {}
-        self._forward_again: set[str] = set()
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
         # Messages being stored or generated: a drain waits until there are none.
         self._busy = 0
@@ -142,127 +90,8 @@ class Hub:
         # final is then already being written, and its publication must not be cut).
         self._finishing: set[tuple[str, str]] = set()
         self.sweeping = True  # False once the worker drains: it claims no more messages
-        self._turns: OrderedDict[str, _Turns] = OrderedDict()
+        self.history = History(store, cfg.sessions.history_turns, cfg.llm.system_prompt)
         self.stats = HubStats()
-        self._max_turn_messages = 2 * cfg.sessions.history_turns
-
-    # -- subscribers ----------------------------------------------------------------------
-
-    def subscribe(self, session: str, outbox: Outbox) -> None:
-        # A list, not a set: nearly every session has one subscriber, and an empty set
-        # costs ~200 bytes more per open session.
-        subs = self.subscribers.setdefault(session, [])
-        if outbox not in subs:
-            subs.append(outbox)
-
-    def unsubscribe(self, session: str, outbox: Outbox) -> None:
-        """Stop publishing ``session`` to ``outbox``; after the last subscriber, stop
-        watching the session (``unwatch``)."""
-        subs = self.subscribers.get(session)
-        if subs is not None:
-            if outbox in subs:
-                subs.remove(outbox)
-            if not subs:
-                del self.subscribers[session]
-                if session in self.watching:
-                    self.watching.discard(session)
-                    if self.master is not None:
-                        self.master.send({proto.T: proto.UNWATCH, "session": session})
-
-    # -- live handoff ---------------------------------------------------------------------
-
-    async def watch(self, session: str) -> bool:
-        """After a resume of ``session`` here (and its takeover claim): if a message of it is
-        unanswered and not generated here, have the master forward the ``stored`` notices of
-        the session to this worker, then publish what was stored meanwhile. Returns True if
-        the session is (now) watched.
-
-        The watch is registered (the master answered) before the log is read again, so a
-        final stored elsewhere is either in that read or announced after the registration:
-        never missed. No master, no subscriber left, or no answer in WATCH_WITHIN: not
-        watched (the client's stall fallback remains). Raises StoreError (store reads).
-        """
-        if self.master is None or session not in self.subscribers:
-            return False
-        if session in self.watching:
-            return True
-        pending = await self.store.unanswered(session)
-        if all((session, ev.msg_id) in self.running for ev in pending):
-            return False
-        if session not in self.subscribers:  # the client left during the read
-            return False
-        self.watching.add(session)
-        try:
-            await self.master.request(
-                {proto.T: proto.WATCH, "session": session}, proto.WATCHING, WATCH_WITHIN
-            )
-        except (TimeoutError, ConnectionError) as exc:
-            log.warning("watch of %s not registered (%s)", session[:8], exc or "timeout")
-            self.watching.discard(session)
-            self.master.send({proto.T: proto.UNWATCH, "session": session})  # if it was late
-            return False
-        await self._forward(session)
-        return True
-
-    def on_stored(self, session: str) -> None:
-        """The master forwarded ``stored {session}``: publish the finals of ``session``
-        stored since its subscribers' floors (in a task; coalesced per session)."""
-        if session not in self.subscribers:
-            return
-        task = self._forwarding.get(session)
-        if task is not None and not task.done():
-            self._forward_again.add(session)  # read once more after the read in progress
-            return
-        task = asyncio.create_task(self._forwards(session))
-        self._forwarding[session] = task
-        task.add_done_callback(lambda done: self._forwarded(session, done))
-
-    def _forwarded(self, session: str, task: asyncio.Task[None]) -> None:
-        if self._forwarding.get(session) is task:
-            del self._forwarding[session]
-
-    async def _forwards(self, session: str) -> None:
-        while True:
-            self._forward_again.discard(session)
-            try:
-                await self._forward(session)
-            except StoreError as exc:  # the client's stall fallback resumes it later
-                log.warning("forwarding the replies of %s failed: %s", session[:8], exc)
-            if session not in self._forward_again:
-                return
-
-    async def _forward(self, session: str) -> None:
-        """Publish the final events of ``session`` stored after the lowest floor of its
-        subscribers (each outbox drops those it already sent), then raise the floors of the
-        subscribers that took part. A subscriber still replaying (holding) takes no part: its
-        own replay reads the log after it subscribed."""
-        subs = [o for o in self.subscribers.get(session, ()) if not o.holding]
-        if not subs:
-            return
-        events = await self.store.events_after(session, min(o.floor for o in subs))
-        for ev in events:
-            if ev.kind == "user":
-                continue  # acknowledged to the connection that sent it, or replayed
-            frame = chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta)
-            reply_to = ev.msg_id if ev.kind == "reply" else None
-            self._publish(session, frame, ev.seq, reply_to)
-        if events:
-            current = self.subscribers.get(session, [])
-            for outbox in subs:
-                if outbox in current:
-                    outbox.advance(events[-1].seq)
-
-    def _announce(self, session: str, seq: int) -> None:
-        """A final of ``session`` was stored with ``seq``: tell the master when no client of
-        the session listens here (one resumed elsewhere may be watching it)."""
-        if self.master is not None and not self.subscribers.get(session):
-            self.master.send({proto.T: proto.STORED, "session": session, "seq": seq})
-
-    def _publish(
-        self, session: str, frame: bytes, seq: int = 0, reply_to: str | None = None
-    ) -> None:
-        for outbox in self.subscribers.get(session, ()):
-            outbox.put(frame, seq, reply_to)
 
     # -- messages -------------------------------------------------------------------------
 
@@ -285,7 +114,7 @@ class Hub:
             return appended
         self.stats.messages_total += 1
         # The history is read (on a cache miss) inside the task, so the ack is not delayed.
-        history = self._cached_turns(session, appended.seq, msg.text)
+        history = self.history.cached(session, appended.seq, msg.text)
         self._start(session, msg.id, model, history, (appended.seq, msg.text))
         return appended
 
@@ -426,56 +255,9 @@ class Hub:
         asyncio.timeout): a message committed while a drain waits is answered, not cut."""
         await self._idle.wait()
 
-    # -- history --------------------------------------------------------------------------
-
     def new_session(self, session: str) -> None:
         """A session this worker just created: its (empty) history needs no store read."""
-        self._turns[session] = _Turns([], 0, max(1, self._max_turn_messages))
-        if len(self._turns) > CACHE_SESSIONS:
-            self._turns.popitem(last=False)
-
-    def _cached_turns(self, session: str, seq: int, text: str) -> list[dict[str, str]] | None:
-        """The model messages for a new user turn from the cache, or None on a miss.
-
-        A hit needs the cache to account for every event up to ``seq - 1``; otherwise
-        another worker wrote to the session and the entry is dropped.
-        """
-        turns = self._turns.get(session)
-        if turns is None or turns.last_seq != seq - 1:
-            self._turns.pop(session, None)
-            return None
-        self._turns.move_to_end(session)
-        turns.add("user", text)
-        turns.last_seq = seq
-        return self._with_system(turns.messages)
-
-    async def _load_turns(self, session: str, seq: int, text: str) -> list[dict[str, str]]:
-        """The model messages for a new user turn, read from the store (and cached)."""
-        events = await self.store.history(session, self.cfg.sessions.history_turns)
-        turns = _Turns([], seq, max(1, self._max_turn_messages))
-        for ev in events:
-            if ev.seq < seq:
-                turns.add("user" if ev.kind == "user" else "assistant", ev.text)
-        turns.add("user", text)
-        self._turns[session] = turns
-        if len(self._turns) > CACHE_SESSIONS:
-            self._turns.popitem(last=False)
-        return self._with_system(turns.messages)
-
-    def _with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        system = self.cfg.llm.system_prompt
-        head = [{"role": "system", "content": system}] if system else []
-        return head + list(messages)
-
-    def _remember_reply(self, session: str, seq: int, text: str) -> None:
-        turns = self._turns.get(session)
-        if turns is None:
-            return
-        if turns.last_seq == seq - 1:
-            turns.add("assistant", text)
-            turns.last_seq = seq
-        else:
-            del self._turns[session]  # interleaved with other writers: reload next time
+        self.history.new_session(session)
 
     # -- generation -----------------------------------------------------------------------
 
@@ -508,7 +290,7 @@ class Hub:
 
         try:
             if messages is None:
-                messages = await self._load_turns(session, *turn)
+                messages = await self.history.load(session, *turn)
             reply = await self._attempts(model, messages, on_token, on_notice, on_position, parts)
         except asyncio.CancelledError:
             if (session, msg_id) not in self._cancelled:
@@ -587,7 +369,7 @@ class Hub:
             appended = await self.store.append_final(session, msg_id, "reply", text, meta)
         finally:
             self._finishing.discard((session, msg_id))
-        self._remember_reply(session, appended.seq, text)
+        self.history.reply(session, appended.seq, text)
         self._announce(session, appended.seq)
         self.stats.replies_total += 1
         self.stats.latency.observe(total_ms)
@@ -607,7 +389,7 @@ class Hub:
             appended = await self.store.append_final(session, msg_id, "error", message, meta)
         finally:
             self._finishing.discard((session, msg_id))
-        self._turns.pop(session, None)  # the error is not a turn: reload the history next time
+        self.history.forget(session)  # the error is not a turn: reload the history next time
         self._announce(session, appended.seq)
         self.stats.errors_by_code[code] = self.stats.errors_by_code.get(code, 0) + 1
         self._publish(
