@@ -38,26 +38,23 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import aiohttp
 import orjson
 
 from chatd.config import BackendConfig, LLMConfig
 from chatd.errors import UpstreamError
-from chatd.relay_http import ConnectError, Pool, Response
+from chatd.relay_guard import Guard
+from chatd.relay_http import Pool, Response
 from chatd.relay_wire import (
     LineSplitter,
     OllamaDecoder,
     OpenAIDecoder,
     broken,
-    connection_error,
     error_detail,
     http_error,
     keep_alive_value,
     parse_keep_alive,
-    timeout_error,
-    unreachable,
 )
 
 log = logging.getLogger("chatd.relay")
@@ -72,13 +69,6 @@ _CLEANUP_CLOSED = sys.version_info < (3, 12, 7) or (3, 13) <= sys.version_info <
 _JSON = {"Content-Type": "application/json"}
 # The Accept header of a generation, per api (Ollama's own client sends application/x-ndjson).
 _ACCEPT = {"ollama": "application/x-ndjson", "openai": "text/event-stream"}
-
-
-def _upstream_error(b: _Backend, exc: BaseException) -> UpstreamError | None:
-    """connection_error(), plus the connect failures of :mod:`chatd.relay_http`."""
-    if isinstance(exc, ConnectError):
-        return unreachable(b.url, exc.reason)
-    return connection_error(b, exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,83 +134,6 @@ class _Backend:
         return cls(cfg.base_url, cfg.api, cfg.base_url + path)
 
 
-class _Guard:
-    """The deadlines and the exception boundary of one generation (``with _Guard(...)``).
-
-    Deadlines: one timer serves all three. The hot path only stores the time of the latest
-    chunk in :attr:`last` (and sets :attr:`started`); when the timer fires before the real
-    deadline it re-arms itself for it, so a reply costs about one timer per idle period
-    rather than one per token. On expiry it cancels the task, as ``asyncio.timeout`` does.
-
-    Boundary (cf. httpx's map_exceptions): on exit, the timer's cancellation becomes
-    UpstreamTimeout; aiohttp/socket errors and WireError become UpstreamErrors; every
-    UpstreamError leaving gets ``first_token_sent = self.sent``. Anything else (an outside
-    cancellation, a bug in the caller's on_token) propagates unchanged.
-    """
-
-    __slots__ = (
-        *("_baseline", "_handle", "_loop", "_task", "at", "b", "expired"),
-        *("last", "limits", "model", "sent", "started"),
-    )
-
-    def __init__(self, b: _Backend, model: str, first: float, idle: float, total: float):
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None, "generate() must run in a task"
-        self._task = task
-        self._baseline = task.cancelling()
-        self.b, self.model = b, model
-        self.limits = {"first": first, "idle": idle, "total": total}
-        now = self._loop.time()
-        self.at = {"first": now + first, "total": now + total}
-        self.last, self.started, self.sent, self.expired = now, False, False, ""
-        self._handle: asyncio.TimerHandle | None = None
-
-    def __enter__(self) -> _Guard:
-        self._handle = self._loop.call_at(min(self.at.values()), self._fire)
-        return self
-
-    def _fire(self) -> None:
-        if self.started:
-            due, kind = self.last + self.limits["idle"], "idle"
-        else:
-            due, kind = self.at["first"], "first"
-        if self.at["total"] <= due:
-            due, kind = self.at["total"], "total"
-        if self._loop.time() + 0.001 >= due:  # call_at may run a hair early
-            self._handle, self.expired = None, kind
-            self._task.cancel()
-        else:
-            self._handle = self._loop.call_at(due, self._fire)
-
-    def disarm(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def __exit__(
-        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.disarm()
-        err: UpstreamError | None = None
-        if self.expired:
-            # Withdraw our cancel. If uncancel() stays above the count at entry, a cancel
-            # from outside is pending too, and that one must win.
-            outside = self._task.uncancel() > self._baseline
-            if isinstance(exc, asyncio.CancelledError) and not outside:
-                kind = self.expired
-                if kind == "first":
-                    self.b.loaded.pop(self.model, None)  # maybe evicted: ask /api/ps next time
-                err = timeout_error(self.b.url, self.model, kind, self.limits[kind])
-                exc = None
-        if err is None and exc is not None:
-            err = exc if isinstance(exc, UpstreamError) else _upstream_error(self.b, exc)
-        if err is not None:
-            err.first_token_sent = self.sent
-            if err is not exc:
-                raise err from exc
-
-
 class Relay:
     """Streams chat generations from the configured LLM backends.
 
@@ -246,7 +159,7 @@ class Relay:
             total=None,
             connect=self._llm.connect_timeout,  # covers DNS too
             sock_connect=self._llm.connect_timeout,
-            sock_read=None,  # the read deadlines are _Guard's
+            sock_read=None,  # the read deadlines are the Guard's (relay_guard)
         )
         for b in self._backends:
             if b.session is None:
@@ -368,7 +281,7 @@ class Relay:
         outcome = failure = ""
         b.requests += 1
         b.in_flight += 1
-        guard = _Guard(b, model, first_limit, llm.idle_timeout, llm.total_timeout)
+        guard = Guard(b, model, first_limit, llm.idle_timeout, llm.total_timeout)
         t0 = first_at = guard.last
         try:
             with guard:

@@ -31,6 +31,7 @@ import aiohttp
 import orjson
 
 from chatd.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from chatd.relay_http import ConnectError
 
 MAX_LINE = 32 * 1024 * 1024
 """Longest line accepted (bytes). Far above any real chunk (a 1 MB token is fine), but it
@@ -369,11 +370,13 @@ class _Where(Protocol):
 def connection_error(b: _Where, exc: BaseException) -> UpstreamError | None:
     """The UpstreamError for a transport or stream failure; None for anything else.
 
-    Maps WireError (stream error object, protocol violation) and every aiohttp and socket
-    error, so that none of them leaves the relay.
+    Maps WireError (stream error object, protocol violation), the pool's ConnectError and
+    every aiohttp and socket error, so that none of them leaves the relay.
     """
     if isinstance(exc, WireError):
         return stream_error(b.url, b.api, exc)
+    if isinstance(exc, ConnectError):  # the generation pool's (chatd.relay_http)
+        return unreachable(b.url, exc.reason)
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return unreachable(b.url, "its host name does not resolve")
     if isinstance(exc, aiohttp.ClientConnectorError):
