@@ -14,7 +14,10 @@ Contracts every implementation keeps (the store tests check them on each):
 2. ``append_final`` stores at most one final event (reply or error) per ``(session, msg_id)``:
    a second call returns the first one's ``seq`` with ``duplicate=True``.
 3. A coroutine that returned has committed: the row survives the death of the process.
-4. No method blocks the event loop: I/O happens off the loop (a thread or the network).
+4. No method blocks the event loop: nothing waits on the loop for a lock, a disk flush or the
+   network (SQLite writes its page cache on the loop, in one short statement per batch, and
+   retries a held lock later; reads, checkpoints and fsyncs run in threads; Redis is the
+   network).
 5. A session unused for ``ttl`` seconds is gone: ``get_session`` returns None for it.
 6. Every unanswered user message has an *owner lease*: the store instance (one per worker
    process, named by its ``owner`` id, unique across hosts and restarts) that generates its

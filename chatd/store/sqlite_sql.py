@@ -1,8 +1,11 @@
 """The SQLite store's schema, its migrations and its SQL statements (see chatd.store.sqlite).
 
-Kept apart from the store's threads and batching so each reads on its own. Reads return one
-JSON value per query (one step, whatever the row count): the sqlite3 module releases the GIL
-around every step, and a busy event loop can make the store's thread wait long to take it back.
+Kept apart from the store's batching and threads so each reads on its own. Reads (in the
+reader thread) return one JSON value per query (one step, whatever the row count): the sqlite3
+module releases the GIL around every step, and a busy event loop can make that thread wait long
+to take it back. Writes (on the event loop) handle a whole batch in one statement per kind of
+request: a batch passes its rows as one JSON array, and the file's write lock is held only
+inside that statement.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(va
        json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'),
        json_extract(value, '$[6]'), json_extract(value, '$[7]'), ?
 FROM json_each(?) ORDER BY key"""
+# Expire: the sessions_delete trigger deletes their events in the same statement.
+SQL_EXPIRE = "DELETE FROM sessions WHERE updated_at < ?"
 SQL_CREATE_ALL = """
 INSERT INTO sessions (id, owner, last_seq, created_at, updated_at)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 0, ?1, ?1 FROM json_each(?2)"""

@@ -19,6 +19,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -683,6 +684,164 @@ def test_sqlite_busy_lock_is_waited_out(tmp_path: Path) -> None:
             assert store.statistics().busy_retries >= 3
 
     run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_sqlite_locked_batch_is_retried_from_the_loop(tmp_path: Path, loop: str) -> None:
+    """Another connection holds the write lock for ~50 ms: the writes never block the loop (a
+    5 ms ticker keeps firing), they are retried from it (busy_retries), requests queued meanwhile
+    join them, every future resolves after the release only, and a session's in seq order. On
+    both loops (uvloop rounds timers to the millisecond)."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60)
+
+    async def main() -> None:
+        async with opened(store):
+            assert store._wdb is not None  # the write connection never waits inside SQLite
+            assert store._wdb.execute("PRAGMA busy_timeout").fetchone() == (0,)
+            assert store._wdb.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+            s, t = await store.create_session(""), await store.create_session("")
+            running = asyncio.get_running_loop()
+            ticks: list[float] = []
+            released: list[float] = []
+            resolved: list[tuple[str, int, float]] = []  # (session, seq, when), as they resolve
+
+            def tick() -> None:
+                ticks.append(time.monotonic())
+                if not released:
+                    running.call_later(0.005, tick)
+
+            async def append(session: str, msg_id: str) -> Appended:
+                got = await store.append_user(session, msg_id, "q", "m")
+                resolved.append((session, got.seq, time.monotonic()))
+                return got
+
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+
+            def release() -> None:
+                other.execute("ROLLBACK")
+                released.append(time.monotonic())
+
+            busy = store.statistics().busy_retries
+            tick()
+            first = [asyncio.create_task(append(s, f"a{i}")) for i in range(5)]
+            running.call_later(0.05, release)
+            await asyncio.sleep(0.02)  # these come while the first ones wait: they join them
+            later = [asyncio.create_task(append(x, f"b{i}")) for i in range(5) for x in (s, t)]
+            got = await asyncio.gather(*first, *later)
+            other.close()
+            assert released and all(when >= released[0] for _, _, when in resolved)
+            assert [g.seq for g in got[:5]] == [1, 2, 3, 4, 5]
+            assert [g.seq for g in got[5::2]] == [6, 7, 8, 9, 10]  # session s
+            assert [g.seq for g in got[6::2]] == [1, 2, 3, 4, 5]  # session t
+            for x in (s, t):
+                order = [seq for session, seq, _ in resolved if session == x]
+                assert order == sorted(order)
+            assert store.statistics().busy_retries > busy
+            during = [b - a for a, b in itertools.pairwise(ticks)]
+            assert len(ticks) >= 4 and max(during) < 0.1  # ~10 ticks expected, 5 ms apart
+            for x, n in ((s, 10), (t, 5)):  # committed: another connection sees them all
+                with contextlib.closing(sqlite3.connect(path)) as db:
+                    q = "SELECT count(*) FROM events WHERE session = ?"
+                    assert db.execute(q, (x,)).fetchone() == (n,)
+
+    (uvloop.run if loop == "uvloop" else asyncio.run)(main())
+
+
+def test_sqlite_lock_timeout_fails_the_batch_then_recovers(tmp_path: Path) -> None:
+    """A lock held past ``lock_timeout`` fails the waiting writes (StoreError), and only them."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60, lock_timeout=0.1)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                with pytest.raises(StoreError, match="locked"):
+                    await store.append_user(s, "m1", "q", "m")
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            assert (await store.append_user(s, "m1", "q", "m")) == Appended(1, False)
+
+    run(main())
+
+
+def test_sqlite_close_waits_for_a_locked_batch(tmp_path: Path) -> None:
+    """close() commits the writes queued before it, even if they first wait for the lock."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60)
+
+    async def main() -> None:
+        await store.open()
+        s = await store.create_session("")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        tasks = [asyncio.create_task(store.append_user(s, f"m{i}", "q", "m")) for i in range(3)]
+        await asyncio.sleep(0.01)
+        asyncio.get_running_loop().call_later(0.05, other.execute, "ROLLBACK")
+        await store.close()
+        other.close()
+        assert [t.result().seq for t in tasks] == [1, 2, 3]
+
+    run(main())
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (3,)
+
+
+def _size(path: str) -> int:
+    return os.path.getsize(path)
+
+
+def test_sqlite_wal_is_checkpointed_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints run in their own thread, and they keep the WAL small under a steady load
+    that leaves them no quiet moment (RESTART once the WAL reaches ``checkpoint_pages``): far
+    below the ~12 MB it would reach if nothing checkpointed."""
+    from chatd.store.sqlite_checkpoint import Checkpointer
+
+    threads: set[str] = set()
+    real = Checkpointer._checkpoint
+
+    def checkpoint(self: Checkpointer) -> tuple[int, int, bool]:
+        threads.add(threading.current_thread().name)
+        return real(self)
+
+    monkeypatch.setattr(Checkpointer, "_checkpoint", checkpoint)
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60, checkpoint_pages=100, checkpoint_interval=0.01)
+    text = "x" * 4000  # 3,000 of them: about 12 MB written to the WAL
+
+    async def main() -> None:
+        async with opened(store):
+            sessions = [await store.create_session("") for _ in range(10)]
+            peak = 0
+
+            async def writer(w: int) -> None:
+                nonlocal peak
+                for i in range(300):
+                    await store.append_user(sessions[w], f"{i}", text, "m")
+                    peak = max(peak, _size(path + "-wal"))
+                    await asyncio.sleep(0.001)
+
+            await asyncio.gather(*(writer(w) for w in range(10)))
+            ck = store.checkpointer
+            assert ck is not None
+            for _ in range(1000):  # the last commits' checkpoint may still be running
+                if ck.checkpoints >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert ck.checkpoints >= 2 and ck.failures == 0, ck.last_error
+            assert ck.restarts >= 1
+            assert peak < 6_000_000, peak  # half of what was written
+            assert store.statistics().rows == 3000
+
+    run(main())
+    assert threads == {"chatd-store-checkpoint_0"}
 
 
 def test_sqlite_on_uvloop(tmp_path: Path) -> None:
