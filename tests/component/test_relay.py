@@ -675,15 +675,18 @@ def test_prewarm_health_and_statistics(caplog: pytest.LogCaptureFixture) -> None
                 await relay.close()
         return server, stats
 
-    with caplog.at_level(logging.INFO, logger="chatd.relay"):
+    with caplog.at_level(logging.DEBUG, logger="chatd.relay"):
         server, stats = run(main())
     assert server.hits["GET /api/ps"] == 0  # prewarm marked the model loaded
     (b,) = stats.backends
     assert (b.requests, b.tokens, b.in_flight, b.cancelled) == (2, 1, 0, 0)
     assert b.errors == {"llm_error": 1} and b.loaded_models == (MODEL,)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relay ")]
+    relays = [r for r in caplog.records if r.getMessage().startswith("relay ")]
+    lines = [r.getMessage() for r in relays]
     assert len(lines) == 2 and "outcome=stop tokens=1" in lines[0]
     assert "outcome=llm_error" in lines[1] and "model not found" in lines[1]
+    # A success is a DEBUG line (one per message would flood the journal), a failure a WARNING.
+    assert [r.levelno for r in relays] == [logging.DEBUG, logging.WARNING]
     assert any("prewarm of missing" in r.getMessage() for r in caplog.records)
 
 

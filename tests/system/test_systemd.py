@@ -342,7 +342,8 @@ def test_the_daemon_runs_under_the_hardening(box: Box) -> None:
 
 def test_chat_through_the_unit_logs_connections_and_relays(box: Box) -> None:
     """A WebSocket client chats with the daemon; the journal of the unit has one line for the
-    connection opened, one per relay with its latency, one for the connection closed."""
+    connection opened and one for the connection closed; a successful relay is a DEBUG line,
+    not in the journal at the shipped level (info): one per message would flood it."""
     box.ensure_active()
     since = time.time()
     c = Client(f"ws://127.0.0.1:{box.port}/ws")
@@ -355,8 +356,7 @@ def test_chat_through_the_unit_logs_connections_and_relays(box: Box) -> None:
         c.close()
     journal = box.wait_journal("connection closed from 127.0.0.1 session", since)
     assert "connection open from 127.0.0.1" in journal
-    relay = [line for line in journal.splitlines() if "relay backend=" in line]
-    assert relay and "outcome=stop" in relay[0] and "total_ms=" in relay[0], journal
+    assert "relay backend=" not in journal, journal
     assert f"session {session[:12]}" in journal
 
 
