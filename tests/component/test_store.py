@@ -389,6 +389,30 @@ def test_ttl_expiry(make_store: MakeStore, backend: str) -> None:
     run(main())
 
 
+def test_a_session_another_instance_expired_is_refused_by_one_that_knew_it(
+    make_store: MakeStore,
+) -> None:
+    """The SQLite store plans a batch from what its own commits told it of a session; another
+    instance that expired the session (or wrote to it) makes the file refuse that plan, and
+    the batch is planned again from a read: an error for the expired session, never a write."""
+    a, b = make_store(ttl=1), make_store(ttl=1)
+
+    async def main() -> None:
+        async with opened(a, b):
+            s = await a.create_session("")
+            assert (await a.append_user(s, "m1", "q", "m")).seq == 1  # a knows s at seq 1
+            assert (await b.append_user(s, "m2", "q", "m")).seq == 2  # b moved it on
+            assert (await a.append_user(s, "m3", "q", "m")).seq == 3  # a re-read it
+            assert await a.append_user(s, "m1", "q", "m") == Appended(1, True)  # a duplicate
+            await asyncio.sleep(1.2)
+            await b.expire()
+            with pytest.raises(StoreError):
+                await a.append_user(s, "m4", "q", "m")
+            assert await b.events_after(s, 0) == []
+
+    run(main())
+
+
 def test_close_flushes_pending_appends(make_store: MakeStore) -> None:
     store, fresh = make_store(), make_store()
 
