@@ -95,3 +95,19 @@ def test_timeline() -> None:
     assert [b["count"] for b in tl] == [2.0, 1.0]
     assert tl[0]["p50"] == 5.0 and tl[0]["max"] == 7.0
     assert tl[1]["p99"] == 100.0
+
+
+def test_throughput_counts_the_replies_of_the_window_not_its_edge() -> None:
+    """1,000 msg/s for 2 s (no warm-up), replies 25-34 ms after their send: the replies
+    received inside the window miss those of the last ~30 ms of sends (~985/s); the
+    throughput counts the window shifted by the median latency: the rate kept up with."""
+    from chatd.bench import scenarios
+
+    records = []
+    for i in range(2000):
+        t = i / 1000.0
+        records.append((t, t, t + 0.001, t + 0.02, t + 0.025 + (i % 10) / 1000.0, None))
+    s = scenarios.summarize(records, 0.0, 2.0)  # type: ignore[arg-type]
+    assert s["scheduled"] == 2000 and s["answered"] == 2000
+    assert 1960 <= s["replies_in_window"] <= 1980
+    assert 995.0 <= s["throughput_per_s"] <= 1000.0  # within the jitter at both ends
