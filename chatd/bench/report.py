@@ -84,11 +84,15 @@ def _status(measured: float | None, claim: float | None, higher_better: bool) ->
 
 def _throughput_status(r: dict[str, Any], per_min: float, claim: float) -> str:
     """A load's throughput *meets* its claim when every message of the window was answered
-    without error and the reply rate is within 1 % of the claim: the rate is an estimate from
-    a window of replies (scenarios.summarize) whose edges can miss a reply or two of a
-    target that keeps up exactly."""
+    without error and the reply rate is within 1 % of the claim, or short of it by at most
+    one message over the window: the rate is an estimate from a window of replies
+    (scenarios.summarize) whose edges can miss a reply or two of a target that keeps up
+    exactly, and a short window at a low rate counts whole messages (at 100 msg/min for
+    10 s, one message is 6 msg/min)."""
     errors = r["chatd"]["errors"]["total"]
-    return "meets" if errors == 0 and per_min >= 0.99 * claim else "MISSES"
+    minutes = r["params"]["duration"] / 60.0
+    close = per_min >= 0.99 * claim or (claim - per_min) * minutes <= 1.0 + 1e-9
+    return "meets" if errors == 0 and close else "MISSES"
 
 
 def _load_rows(r: dict[str, Any]) -> list[tuple[str, float | None, str, int]]:

@@ -11,7 +11,8 @@ and never makes the event loop wait for it or for the disk:
   hand-offs were most of an ack's wait: a queue put and a thread wake-up per tick, the GIL
   ping-pong (the sqlite3 module releases the GIL around every step, and the thread waited to
   take it back from a busy loop), then ``call_soon_threadsafe`` back. Measured with
-  ``scripts/quick_bench.py throughput --workers 1 --rate 1000`` (same machine, side by side,
+  ``scripts/quick_bench.py throughput --workers 1 --rate 1000`` (the first-cut measuring
+  script, retired since for ``chatd-bench``; in git up to commit ba3b18b) (side by side,
   5+ runs each): ack p50 2.1-3.1 -> 0.9-1.4 ms, reply p50 4.6-6.8 -> 2.0-3.0 ms, for a worker
   CPU per message of 790-855 -> 865-940 us (smaller batches: 1.1-1.3 appends per commit
   instead of 3.5-3.9). Near one worker's capacity (2,000 msg/s) batches grow by themselves
@@ -19,9 +20,12 @@ and never makes the event loop wait for it or for the disk:
   17-19 ms instead of 43-108 ms.
 - **Group commit**: a batch reads the state of all its sessions in one statement, assigns
   seqs and finds duplicates in Python, and writes all its appends with ONE ``INSERT`` (its own
-  transaction). No window waits for company by default (``window`` 0): on the loop, a tick
-  already gathers what arrived together, and a heavier load makes longer ticks, so larger
-  batches. A 1 ms window for a lone request (the thread's) measured at 1,000 msg/s: 2.6
+  transaction). A batch whose sessions this store's own commits describe (last seq,
+  ``updated_at``) skips the read: the file refuses a stale plan (the seq trigger, the UNIQUE
+  constraint), and the batch is planned again from a read (7-12 % less worker CPU per
+  message at 1,000 msg/s). No window waits for company by default (``window`` 0): on the
+  loop, a tick already gathers what arrived together, and a heavier load makes longer ticks,
+  so larger batches. A 1 ms window for a lone request (the thread's) measured at 1,000 msg/s: 2.6
   appends per commit and ~10 % less CPU, but it gave back most of the latency gained (ack p50
   2.2 ms, reply p50 4.8 ms); at 2,000 msg/s it changed nothing.
 - **The loop never waits for the lock**: the write connection has a busy timeout of 0. A batch
