@@ -90,6 +90,9 @@ class Hub(Listeners):
         # final is then already being written, and its publication must not be cut).
         self._finishing: set[tuple[str, str]] = set()
         self.sweeping = True  # False once the worker drains: it claims no more messages
+        # Called with a session whose last running generation here just ended (set by a
+        # drain, which then closes the session's connections).
+        self.on_session_done: Callable[[str], None] | None = None
         self.history = History(store, cfg.sessions.history_turns, cfg.llm.system_prompt)
         self.stats = HubStats()
 
@@ -236,6 +239,9 @@ class Hub(Listeners):
         self.running.pop(key, None)
         self._cancelled.discard(key)
         self._leave()
+        done = self.on_session_done
+        if done is not None and not any(s == key[0] for s, _ in self.running):
+            done(key[0])
 
     @property
     def in_flight(self) -> int:
@@ -249,6 +255,11 @@ class Hub(Listeners):
         self._busy -= 1
         if not self._busy:
             self._idle.set()
+
+    @property
+    def idle(self) -> bool:
+        """No generation runs and no message is being stored."""
+        return not self._busy
 
     async def wait_idle(self) -> None:
         """Wait until no generation runs and no message is being stored (bound it with

@@ -48,7 +48,11 @@ class WorkerState:
     # client resends them, same id, where it resumes), as the generations left are handed
     # over to other workers and the connections close.
     closing: bool = False
-    connections: set[ServerConnection] = field(default_factory=set)
+    # Each open connection, with its protocol state and outbox (a drain closes those with
+    # nothing in flight first).
+    connections: dict[ServerConnection, tuple[chat.ChatConnection, Outbox]] = field(
+        default_factory=dict
+    )
     connections_total: int = 0
     bad_frames_total: int = 0
 
@@ -105,7 +109,7 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
         state.hello_timeout,
         lambda: asyncio.ensure_future(_run(conn.hello_timed_out(), ws, state, conn, outbox)),
     )
-    state.connections.add(ws)
+    state.connections[ws] = (conn, outbox)
     state.connections_total += 1
     opened = time.monotonic()
     peer = ws.remote_address[0] if ws.remote_address else "?"
@@ -139,7 +143,7 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
         outbox.close()
         if conn.session is not None:
             state.hub.unsubscribe(conn.session, outbox)
-        state.connections.discard(ws)
+        state.connections.pop(ws, None)
         log.info(
             "connection closed from %s session %s code %s after %.1fs",
             peer,

@@ -39,6 +39,7 @@ from chatd.http import HttpEndpoints
 from chatd.link import MasterLink
 from chatd.logs import set_role
 from chatd.metrics import render
+from chatd.outbox import Outbox
 from chatd.proto import chat
 from chatd.proto import control as proto
 from chatd.relay import Relay
@@ -51,6 +52,7 @@ log = logging.getLogger("chatd.worker")
 
 HEALTH_INTERVAL = 5.0  # seconds between backend health checks (1 s while one is down)
 METRICS_WAIT = 2.0  # seconds /metrics waits for the master's figures before answering 503
+_DRAIN_POLL = 0.02  # seconds between a drain's looks for connections with nothing in flight
 
 
 def frame_limit(cfg: Config) -> int:
@@ -75,6 +77,7 @@ class Worker:
         # The master grants the LLM slots of every worker: the cap is daemon-wide.
         self.slots = MasterSlots(self.cfg.llm.backends, self.link.send)
         self.hub = Hub(self.cfg, self.store, self.relay, self.slots, self.link)
+        self._closers: set[asyncio.Task[None]] = set()  # a drain's 1001 closes in progress
         self.state = WorkerState(
             hub=self.hub,
             store=self.store,
@@ -261,9 +264,7 @@ class Worker:
         assert self.server is not None
         self.server.close(close_connections=False)
         deadline = time.monotonic() + self.cfg.server.graceful_timeout
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.cfg.server.graceful_timeout):
-                await self.hub.wait_idle()
+        await self._wait_replies(deadline)
         if self.hub.running:
             log.warning(
                 "drain: %d replies still running after the graceful timeout", self.hub.in_flight
@@ -275,6 +276,47 @@ class Worker:
         await self._close_clients(max(1.0, deadline - time.monotonic()))
         await self._shutdown()
 
+    async def _wait_replies(self, deadline: float) -> None:
+        """Step 2 of a drain: until the hub is idle or ``deadline``, close (1001) each
+        connection as soon as none of its session's replies is in flight and its frames are
+        written: those idle now at once, the others when their reply is out (the hub's
+        ``on_session_done``). Without this, clients chatting without pause kept a drain
+        waiting its whole graceful time (the hub is never idle while they send), and their
+        reconnection to the new generation with it."""
+        closing: set[ServerConnection] = set()
+
+        def close(ws: ServerConnection, outbox: Outbox) -> None:
+            closing.add(ws)
+            self._closers.add(task := asyncio.create_task(self._close_one(ws, outbox)))
+            task.add_done_callback(self._closers.discard)
+
+        def session_done(session: str) -> None:
+            for ws, (conn, outbox) in list(self.state.connections.items()):
+                if conn.session == session and ws not in closing:
+                    close(ws, outbox)
+
+        self.hub.on_session_done = session_done
+        try:
+            while True:
+                busy = {session for session, _ in self.hub.running}
+                for ws, (conn, outbox) in list(self.state.connections.items()):
+                    if ws not in closing and conn.session not in busy:
+                        close(ws, outbox)
+                if self.hub.idle or time.monotonic() >= deadline:
+                    return
+                await asyncio.sleep(_DRAIN_POLL)
+        finally:
+            self.hub.on_session_done = None
+
+    @staticmethod
+    async def _close_one(ws: ServerConnection, outbox: Outbox) -> None:
+        """Write what is queued for the client (its reply), then close with 1001."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await outbox.wait_empty()
+        with contextlib.suppress(Exception):
+            await ws.close(chat.CLOSE_GOING_AWAY, "server going away: resume elsewhere")
+
     async def stop_now(self) -> None:
         """Fast stop: close the clients with 1001 at once; replies in flight stay unanswered."""
         self.state.draining = self.state.closing = True
@@ -285,7 +327,7 @@ class Worker:
         await self._shutdown()
 
     async def _close_clients(self, within: float) -> None:
-        clients = list(self.state.connections)
+        clients = list(self.state.connections)  # those the drain did not close yet
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
                 await asyncio.gather(

@@ -84,19 +84,7 @@ def _mem(pid: int) -> tuple[int, int]:
 
 async def _next_command(pipe: Connection) -> str:
     """Wait (without blocking the loop, so pings are answered) for the parent's next word."""
-    loop = asyncio.get_running_loop()
-    readable: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not readable.done():
-            readable.set_result(None)
-
-    loop.add_reader(pipe.fileno(), wake)
-    try:
-        await readable
-    finally:
-        loop.remove_reader(pipe.fileno())
-        os.set_blocking(pipe.fileno(), True)
+    await load.wait_readable(pipe)
     return str(pipe.recv()[0])
 
 

@@ -336,27 +336,33 @@ async def client_load(job: LoadJob, go: Callable[[], Any], progress: Counter) ->
     return res
 
 
+async def wait_readable(pipe: Connection) -> None:
+    """Wait, without blocking the event loop (so pings are answered meanwhile), until the
+    parent wrote to ``pipe``; the pipe is blocking again on return."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(pipe.fileno(), wake)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(pipe.fileno())
+        # The event loop made the pipe non-blocking; a result sent later can be larger than
+        # the pipe's buffer, and a partial write would corrupt the stream.
+        os.set_blocking(pipe.fileno(), True)
+
+
 def _child(job: LoadJob, pipe: Connection, progress: Counter) -> None:
     """A client process: run the job on uvloop; send ``("result", LoadResult)`` back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
 
     async def go() -> float:
         pipe.send(("ready", None))
-        loop = asyncio.get_running_loop()
-        readable: asyncio.Future[None] = loop.create_future()
-
-        def wake() -> None:
-            if not readable.done():
-                readable.set_result(None)
-
-        loop.add_reader(pipe.fileno(), wake)
-        try:
-            await readable
-        finally:
-            loop.remove_reader(pipe.fileno())
-            # The event loop made the pipe non-blocking; the result sent later can be larger
-            # than the pipe's buffer, and a partial write would corrupt the stream.
-            os.set_blocking(pipe.fileno(), True)
+        await wait_readable(pipe)
         msg = pipe.recv()
         if msg[0] != "go":
             raise RuntimeError("aborted")
