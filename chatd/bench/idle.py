@@ -39,7 +39,7 @@ import uvloop
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from chatd.bench import load, server
+from chatd.bench import fleet, load, server
 from chatd.bench.bare import BareRelay
 from chatd.bench.load import Counter
 from chatd.bench.scenarios import _progress_bar
@@ -84,7 +84,7 @@ def _mem(pid: int) -> tuple[int, int]:
 
 async def _next_command(pipe: Connection) -> str:
     """Wait (without blocking the loop, so pings are answered) for the parent's next word."""
-    await load.wait_readable(pipe)
+    await fleet.wait_readable(pipe)
     return str(pipe.recv()[0])
 
 
@@ -146,7 +146,7 @@ def measure(
     """Open ``connections`` idle connections to ``url`` over ``procs`` client processes and
     read the memory of the processes ``pids`` (name -> pid) before and after."""
     ctx = mp.get_context("fork")
-    run = load.Run([], [])
+    run = fleet.Run([], [])
     for i in range(procs):
         parent, child = ctx.Pipe()
         counter: Counter = ctx.Value("q", 0, lock=False)
@@ -161,7 +161,7 @@ def measure(
         bar.unit = "conn"
     try:
         for _, pipe in run.procs:
-            load._expect(pipe, "warm", 60)
+            fleet.expect(pipe, "warm", 60)
         time.sleep(1.0)
         before = {pid: _mem(pid) for pid in pids.values()}
         t0 = time.perf_counter()
@@ -176,11 +176,11 @@ def measure(
             pipe.send(("close", None))
         for _, pipe in run.procs:
             with contextlib.suppress(RuntimeError):
-                load._expect(pipe, "closed", 30)
+                fleet.expect(pipe, "closed", 30)
     finally:
         if bar is not None:
             bar.close()
-        load.stop(run)
+        fleet.stop(run)
     opened = sum(r[0] for r in results)
     rss = kb_per_conn(_pick(before, 0), _pick(after, 0), opened)
     uss = kb_per_conn(_pick(before, 1), _pick(after, 1), opened)
@@ -207,7 +207,7 @@ def measure(
     }
 
 
-def _wait(pipe: Connection, run: load.Run, bar: Any, timeout: float) -> Any:
+def _wait(pipe: Connection, run: fleet.Run, bar: Any, timeout: float) -> Any:
     """One client process's ``open`` answer, moving the progress bar meanwhile."""
     deadline = time.monotonic() + timeout
     while not pipe.poll(0.25):
@@ -216,7 +216,7 @@ def _wait(pipe: Connection, run: load.Run, bar: Any, timeout: float) -> Any:
             bar.refresh()
         if time.monotonic() > deadline:
             raise RuntimeError(f"the connections were not open within {timeout:.0f} s")
-    return load._expect(pipe, "open", 0)
+    return fleet.expect(pipe, "open", 0)
 
 
 def run_idle(

@@ -22,26 +22,21 @@ Two ways to speak to chatd, chosen per scenario:
 
 Per message a client records (seconds from the run's start, perf_counter clock): intended,
 actually sent, ``ack`` received, first ``token`` received, ``reply`` (or final ``error``)
-received, and the error code. The parent merges the processes' records (:class:`LoadResult`).
+received, and the error code. The parent merges the processes' records (:class:`LoadResult`);
+starting, releasing and collecting the processes is :mod:`chatd.bench.fleet`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing as mp
-import os
 import random
-import signal
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 import orjson
-import uvloop
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
@@ -334,172 +329,3 @@ async def client_load(job: LoadJob, go: Callable[[], Any], progress: Counter) ->
             await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
     res.records = [r for c in conns for r in c.records()]
     return res
-
-
-async def wait_readable(pipe: Connection) -> None:
-    """Wait, without blocking the event loop (so pings are answered meanwhile), until the
-    parent wrote to ``pipe``; the pipe is blocking again on return."""
-    loop = asyncio.get_running_loop()
-    readable: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not readable.done():
-            readable.set_result(None)
-
-    loop.add_reader(pipe.fileno(), wake)
-    try:
-        await readable
-    finally:
-        loop.remove_reader(pipe.fileno())
-        # The event loop made the pipe non-blocking; a result sent later can be larger than
-        # the pipe's buffer, and a partial write would corrupt the stream.
-        os.set_blocking(pipe.fileno(), True)
-
-
-def _child(job: LoadJob, pipe: Connection, progress: Counter) -> None:
-    """A client process: run the job on uvloop; send ``("result", LoadResult)`` back."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-
-    async def go() -> float:
-        pipe.send(("ready", None))
-        await wait_readable(pipe)
-        msg = pipe.recv()
-        if msg[0] != "go":
-            raise RuntimeError("aborted")
-        delay = float(msg[1]) - time.time()
-        await asyncio.sleep(max(0.0, delay))
-        return clock()
-
-    async def main() -> LoadResult:
-        if job.mode == "raw":
-            return await raw_load(job, go, progress)
-        if job.mode == "client":
-            return await client_load(job, go, progress)
-        from chatd.bench.direct import direct_load
-
-        return await direct_load(job, go, progress)
-
-    try:
-        cpu0 = time.process_time()
-        result = uvloop.run(main())
-        result.client_cpu_s = time.process_time() - cpu0
-        pipe.send(("result", result))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            pipe.send(("error", traceback.format_exc()))
-    finally:
-        pipe.close()
-
-
-@dataclass
-class Run:
-    """A load in progress: the client processes and their pipes."""
-
-    procs: list[tuple[mp.process.BaseProcess, Connection]]
-    progress: list[Counter]
-    start_wall: float = 0.0
-
-    def replies(self) -> int:
-        """Answers (replies and final errors) received so far, all processes together."""
-        return sum(p.value for p in self.progress)
-
-
-def start(jobs: list[LoadJob], ready_timeout: float = 90.0) -> Run:
-    """Fork one client process per job, wait until all are connected, then start them all
-    together 0.3 s later (the run's time 0 is that wall-clock instant)."""
-    ctx = mp.get_context("fork")
-    run = Run([], [])
-    for job in jobs:
-        parent, child = ctx.Pipe()
-        counter: Counter = ctx.Value("q", 0, lock=False)
-        p = ctx.Process(target=_child, args=(job, child, counter), daemon=True)
-        p.start()
-        child.close()
-        run.procs.append((p, parent))
-        run.progress.append(counter)
-    try:
-        for _, pipe in run.procs:
-            _expect(pipe, "ready", ready_timeout)
-        run.start_wall = time.time() + 0.3
-        for _, pipe in run.procs:
-            pipe.send(("go", run.start_wall))
-    except BaseException:
-        stop(run)
-        raise
-    return run
-
-
-def _expect(pipe: Connection, kind: str, timeout: float) -> Any:
-    if not pipe.poll(timeout):
-        raise RuntimeError(f"a client process sent no {kind!r} within {timeout:.0f} s")
-    msg = pipe.recv()
-    if msg[0] == "error":
-        raise RuntimeError(f"a client process failed:\n{msg[1]}")
-    if msg[0] != kind:
-        raise RuntimeError(f"a client process sent {msg[0]!r}, expected {kind!r}")
-    return msg[1]
-
-
-def collect(run: Run, timeout: float) -> LoadResult:
-    """Wait for every process's result and merge them."""
-    merged = LoadResult()
-    try:
-        for _, pipe in run.procs:
-            r: LoadResult = _expect(pipe, "result", timeout)
-            merged.records += r.records
-            merged.reconnect_ms += r.reconnect_ms
-            for name in (
-                "connections_opened",
-                "connect_failed",
-                "bad_reply",
-                "closed",
-                "drops",
-                "reconnects",
-                "resumes",
-                "duplicates",
-                "client_cpu_s",
-            ):
-                setattr(merged, name, getattr(merged, name) + getattr(r, name))
-    finally:
-        stop(run)
-    return merged
-
-
-def stop(run: Run) -> None:
-    """Join every client process; SIGKILL (by its PID) one that does not end in 5 s."""
-    for p, pipe in run.procs:
-        with contextlib.suppress(OSError):
-            pipe.send(("abort", None))
-        p.join(5)
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-        pipe.close()
-
-
-def split(
-    mode: str,
-    url: str,
-    connections: int,
-    procs: int,
-    rate: float,
-    window: tuple[float, float, float],
-) -> list[LoadJob]:
-    """The jobs of ``procs`` processes (no more than there are connections): connection i
-    goes to process ``i % procs``. ``window`` is (warmup, duration, drain) in seconds."""
-    n = max(1, min(procs, connections))
-    warmup, duration, drain = window
-    return [
-        LoadJob(
-            mode,
-            url,
-            list(range(p, connections, n)),
-            rate,
-            connections,
-            warmup,
-            duration,
-            drain,
-            seed=p,
-        )
-        for p in range(n)
-    ]

@@ -37,7 +37,7 @@ import orjson
 import psutil
 from websockets.asyncio.client import connect as ws_connect
 
-from chatd.bench import load, server
+from chatd.bench import fleet, load, server
 from chatd.bench import stats as st
 from chatd.bench.load import LoadResult, Record
 from chatd.bench.pyspy import PySpy
@@ -173,10 +173,10 @@ def run_load(
 ) -> tuple[LoadResult, dict[str, float]]:
     """One load run with ``actions`` at given times (s from the start) in this process;
     returns the merged result and CPU seconds used in the measured window per process."""
-    jobs = load.split(mode, url, sc.connections, procs, sc.rate, window)
+    jobs = fleet.split(mode, url, sc.connections, procs, sc.rate, window)
     for j in jobs:
         j.drop_at, j.drop_fraction = drop_at, 0.1
-    run = load.start(jobs)
+    run = fleet.start(jobs)
     warmup, duration, drain = window
     watched = dict(server.chatd_pids(target.status() or {})) if mode != "direct" else {}
     if target.fake_pid:
@@ -207,7 +207,7 @@ def run_load(
     finally:
         if bar is not None:
             bar.close()
-    result = load.collect(run, drain + 60)
+    result = fleet.collect(run, drain + 60)
     return result, {k: round(cpu1.get(k, 0.0) - cpu0.get(k, 0.0), 3) for k in watched}
 
 
