@@ -256,11 +256,6 @@ class Hub(Listeners):
         if not self._busy:
             self._idle.set()
 
-    @property
-    def idle(self) -> bool:
-        """No generation runs and no message is being stored."""
-        return not self._busy
-
     async def wait_idle(self) -> None:
         """Wait until no generation runs and no message is being stored (bound it with
         asyncio.timeout): a message committed while a drain waits is answered, not cut."""

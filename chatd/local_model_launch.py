@@ -34,8 +34,10 @@ def _command() -> list[str]:
     return [sys.executable, "-m", "chatd.local_model"]
 
 
-def _stop(proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
-    """Terminate ``proc`` (SIGTERM, then SIGKILL after ``timeout``) and reap it."""
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Terminate ``proc``, a child we started (SIGTERM, then SIGKILL by its PID after
+    ``timeout``), reap it and close its stdout pipe. Also chatd-bench's, for every process
+    it starts."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -89,7 +91,7 @@ def start_local_model(
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                _stop(proc, timeout=2.0)
+                stop_process(proc, timeout=2.0)
                 raise TimeoutError(f"{PROG} did not become ready within {timeout:g} s")
             if not sel.select(remaining):
                 continue  # timed out: the check above raises

@@ -157,11 +157,6 @@ class Outbox:
             self._kick()
 
     @property
-    def pending(self) -> bool:
-        """True while queued frames wait to be written (held frames do not count)."""
-        return bool(self._queue) or self._writer is not None
-
-    @property
     def holding(self) -> bool:
         """True between :meth:`hold` and :meth:`release`."""
         return self._held is not None

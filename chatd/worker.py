@@ -52,7 +52,6 @@ log = logging.getLogger("chatd.worker")
 
 HEALTH_INTERVAL = 5.0  # seconds between backend health checks (1 s while one is down)
 METRICS_WAIT = 2.0  # seconds /metrics waits for the master's figures before answering 503
-_DRAIN_POLL = 0.02  # seconds between a drain's looks for connections with nothing in flight
 
 
 def frame_limit(cfg: Config) -> int:
@@ -297,14 +296,14 @@ class Worker:
 
         self.hub.on_session_done = session_done
         try:
-            while True:
-                busy = {session for session, _ in self.hub.running}
-                for ws, (conn, outbox) in list(self.state.connections.items()):
-                    if ws not in closing and conn.session not in busy:
-                        close(ws, outbox)
-                if self.hub.idle or time.monotonic() >= deadline:
-                    return
-                await asyncio.sleep(_DRAIN_POLL)
+            busy = {session for session, _ in self.hub.running}
+            for ws, (conn, outbox) in list(self.state.connections.items()):
+                if conn.session not in busy:
+                    close(ws, outbox)
+            # No connection is accepted any more: every other one is closed by session_done.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self.hub.wait_idle()
         finally:
             self.hub.on_session_done = None
 

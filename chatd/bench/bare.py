@@ -37,7 +37,8 @@ import uvloop
 from websockets.asyncio.server import serve
 
 from chatd.bench.bare_conn import Relay
-from chatd.bench.server import MODEL, Target, raise_nofile, stop_popen
+from chatd.bench.server import MODEL, Target, kill_leftovers, raise_nofile
+from chatd.local_model_launch import stop_process
 
 BANNER = "chatd-bench bare relay listening on "
 
@@ -238,14 +239,8 @@ class BareRelay(Target):
         """SIGTERM the parent (it stops its workers), SIGKILL by PID after 10 s; a worker
         that outlived it is SIGKILLed by PID if its start time still matches."""
         if self.proc is not None:
-            stop_popen(self.proc, 10.0)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            for pid, started in self._started.items():
-                with contextlib.suppress(psutil.Error):
-                    p = psutil.Process(pid)
-                    if p.create_time() == started:  # the same process, not a reused pid
-                        p.send_signal(signal.SIGKILL)
+            stop_process(self.proc, 10.0)
+            kill_leftovers(self._started)
             self.proc = None
         self._stderr.close()
 

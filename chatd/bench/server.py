@@ -31,10 +31,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from chatd.local_model_launch import stop_process
 
 BIN = Path(sys.executable).parent  # the venv's bin: chatd, chatctl, chatd-fake-ollama
 MODEL = "qwen2.5-coder:7b"  # the fake's default model name
@@ -61,15 +64,14 @@ def post_json(url: str, body: dict[str, Any], timeout: float = 5.0) -> Any:
         return json.loads(r.read())
 
 
-def stop_popen(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM one process we started, then SIGKILL it (by its PID) if it does not exit."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+def kill_leftovers(started: Mapping[int, float]) -> None:
+    """SIGKILL each pid of ``started`` (pid -> psutil create_time) still alive as the same
+    process (not a reused pid): workers that outlived a master or parent we stopped."""
+    for pid, created in started.items():
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if p.create_time() == created:
+                p.send_signal(signal.SIGKILL)
 
 
 class FakeBackend:
@@ -93,7 +95,7 @@ class FakeBackend:
         try:
             self.url = self._read_url(15.0)
         except BaseException:
-            stop_popen(self.proc)
+            stop_process(self.proc)
             raise
 
     def _read_url(self, timeout: float) -> str:
@@ -122,7 +124,7 @@ class FakeBackend:
         return self.proc.pid
 
     def stop(self) -> None:
-        stop_popen(self.proc)
+        stop_process(self.proc)
 
 
 def fake_config(fake_url: str, **knobs: Any) -> Any:
@@ -291,12 +293,8 @@ class OwnChatd(Target):
         """SIGTERM the master (it drains its workers), SIGKILL by PID after 15 s; workers
         that outlived it are killed by PID when their start time still matches."""
         if self.proc is not None:
-            stop_popen(self.proc, 15.0)
-            for pid, started in self.pids_seen.items():
-                with contextlib.suppress(psutil.Error):
-                    p = psutil.Process(pid)
-                    if p.create_time() == started:  # the same process, not a reused pid
-                        p.send_signal(signal.SIGKILL)
+            stop_process(self.proc, 15.0)
+            kill_leftovers(self.pids_seen)
             self.proc = None
         if self.fake is not None:
             self.fake.stop()
