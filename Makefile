@@ -27,6 +27,7 @@ run: install
 lint: install
 	$(BIN)/ruff check chatd tests
 	$(BIN)/ruff format --check chatd tests
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy
@@ -38,9 +39,11 @@ unit: install
 test: install
 	scripts/ensure-debs.sh $(DEBS)
 	$(BIN)/ruff check chatd tests
+	# The import contracts between the role packages (pyproject.toml, docs/architecture.md).
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 	# The pure protocol cores: 100% branch coverage from their own unit tests.
-	$(BIN)/pytest -q -p no:cacheprovider tests/unit/test_proto_chat.py tests/unit/test_control_codec.py \
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit/proto/test_chat.py tests/unit/proto/test_control_codec.py \
 		--cov=chatd.proto --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=100
 	$(BIN)/pytest -q -p no:cacheprovider --timeout=300 --durations=15 tests
 

@@ -10,7 +10,7 @@ else the built-in defaults are used. ``--check`` validates and exits (0 valid, 7
 problem on its own line on stderr); it never binds anything.
 
 Test hook: ``CHATD_TEST_WORKER=module:function`` makes the master fork ``function`` (a
-:data:`chatd.spec.WorkerMain`) instead of ``chatd.worker.run_worker``. The system tests use it
+:data:`chatd.spec.WorkerMain`) instead of ``chatd.worker.main.run_worker``. The system tests use it
 to run the master with a stand-in worker; a warning is logged whenever it is set.
 """
 
@@ -25,10 +25,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
+from chatd import __version__
 from chatd.config import load, with_overrides
 from chatd.errors import ConfigError, ExitCode
 from chatd.logs import setup_logging
-from chatd.master import Master
+from chatd.master.arbiter import Master
 from chatd.spec import WorkerMain
 
 ENV_TEST_WORKER = "CHATD_TEST_WORKER"
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatd", description="Chatbot gateway daemon: runs the master in the foreground."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", metavar="PATH", help="config file (/etc/chatd/chatd.toml)")
     parser.add_argument("--bind", metavar="HOST:PORT", help="overrides [server] bind")
     parser.add_argument("--workers", metavar="N", type=int, help="overrides [server] workers")
@@ -68,7 +70,7 @@ def load_worker_main() -> WorkerMain:
         module, _, name = hook.partition(":")
         log.warning("%s=%s: running a test worker, not chatd's", ENV_TEST_WORKER, hook)
         return cast(WorkerMain, getattr(importlib.import_module(module), name or "main"))
-    from chatd.worker import run_worker  # type: ignore[import-not-found,unused-ignore]
+    from chatd.worker.main import run_worker  # type: ignore[import-not-found,unused-ignore]
 
     return cast(WorkerMain, run_worker)
 

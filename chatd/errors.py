@@ -20,7 +20,6 @@ code and one sentence (see ``chatd.proto.chat``); an unexpected exception become
 from __future__ import annotations
 
 import enum
-import os
 
 
 class ExitCode(enum.IntEnum):
@@ -31,7 +30,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     WORKER_BOOT_ERROR = 3
     NOT_RUNNING = 3  # chatctl status: LSB "program is not running"
-    CONFIG = os.EX_CONFIG  # 78
+    CONFIG = 78  # sysexits.h EX_CONFIG (os.EX_CONFIG; errors stays importable by pure code)
 
 
 class ChatdError(Exception):

@@ -24,8 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatd.slotgrant import GranterStats, backend_keys
-from chatd.stats import Histogram
+from chatd.stats import GranterStats, Histogram, backend_keys
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -27,7 +27,7 @@ class WorkerSpec:
             master keeps its own copy open, so connections queued on it survive this worker.
             Accept from it; never re-bind.
         link: the worker's end of its socketpair with the master (see
-            :class:`chatd.link.MasterLink`); EOF on it means the master is gone.
+            :class:`chatd.worker.link.MasterLink`); EOF on it means the master is gone.
     """
 
     cfg: Config

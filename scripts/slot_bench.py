@@ -3,7 +3,7 @@
 
 Runs the real ``chatd`` master (its selector loop, its per-worker links, the slot granter)
 with a stand-in worker (the ``CHATD_TEST_WORKER`` hook) that does nothing but take and give
-back slots through :class:`chatd.slots.MasterSlots` over its real link, from
+back slots through :class:`chatd.worker.slots.MasterSlots` over its real link, from
 ``--concurrency`` tasks at once, for ``--duration`` seconds. Each cycle is
 ``acquire`` -> ``await asyncio.sleep(0)`` (holding the slot for one loop turn) ->
 ``release``; with ``--max-parallel`` below ``workers x concurrency`` slots are contended and
@@ -16,7 +16,7 @@ It prints, and writes as JSON with ``--out``:
   queueing included (so it grows with contention; the uncontended figure is the round trip);
 - ``worker_cpu_us_per_cycle``: the workers' CPU time (user+system) / cycles: what a message
   pays in its worker for a master slot; ``local_cpu_us_per_cycle`` is the same loop with the
-  in-process :class:`chatd.slots.LocalSlots`, for comparison;
+  in-process :class:`chatd.worker.slots.LocalSlots`, for comparison;
 - ``master_cpu_us_per_grant``: the master's CPU time / cycles (it handles an acquire and a
   release per cycle): what bounds the daemon's grant rate (one core).
 
@@ -86,8 +86,8 @@ def bench_worker(spec: Any) -> NoReturn:
     """The stand-in worker (forked by the master): slots only, then idle until stopped."""
     import uvloop
 
-    from chatd.link import MasterLink
-    from chatd.slots import MasterSlots
+    from chatd.worker.link import MasterLink
+    from chatd.worker.slots import MasterSlots
 
     async def main() -> None:
         link = MasterLink.from_spec(spec)
@@ -126,7 +126,7 @@ def local_baseline(concurrency: int, max_parallel: int, duration: float) -> dict
     import uvloop
 
     from chatd.config import BackendConfig
-    from chatd.slots import LocalSlots
+    from chatd.worker.slots import LocalSlots
 
     slots = LocalSlots([BackendConfig(url="http://x", max_parallel=max_parallel)], 100000)
     return uvloop.run(_cycles(slots, concurrency, time.time(), duration))

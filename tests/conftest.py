@@ -12,11 +12,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support import system_python
 
 NOT_INSTALLED = "redis-server not installed: apt-get install redis-server (make test installs it)"
 
@@ -103,3 +106,20 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheelhouse of chatd's dependencies (scripts/wheelhouse.sh), made once per test run for
+    the Python the install tests use, for ``scripts/install.sh --wheelhouse`` (no index at
+    install time)."""
+    path = tmp_path_factory.mktemp("wheelhouse")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "wheelhouse.sh"
+    r = subprocess.run(
+        [str(script), str(path), "--python", system_python() or sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, f"scripts/wheelhouse.sh failed:\n{r.stdout}{r.stderr}"
+    return path

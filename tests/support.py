@@ -38,6 +38,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def system_python() -> str | None:
+    """A Python of this venv's major.minor outside /root and /home, as a host's daemon would run
+    (the unit's ProtectHome=yes hides those), or None."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        real = os.path.realpath(candidate)
+        if not os.access(real, os.X_OK) or real.startswith(("/root/", "/home/")):
+            continue
+        r = subprocess.run(
+            [real, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+        )
+        if r.stdout.strip() == "{}.{}".format(*sys.version_info[:2]):
+            return candidate
+    return None
+
+
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
     """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + t(timeout)

@@ -38,7 +38,7 @@ from websockets.asyncio.server import serve
 
 from chatd.bench.bare_conn import Relay
 from chatd.bench.server import MODEL, Target, kill_leftovers, raise_nofile
-from chatd.local_model_launch import stop_process
+from chatd.dev.local_model.launch import stop_process
 
 BANNER = "chatd-bench bare relay listening on "
 

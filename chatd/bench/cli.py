@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from chatd import __version__
 from chatd.bench import longrun, pyspy, realmodel, report, scenarios
 from chatd.bench.server import OwnChatd, Target
 
@@ -37,6 +38,7 @@ def _target(args: argparse.Namespace) -> Target:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="chatd-bench", description=__doc__.split("::")[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one scenario and print its table")
     run.add_argument("scenario", choices=[*scenarios.SCENARIOS, "real", *longrun.NAMES])

@@ -38,7 +38,7 @@ HISTORY_MESSAGES = 40  # chatd sends 2 * history_turns (default 20) messages of 
 
 async def direct_load(job: LoadJob, go: Callable[[], Any], progress: Counter) -> LoadResult:
     """One client process of the direct baseline (``job.url`` is the backend's base URL)."""
-    from chatd.fake_ollama_wire import expected_reply
+    from chatd.dev.fake_ollama.wire import expected_reply
 
     expected = expected_reply(TEXT, 8)
     res = LoadResult()

@@ -163,7 +163,7 @@ async def _await_answers(conns: list[_Conn], t0: float, job: LoadJob) -> None:
 
 async def raw_load(job: LoadJob, go: Callable[[], Any], progress: Counter) -> LoadResult:
     """Bare websockets: open every connection (``hello``/``welcome``), then the schedule."""
-    from chatd.fake_ollama_wire import expected_reply
+    from chatd.dev.fake_ollama.wire import expected_reply
 
     expected = expected_reply(TEXT, 8)
     gate = asyncio.Semaphore(50)  # connect 50 at a time: the listen backlog stays short

@@ -56,11 +56,11 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from chatd import ctl
 from chatd.bench import realdirect, realreport, server
 from chatd.bench import stats as st
 from chatd.bench.load import WS_OPTS, Record, clock
 from chatd.bench.pyspy import PySpy
+from chatd.ctl import main as ctl
 from chatd.errors import ControlError
 from chatd.proto import control as proto
 
@@ -172,7 +172,7 @@ def run(p: RealParams, profile: Path | None = None) -> dict[str, Any]:
     try:
         t_start = time.monotonic()
         if p.model_url is None:
-            from chatd.local_model import start_local_model
+            from chatd.dev.local_model.main import start_local_model
 
             args = ["--parallel", str(p.slots), "--max-tokens", str(p.max_tokens)]
             args += ["--threads", str(p.model_threads)]

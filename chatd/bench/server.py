@@ -37,7 +37,7 @@ from typing import Any
 
 import psutil
 
-from chatd.local_model_launch import stop_process
+from chatd.dev.local_model.launch import stop_process
 
 BIN = Path(sys.executable).parent  # the venv's bin: chatd, chatctl, chatd-fake-ollama
 MODEL = "qwen2.5-coder:7b"  # the fake's default model name

@@ -1,7 +1,7 @@
 """Pure statistics for ``chatd-bench``: percentiles, summaries, histograms, rates, timelines.
 
 Nothing here does I/O or reads a clock: every function takes numbers and returns numbers, so
-each is unit-tested on known inputs (``tests/unit/test_bench_stats.py``).
+each is unit-tested on known inputs (``tests/unit/bench/test_stats.py``).
 
 Latency without coordinated omission
 ------------------------------------

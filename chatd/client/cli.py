@@ -19,6 +19,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from chatd import __version__
+
 
 def _print(*parts: str, end: str = "\n") -> None:
     sys.stdout.write("".join(parts) + end)
@@ -88,6 +90,7 @@ async def chat(url: str, session: str | None, token: str | None, model: str | No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatd-chat", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("url", nargs="?", default="ws://127.0.0.1:8000/ws")
     parser.add_argument("--session", help="resume this session")
     parser.add_argument("--token", help="auth token, when the server requires one")

@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import email.utils
 import itertools
 import logging
-import random
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -24,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.uri import parse_uri
 
+from chatd.client.backoff import next_delay, parse_retry_after
 from chatd.client.events import (
     ClientClosed,
     Closed,
@@ -40,20 +38,6 @@ from chatd.client.session import Frame, SessionState, Stop
 log = logging.getLogger("chatd.client")
 
 MAX_ID_CHARS = 64  # protocol: message ids are 1 to 64 characters
-
-
-def _retry_after(value: str | None) -> float:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); 0 if absent."""
-    if not value:
-        return 0.0
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return 0.0
-    return min(max(seconds, 0.0), 3600.0)
 
 
 class ChatClient(SessionState):
@@ -294,7 +278,7 @@ class ChatClient(SessionState):
                     if status < 500 and status != 429:  # 401, 403, 404: retrying cannot help
                         reason = f"handshake refused: HTTP {status}"
                         break
-                    retry_after = _retry_after(exc.response.headers.get("Retry-After"))
+                    retry_after = parse_retry_after(exc.response.headers.get("Retry-After"))
                     why = f"handshake refused: HTTP {status}"
                 except InvalidURI as exc:
                     reason = f"invalid URL: {exc}"
@@ -318,12 +302,7 @@ class ChatClient(SessionState):
                 if self._give_up is not None and loop.time() - down_since > self._give_up:
                     reason = f"gave up after {self._give_up:g}s without a connection: {why}"
                     break
-                if immediate:  # spread a herd of clients over a moment, but come back at once
-                    delay = random.uniform(0.0, self._initial)
-                else:
-                    base = min(self._max_delay, self._initial * 2.0 ** min(attempt, 32))
-                    delay = base * random.uniform(0.5, 1.0)
-                delay = max(delay, retry_after * random.uniform(1.0, 1.2))
+                delay = next_delay(attempt, self._initial, self._max_delay, immediate, retry_after)
                 attempt += 1
                 self._emit(Reconnecting(attempt, delay, why))
                 await asyncio.sleep(delay)

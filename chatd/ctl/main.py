@@ -29,7 +29,7 @@ the others as init scripts):
   7 not running.
 
 78 in every case: the config file given to find the socket is invalid. Transport
-(:func:`request`, :class:`Connection`) and formatting (:mod:`chatd.statusfmt`) are kept apart,
+(:func:`request`, :class:`Connection`) and formatting (:mod:`chatd.ctl.statusfmt`) are kept apart,
 so that scripts and tests can use either alone.
 """
 
@@ -44,10 +44,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from chatd import __version__
 from chatd.config import load
+from chatd.ctl.statusfmt import format_status, is_healthy
 from chatd.errors import ConfigError, ControlError, ExitCode
 from chatd.proto import control as proto
-from chatd.statusfmt import format_status, is_healthy
 
 __all__ = ["Connection", "NotRunning", "find_socket", "format_status", "is_healthy", "main"]
 
@@ -240,6 +241,7 @@ _COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatctl", description="Control a running chatd.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--socket", help="control socket path")
     parser.add_argument("--config", help="chatd config file, to find the control socket")
     parser.add_argument(

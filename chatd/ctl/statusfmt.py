@@ -1,7 +1,7 @@
 """``chatctl status`` for people: the status document as a table read at a glance.
 
 Pure formatting of the ``chatctl status --json`` document (``spec/interfaces.md``); the
-transport is in :mod:`chatd.ctl`. :func:`is_healthy` and :func:`problems` decide the exit code
+transport is in :mod:`chatd.ctl.main`. :func:`is_healthy` and :func:`problems` decide the exit code
 (0 healthy, 1 degraded) and say why.
 """
 
@@ -110,6 +110,8 @@ def _master_lines(data: Mapping[str, Any]) -> list[str]:
         f"{ready}/{len(workers)} workers ready"
     )
     second = [f"config {m.get('config') or '(built-in defaults)'}"]
+    if m.get("version"):
+        second.insert(0, f"chatd {m['version']}")
     last = m.get("last_reload")
     if isinstance(last, Mapping):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("at") or 0))

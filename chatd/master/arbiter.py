@@ -4,17 +4,18 @@ Single-threaded, and its own code never touches asyncio: it is one ``selectors``
 
 * the signal wake-up pipe (``signal.set_wakeup_fd``): handlers only queue the signal number, and
   the loop dispatches it to ``handle_<name>()`` once ``select`` returns (gunicorn's arbiter);
-* the control socket and its chatctl connections (:class:`chatd.control.ControlServer`);
-* one link per worker, the master's end of a socketpair (:mod:`chatd.workers`),
+* the control socket and its chatctl connections (:class:`chatd.master.control.ControlServer`);
+* one link per worker, the master's end of a socketpair (:mod:`chatd.master.workers`),
 
 with a short tick for timers (respawn backoff, stop deadlines, CPU and RSS samples, heartbeat
 timeouts, the systemd watchdog), and one change to the workers at a time: a rolling reload
-(:mod:`chatd.reload`), an RSS recycle, a scale (:mod:`chatd.operations`, :mod:`chatd.scale`).
-What chatctl may ask is in :mod:`chatd.commands`; systemd is told how things go
-(:mod:`chatd.systemd`).
+(:mod:`chatd.master.reload`), an RSS recycle, a scale (:mod:`chatd.master.operations`,
+:mod:`chatd.master.scale`).
+What chatctl may ask is in :mod:`chatd.master.commands`; systemd is told how things go
+(:mod:`chatd.master.systemd`).
 
 Sockets: one SO_REUSEPORT listener per worker *slot*, bound before any fork and kept open by the
-master until it exits (:mod:`chatd.listeners`). Slot *i*'s worker inherits socket *i*, and so
+master until it exits (:mod:`chatd.master.listeners`). Slot *i*'s worker inherits socket *i*, and so
 does its replacement: connections that queued while no worker served them are served, not
 reset.
 
@@ -36,24 +37,24 @@ from typing import Any
 
 import setproctitle
 
-from chatd import commands
 from chatd.config import Config, load
-from chatd.control import ControlServer
 from chatd.errors import ControlError, ExitCode
-from chatd.listeners import BindError, bind_slots, tcp_migrate_req
 from chatd.logs import setup_logging
-from chatd.operations import Operations
-from chatd.reload import worker_count
-from chatd.scale import MAX_WORKERS, scale_to
-from chatd.services import Services
-from chatd.shutdown import KILL_WAIT, Shutdown
+from chatd.master import commands
+from chatd.master.control import ControlServer
+from chatd.master.listeners import BindError, bind_slots, tcp_migrate_req
+from chatd.master.operations import Operations
+from chatd.master.reload import worker_count
+from chatd.master.scale import MAX_WORKERS, scale_to
+from chatd.master.services import Services
+from chatd.master.shutdown import KILL_WAIT, Shutdown
+from chatd.master.systemd import Notifier
+from chatd.master.workers import MASTER_SIGNALS, Workers
 from chatd.spec import WorkerMain, WorkerSpec
-from chatd.systemd import Notifier
-from chatd.workers import MASTER_SIGNALS, Workers
 
 __all__ = ["Master", "WorkerSpec"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("chatd.master")
 
 TICK = 0.5  # longest sleep of the loop; it also wakes at the next deadline
 STATUS_EVERY = 5.0  # seconds between two STATUS= lines to systemd when nothing notable changed
@@ -64,8 +65,9 @@ class Master:
 
     Args:
         cfg: the validated configuration.
-        worker_main: runs in each forked worker and never returns. None means
-            ``chatd.worker.run_worker``, imported before the first fork.
+        worker_main: runs in each forked worker and never returns. The caller imports it
+            (``chatd.cli`` passes ``chatd.worker.main.run_worker``) before the master is built,
+            so a fork imports nothing; the master itself never imports the worker.
         load_config: reads the configuration again for a reload: the file the master was
             started with, with the command-line overrides given at start (raises
             ConfigError). None means ``load(cfg.path)`` (the defaults without a file).
@@ -74,7 +76,7 @@ class Master:
     def __init__(
         self,
         cfg: Config,
-        worker_main: WorkerMain | None = None,
+        worker_main: WorkerMain,
         load_config: Callable[[], Config] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -119,10 +121,6 @@ class Master:
 
     def _start(self) -> None:
         """Check, bind, listen and fork, in this order; a failure leaves nothing behind."""
-        if self.worker_main is None:
-            from chatd.worker import run_worker  # type: ignore[import-not-found,unused-ignore]
-
-            self.worker_main = run_worker
         count = worker_count(self.cfg)
         # 1. The control socket first: a live master on it is the clearest "already running".
         ControlServer.check_free(self.cfg.control.socket)
@@ -309,7 +307,7 @@ class Master:
     # -- stopping ------------------------------------------------------------------------------
 
     def _begin_stop(self, *, graceful: bool) -> None:
-        """Start a graceful (drain) or a fast stop (:mod:`chatd.shutdown` has the steps)."""
+        """Start a graceful (drain) or a fast stop (:mod:`chatd.master.shutdown` has the steps)."""
         assert self._shutdown is not None
         graceful_timeout = self.cfg.server.graceful_timeout
         if not self._shutdown.begin(
@@ -346,5 +344,5 @@ class Master:
     # -- control commands ----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """The ``chatctl status --json`` document (see :mod:`chatd.commands`)."""
+        """The ``chatctl status --json`` document (see :mod:`chatd.master.commands`)."""
         return commands.status_document(self)

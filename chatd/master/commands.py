@@ -3,7 +3,7 @@
 chatctl's commands (``{"t": ...}`` requests, see :mod:`chatd.proto.control`):
 
 * ``status``: the ``chatctl status --json`` document (:func:`status_document`);
-* ``reload``: queued (:class:`chatd.operations.Operations`); answered when the reload has
+* ``reload``: queued (:class:`chatd.master.operations.Operations`); answered when the reload has
   finished, with ``{"generation", "message"}`` or one error sentence;
 * ``scale {workers: N}``: answered at once (the new workers start in the background);
   refused while a reload or a recycle runs;
@@ -20,15 +20,16 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from chatd.control import Handler, Request
-from chatd.listeners import BindError
+from chatd import __version__
+from chatd.master.control import Handler, Request
+from chatd.master.listeners import BindError
+from chatd.master.scale import scale_to
+from chatd.master.status import aggregate_status
+from chatd.master.supervision import looping
 from chatd.proto import control as proto
-from chatd.scale import scale_to
-from chatd.status import aggregate_status
-from chatd.supervision import looping
 
 if TYPE_CHECKING:
-    from chatd.master import Master
+    from chatd.master.arbiter import Master
 
 
 def handlers(master: Master) -> dict[str, Handler]:
@@ -89,6 +90,7 @@ def status_document(master: Master) -> dict[str, Any]:
         "tcp_migrate_req": master.tcp_migrate_req,
         "systemd": master.notifier.enabled,
         "python": sys.version.split()[0],
+        "version": __version__,
     }
     return aggregate_status(
         master=doc,

@@ -9,10 +9,10 @@ loop calls ``key.data(mask)``.
 * :class:`ControlServer` is the Unix socket chatctl connects to. It turns each frame into a
   :class:`Request` and dispatches it by its ``t`` to a handler the master registered. A garbage
   or oversized frame closes that one connection and is logged; nothing else is affected.
-  Each peer's credentials are checked when it connects (:mod:`chatd.peercred`): a peer that
+  Each peer's credentials are checked when it connects (:mod:`chatd.master.peercred`): a peer that
   is not allowed gets ``{"ok": false, "error": "permission denied: ..."}`` and is closed.
 
-The ``status`` document itself is built in :mod:`chatd.status`.
+The ``status`` document itself is built in :mod:`chatd.master.status`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from chatd import peercred
 from chatd.errors import ControlError
+from chatd.master import peercred
 from chatd.proto import control as proto
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("chatd.control")
 
 MAX_PENDING_OUT = 4 * proto.MAX_FRAME
 """Bytes queued for a peer that does not read before its connection is closed."""
@@ -315,7 +315,8 @@ class ControlServer:
             client.send({"ok": False, "error": denied})
 
     def _refusal(self, sock: socket.socket) -> str | None:
-        """Why this peer may not use the socket (logged), or None (see :mod:`chatd.peercred`)."""
+        """Why this peer may not use the socket (logged), or None (see
+        :mod:`chatd.master.peercred`)."""
         try:
             peer = peercred.peer_of(sock)
         except OSError as exc:

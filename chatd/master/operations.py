@@ -6,10 +6,10 @@ The master calls :meth:`Operations.tick` on every loop iteration. Rules:
 * reload requests (SIGHUP, ``chatctl reload``) that arrive while something runs are queued;
   all of them are served by *one* next reload, which re-reads the file then: each caller gets
   the outcome of a reload that started after its request;
-* an RSS recycle starts only when nothing else runs (see :mod:`chatd.supervision`);
+* an RSS recycle starts only when nothing else runs (see :mod:`chatd.master.supervision`);
 * scaling is refused while an operation runs (:attr:`Operations.busy`).
 
-The steps of a reload are in :mod:`chatd.reload`.
+The steps of a reload are in :mod:`chatd.master.reload`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 from chatd.config import Config
-from chatd.control import Request
 from chatd.errors import ConfigError
-from chatd.reload import Reload, refusals
-from chatd.roll import Roll, Target
-from chatd.supervision import rss_recycle_candidate
-from chatd.systemd import Notifier
-from chatd.workers import Workers
+from chatd.master.control import Request
+from chatd.master.reload import Reload, refusals
+from chatd.master.roll import Roll, Target
+from chatd.master.supervision import rss_recycle_candidate
+from chatd.master.systemd import Notifier
+from chatd.master.workers import Workers
 
 log = logging.getLogger("chatd.master")
 
@@ -110,7 +110,7 @@ class Operations:
     # -- reloads -------------------------------------------------------------------------------
 
     def _start_reload(self, now: float) -> None:
-        """Steps 1-4 of :mod:`chatd.reload`, then hand over to :class:`Reload`."""
+        """Steps 1-4 of :mod:`chatd.master.reload`, then hand over to :class:`Reload`."""
         self._callers, self._queued = self._queued, []
         self.notifier.reloading()
         old = self.workers.cfg

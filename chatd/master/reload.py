@@ -1,6 +1,6 @@
 """The rolling reload: a new configuration and generation, without dropping a message.
 
-Triggered by SIGHUP or ``chatctl reload``; driven by :class:`chatd.operations.Operations`
+Triggered by SIGHUP or ``chatctl reload``; driven by :class:`chatd.master.operations.Operations`
 (steps 1-4 and 9) and :class:`Reload` (steps 5-8):
 
 1. Tell systemd ``RELOADING=1`` with ``MONOTONIC_USEC``.
@@ -14,7 +14,7 @@ Triggered by SIGHUP or ``chatctl reload``; driven by :class:`chatd.operations.Op
    store's directory must exist or be creatable.
 5. generation + 1. When the new configuration wants more workers, bind the extra slot sockets
    now (a failure ends the reload here, nothing changed).
-6. The canary: slot 1 is rolled first (:mod:`chatd.roll`): its new worker is forked onto slot
+6. The canary: slot 1 is rolled first (:mod:`chatd.master.roll`): its new worker is forked onto slot
    1's socket next to the old one, and the old one drains only once the new one is ready.
 7. The other slots, one at a time, the same way; then the extra slots (no old worker there).
 8. Success: fewer workers wanted means the highest slots are retired (drained, their sockets
@@ -36,11 +36,11 @@ import logging
 import os
 
 from chatd.config import Config
-from chatd.listeners import BindError
-from chatd.roll import Roll, Target
-from chatd.scale import add_slots, remove_last_slot
-from chatd.supervision import Slot
-from chatd.workers import Workers
+from chatd.master.listeners import BindError
+from chatd.master.roll import Roll, Target
+from chatd.master.scale import add_slots, remove_last_slot
+from chatd.master.supervision import Slot
+from chatd.master.workers import Workers
 
 log = logging.getLogger("chatd.master")
 

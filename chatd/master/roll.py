@@ -10,7 +10,7 @@ recycle (same configuration). For each slot, in order:
    serving;
 3. make it the slot's worker, and tell the old one to drain: it stops accepting, finishes
    the replies in flight (up to its ``graceful_timeout``), closes its clients with 1001 and
-   exits (:meth:`chatd.workers.Workers.retire`).
+   exits (:meth:`chatd.master.workers.Workers.retire`).
 
 The roll is done once every slot is done *and* every old worker has stopped accepting: it
 acknowledged the drain (a worker acknowledges in the same step as it closes its listener),
@@ -29,8 +29,8 @@ import logging
 from dataclasses import dataclass
 
 from chatd.config import Config
-from chatd.supervision import Slot, Worker
-from chatd.workers import Workers
+from chatd.master.supervision import Slot, Worker
+from chatd.master.workers import Workers
 
 log = logging.getLogger("chatd.master")
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 
 from chatd.config import Config
-from chatd.listeners import bind_slots
-from chatd.supervision import Slot
-from chatd.workers import Workers
+from chatd.master.listeners import bind_slots
+from chatd.master.supervision import Slot
+from chatd.master.workers import Workers
 
 log = logging.getLogger("chatd.master")
 

@@ -1,13 +1,13 @@
 """What the master serves its workers over their links, besides supervision.
 
-* **LLM slots**: the master owns the daemon's :class:`chatd.slotgrant.Granter` and answers
+* **LLM slots**: the master owns the daemon's :class:`chatd.master.slotgrant.Granter` and answers
   each worker's ``slot_acquire {rid, exclude}`` with ``slot_grant {rid, backend, lease}``,
   ``slot_queued {rid, position}`` or ``slot_refused {rid, reason}``, and sends
   ``slot_recall`` when leased slots must come back; ``slot_release {backend, count}`` and
   ``slot_cancel {rid}`` need no answer; ``health {backend, healthy}`` is a worker's health
   check result. The slots and waiters of a worker that exits are taken back
   when it is reaped: only then are its requests to the backends certainly over, so the cap
-  stays exact. (The worker side is :class:`chatd.slots.MasterSlots`.)
+  stays exact. (The worker side is :class:`chatd.worker.slots.MasterSlots`.)
 * **Metrics**: ``metrics_request {rid}`` is answered with ``metrics {rid, data}``, the
   daemon-wide figures of :func:`chatd.metrics.aggregate`, which the worker renders for
   ``GET /metrics``.
@@ -19,7 +19,7 @@
   watches of a worker that exits go with it.
 
 On the wire a backend is an index into the worker's own ``[[llm.backends]]`` list (its
-``cfg``); the granter names backends by :func:`chatd.slotgrant.backend_keys` (their base
+``cfg``); the granter names backends by :func:`chatd.stats.backend_keys` (their base
 URL), so that workers of two generations with different lists can share the slots during a
 reload. The slot limits (``max_parallel``, ``max_queue``) are those last given to
 :meth:`Services.configure`: the master calls it when a new configuration takes effect.
@@ -35,10 +35,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from chatd.config import Config
+from chatd.master.slotgrant import Grant, Granter, Output, Queued, Recall, Refused
+from chatd.master.workers import Worker, Workers
 from chatd.metrics import Retired, aggregate
 from chatd.proto import control as proto
-from chatd.slotgrant import Grant, Granter, Output, Queued, Recall, Refused, backend_keys
-from chatd.workers import Worker, Workers
+from chatd.stats import backend_keys
 
 log = logging.getLogger("chatd.master")
 

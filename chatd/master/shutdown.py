@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import signal
 
+from chatd.master.stopping import DRAIN_ACK_TIMEOUT
+from chatd.master.workers import Workers
 from chatd.proto import control as proto
-from chatd.workers import DRAIN_ACK_TIMEOUT, Workers
 
 log = logging.getLogger("chatd.master")
 

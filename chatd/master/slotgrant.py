@@ -63,24 +63,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from chatd.stats import BackendSlots, GranterStats
+
 POSITION_INTERVAL = 1.0  # seconds: at most one position update per waiter per interval
 SCAN_EVERY = 0.1  # seconds: the queue is scanned for position updates at most this often
 
 Reason = Literal["busy", "unavailable"]
-
-
-def backend_keys(urls: Iterable[str]) -> tuple[str, ...]:
-    """The granter's names for backends given by URL: the URL without a trailing slash, and
-    ``#2``, ``#3``... appended to repeats (two tables for one server are two slot pools)."""
-    keys: list[str] = []
-    for url in urls:
-        base = key = url.rstrip("/")
-        n = 1
-        while key in keys:
-            n += 1
-            key = f"{base}#{n}"
-        keys.append(key)
-    return tuple(keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,30 +110,6 @@ class Recall:
 
 
 Output = Grant | Queued | Refused | Recall
-
-
-@dataclass(frozen=True, slots=True)
-class BackendSlots:
-    """One backend as the granter sees it."""
-
-    key: str
-    max_parallel: int
-    in_flight: int
-    healthy: bool | None  # None: no worker has reported it yet
-    configured: bool  # False: dropped by a reload, waiting for its last slots to come back
-
-
-@dataclass(frozen=True, slots=True)
-class GranterStats:
-    """A snapshot for ``chatctl status`` and ``/metrics``."""
-
-    backends: tuple[BackendSlots, ...]
-    queue_depth: int
-    max_queue: int
-    granted_total: int
-    queued_total: int
-    refused_busy_total: int
-    refused_unavailable_total: int
 
 
 @dataclass(slots=True)

@@ -14,8 +14,7 @@ from typing import Any
 
 from chatd.config import Config
 from chatd.proto import control as proto
-from chatd.slotgrant import GranterStats, backend_keys
-from chatd.stats import Histogram
+from chatd.stats import GranterStats, Histogram, backend_keys
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,6 +1,6 @@
 """What the master knows of each worker and slot, and how it judges their health.
 
-Pure bookkeeping, no process control (that is :mod:`chatd.workers`): the records
+Pure bookkeeping, no process control (that is :mod:`chatd.master.workers`): the records
 (:class:`Worker`, :class:`Slot`), the once-a-second sample of a worker (CPU, RSS, message
 rate), and the rules built on them:
 
@@ -30,8 +30,8 @@ from typing import Any
 import psutil
 
 from chatd.config import Config
-from chatd.control import Channel
-from chatd.status import WorkerSnapshot
+from chatd.master.control import Channel
+from chatd.master.status import WorkerSnapshot
 
 log = logging.getLogger("chatd.master")
 

@@ -1,8 +1,8 @@
 """The master's workers: slots, fork, the child's first steps, reaping, replacing, retiring.
 
-Runs inside the master's single-threaded selector loop (see :mod:`chatd.master`); nothing here
-blocks, and nothing uses asyncio. The records and the health rules are in
-:mod:`chatd.supervision`.
+Runs inside the master's single-threaded selector loop (see :mod:`chatd.master.arbiter`); nothing
+here blocks, and nothing uses asyncio. The records and the health rules are in
+:mod:`chatd.master.supervision`.
 
 A *slot* is a worker position with its own listening socket; it outlives the workers that serve
 it. A slot has at most one *serving* worker (``slot.worker``) and, during a roll (reload, RSS
@@ -14,8 +14,8 @@ no longer serve a slot are *detached*: draining (retired) or being killed (hung,
   socket (the connections queued on it wait). Only a slot whose workers keep exiting before
   ``ready`` backs off (it is then ``crash-looping``); a worker killed after it became ready is
   replaced at once, however often.
-* A retired worker is told to drain; without an answer within DRAIN_ACK_TIMEOUT it gets
-  SIGTERM, and SIGKILL if it is still there RETIRE_GRACE after its ``graceful_timeout``.
+* A retired worker is told to drain, and stopped harder if it does not
+  (:mod:`chatd.master.stopping`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import selectors
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -33,12 +32,11 @@ from typing import Any
 import psutil
 
 from chatd.config import Config
-from chatd.control import Channel
-from chatd.fork import MASTER_SIGNALS, fork_worker, kill_and_reap
-from chatd.proto import control as proto
-from chatd.spec import WorkerMain, WorkerSpec
-from chatd.status import WorkerSnapshot
-from chatd.supervision import (
+from chatd.master import stopping
+from chatd.master.control import Channel
+from chatd.master.fork import MASTER_SIGNALS, fork_worker
+from chatd.master.status import WorkerSnapshot
+from chatd.master.supervision import (
     BOOT_FAILURES_BEFORE_BACKOFF,
     Slot,
     Worker,
@@ -48,6 +46,8 @@ from chatd.supervision import (
     silent_for,
     status_rows,
 )
+from chatd.proto import control as proto
+from chatd.spec import WorkerMain, WorkerSpec
 
 log = logging.getLogger("chatd.master")
 
@@ -55,9 +55,6 @@ __all__ = ["MASTER_SIGNALS", "Slot", "Worker", "Workers", "describe_exit"]
 
 SAMPLE_EVERY = 1.0  # seconds between CPU/RSS samples of the workers (psutil)
 MAX_BACKOFF = 10.0  # seconds
-DRAIN_ACK_TIMEOUT = 1.0  # a worker that has not acknowledged `drain` by then also gets SIGTERM
-RETIRE_GRACE = 5.0  # seconds past its graceful_timeout before a retired worker gets SIGKILL
-KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a hung or abandoned worker
 
 
 class Workers:
@@ -92,9 +89,10 @@ class Workers:
         self.replacing = True  # False once the master stops: exits are then final
         self.on_all_ready: Callable[[], None] = lambda: None
         self.handlers: dict[str, Callable[[Worker, dict[str, Any]], None]] = {}
-        """Handlers of further message types from workers (LLM slots, metrics: chatd.services)."""
+        """Handlers of further message types from workers (LLM slots, metrics:
+        chatd.master.services)."""
         self.on_exit: list[Callable[[Worker], None]] = []
-        """Called with each worker reaped (chatd.services takes its LLM slots back)."""
+        """Called with each worker reaped (chatd.master.services takes its LLM slots back)."""
         self._worker_main = worker_main
         self._sel = sel
         self._close_master_fds = close_master_fds
@@ -124,7 +122,7 @@ class Workers:
                     self.spawn(slot)
         for worker in list(self.by_pid.values()):
             if worker.detached:
-                self._escalate(worker, now)
+                stopping.escalate(worker, now)
             elif self.replacing and not worker.signalled:
                 silent = silent_for(worker, now)
                 if silent > worker.cfg.server.worker_timeout:
@@ -333,49 +331,19 @@ class Workers:
     # -- orders --------------------------------------------------------------------------------
 
     def retire(self, worker: Worker, why: str) -> None:
-        """Detach ``worker`` from its slot and make it drain (escalating, see the docstring)."""
-        self._detach(worker)
-        now = time.monotonic()
-        timeout = worker.cfg.server.graceful_timeout
-        worker.state = "draining"
-        worker.drain_sent = now
-        worker.kill_at = now + timeout + RETIRE_GRACE
-        log.info(
-            "worker %d (pid %d, generation %d) retiring (%s): draining, up to %gs",
-            *(worker.slot, worker.pid, worker.generation, why, timeout),
-        )
-        # handover: other workers go on serving, so the drainer sends late hellos there.
-        drain = {proto.T: proto.DRAIN, "timeout": timeout, "handover": True}
-        if not self.tell(worker, drain):
-            self.kill(worker, signal.SIGTERM)
+        """Detach ``worker`` from its slot and make it drain (:func:`stopping.retire`)."""
+        stopping.retire(worker, self.slot_of(worker), why)
 
     def abandon(self, worker: Worker) -> None:
-        """Detach ``worker`` and stop it now: SIGTERM, then SIGKILL after KILL_GRACE."""
-        self._detach(worker)
-        worker.state = "stopping"
-        worker.kill_at = time.monotonic() + KILL_GRACE
-        self.kill(worker, signal.SIGTERM)
+        """Detach ``worker`` and stop it now (:func:`stopping.abandon`)."""
+        stopping.abandon(worker, self.slot_of(worker))
 
-    def _detach(self, worker: Worker) -> None:
-        worker.detached = True
-        slot = self.slot_of(worker)
-        if slot is not None and slot.worker is worker:
-            slot.worker = None
-        if slot is not None and slot.incoming is worker:
-            slot.incoming = None
+    tell = staticmethod(stopping.tell)
+    kill = staticmethod(stopping.kill)
 
-    def _escalate(self, worker: Worker, now: float) -> None:
-        sent = worker.drain_sent
-        unacked = sent is not None and not worker.drain_acked and not worker.signalled
-        if unacked and sent is not None and now - sent > DRAIN_ACK_TIMEOUT:
-            self.kill(worker, signal.SIGTERM)
-        if worker.kill_at is not None and now >= worker.kill_at:
-            log.warning(
-                "worker %d (pid %d) is still running after it was told to stop; SIGKILL",
-                *(worker.slot, worker.pid),
-            )
-            worker.kill_at = None
-            self.kill(worker, signal.SIGKILL)
+    def kill_all_and_reap(self, within: float) -> None:
+        """SIGKILL every worker left and reap them, waiting at most ``within`` seconds."""
+        stopping.kill_all_and_reap(self.by_pid, within)
 
     def ensure(self, slot: Slot) -> None:
         """Make sure ``slot`` gets a serving worker (after a failed roll, for example)."""
@@ -387,29 +355,6 @@ class Workers:
             and slot.respawn_at is None
         ):
             self.spawn(slot)
-
-    @staticmethod
-    def tell(worker: Worker, msg: dict[str, Any]) -> bool:
-        """Send ``msg`` over the worker's link; False when the link is gone."""
-        return worker.link is not None and worker.link.send(msg)
-
-    @staticmethod
-    def kill(worker: Worker, signum: int) -> None:
-        """Send ``signum`` to the worker (an exited one is ignored: the reaper will see it)."""
-        worker.signalled = True
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.pid, signum)
-
-    def kill_all_and_reap(self, within: float) -> None:
-        """SIGKILL every worker left and reap them, waiting at most ``within`` seconds."""
-        for worker in list(self.by_pid.values()):
-            self.kill(worker, signal.SIGKILL)
-            if worker.link is not None:
-                worker.link.close()
-        left = kill_and_reap(set(self.by_pid), within)
-        if left:
-            log.error("workers did not exit after SIGKILL: %s", sorted(left))
-        self.by_pid.clear()
 
     def close(self) -> None:
         """Close every slot's listener (the master is exiting)."""

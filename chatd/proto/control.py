@@ -33,7 +33,7 @@ chatctl -> master
     reply echoes. ``reload`` (answered when the reload has finished: ``{generation, message}``),
     ``scale {workers}``, ``stop`` (answered at once; the connection then stays open until the
     master exits). A peer that may not use the socket gets ``{"ok": false, "error":
-    "permission denied: ..."}`` as soon as it connects. See :mod:`chatd.commands`.
+    "permission denied: ..."}`` as soon as it connects. See :mod:`chatd.master.commands`.
 
 This module is pure (no asyncio, sockets or os): the master's selector loop, the worker's
 asyncio protocol and chatctl's blocking client all feed bytes into a :class:`Decoder` and write
@@ -71,8 +71,8 @@ STATUS = "status"
 RELOAD = "reload"
 SCALE = "scale"
 # ``stop`` from chatctl reuses STOP (above): there, a graceful stop of the whole daemon
-# LLM slots (chatd.slots.MasterSlots <-> chatd.services.SlotService); backends are indices
-# into the worker's own [[llm.backends]] list, ``rid`` is unique per worker.
+# LLM slots (chatd.worker.slots.MasterSlots <-> chatd.master.services.SlotService); backends are
+# indices into the worker's own [[llm.backends]] list, ``rid`` is unique per worker.
 SLOT_ACQUIRE = "slot_acquire"  # worker -> master {rid, exclude: [backend]}
 SLOT_RELEASE = "slot_release"  # worker -> master {backend, count (default 1)}
 SLOT_CANCEL = "slot_cancel"  # worker -> master {rid}: stop waiting (a grant may still race in)
@@ -84,8 +84,9 @@ SLOT_REFUSED = "slot_refused"  # master -> worker {rid, reason: "busy" | "unavai
 # Daemon-wide metrics for /metrics (chatd.metrics): request and answer, matched by ``rid``.
 METRICS_REQUEST = "metrics_request"  # worker -> master {rid}
 METRICS = "metrics"  # master -> worker {rid, data}
-# Live handoff (chatd.services.Services, chatd.generation.Hub): a worker that resumed a session
-# whose reply another worker generates watches it, and gets the finals stored elsewhere.
+# Live handoff (chatd.master.services.Services, chatd.worker.generation.Hub): a worker that
+# resumed a session whose reply another worker generates watches it, and gets the finals stored
+# elsewhere.
 WATCH = "watch"  # worker -> master {rid, session}: send me the stored{} of this session
 WATCHING = "watching"  # master -> worker {rid, session}: the watch is registered
 UNWATCH = "unwatch"  # worker -> master {session}: its last subscriber here left

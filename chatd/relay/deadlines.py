@@ -1,6 +1,6 @@
 """The deadlines and the exception boundary of one generation (:class:`Guard`).
 
-Kept apart from :mod:`chatd.relay`'s request loop, which only stores the time of the latest
+Kept apart from :mod:`chatd.relay.generate`'s request loop, which only stores the time of the latest
 chunk in the guard; the guard's one timer turns a passed deadline into a cancellation, and
 its ``__exit__`` turns that cancellation and every transport error into an UpstreamError.
 """
@@ -12,11 +12,12 @@ from types import TracebackType
 from typing import Protocol
 
 from chatd.errors import UpstreamError
-from chatd.relay_wire import connection_error, timeout_error
+from chatd.relay.wire import connection_error, timeout_error
 
 
 class Backend(Protocol):
-    """What the guard reads and updates of a backend's state (``chatd.relay._Backend``)."""
+    """What the guard reads and updates of a backend's state
+    (:class:`chatd.relay.backend.Backend`)."""
 
     url: str
     api: str

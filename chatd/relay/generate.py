@@ -16,7 +16,7 @@ Deadlines, all counted from the moment the request is sent:
 * connect: ``connect_timeout`` (each connect of the generation pool, and aiohttp's).
 
 The generation's ``POST`` (and the ``GET /api/ps`` before it, so that both share one
-connection) goes through :mod:`chatd.relay_http`, a lean keep-alive client: aiohttp's request
+connection) goes through :mod:`chatd.relay.pool`, a lean keep-alive client: aiohttp's request
 machinery was the largest CPU cost per relayed message. The rare requests (health checks,
 prewarm) keep using aiohttp.
 
@@ -24,7 +24,7 @@ prewarm) keep using aiohttp.
 model loaded less than ``keep_alive`` (minus a margin) ago; a first-token timeout forgets it.
 
 Every failure leaves :meth:`Relay.generate` as an :class:`~chatd.errors.UpstreamError`
-whose ``message`` is one sentence for the client (see :mod:`chatd.relay_wire`) and which
+whose ``message`` is one sentence for the client (see :mod:`chatd.relay.wire`) and which
 carries ``first_token_sent`` (see :class:`chatd.errors.UpstreamError`). Cancelling the awaiting task
 closes the HTTP connection at once, which makes Ollama stop generating.
 """
@@ -36,17 +36,17 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import aiohttp
 import orjson
 
-from chatd.config import BackendConfig, LLMConfig
+from chatd.config import LLMConfig
 from chatd.errors import UpstreamError
-from chatd.relay_guard import Guard
-from chatd.relay_http import Pool, Response
-from chatd.relay_wire import (
+from chatd.relay.backend import Backend, BackendStats, RelayStats, Reply
+from chatd.relay.deadlines import Guard
+from chatd.relay.pool import Pool, Response
+from chatd.relay.wire import (
     LineSplitter,
     OllamaDecoder,
     OpenAIDecoder,
@@ -71,69 +71,6 @@ _JSON = {"Content-Type": "application/json"}
 _ACCEPT = {"ollama": "application/x-ndjson", "openai": "text/event-stream"}
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """The result of one generation.
-
-    Attributes:
-        text: the whole reply, including the text of Ollama's done chunk.
-        done_reason: ``"stop"`` or ``"length"`` (``cancelled`` is decided by the caller).
-        tokens: the backend's count (eval_count, usage) when given, else pieces streamed.
-        ttft_ms: request sent to the first text piece (total_ms for an empty reply).
-        total_ms: request sent to the end of the reply.
-    """
-
-    text: str
-    done_reason: str
-    tokens: int
-    ttft_ms: float
-    total_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class BackendStats:
-    """Counters of one backend since :meth:`Relay.start`, in this worker only."""
-
-    url: str
-    api: str
-    requests: int
-    tokens: int
-    cancelled: int
-    errors: Mapping[str, int]  # protocol error code (llm_timeout, ...) -> count
-    in_flight: int
-    loaded_models: tuple[str, ...]  # currently assumed loaded
-
-
-@dataclass(frozen=True, slots=True)
-class RelayStats:
-    """A snapshot from :meth:`Relay.statistics`: one entry per configured backend, in order."""
-
-    backends: tuple[BackendStats, ...]
-
-
-@dataclass(slots=True)
-class _Backend:
-    """Mutable state of one backend: its session, counters and loaded-model knowledge."""
-
-    url: str
-    api: str
-    chat_url: str
-    session: aiohttp.ClientSession | None = None
-    pool: Pool | None = None  # the generations' connections (relay_http)
-    chat_head: bytes = b""  # the generation's request head, built once for the pool
-    requests: int = 0
-    tokens: int = 0
-    cancelled: int = 0
-    in_flight: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    loaded: dict[str, float] = field(default_factory=dict)  # model -> monotonic() it stays till
-
-    @classmethod
-    def of(cls, cfg: BackendConfig) -> _Backend:
-        path = "/api/chat" if cfg.api == "ollama" else "/v1/chat/completions"
-        return cls(cfg.base_url, cfg.api, cfg.base_url + path)
-
-
 class Relay:
     """Streams chat generations from the configured LLM backends.
 
@@ -143,7 +80,7 @@ class Relay:
 
     def __init__(self, llm: LLMConfig) -> None:
         self._llm = llm
-        self._backends = [_Backend.of(b) for b in llm.backends]
+        self._backends = [Backend.of(b) for b in llm.backends]
         hold = parse_keep_alive(llm.keep_alive)
         self._ollama_hold = math.inf if hold is None else max(0.0, hold - _KEEP_ALIVE_MARGIN)
         self._keep_alive = keep_alive_value(llm.keep_alive)
@@ -357,23 +294,23 @@ class Relay:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _session(self, b: _Backend) -> aiohttp.ClientSession:
+    def _session(self, b: Backend) -> aiohttp.ClientSession:
         if b.session is None:
             raise RuntimeError("Relay.start() must be awaited before use")
         return b.session
 
-    def _pool(self, b: _Backend) -> Pool:
+    def _pool(self, b: Backend) -> Pool:
         if b.pool is None:
             raise RuntimeError("Relay.start() must be awaited before use")
         return b.pool
 
-    def _mark_loaded(self, b: _Backend, model: str) -> None:
+    def _mark_loaded(self, b: Backend, model: str) -> None:
         hold = self._ollama_hold if b.api == "ollama" else math.inf
         if hold > 0:
             b.loaded[model] = time.monotonic() + hold
 
     async def _first_limit(
-        self, b: _Backend, model: str, on_notice: Callable[[str, str], None] | None
+        self, b: Backend, model: str, on_notice: Callable[[str, str], None] | None
     ) -> float:
         """The first-token deadline for ``model`` on ``b`` (asks /api/ps when in doubt)."""
         if b.loaded.get(model, 0.0) > time.monotonic():
@@ -393,7 +330,7 @@ class Relay:
             )
         return self._llm.load_timeout
 
-    async def _get(self, b: _Backend, path: str, limit: float) -> bytes | None:
+    async def _get(self, b: Backend, path: str, limit: float) -> bytes | None:
         """GET ``path`` within ``limit`` seconds: the body on HTTP 200, else None."""
         try:
             async with asyncio.timeout(limit), self._session(b).get(b.url + path) as resp:
@@ -402,7 +339,7 @@ class Relay:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
 
-    async def _ps_body(self, b: _Backend) -> bytes | None:
+    async def _ps_body(self, b: Backend) -> bytes | None:
         """``GET /api/ps`` within ``connect_timeout``: the body on HTTP 200, else None.
 
         Sent on the generation pool, not aiohttp: the generation that follows then reuses
@@ -418,7 +355,7 @@ class Relay:
         except (OSError, TimeoutError):
             return None
 
-    async def _ps(self, b: _Backend, model: str) -> bool | None:
+    async def _ps(self, b: Backend, model: str) -> bool | None:
         """Ask Ollama's ``GET /api/ps`` whether ``model`` is loaded; None if it cannot say."""
         data = await self._ps_body(b)
         if data is None:

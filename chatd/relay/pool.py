@@ -2,7 +2,7 @@
 
 aiohttp's general machinery (ClientRequest, payload writers, header multidicts, URL
 building, StreamReader) cost about 300 µs of worker CPU per relayed message, more than
-anything else left on that path. This module does only what :class:`chatd.relay.Relay`
+anything else left on that path. This module does only what :class:`chatd.relay.generate.Relay`
 needs for a generation: a POST of a JSON body (and the ``GET /api/ps`` before it) on a
 keep-alive connection, the response parsed by ``httptools`` (llhttp, the C parser uvicorn
 uses), the body handed over as it arrives. aiohttp stays in use for the rare requests

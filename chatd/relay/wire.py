@@ -1,7 +1,7 @@
 """Pure parsing of LLM backend streams: line splitting, NDJSON and SSE chunks, error bodies.
 
 No I/O and no asyncio here (aiohttp is imported for its exception types only), so every
-wire edge case is unit-testable with plain bytes. :mod:`chatd.relay` feeds the raw body
+wire edge case is unit-testable with plain bytes. :mod:`chatd.relay.generate` feeds the raw body
 bytes as they arrive (``resp.content.readany()``, what ``iter_any()`` yields) through a
 :class:`LineSplitter`, never aiohttp's line reader with its line-length limit, and each
 line through a decoder:
@@ -31,7 +31,7 @@ import aiohttp
 import orjson
 
 from chatd.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from chatd.relay_http import ConnectError
+from chatd.relay.pool import ConnectError
 
 MAX_LINE = 32 * 1024 * 1024
 """Longest line accepted (bytes). Far above any real chunk (a 1 MB token is fine), but it
@@ -375,7 +375,7 @@ def connection_error(b: _Where, exc: BaseException) -> UpstreamError | None:
     """
     if isinstance(exc, WireError):
         return stream_error(b.url, b.api, exc)
-    if isinstance(exc, ConnectError):  # the generation pool's (chatd.relay_http)
+    if isinstance(exc, ConnectError):  # the generation pool's (chatd.relay.pool)
         return unreachable(b.url, exc.reason)
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return unreachable(b.url, "its host name does not resolve")

@@ -3,14 +3,14 @@
 A :class:`Hub` owns, per worker process:
 
 - the *subscribers* of each session and the *live handoff* of replies stored by another
-  worker: its base class :class:`chatd.handoff.Listeners`.
+  worker: its base class :class:`chatd.worker.handoff.Listeners`.
 - the *generations*: one task per acknowledged message, owned by the hub and not by the
   connection, so a client that disconnects does not stop its reply: the reply is stored and
   replayed on resume.
-- the *history cache* (:class:`chatd.history.History`): the recent turns of the sessions it
+- the *history cache* (:class:`chatd.worker.history.History`): the recent turns of the sessions it
   served, so a message costs no store read.
 
-- the *leases* of its messages (contract 6 of :mod:`chatd.store.base`): every acknowledged
+- the *leases* of its messages (:mod:`chatd.worker.leases`, contract 6 of the store): every
   message is leased to the worker's store for ``LEASE_S``; one task renews the leases of all
   running generations every ``RENEW_S`` (one batched store call per worker, not a task per
   message) and stops a generation whose lease another worker took. *Takeover*: a message whose
@@ -36,13 +36,15 @@ from dataclasses import dataclass, field
 
 from chatd.config import Config
 from chatd.errors import UpstreamError
-from chatd.handoff import Listeners, MasterChannel
-from chatd.history import History
 from chatd.proto import chat
-from chatd.relay import Relay, Reply
-from chatd.slots import QueueFull, Slots
+from chatd.relay.backend import Reply
+from chatd.relay.generate import Relay
 from chatd.stats import Histogram
-from chatd.store.base import LEASE_S, RENEW_S, Appended, Store
+from chatd.store.base import LEASE_S, Appended, Store
+from chatd.worker import leases
+from chatd.worker.handoff import Listeners, MasterChannel
+from chatd.worker.history import History
+from chatd.worker.slots import QueueFull, Slots
 
 log = logging.getLogger("chatd.generation")
 
@@ -75,7 +77,7 @@ class Hub(Listeners):
         slots: Slots,
         master: MasterChannel | None = None,
     ) -> None:
-        """``master``: the link for the live handoff (:class:`chatd.handoff.Listeners`)."""
+        """``master``: the link for the live handoff (:class:`chatd.worker.handoff.Listeners`)."""
         super().__init__(store, master)
         self.cfg = cfg
         self.relay = relay
@@ -171,37 +173,9 @@ class Hub(Listeners):
         return started
 
     async def run_leases(self) -> None:
-        """Renew the leases of every running generation each RENEW_S, until cancelled.
-
-        One store call per session, all issued in the same tick (the store sends them as one
-        batch). A generation whose lease is gone was claimed by another worker (this one
-        stalled for a whole lease): it is stopped without storing anything, so the message is
-        generated once, there. A failed renewal is retried next round: the lease outlives
-        two missed renewals.
-        """
-        while True:
-            await asyncio.sleep(RENEW_S)
-            by_session: dict[str, list[str]] = {}
-            for session, msg_id in self.running:
-                by_session.setdefault(session, []).append(msg_id)
-            if not by_session:
-                continue
-            sessions = list(by_session)
-            results = await asyncio.gather(
-                *(self.store.renew(s, by_session[s], LEASE_S) for s in sessions),
-                return_exceptions=True,
-            )
-            for session, held in zip(sessions, results, strict=True):
-                if isinstance(held, BaseException):
-                    log.warning("lease renewal failed (%s); retrying in %.1fs", held, RENEW_S)
-                    continue
-                for msg_id in by_session[session]:
-                    key = (session, msg_id)
-                    task = self.running.get(key)
-                    if msg_id in held or task is None or key in self._finishing:
-                        continue
-                    log.warning("lease of %s/%s lost to another worker: stopping", *key)
-                    task.cancel()  # not in _cancelled: nothing is stored for it here
+        """Renew the leases of every running generation until cancelled
+        (:func:`chatd.worker.leases.renew_forever`)."""
+        await leases.renew_forever(self.store, self.running, self._finishing)
 
     async def run_sweeps(self) -> None:
         """Every SWEEP_S (jittered: workers do not sweep in step), claim lapsed messages of
@@ -216,15 +190,8 @@ class Hub(Listeners):
                 log.warning("takeover sweep failed: %s", exc)
 
     async def hand_back(self, keys: list[tuple[str, str]]) -> None:
-        """Let the leases of ``keys`` (generations this worker stopped unanswered) lapse now,
-        so another worker takes them over at its next claim instead of a lease later."""
-        by_session: dict[str, list[str]] = {}
-        for session, msg_id in keys:
-            by_session.setdefault(session, []).append(msg_id)
-        await asyncio.gather(
-            *(self.store.renew(s, ids, 0.0) for s, ids in by_session.items()),
-            return_exceptions=True,
-        )
+        """Let the leases of ``keys`` lapse now (:func:`chatd.worker.leases.hand_back`)."""
+        await leases.hand_back(self.store, keys)
 
     def cancel(self, session: str, msg_id: str) -> bool:
         """Stop generating ``msg_id``; its partial reply is stored as ``cancelled``."""

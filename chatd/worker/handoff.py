@@ -1,6 +1,6 @@
 """Who listens to a session on this worker, and the live handoff of replies stored elsewhere.
 
-:class:`Listeners` is the base of :class:`chatd.generation.Hub` that holds:
+:class:`Listeners` is the base of :class:`chatd.worker.generation.Hub` that holds:
 
 - the *subscribers* of each session: the outboxes of this worker's connections resumed on it.
   A generation publishes its queue positions, notices, tokens and the final event to every
@@ -25,10 +25,10 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from chatd.errors import StoreError
-from chatd.outbox import Outbox
 from chatd.proto import chat
 from chatd.proto import control as proto
 from chatd.store.base import Store
+from chatd.worker.outbox import Outbox
 
 log = logging.getLogger("chatd.generation")
 
@@ -36,7 +36,7 @@ WATCH_WITHIN = 2.0  # seconds the master has to register a watch (else: the clie
 
 
 class MasterChannel(Protocol):
-    """What the hub needs of the master link (:class:`chatd.link.MasterLink`)."""
+    """What the hub needs of the master link (:class:`chatd.worker.link.MasterLink`)."""
 
     def send(self, msg: Mapping[str, Any]) -> bool: ...
 

@@ -16,7 +16,7 @@ What the worker must do with what arrives (``on_command`` gets each message as a
   late hello with a bare 1001 instead of a ``shutting_down`` error;
 * ``{"t": "stop"}``: exit now;
 * the LLM slot messages (``MasterSlots.MESSAGES``: ``slot_grant``, ``slot_queued``,
-  ``slot_refused``, ``slot_recall``): hand them to its :class:`chatd.slots.MasterSlots`;
+  ``slot_refused``, ``slot_recall``): hand them to its :class:`chatd.worker.slots.MasterSlots`;
 * anything else: ignore it (later versions of the master may send more).
 
 A worker may also ask the master something and await the answer with :meth:`MasterLink.request`
@@ -40,7 +40,7 @@ from chatd.errors import ControlError
 from chatd.proto import control as proto
 from chatd.spec import WorkerSpec
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("chatd.link")
 
 
 class _LinkProtocol(asyncio.Protocol):

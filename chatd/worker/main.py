@@ -34,19 +34,19 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from chatd import faults
 from chatd.config import Config
 from chatd.errors import ExitCode
-from chatd.generation import Hub
-from chatd.http import HttpEndpoints
-from chatd.link import MasterLink
 from chatd.logs import set_role
 from chatd.metrics import render
-from chatd.outbox import Outbox
 from chatd.proto import chat
 from chatd.proto import control as proto
-from chatd.relay import Relay
-from chatd.session import WorkerState, serve_connection
-from chatd.slots import MasterSlots
+from chatd.relay.generate import Relay
 from chatd.spec import WorkerSpec
 from chatd.store import open_store
+from chatd.worker.generation import Hub
+from chatd.worker.http import HttpEndpoints
+from chatd.worker.link import MasterLink
+from chatd.worker.outbox import Outbox
+from chatd.worker.session import WorkerState, serve_connection
+from chatd.worker.slots import MasterSlots
 
 log = logging.getLogger("chatd.worker")
 

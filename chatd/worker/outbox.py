@@ -19,7 +19,7 @@ after the replay, minus the final events the replay already carried.
 
 A stored event (a frame queued with its ``seq``) reaches a connection at most once: by the
 replay, live from the generation on this worker, or forwarded from the log when another
-worker stored it (live handoff, :meth:`chatd.generation.Hub.on_stored`). The outbox remembers
+worker stored it (live handoff, :meth:`chatd.worker.generation.Hub.on_stored`). The outbox remembers
 a *floor* (every stored event up to it was sent or replayed) and the seqs sent above it, and
 drops a stored event it already sent. The floor only rises: at the replay, and when a forward
 delivered every final of the log up to some seq (:meth:`Outbox.advance`). Not a plain
@@ -42,7 +42,7 @@ MAX_SENT = 4096  # stored seqs remembered above the floor; beyond, the floor ris
 
 
 class FrameSink(Protocol):
-    """The connection the outbox writes text frames to (:class:`chatd.session.WsSink`)."""
+    """The connection the outbox writes text frames to (:class:`chatd.worker.session.WsSink`)."""
 
     def writable(self) -> bool:
         """True if frames may be written now without waiting for the peer (open, and the

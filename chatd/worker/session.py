@@ -2,7 +2,7 @@
 
 :func:`serve_connection` runs for the life of one WebSocket connection. It feeds every frame
 to a :class:`chatd.proto.chat.ChatConnection` and executes the actions it returns; frames
-to the client go through an :class:`~chatd.outbox.Outbox` (written once per event-loop tick,
+to the client go through an :class:`~chatd.worker.outbox.Outbox` (written once per event-loop tick,
 through :class:`WsSink`), so a slow client never blocks a generation. The connection never
 owns a generation: when it closes, replies in progress go on and are stored for its resume.
 """
@@ -23,11 +23,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from chatd.errors import StoreError
-from chatd.generation import Hub
-from chatd.http import token_of
-from chatd.outbox import Outbox
 from chatd.proto import chat
 from chatd.store.base import Store
+from chatd.worker.generation import Hub
+from chatd.worker.http import token_of
+from chatd.worker.outbox import Outbox
 
 log = logging.getLogger("chatd.session")
 
@@ -58,7 +58,7 @@ class WorkerState:
 
 
 class WsSink:
-    """The outbox's :class:`~chatd.outbox.FrameSink` on a websockets connection.
+    """The outbox's :class:`~chatd.worker.outbox.FrameSink` on a websockets connection.
 
     :meth:`write` frames the messages with the connection's sans-I/O protocol object and
     hands all the bytes to the transport in one ``writelines`` (one system call for a tick's

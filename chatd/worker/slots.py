@@ -7,7 +7,7 @@ the least-loaded healthy backend it accepts; at most ``max_queue`` wait (then ``
 Two implementations of the :class:`Slots` protocol the generation code uses:
 
 * :class:`MasterSlots`, what a worker under the master uses (always, in production): the
-  master grants the slots of every worker (:mod:`chatd.slotgrant`, the daemon-wide cap, FIFO
+  master grants the slots of every worker (:mod:`chatd.master.slotgrant`, the daemon-wide cap, FIFO
   and queue), this class asks it over the worker's link and waits for the answer;
 * :class:`LocalSlots`, the same rules within one process, for in-process use and tests.
 """
@@ -177,7 +177,7 @@ class MasterSlots:
     ``send`` queues a message for the master (``MasterLink.send``: False when the link is
     down); the worker routes the master's ``slot_*`` messages to :meth:`on_message`. The
     wire messages are in :mod:`chatd.proto.control`; the granting rules, leases included,
-    in :mod:`chatd.slotgrant`.
+    in :mod:`chatd.master.slotgrant`.
 
     A request is ``slot_acquire {rid, exclude}``; the master answers ``slot_grant {rid,
     backend, lease}``, or ``slot_refused`` (``busy``: :class:`QueueFull`; ``unavailable``:

@@ -2,9 +2,9 @@
 
 It serves plain HTTP on the inherited listener: every request gets ``200`` with the body
 ``worker SLOT pid PID``, then the connection closes. It speaks to the master through the real
-:class:`chatd.link.MasterLink` (that is the part under test, with the master), sends ``ready``
-and ``stats`` every second, and obeys ``drain``/``stop``, SIGTERM/SIGINT/SIGQUIT and the master's
-disappearance.
+:class:`chatd.worker.link.MasterLink` (that is the part under test, with the master), sends
+``ready`` and ``stats`` every second, and obeys ``drain``/``stop``, SIGTERM/SIGINT/SIGQUIT and
+the master's disappearance.
 
 Knobs (environment):
 
@@ -25,8 +25,8 @@ from typing import Any, NoReturn
 
 import uvloop
 
-from chatd.link import MasterLink
 from chatd.spec import WorkerSpec
+from chatd.worker.link import MasterLink
 
 
 class DummyWorker:

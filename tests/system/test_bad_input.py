@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread, expected_reply
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread, expected_reply
 from tests.support import Chatd, Client, fake_config, http_get, running_chatd, t
 
 pytestmark = pytest.mark.system

@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from chatd.bench import idle, longrun, maxrate, report
 from chatd.bench.bare import BareRelay
 from chatd.bench.server import FakeBackend, OwnChatd, fake_config
-from chatd.fake_ollama_wire import expected_reply
+from chatd.dev.fake_ollama.wire import expected_reply
 
 pytestmark = [pytest.mark.system]
 

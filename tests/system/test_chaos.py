@@ -32,16 +32,17 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from chatd.client import Ack, ChatClient, Error, Event, Reply
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread
+from chatd.client import ChatClient
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
 from tests.support import Chatd, fake_config, running_chatd, t
+from tests.tally import Tally, quiet, run_client
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
 
@@ -61,58 +62,6 @@ def fake() -> Iterator[FakeOllama]:
         FakeOllama(["qwen2.5-coder:7b"], tokens=10, token_ms=30, first_token_ms=20)
     ) as f:
         yield f
-
-
-class Tally:
-    """What one client received, for the invariants 3-5."""
-
-    def __init__(self) -> None:
-        self.seqs: list[int] = []
-        self.acked: dict[str, int] = {}
-        self.answers: Counter[str] = Counter()
-        self.sent: set[str] = set()
-        self.changed: asyncio.Event | None = None  # set on each event, once a test waits
-
-    async def wait(self, cond: Callable[[], bool], within: float) -> None:
-        """Wait (bounded) until ``cond()`` holds, re-checked after each event."""
-        self.changed = asyncio.Event()
-        async with asyncio.timeout(t(within)):
-            while not cond():
-                self.changed.clear()
-                await self.changed.wait()
-
-    def __call__(self, event: Event) -> None:
-        if self.changed is not None:
-            self.changed.set()
-        if isinstance(event, Ack):
-            self.seqs.append(event.seq)
-            self.acked.setdefault(event.id, event.seq)
-        elif isinstance(event, Reply) or (isinstance(event, Error) and event.seq):
-            assert event.id is not None and event.seq is not None
-            self.seqs.append(event.seq)
-            self.answers[event.id] += 1
-
-    @property
-    def unanswered(self) -> int:
-        return sum(1 for m in self.acked if not self.answers[m])
-
-
-async def _client(url: str, stop: asyncio.Event, tally: Tally) -> ChatClient:
-    client = ChatClient(
-        url,
-        on_event=tally,
-        initial_delay=0.05,
-        max_delay=0.5,
-        stall_timeout=3.0,  # the fallback when a reply lands on a worker it is not on
-    )
-    await client.connect()
-    n = 0
-    while not stop.is_set():
-        if len(tally.sent) - sum(1 for m in tally.sent if tally.answers[m]) < OUTSTANDING:
-            n += 1
-            tally.sent.add(await client.send(f"message {n} of {id(tally) % 9973}"))
-        await asyncio.sleep(random.uniform(*SEND_PAUSE))
-    return client
 
 
 def _killer(d: Chatd, pids: list[int], takeovers: dict[int, int]) -> None:
@@ -160,18 +109,16 @@ def _chaos(d: Chatd, store: str, redis_url: str | None) -> dict[str, Any]:
 
     async def main() -> list[ChatClient]:
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(_client(d.url, stop, tl)) for tl in tallies]
+        tasks = [
+            asyncio.create_task(
+                run_client(d.url, stop, tl, outstanding=OUTSTANDING, pause=SEND_PAUSE)
+            )
+            for tl in tallies
+        ]
         await asyncio.to_thread(_killer, d, killed, takeovers)
         stop.set()
         clients = await asyncio.gather(*tasks)
-        # Quiet: every outbox empty, every acknowledged message answered (bounded).
-        deadline = time.monotonic() + t(QUIET_S)
-        while time.monotonic() < deadline:
-            if all(c.pending == 0 for c in clients) and all(not tl.unanswered for tl in tallies):
-                break
-            await asyncio.sleep(0.2)
-        for c in clients:
-            await c.close()
+        await quiet(clients, tallies, QUIET_S)
         return clients
 
     clients = asyncio.run(main())

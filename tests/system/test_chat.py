@@ -5,6 +5,7 @@ Every test talks to the server as a client would: frames on the wire, rows in th
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread, expected_reply
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread, expected_reply
 from tests.support import (
     Chatd,
     Client,
@@ -250,6 +251,7 @@ def test_status_counts_messages(chatd: Chatd, client: Client) -> None:
     st = chatd.status()
     assert st is not None and st["master"]["pid"] == chatd.proc.pid  # type: ignore[union-attr]
     assert {w["id"] for w in st["workers"]} == {1, 2}
+    assert st["master"]["version"] == importlib.metadata.version("chatd")
 
 
 def test_draining_worker_finishes_reply_then_closes_1001(tmp_path: Path, fake: FakeOllama) -> None:

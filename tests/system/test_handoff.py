@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread
-from chatd.fake_ollama_wire import expected_reply
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
+from chatd.dev.fake_ollama.wire import expected_reply
 from tests.support import Client, running_chatd, t
 
 pytestmark = pytest.mark.system

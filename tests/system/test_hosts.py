@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import redis
 
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
 from tests.support import FACTOR, Chatd, Client, free_port, t, wait_for
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]

@@ -1,8 +1,9 @@
 """scripts/install.sh into a temporary root: the files it lays down, a second run that changes
 nothing, --uninstall that keeps the data, --purge that does not.
 
-The venv comes from this test run's own venv (``--venv-from``: copied, no pip, no index), so a
-run takes about a second; the pip path (the default) is the same script minus that copy. The
+The venv's dependencies come from a wheelhouse made once per test run by scripts/wheelhouse.sh
+(``--wheelhouse``: pip with no index, as on an offline host); the default path takes them from
+the index, the same script otherwise. The
 temporary root gets a minimal /etc/passwd so that the user is created in it (useradd --root),
 never on the host. Needs root (useradd --root chroots); skipped with the reason otherwise.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import t
+from tests.support import system_python, t
 
 pytestmark = pytest.mark.system
 
@@ -46,16 +47,9 @@ EXPECTED = {
 
 
 def _python() -> str:
-    """A Python of this venv's major.minor outside /root and /home (as on a real host), else
-    this one (install.sh then warns that ProtectHome=yes would hide it)."""
-    want = "{}.{}".format(*sys.version_info[:2])
-    real = os.path.realpath("/usr/bin/python3")
-    if os.access(real, os.X_OK):
-        v = subprocess.run([real, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-        if v == want:
-            return "/usr/bin/python3"
-    return sys.executable
+    """The Python a host would use (tests.support.system_python), else this one (install.sh
+    then warns that ProtectHome=yes would hide it)."""
+    return system_python() or sys.executable
 
 
 @pytest.fixture
@@ -130,24 +124,43 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def dependency_scripts(root: Path) -> set[str]:
+    """The console scripts of chatd's dependencies (websockets, idna...) in the venv's bin/."""
+    names: set[str] = set()
+    for ep in (root / "opt/chatd/lib").glob("python3*/site-packages/*.dist-info/entry_points.txt"):
+        if ep.parent.name.startswith("chatd-"):
+            continue
+        section = ""
+        for line in ep.read_text().splitlines():
+            if line.startswith("["):
+                section = line.strip()
+            elif section == "[console_scripts]" and "=" in line:
+                names.add(f"opt/chatd/bin/{line.split('=')[0].strip()}")
+    return names
+
+
 def installed_files(root: Path) -> set[str]:
-    """The paths under root, the venv's Python packages (lib/, lib64, include/) aside."""
+    """The paths under root, the venv's Python packages (lib/, lib64, include/) and the
+    dependencies' own console scripts aside."""
     venv_internals = ("opt/chatd/lib", "opt/chatd/include")
+    theirs = dependency_scripts(root)
     return {
         rel
         for rel in snapshot(root)
         if not rel.startswith(venv_internals)
+        and rel not in theirs
         and rel not in ("opt/chatd/lib64", "opt/chatd/bin/python", "opt/chatd/bin/python3")
         and not rel.startswith("opt/chatd/bin/python3.")
         and not rel.startswith("opt/chatd/bin/activate")
+        and not rel.startswith("opt/chatd/bin/pip")
         and rel != "opt/chatd/bin/Activate.ps1"
         and not rel.startswith("etc/passwd")
         and not rel.startswith(("etc/group", "etc/shadow", "etc/gshadow", "etc/.pwd.lock"))
     }
 
 
-def test_install_lays_down_the_files_user_and_a_working_venv(root: Path) -> None:
-    out = install_ok(root, "--venv-from", sys.prefix, "--python", _python())
+def test_install_lays_down_the_files_user_and_a_working_venv(root: Path, wheelhouse: Path) -> None:
+    out = install_ok(root, "--wheelhouse", str(wheelhouse), "--python", _python())
     assert "created    user chatd" in out and "installed  /opt/chatd" in out, out
     files = installed_files(root)
     dirs = {"etc", "etc/sysctl.d", "etc/systemd", "etc/systemd/system", "opt", "opt/chatd",
@@ -177,21 +190,24 @@ def test_install_lays_down_the_files_user_and_a_working_venv(root: Path) -> None
     r = subprocess.run([py, root / "opt/chatd/bin/chatd", "--check", "--config", cfg],
                        capture_output=True, text=True, timeout=t(30))  # fmt: skip
     assert r.returncode == 0 and "configuration is valid" in r.stdout, r.stderr
-    r = subprocess.run([py, "-c", "import chatd.worker, uvloop, chatd; print(chatd.__file__)"],
+    r = subprocess.run([py, "-c", "import chatd.worker.main, uvloop, chatd; print(chatd.__file__)"],
                        capture_output=True, text=True, timeout=t(30), cwd=root)  # fmt: skip
     assert r.returncode == 0 and r.stdout.startswith(str(root / "opt/chatd/lib")), r.stderr
     # Byte-compiled at install: the daemon cannot write __pycache__ under ProtectSystem=strict.
     package = Path(r.stdout.strip()).parent
-    for module in ("cli", "master", "worker", "session"):
-        assert list((package / "__pycache__").glob(f"{module}.cpython-*.pyc")), module
+    for module in ("cli", "master/arbiter", "worker/main", "worker/session"):
+        folder, _, name = f"./{module}".rpartition("/")
+        assert list((package / folder / "__pycache__").glob(f"{name}.cpython-*.pyc")), module
 
 
-def test_second_run_changes_nothing_and_keeps_an_edited_config(root: Path) -> None:
-    install_ok(root, "--venv-from", sys.prefix, "--python", _python())
+def test_second_run_changes_nothing_and_keeps_an_edited_config(
+    root: Path, wheelhouse: Path
+) -> None:
+    install_ok(root, "--wheelhouse", str(wheelhouse), "--python", _python())
     cfg = root / "etc/chatd/chatd.toml"
     cfg.write_text(cfg.read_text().replace("workers = 0 ", "workers = 3 "))
     before = snapshot(root)
-    out = install_ok(root, "--venv-from", sys.prefix, "--python", _python())
+    out = install_ok(root, "--wheelhouse", str(wheelhouse), "--python", _python())
     assert snapshot(root) == before
     actions = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
     assert actions == {"unchanged", "kept"}, out
@@ -199,8 +215,10 @@ def test_second_run_changes_nothing_and_keeps_an_edited_config(root: Path) -> No
     assert "workers = 3 " in cfg.read_text()
 
 
-def test_uninstall_keeps_config_data_and_user_and_purge_removes_them(root: Path) -> None:
-    install_ok(root, "--venv-from", sys.prefix, "--python", _python())
+def test_uninstall_keeps_config_data_and_user_and_purge_removes_them(
+    root: Path, wheelhouse: Path
+) -> None:
+    install_ok(root, "--wheelhouse", str(wheelhouse), "--python", _python())
     (root / "var/lib/chatd/sessions.db").write_bytes(b"sessions")
     out = install_ok(root, "--uninstall")
     for gone in ("/opt/chatd", "/etc/systemd/system/chatd.service", "/etc/sysctl.d/60-chatd.conf",
@@ -222,14 +240,16 @@ def test_bad_arguments_are_refused(root: Path) -> None:
     assert r.returncode == 1 and "--purge goes with --uninstall" in r.stderr
     r = install(root, "--frobnicate")
     assert r.returncode == 1 and "unknown argument --frobnicate" in r.stderr
-    r = install(root, "--venv-from", str(root))
-    assert r.returncode == 1 and "no bin/python there" in r.stderr
+    r = install(root, "--wheelhouse", str(root / "nowhere"))
+    assert r.returncode == 1 and "--wheelhouse" in r.stderr and "no such directory" in r.stderr
+    r = install(root, "--wheelhouse", str(root / "etc"))
+    assert r.returncode == 1 and "holds no wheel" in r.stderr
     assert not (root / "opt/chatd").exists()
 
 
 def test_shell_scripts_pass_shellcheck() -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("NOT TESTED: shellcheck is not installed (apt-get install shellcheck)")
-    scripts = [INSTALL, REPO / "tests/system/sdharness.sh"]
+    scripts = [INSTALL, REPO / "scripts/wheelhouse.sh", REPO / "tests/system/sdharness.sh"]
     r = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout

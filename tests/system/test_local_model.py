@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from chatd.local_model import (
+from chatd.dev.local_model.main import (
     BUNDLED_MODEL_NAME,
     LocalModelError,
     find_model_path,
@@ -118,7 +118,7 @@ async def _stream_chat(
 
 def _session() -> aiohttp.ClientSession:
     # force_close: llama.cpp closes the connection after each streamed response, so a
-    # reused pooled connection would fail (see the chatd.local_model docstring).
+    # reused pooled connection would fail (see the chatd.dev.local_model.main docstring).
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(force_close=True),
         timeout=aiohttp.ClientTimeout(total=90),
@@ -251,7 +251,7 @@ def test_port_taken_is_a_clear_error() -> None:
         holder.listen()
         port = holder.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "chatd.local_model", "--port", str(port), *_ARGS],
+            [sys.executable, "-m", "chatd.dev.local_model.main", "--port", str(port), *_ARGS],
             capture_output=True,
             text=True,
             timeout=30,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
 from tests.promtext import Family, parse
 from tests.support import Chatd, Client, http_get, running_chatd, t, wait_for
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread, expected_reply
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread, expected_reply
 from tests.support import Chatd, running_chatd, t
 
 pytestmark = pytest.mark.system

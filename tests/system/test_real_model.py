@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd.local_model import BUNDLED_MODEL_NAME, start_local_model
+from chatd.dev.local_model.main import BUNDLED_MODEL_NAME, start_local_model
 from tests.support import Chatd, Client, running_chatd, t
 
 pytestmark = pytest.mark.system

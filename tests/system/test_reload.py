@@ -1,6 +1,6 @@
 """The supervisor with the real worker: rolling reloads under load, crash loops, orphans.
 
-A real chatd (master + ``chatd.worker``), the fake Ollama with a token delay, real clients
+A real chatd (master + ``chatd.worker.main``), the fake Ollama with a token delay, real clients
 (``tests.support.Client``) chatting on threads, and the real ``chatctl``.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread, expected_reply
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread, expected_reply
 from tests.support import BIN, Chatd, Client, running_chatd, t, wait_for
 
 pytestmark = pytest.mark.system

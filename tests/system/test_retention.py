@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
 from tests.support import Client, running_chatd
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread, expected_reply
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread, expected_reply
 from tests.support import Chatd, Client, fake_config, fake_stats, running_chatd, t, wait_for
 
 pytestmark = pytest.mark.system

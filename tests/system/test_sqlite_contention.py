@@ -24,16 +24,16 @@ import json
 import os
 import signal
 import sqlite3
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from chatd.client import Ack, ChatClient, Error, Event, Reply
-from chatd.fake_ollama import FakeOllama, FakeOllamaThread
+from chatd.client import ChatClient
+from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
 from tests.support import Chatd, running_chatd, t
+from tests.tally import Tally, quiet, run_client
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 
@@ -51,70 +51,6 @@ def fake() -> Iterator[FakeOllama]:
         FakeOllama(["qwen2.5-coder:7b"], tokens=3, token_ms=0, first_token_ms=0)
     ) as f:
         yield f
-
-
-class Tally:
-    """What one client received."""
-
-    def __init__(self) -> None:
-        self.acked: dict[str, int] = {}
-        self.seqs: list[int] = []  # every stored event's seq, as received
-        self.answers: Counter[str] = Counter()
-        self.errors: list[Error] = []
-        self.sent: set[str] = set()
-        self.wake = asyncio.Event()
-
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, Ack):
-            self.acked.setdefault(event.id, event.seq)
-            self.seqs.append(event.seq)
-        elif isinstance(event, Reply):
-            self.answers[event.id] += 1
-            self.seqs.append(event.seq)
-            self.wake.set()
-        elif isinstance(event, Error):
-            self.errors.append(event)
-            if event.seq is not None and event.id is not None:
-                self.answers[event.id] += 1
-                self.seqs.append(event.seq)
-                self.wake.set()
-
-    @property
-    def outstanding(self) -> int:
-        return sum(1 for m in self.sent if not self.answers[m])
-
-    def gaps(self) -> list[int]:
-        """Seqs below the highest one received that never arrived."""
-        return sorted(set(range(1, max(self.seqs, default=0) + 1)) - set(self.seqs))
-
-    @property
-    def unanswered(self) -> int:
-        return sum(1 for m in self.acked if not self.answers[m])
-
-
-async def _client(url: str, stop: asyncio.Event, tally: Tally) -> ChatClient:
-    client = ChatClient(url, on_event=tally, initial_delay=0.05, max_delay=0.5, stall_timeout=3.0)
-    await client.connect()
-    n = 0
-    while not stop.is_set():
-        if tally.outstanding < OUTSTANDING:
-            n += 1
-            tally.sent.add(await client.send(f"write {n}"))
-            await asyncio.sleep(0)
-        else:
-            tally.wake.clear()
-            with _suppress_timeout():
-                async with asyncio.timeout(0.2):
-                    await tally.wake.wait()
-    return client
-
-
-class _suppress_timeout:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: type[BaseException] | None, *_: object) -> bool:
-        return typ is TimeoutError
 
 
 def _busy_retries(d: Chatd, seen: dict[int, int]) -> None:
@@ -141,7 +77,10 @@ def test_sqlite_contention_with_a_worker_killed_mid_write(fake: FakeOllama, tmp_
 
         async def main() -> list[ChatClient]:
             stop = asyncio.Event()
-            tasks = [asyncio.create_task(_client(d.url, stop, tl)) for tl in tallies]
+            tasks = [
+                asyncio.create_task(run_client(d.url, stop, tl, outstanding=OUTSTANDING))
+                for tl in tallies
+            ]
             await asyncio.sleep(t(KILL_AFTER))
             await asyncio.to_thread(_busy_retries, d, busy)
             st = await asyncio.to_thread(d.status)
@@ -152,15 +91,7 @@ def test_sqlite_contention_with_a_worker_killed_mid_write(fake: FakeOllama, tmp_
             await asyncio.sleep(t(WRITE_S - KILL_AFTER))
             stop.set()
             clients = await asyncio.gather(*tasks)
-            deadline = time.monotonic() + t(QUIET_S)
-            while time.monotonic() < deadline:
-                if all(c.pending == 0 for c in clients) and not any(
-                    tl.unanswered for tl in tallies
-                ):
-                    break
-                await asyncio.sleep(0.2)
-            for c in clients:
-                await c.close()
+            await quiet(clients, tallies, QUIET_S)
             return clients
 
         clients = asyncio.run(main())

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from chatd.listeners import listening_sockets
+from chatd.master.listeners import listening_sockets
 from chatd.proto.control import Decoder, encode
 from tests.support import t, wait_for
 from tests.system.test_master import Daemon, chatctl, gone, http_get

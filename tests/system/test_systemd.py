@@ -2,7 +2,7 @@
 
 ``sdharness.sh`` boots systemd as PID 1 of private pid + mount + cgroup namespaces on an overlay
 over the host's ``/`` (every write goes to a tmpfs; the host keeps nothing). Inside it,
-``scripts/install.sh --venv-from`` installs chatd (user, venv, links, config, unit), the fake
+``scripts/install.sh --wheelhouse`` installs chatd (user, venv, links, config, unit), the fake
 Ollama runs as a transient unit, and every check goes through what a sysadmin uses:
 ``systemctl``, ``journalctl``, ``chatctl``, files, and a WebSocket client on the shared network.
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from chatd.fake_ollama import expected_reply
-from tests.support import Client, fake_config, free_port, http_get, t, wait_for
+from chatd.dev.fake_ollama.main import expected_reply
+from tests.support import Client, fake_config, free_port, http_get, system_python, t, wait_for
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -50,22 +50,6 @@ TimeoutStartSec=30
 SystemCallErrorNumber=kill
 """
 TIMINGS: dict[str, float] = {}
-
-
-def _system_python() -> str | None:
-    """A Python of this venv's major.minor that the user chatd can run under ProtectHome=yes."""
-    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        real = os.path.realpath(candidate)
-        if not os.access(real, os.X_OK) or real.startswith(("/root/", "/home/")):
-            continue
-        r = subprocess.run(
-            [real, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-        )
-        if r.stdout.strip() == "{}.{}".format(*sys.version_info[:2]):
-            return candidate
-    return None
 
 
 class Box:
@@ -191,14 +175,14 @@ def _timed(name: str, fn: Callable[[], Any]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def box() -> Iterator[Box]:
+def box(wheelhouse: Path) -> Iterator[Box]:
     r = subprocess.run([str(HARNESS), "check"], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(
             f"NOT TESTED: chatd under a real systemd: {r.stderr.strip()} "
             "(run `make test` as root on a VM or a privileged runner)"
         )
-    python = _system_python()
+    python = system_python()
     if python is None:
         pytest.skip(
             f"NOT TESTED: chatd under a real systemd: no Python "
@@ -207,7 +191,7 @@ def box() -> Iterator[Box]:
         )
     state = Path(tempfile.mkdtemp(prefix="sdh.", dir="/tmp"))
     fake_port, port = free_port(), free_port()
-    binds = sorted({str(REPO), sys.prefix, os.path.realpath(sys.base_prefix)})
+    binds = sorted({str(REPO), sys.prefix, os.path.realpath(sys.base_prefix), str(wheelhouse)})
     t0 = time.monotonic()
     try:
         r = subprocess.run(
@@ -222,7 +206,7 @@ def box() -> Iterator[Box]:
         b.installed = _timed(
             "install",
             lambda: b.run(
-                f"{REPO}/scripts/install.sh", "--venv-from", sys.prefix, "--python", python
+                f"{REPO}/scripts/install.sh", "--wheelhouse", str(wheelhouse), "--python", python
             ),
         )
         b.verified = b.run("systemd-analyze", "verify", f"/etc/systemd/system/{UNIT}")

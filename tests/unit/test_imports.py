@@ -1,79 +1,70 @@
-"""Layering rules, checked by reading the imports of the source files (no import executed)."""
+"""The import contracts of chatd's role packages (``[tool.importlinter]`` in pyproject.toml).
+
+``make test`` runs ``lint-imports`` on the tree; these tests prove that the check has teeth: the
+same tool on a copy of the tree with one forbidden import added fails and names the contract.
+"""
 
 from __future__ import annotations
 
-import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2] / "chatd"
-IMPURE = {
-    "asyncio",
-    "socket",
-    "os",
-    "selectors",
-    "aiohttp",
-    "uvloop",
-    "websockets",
-    "threading",
-    "subprocess",
-    "signal",
-    "sqlite3",
-}
+REPO = Path(__file__).resolve().parents[2]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Top-level names of every module the file imports."""
-    tree = ast.parse(path.read_text(), str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
+    """``lint-imports`` run on ``tree`` (its own chatd/ and pyproject.toml, nothing else)."""
+    if not LINT_IMPORTS.exists():
+        pytest.skip("lint-imports not installed: pip install -e '.[test]' (make test does)")
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True
+    )
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "proto").glob("*.py")), ids=lambda p: p.name)
-def test_proto_is_pure(path: Path) -> None:
-    """chatd/proto/ does no I/O: no asyncio, sockets, os, aiohttp, threads, signals."""
-    assert imported_modules(path) & IMPURE == set()
+def copy_tree(tmp: Path) -> Path:
+    shutil.copytree(REPO / "chatd", tmp / "chatd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp / "pyproject.toml")
+    return tmp
 
 
-def test_proto_imports_only_pure_chatd_modules() -> None:
-    """Within chatd, proto/ may only use errors and itself."""
-    for path in (ROOT / "proto").glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("chatd"):
-                assert node.module in {"chatd.errors"} or node.module.startswith("chatd.proto"), (
-                    f"{path.name} imports {node.module}"
-                )
+def add_import(module: Path, line: str) -> None:
+    """Add ``line`` after the module's ``from __future__`` import."""
+    text = module.read_text()
+    anchor = "from __future__ import annotations\n"
+    assert anchor in text, module
+    module.write_text(text.replace(anchor, anchor + line + "\n", 1))
 
 
-def test_master_has_no_event_loop() -> None:
-    """The forking master is single-threaded and creates no event loop."""
-    names = imported_modules(ROOT / "master.py")
-    assert {"asyncio", "uvloop", "threading"} & names == set()
+def test_the_tree_keeps_every_contract(tmp_path: Path) -> None:
+    r = lint_imports(copy_tree(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 broken" in r.stdout
 
 
-def test_fake_ollama_shares_no_code_with_the_relay() -> None:
-    """A stand-in shares no code with what it stands in for (a shared bug would hide itself):
-    within chatd, the fake's modules (fake_ollama*.py) import only one another."""
-    paths = sorted(ROOT.glob("fake_ollama*.py"))
-    assert ROOT / "fake_ollama.py" in paths
-    for path in paths:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names: list[str] = []
-            if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative: within chatd
-                    base = f"chatd.{base}".rstrip(".")
-                names = [f"{base}.{a.name}" if base == "chatd" else base for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
-                parts = name.split(".")
-                fake = len(parts) > 1 and parts[1].startswith("fake_ollama")
-                assert parts[0] != "chatd" or fake, f"{path.name} imports {name}"
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        ("master/scale.py", "import chatd.worker.main", "master never imports worker"),
+        ("proto/chat.py", "import asyncio", "proto is pure"),
+        ("relay/wire.py", "from chatd.store import base", "relay and store never import"),
+        ("dev/fake_ollama/wire.py", "import chatd.relay.wire", "dev shares no code"),
+        ("client/events.py", "import chatd.proto.chat", "client imports none of the server"),
+        ("worker/outbox.py", "import chatd.bench.stats", "nothing but the console scripts"),
+    ],
+)
+def test_a_forbidden_import_breaks_the_build(
+    tmp_path: Path, module: str, line: str, contract: str
+) -> None:
+    tree = copy_tree(tmp_path)
+    add_import(tree / "chatd" / module, line)
+    r = lint_imports(tree)
+    assert r.returncode != 0
+    broken = [s for s in r.stdout.splitlines() if s.endswith("BROKEN")]
+    assert len(broken) == 1 and broken[0].startswith(contract), r.stdout

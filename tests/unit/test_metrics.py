@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
+from chatd.master.slotgrant import Granter
 from chatd.metrics import Retired, aggregate, escape_label, format_value, render
-from chatd.slotgrant import Granter
 from chatd.stats import Histogram
 from tests.promtext import parse
 
 
 def report(messages: int, latencies_ms: list[float], **extra: Any) -> dict[str, Any]:
-    """A worker's ``stats`` report, as chatd.worker sends it."""
+    """A worker's ``stats`` report, as chatd.worker.main sends it."""
     h = Histogram()
     for ms in latencies_ms:
         h.observe(ms)

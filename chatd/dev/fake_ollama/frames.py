@@ -1,10 +1,10 @@
 """The fake Ollama's response bodies: what one parsed request (a ``_Job``) is answered with.
 
-Pure builders, no I/O, for :mod:`chatd.fake_ollama_server`: Ollama's NDJSON chunks and its done
+Pure builders, no I/O, for :mod:`chatd.dev.fake_ollama.server`: Ollama's NDJSON chunks and its done
 chunk with timing metrics, the OpenAI-compatible SSE chunks, finish/usage tails and whole
 completions, and the error bodies of both APIs. Field order follows Ollama's Go structs. The
 timing metrics read the clock when built, so a done chunk must be built when it is due. Like the
-server, it imports nothing from the rest of chatd but :mod:`chatd.fake_ollama_wire`: a stand-in
+server, it imports nothing from the rest of chatd but :mod:`chatd.dev.fake_ollama.wire`: a stand-in
 must not share code (and so bugs) with what it stands in for.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from chatd.fake_ollama_wire import _NL, _RUN_ERROR, _SSE_DONE, _Job, _Timing, rfc3339nano
+from chatd.dev.fake_ollama.wire import _NL, _RUN_ERROR, _SSE_DONE, _Job, _Timing, rfc3339nano
 
 
 def error_body(api: str, status: int, message: str) -> dict[str, Any]:

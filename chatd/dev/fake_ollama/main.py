@@ -11,9 +11,9 @@ Replies are deterministic: see :func:`expected_reply`. Behaviour changes at run 
 
 This module is the fake's front: its public names, :class:`FakeOllamaThread` (the server on a
 thread of its own, for synchronous tests) and ``main`` (``chatd-fake-ollama``, also run as
-``python -m chatd.fake_ollama``). The server is :mod:`chatd.fake_ollama_server`, its response
-bodies :mod:`chatd.fake_ollama_frames`, the reply function, knobs and wire details
-:mod:`chatd.fake_ollama_wire`. These modules deliberately import nothing else from chatd: a
+``python -m chatd.dev.fake_ollama.main``). The server is :mod:`chatd.dev.fake_ollama.server`,
+its response bodies :mod:`chatd.dev.fake_ollama.frames`, the reply function, knobs and wire details
+:mod:`chatd.dev.fake_ollama.wire`. These modules deliberately import nothing else from chatd: a
 stand-in must not share code (and so bugs) with what it stands in for.
 """
 
@@ -27,8 +27,9 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from chatd.fake_ollama_server import FakeOllama
-from chatd.fake_ollama_wire import BUSY_TEXT, DEFAULT_MODEL, expected_reply, reply_tokens
+from chatd import __version__
+from chatd.dev.fake_ollama.server import FakeOllama
+from chatd.dev.fake_ollama.wire import BUSY_TEXT, DEFAULT_MODEL, expected_reply, reply_tokens
 
 __all__ = ["BUSY_TEXT", "FakeOllama", "FakeOllamaThread", "expected_reply", "main", "reply_tokens"]
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     """``chatd-fake-ollama``: serve until SIGTERM/SIGINT, then exit 0 (1 if it cannot listen).
     Prints ``chatd-fake-ollama listening on http://HOST:PORT`` once listening."""
     p = argparse.ArgumentParser(prog="chatd-fake-ollama", description="A stand-in Ollama server.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_nonneg(int), default=11434, help="0 = pick a free port")
     p.add_argument("--first-token-ms", type=_nonneg(float), default=0.0)

@@ -2,10 +2,10 @@
 
 One job: take a request the way Ollama does (parse and check it, wait for ``hang``, a
 ``max_parallel`` slot, a cold load and the first token, all before any header) and stream the
-answer on the right schedule. The answer's bytes come from :mod:`chatd.fake_ollama_frames`, the
-reply text and the knobs from :mod:`chatd.fake_ollama_wire`. Callers use it through
-:mod:`chatd.fake_ollama`. Like them it imports nothing else from chatd: a stand-in must not share
-code (and so bugs) with what it stands in for.
+answer on the right schedule. The answer's bytes come from :mod:`chatd.dev.fake_ollama.frames`, the
+reply text and the knobs from :mod:`chatd.dev.fake_ollama.wire`. Callers use it through
+:mod:`chatd.dev.fake_ollama.main`. Like them it imports nothing else from chatd: a stand-in must
+not share code (and so bugs) with what it stands in for.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from chatd import fake_ollama_frames as frames
-from chatd.fake_ollama_wire import (
+from chatd.dev.fake_ollama import frames
+from chatd.dev.fake_ollama.wire import (
     _CONTEXT_LENGTH,
     _DEFAULT_KEEP_ALIVE_S,
     _MODEL_SIZE,

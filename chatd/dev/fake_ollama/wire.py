@@ -1,6 +1,6 @@
 """The fake Ollama's data: its replies, knobs, counters, and Ollama's wire details.
 
-Pure helpers of :mod:`chatd.fake_ollama_server` (no server here): the deterministic reply
+Pure helpers of :mod:`chatd.dev.fake_ollama.server` (no server here): the deterministic reply
 function tests compute expected text with, the knob and counter dataclasses, Ollama's status
 texts, and the parsed request with its parser. Like the server, it imports nothing from the rest
 of chatd: a stand-in must not share code (and so bugs) with what it stands in for.

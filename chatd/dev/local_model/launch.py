@@ -1,9 +1,9 @@
 """Starting ``chatd-local-model`` as a subprocess, for tests and scripts: :func:`start_local_model`.
 
 One job: run the CLI (its console script next to the interpreter, else ``python -m
-chatd.local_model``) with ``--exit-with-parent``, wait a bounded time for its ready line on
+chatd.dev.local_model.main``) with ``--exit-with-parent``, wait a bounded time for its ready line on
 stdout, and return the process with the URL that line carries. The ready line's format is the
-contract it shares with :func:`chatd.local_model_server.serve`.
+contract it shares with :func:`chatd.dev.local_model.server.serve`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Final
 
-from chatd.local_model_server import DEFAULT_HOST, PROG, LocalModelError
+from chatd.dev.local_model.server import DEFAULT_HOST, PROG, LocalModelError
 
 _READY_RE: Final = re.compile(
     r"^chatd-local-model listening on (?P<url>http://\S+) \(model: (?P<model>.+)\)$"
@@ -31,7 +31,7 @@ def _command() -> list[str]:
     script = Path(sys.executable).parent / PROG
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-m", "chatd.local_model"]
+    return [sys.executable, "-m", "chatd.dev.local_model.main"]
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:

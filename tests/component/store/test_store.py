@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(60)
 
 T = TypeVar("T")
 MakeStore = Callable[..., Store]
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(params=["sqlite", "redis"])

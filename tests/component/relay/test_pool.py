@@ -1,4 +1,4 @@
-"""Component tests of chatd.relay_http, the relay's lean keep-alive HTTP/1.1 client.
+"""Component tests of chatd.relay.pool, the relay's lean keep-alive HTTP/1.1 client.
 
 Each test runs the Pool against a tiny asyncio HTTP server defined here, whose answer to
 each request is a small coroutine (so every wire case is exact: how the body is delimited,
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from chatd.relay_http import HIGH_WATER, BrokenResponse, ConnectError, Pool, Response
+from chatd.relay.pool import HIGH_WATER, BrokenResponse, ConnectError, Pool, Response
 
 pytestmark = pytest.mark.timeout(30)
 

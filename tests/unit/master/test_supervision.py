@@ -1,4 +1,4 @@
-"""chatd.supervision: heartbeat age, message rate, RSS recycling policy, status rows."""
+"""chatd.master.supervision: heartbeat age, message rate, RSS recycling policy, status rows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from chatd.config import Config, ServerConfig
-from chatd.supervision import (
+from chatd.master.supervision import (
     RSS_RECYCLE_INTERVAL,
     RSS_SAMPLES,
     Slot,

@@ -23,7 +23,7 @@ import ollama
 import orjson
 import pytest
 
-from chatd.fake_ollama import (
+from chatd.dev.fake_ollama.main import (
     BUSY_TEXT,
     FakeOllama,
     FakeOllamaThread,
@@ -411,7 +411,7 @@ def test_max_parallel_and_cold_load() -> None:
 
 def test_console_script_subprocess() -> None:
     script = Path(sys.executable).with_name("chatd-fake-ollama")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "chatd.fake_ollama"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "chatd.dev.fake_ollama.main"]
     proc = subprocess.Popen(
         [*cmd, "--port", "0", "--tokens", "3", "--model", OTHER, "--token-ms", "1"],
         stdout=subprocess.PIPE,

@@ -1,10 +1,10 @@
-"""chatd.statusfmt: the table a sysadmin reads, and the healthy/degraded verdict."""
+"""chatd.ctl.statusfmt: the table a sysadmin reads, and the healthy/degraded verdict."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from chatd.statusfmt import duration, format_status, is_healthy, problems
+from chatd.ctl.statusfmt import duration, format_status, is_healthy, problems
 
 
 def doc(**overrides: Any) -> dict[str, Any]:
@@ -31,6 +31,7 @@ def doc(**overrides: Any) -> dict[str, Any]:
             "bind": "0.0.0.0:8000",
             "state": "running",
             "tcp_migrate_req": 1,
+            "version": "1.2.3",
             "last_reload": {"generation": 3, "ok": True, "message": "reloaded", "at": 0},
         },
         "workers": [worker],
@@ -56,6 +57,7 @@ def test_table() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("chatd running: master pid 4242, generation 3, up 2h03m")
     assert lines[0].endswith("1/1 workers ready")
+    assert lines[1].startswith("chatd 1.2.3; config /etc/chatd/chatd.toml; ")
     header = next(line for line in lines if line.startswith("SLOT"))
     for column in (
         "PID",

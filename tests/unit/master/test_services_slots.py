@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from chatd import slots as slots_module
 from chatd.config import BackendConfig, Config, LLMConfig
 from chatd.errors import UpstreamUnavailable
+from chatd.master.services import Services
 from chatd.proto import control as proto
-from chatd.services import Services
-from chatd.slots import MasterSlots, QueueFull
+from chatd.worker import slots as slots_module
+from chatd.worker.slots import MasterSlots, QueueFull
 
 URLS = ("http://a:1", "http://b:2")
 
@@ -50,7 +50,7 @@ class FakeWorker:
 
 
 class FakeWorkers:
-    """The part of chatd.workers.Workers that Services uses."""
+    """The part of chatd.master.workers.Workers that Services uses."""
 
     def __init__(self) -> None:
         self.generation = 1

@@ -1,4 +1,4 @@
-"""chatd.reload.refusals: what a reload cannot apply, found before anything changes."""
+"""chatd.master.reload.refusals: what a reload cannot apply, found before anything changes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from chatd.config import Config, ControlConfig, ServerConfig, SessionsConfig
-from chatd.reload import refusals, worker_count
+from chatd.master.reload import refusals, worker_count
 
 
 def test_same_config_is_fine(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatd.slotgrant import Grant, Granter, Output, Queued, Recall, Refused, backend_keys
+from chatd.master.slotgrant import Grant, Granter, Output, Queued, Recall, Refused
+from chatd.stats import backend_keys
 
 A, B = "http://a", "http://b"
 

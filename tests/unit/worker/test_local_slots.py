@@ -9,7 +9,7 @@ import pytest
 
 from chatd.config import BackendConfig
 from chatd.errors import UpstreamUnavailable
-from chatd.slots import LocalSlots, QueueFull
+from chatd.worker.slots import LocalSlots, QueueFull
 
 BACKENDS = [BackendConfig(url="http://a:1", max_parallel=1)]
 

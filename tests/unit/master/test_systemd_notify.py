@@ -1,4 +1,4 @@
-"""chatd.systemd.Notifier against real datagram sockets (a path and an abstract name)."""
+"""chatd.master.systemd.Notifier against real datagram sockets (a path and an abstract name)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from chatd.systemd import Notifier
+from chatd.master.systemd import Notifier
 
 
 def test_silent_without_notify_socket() -> None:

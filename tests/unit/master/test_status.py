@@ -1,13 +1,13 @@
-"""chatd.status.aggregate_status: the `chatctl status --json` document from worker reports."""
+"""chatd.master.status.aggregate_status: the `chatctl status --json` document from workers."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from chatd.config import BackendConfig, Config, LLMConfig
-from chatd.slotgrant import Granter
+from chatd.master.slotgrant import Granter
+from chatd.master.status import WorkerSnapshot, aggregate_status
 from chatd.stats import Histogram
-from chatd.status import WorkerSnapshot, aggregate_status
 
 CFG = Config(
     llm=LLMConfig(

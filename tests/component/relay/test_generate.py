@@ -1,8 +1,8 @@
-"""Component tests of chatd.relay (and the pure parsing in chatd.relay_wire).
+"""Component tests of chatd.relay.generate (and the pure parsing in chatd.relay.wire).
 
 Most tests run the Relay against tiny aiohttp.web servers built here, one per wire edge
 case (each scripted as a list of byte writes and pauses), so every case is exact and
-independent of the fake Ollama. A few run against chatd.fake_ollama.FakeOllama.
+independent of the fake Ollama. A few run against chatd.dev.fake_ollama.main.FakeOllama.
 Everything listens on 127.0.0.1 only. Tests are plain functions that call asyncio.run.
 """
 
@@ -26,8 +26,9 @@ from aiohttp import web
 
 from chatd.config import BackendConfig, LLMConfig
 from chatd.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from chatd.relay import Relay, Reply
-from chatd.relay_wire import (
+from chatd.relay.backend import Reply
+from chatd.relay.generate import Relay
+from chatd.relay.wire import (
     LineSplitter,
     OllamaDecoder,
     OpenAIDecoder,
@@ -765,12 +766,12 @@ def test_throughput_of_the_hot_path() -> None:
     assert rate > 20_000, f"{rate:.0f} tokens/s"
 
 
-# -- against chatd.fake_ollama --------------------------------------------------------
+# -- against chatd.dev.fake_ollama.main --------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
 async def fake_ollama(**knobs: Any) -> AsyncIterator[tuple[str, Any]]:
-    fake_mod = pytest.importorskip("chatd.fake_ollama")
+    fake_mod = pytest.importorskip("chatd.dev.fake_ollama.main")
     fake = fake_mod.FakeOllama()
     port = await fake.start("127.0.0.1", 0)
     url = f"http://127.0.0.1:{port}"
@@ -791,7 +792,7 @@ async def fake_ollama(**knobs: Any) -> AsyncIterator[tuple[str, Any]]:
 
 @pytest.mark.parametrize("api", ["ollama", "openai"])
 def test_fake_ollama_reply_matches_expected_reply(api: str) -> None:
-    fake_mod = pytest.importorskip("chatd.fake_ollama")
+    fake_mod = pytest.importorskip("chatd.dev.fake_ollama.main")
 
     async def main() -> tuple[Reply, list[str]]:
         async with fake_ollama(tokens=12, token_ms=1, first_token_ms=1) as (url, _):

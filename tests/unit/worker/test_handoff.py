@@ -1,6 +1,6 @@
 """Live handoff pieces in one process: the outbox (dedupe of stored events, one write per
 tick, token coalescing, the slow path under flow control), and the master's
-routing of ``watch`` / ``unwatch`` / ``stored`` (chatd.services.Services)."""
+routing of ``watch`` / ``unwatch`` / ``stored`` (chatd.master.services.Services)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 import orjson
 
-from chatd.outbox import Outbox
+from chatd.master.services import Services
 from chatd.proto import control as proto
-from chatd.services import Services
-from tests.unit.test_master_slots import FakeWorker, FakeWorkers, config
+from chatd.worker.outbox import Outbox
+from tests.unit.master.test_services_slots import FakeWorker, FakeWorkers, config
 
 
 class Sink:

@@ -1,11 +1,11 @@
-"""chatd.peercred: who may use the control socket."""
+"""chatd.master.peercred: who may use the control socket."""
 
 from __future__ import annotations
 
 import os
 import socket
 
-from chatd.peercred import Peer, groups_of, peer_of, refusal
+from chatd.master.peercred import Peer, groups_of, peer_of, refusal
 
 
 def test_rules() -> None:
