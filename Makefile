@@ -1,11 +1,12 @@
 # chatd: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests use (installed only when missing; needs root or sudo).
 DEBS   := redis-server chromium shellcheck prometheus nginx-light
 
-.PHONY: run test install lint typecheck unit clean
+.PHONY: run test install lint typecheck unit fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,5 +48,20 @@ test: install
 		--cov=chatd.proto --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=100
 	$(BIN)/pytest -q -p no:cacheprovider --timeout=300 --durations=15 tests
 
+# Coverage-guided fuzzing of the parsers (atheris, libFuzzer), FUZZ_SECONDS each (default 60);
+# not part of `make test`. The seeds are fuzz/corpus/TARGET/; what a run finds goes to
+# .fuzz/TARGET/ (so the committed corpus stays small) and a crashing input to .fuzz/crash-*.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := $(filter-out fuzz/_%,$(wildcard fuzz/*.py))
+fuzz: install
+	$(BIN)/pip install -q 'atheris>=2.3'
+	@set -e; for target in $(FUZZ_TARGETS); do \
+		name=$$(basename $$target .py); mkdir -p .fuzz/$$name; \
+		echo "== $$name ($(FUZZ_SECONDS) s)"; \
+		$(BIN)/python $$target -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=.fuzz/crash-$$name- \
+			.fuzz/$$name fuzz/corpus/$$name/ 2>&1 | tail -n 3; \
+		test $${PIPESTATUS[0]} -eq 0 || { echo "$$name: a finding, see .fuzz/crash-$$name-*"; exit 1; }; \
+	done
+
 clean:
-	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache .fuzz

@@ -16,16 +16,26 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from chatd import tls
+from chatd.config_checks import (
+    Check,
+    at_least,
+    check_bind,
+    check_secret,
+    check_store,
+    check_url,
+    one_of,
+)
 from chatd.config_schema import (
     SECTIONS,
     AuthConfig,
     BackendConfig,
-    Check,
     Config,
     ControlConfig,
     LimitsConfig,
@@ -33,11 +43,6 @@ from chatd.config_schema import (
     LogConfig,
     ServerConfig,
     SessionsConfig,
-    at_least,
-    check_bind,
-    check_store,
-    check_url,
-    one_of,
 )
 from chatd.errors import ConfigError
 
@@ -80,16 +85,20 @@ class _Collector:
         """Best-effort line of ``section.key`` (tomllib keeps no positions for values)."""
         parts = dotted.split(".")
         section, key = ".".join(parts[:-1]), parts[-1].split("[")[0]
-        current = ""
+        # "llm.backends[2]": the key in the third [[llm.backends]] table, not the first.
+        base, _, index = section.partition("[")
+        want = int(index.rstrip("]")) if index.rstrip("]").isdigit() else 0
+        current, seen = "", -1
         for no, raw in enumerate(self.lines, 1):
             line = raw.strip()
             header = re.fullmatch(r"\[\[?\s*([^\]]+?)\s*\]\]?(\s*#.*)?", line)
             if header:
                 current = header.group(1)
-                if not section.split("[")[0] and current == key:
+                seen += current == base
+                if not base and current == key:
                     return no
                 continue
-            if current == section.split("[")[0] and re.match(rf"{re.escape(key)}\s*=", line):
+            if current == base and seen == want and re.match(rf"{re.escape(key)}\s*=", line):
                 return no
         return None
 
@@ -127,13 +136,21 @@ def _build(cls: type[Any], table: Any, prefix: str, out: _Collector) -> Any:
         if cls is LLMConfig and key == "backends":
             values[key] = _build_backends(value, dotted, out)
             continue
+        secret = f.metadata.get("secret", False)  # a credential: never quoted in a problem
+        if secret and f.type != "str":  # a list of secrets (auth.tokens): never quoted either
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                out.add(dotted, "expected a list of strings")
+                continue
+        elif secret and not isinstance(value, str):
+            out.add(dotted, "expected a string")
+            continue
         converted = _convert(value, f.type, dotted, out)
         if converted is None:
             continue
         check: Check | None = f.metadata.get("check")
         problem = check(converted) if check else None
         if problem:
-            out.add(dotted, f"{problem}, got {value!r}")
+            out.add(dotted, problem if secret else f"{problem}, got {value!r}")
             continue
         values[key] = converted
     return cls(**values)
@@ -143,11 +160,125 @@ def _build_backends(value: Any, key: str, out: _Collector) -> tuple[BackendConfi
     if not isinstance(value, list) or not value:
         out.add(key, f"expected one or more [[llm.backends]] tables, got {value!r}")
         return LLMConfig().backends
-    built = tuple(_build(BackendConfig, t, f"{key}[{i}]", out) for i, t in enumerate(value))
+    built = tuple(
+        _with_key_file(_build(BackendConfig, t, f"{key}[{i}]", out), f"{key}[{i}]", out)
+        for i, t in enumerate(value)
+    )
     urls = [b.url for b in built]
     if len(set(urls)) != len(urls):
         out.add(key, f"each backend url must appear once, got {urls!r}")
     return built
+
+
+def _with_key_file(b: BackendConfig, key: str, out: _Collector) -> BackendConfig:
+    """``b`` with ``api_key`` read from ``api_key_file`` (stripped of surrounding whitespace),
+    when that is set; a problem (both keys set, an unreadable, empty or invalid file) is added
+    to ``out``, naming the key, never quoting the file's content."""
+    if not b.api_key_file:
+        return b
+    dotted = f"{key}.api_key_file"
+    if b.api_key:
+        out.add(dotted, "api_key and api_key_file are exclusive: set only one")
+        return b
+    path = Path(b.api_key_file)
+    if not path.is_absolute() and Path(out.path).is_absolute():
+        path = Path(out.path).parent / path
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        out.add(dotted, f"cannot read {str(path)!r}: {exc.strerror or exc}")
+        return b
+    except UnicodeDecodeError:
+        out.add(dotted, f"{str(path)!r} is not UTF-8 text")
+        return b
+    except ValueError:  # a NUL in the name (found by tests/unit/test_config_property.py)
+        out.add(dotted, f"{str(path)!r} is not a file name")
+        return b
+    problem = "is empty" if not secret else check_secret(secret)
+    if problem:
+        out.add(dotted, f"the key in {str(path)!r} {problem}")
+        return b
+    return dataclasses.replace(b, api_key=secret)
+
+
+def _read_tokens(name: str, dotted: str, out: _Collector) -> tuple[str, ...] | None:
+    """The tokens in the file ``name``: one per line, blank lines and ``#`` comments ignored.
+
+    A relative ``name`` is relative to the config file's directory (systemd starts chatd in
+    ``/``). Returns None after adding a problem to ``out`` (naming ``dotted``, never quoting a
+    token) when the file cannot be read, is not UTF-8, holds no token (an empty file must not
+    turn authentication off) or a token that cannot travel in an HTTP header.
+    """
+    path = Path(name)
+    if not path.is_absolute() and Path(out.path).is_absolute():
+        path = Path(out.path).parent / path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        out.add(dotted, f"cannot read {str(path)!r}: {exc.strerror or exc}")
+        return None
+    except ValueError as exc:  # a NUL in the name, or UnicodeDecodeError
+        what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "not a file name"
+        out.add(dotted, f"{str(path)!r}: {what}")
+        return None
+    tokens = []
+    for no, raw in enumerate(text.splitlines(), 1):
+        token = raw.strip()
+        if not token or token.startswith("#"):
+            continue
+        problem = check_secret(token)
+        if problem:
+            out.add(dotted, f"the token on line {no} of {str(path)!r} {problem}")
+            return None
+        tokens.append(token)
+    if not tokens:
+        out.add(dotted, f"{str(path)!r} holds no token (an empty file would turn auth off)")
+        return None
+    return tuple(tokens)
+
+
+def _with_token_files(cfg: Config, out: _Collector) -> Config:
+    """``cfg`` with ``[auth] tokens`` read from ``tokens_file`` and ``[server] metrics_token``
+    from ``metrics_token_file``, when those are set (see :func:`_read_tokens`). Each file key
+    is exclusive with the key it fills: both set is a problem."""
+    auth, server = cfg.auth, cfg.server
+    if auth.tokens_file:
+        if auth.tokens:
+            out.add("auth.tokens_file", "tokens and tokens_file are exclusive: set only one")
+        else:
+            tokens = _read_tokens(auth.tokens_file, "auth.tokens_file", out)
+            auth = dataclasses.replace(auth, tokens=tokens or ())
+    if server.metrics_token_file:
+        dotted = "server.metrics_token_file"
+        if server.metrics_token:
+            out.add(dotted, "metrics_token and metrics_token_file are exclusive: set only one")
+        else:
+            tokens = _read_tokens(server.metrics_token_file, dotted, out)
+            if tokens and len(tokens) > 1:
+                out.add(dotted, f"expected one token, found {len(tokens)}")
+            elif tokens:
+                server = dataclasses.replace(server, metrics_token=tokens[0])
+    return dataclasses.replace(cfg, auth=auth, server=server)
+
+
+def _with_tls(cfg: Config, out: _Collector) -> Config:
+    """``[server] tls_cert`` and ``tls_key``: both or neither; made absolute (relative to the
+    config file's directory); loaded once, so ``--check`` refuses what a worker would."""
+    server = cfg.server
+    if not server.tls_cert and not server.tls_key:
+        return cfg
+    if not (server.tls_cert and server.tls_key):
+        missing = "tls_key" if server.tls_cert else "tls_cert"
+        out.add(f"server.{missing}", "tls_cert and tls_key go together: set both, or neither")
+        return cfg
+    base = Path(out.path).parent if Path(out.path).is_absolute() else Path()
+    cert, key = (str((base / p).absolute()) for p in (server.tls_cert, server.tls_key))
+    try:
+        tls.server_context(cert, key)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        out.add("server.tls_cert", f"cannot load {cert} with its key {key}: {exc}")
+        return cfg
+    return dataclasses.replace(cfg, server=dataclasses.replace(server, tls_cert=cert, tls_key=key))
 
 
 def _cross_checks(cfg: Config, out: _Collector) -> None:
@@ -171,7 +302,7 @@ def parse(text: str, path: str = "<string>") -> Config:
             out.add(name, "unknown section (expected one of " + ", ".join(SECTIONS) + ")")
             continue
         sections[name] = _build(cls, table, name, out)
-    cfg = Config(**sections, path=path)
+    cfg = _with_tls(_with_token_files(Config(**sections, path=path), out), out)
     _cross_checks(cfg, out)
     if out.problems:
         raise ConfigError(out.problems)

@@ -2,88 +2,38 @@
 
 One job: declare every key once, as a dataclass field whose default is the documented default
 (``spec/interfaces.md``) and whose ``metadata`` carries the one-line doc (``"doc"``) and the value
-check (``"check"``, a :data:`Check`). No I/O and no TOML here: :mod:`chatd.config` reads files and
-flags into these classes, and is where callers import them from. :data:`SECTIONS` maps each TOML
-table to its class; :func:`schema` and :func:`iter_keys` list the keys with their defaults.
+check (``"check"``, from :mod:`chatd.config_checks`). No I/O and no TOML here: :mod:`chatd.config`
+reads files and flags into these classes, and is where callers import them from.
+:data:`SECTIONS` maps each TOML table to its class; :func:`schema` and :func:`iter_keys` list
+the keys with their defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-Check = Callable[[Any], str | None]
-"""A value check: returns what is wrong with the value, or None when it is fine."""
+from chatd.config_checks import (
+    Check,
+    at_least,
+    check_bind,
+    check_keep_alive,
+    check_level,
+    check_mode,
+    check_secret,
+    check_socket_path,
+    check_store,
+    check_url,
+    one_of,
+    parse_bind,
+    positive,
+)
 
 
 def _doc(doc: str, check: Check | None = None) -> dict[str, Any]:
     return {"doc": doc, "check": check}
-
-
-def at_least(lo: float) -> Check:
-    return lambda v: None if v >= lo else f"must be >= {lo:g}"
-
-
-def positive(v: float) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def one_of(*choices: str) -> Check:
-    return lambda v: None if v in choices else "must be one of " + ", ".join(map(repr, choices))
-
-
-def parse_bind(value: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[::1]:8000`` for IPv6) into host and port; raises ValueError."""
-    host, sep, port_s = value.rpartition(":")
-    if not sep or not port_s.isdigit():
-        raise ValueError("expected HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        raise ValueError("expected HOST:PORT with a host")
-    port = int(port_s)
-    if not 0 <= port <= 65535:
-        raise ValueError("port must be 0..65535")
-    if not re.fullmatch(r"[A-Za-z0-9.\-]+", host):
-        ipaddress.ip_address(host)  # IPv6 literal, or ValueError
-    return host, port
-
-
-def check_bind(v: str) -> str | None:
-    try:
-        parse_bind(v)
-    except ValueError as exc:
-        return f'{exc} (for example "0.0.0.0:8000")'
-    return None
-
-
-def check_mode(v: str) -> str | None:
-    return None if re.fullmatch(r"0?[0-7]{3}", v) else 'must be an octal mode such as "0660"'
-
-
-def check_store(v: str) -> str | None:
-    if v.startswith("sqlite:") and len(v) > len("sqlite:"):
-        return None
-    if re.fullmatch(r"rediss?://[^/\s]+(/\d+)?", v):
-        return None
-    return 'must be "sqlite:///ABSOLUTE/PATH", "sqlite:relative/path" or "redis://HOST:PORT/DB"'
-
-
-def check_url(v: str) -> str | None:
-    return None if re.fullmatch(r"https?://[^/\s]+/?", v) else 'must be "http://HOST:PORT"'
-
-
-def check_level(v: str) -> str | None:
-    return one_of("debug", "info", "warning", "error")(v.lower())
-
-
-def check_keep_alive(v: str) -> str | None:
-    ok = re.fullmatch(r"-?\d+(\.\d+)?(ns|us|ms|s|m|h)?", v) or re.fullmatch(r"(\d+[hms])+", v)
-    return None if ok else 'must be a duration such as "5m", "30s" or "-1" (forever)'
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,6 +61,32 @@ class ServerConfig:
         default=False,
         metadata=_doc("permessage-deflate: ~47 KB per idle connection instead of ~14 KB"),
     )
+    metrics_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            **_doc(
+                'GET /metrics requires "Authorization: Bearer TOKEN"; "" = /metrics is public',
+                check_secret,
+            ),
+            "secret": True,
+        },
+    )
+    metrics_token_file: str = field(
+        default="",
+        metadata=_doc(
+            "file holding metrics_token (relative: to the config file's directory), read at "
+            "start and at every reload; exclusive with metrics_token"
+        ),
+    )
+    tls_cert: str = field(
+        default="",
+        metadata=_doc(
+            "PEM certificate chain; with tls_key the port speaks TLS (wss://, https://); read "
+            "by every new worker, so a renewed certificate takes effect at chatctl reload"
+        ),
+    )
+    tls_key: str = field(default="", metadata=_doc("PEM private key of tls_cert"))
 
     @property
     def host(self) -> str:
@@ -126,7 +102,8 @@ class ControlConfig:
     """``[control]``: the Unix socket of the control channel (chatctl, workers)."""
 
     socket: str = field(
-        default="/run/chatd/control.sock", metadata=_doc("path of the control socket")
+        default="/run/chatd/control.sock",
+        metadata=_doc("path of the control socket", check_socket_path),
     )
     mode: str = field(
         default="0660", metadata=_doc("permissions of the control socket", check_mode)
@@ -152,6 +129,23 @@ class BackendConfig:
     max_parallel: int = field(
         default=4,
         metadata=_doc("in-flight requests to this backend, all workers together", at_least(1)),
+    )
+    # A credential: repr=False keeps it out of every repr (a log line, a traceback, a
+    # dataclass repr of the whole Config); "secret" keeps it out of config error messages.
+    api_key: str = field(
+        default="",
+        repr=False,
+        metadata={
+            **_doc('sent as "Authorization: Bearer KEY" on every request; "" = none', check_secret),
+            "secret": True,
+        },
+    )
+    api_key_file: str = field(
+        default="",
+        metadata=_doc(
+            "file holding api_key (relative: to the config file's directory), read at start "
+            "and at every reload; exclusive with api_key"
+        ),
     )
 
     @property
@@ -236,13 +230,43 @@ class LimitsConfig:
     hello_timeout: float = field(default=10.0, metadata=_doc("seconds to send hello", positive))
     ping_interval: float = field(default=20.0, metadata=_doc("seconds between pings", positive))
     ping_timeout: float = field(default=20.0, metadata=_doc("seconds to answer a ping", positive))
+    max_outbound_bytes: int = field(
+        default=16 * 1024 * 1024,
+        metadata=_doc("per connection: unread frames; beyond: close 1008", at_least(65536)),
+    )
+    max_connections_per_ip: int = field(
+        default=0,
+        metadata=_doc(
+            "per worker and client address; beyond it: HTTP 429 + Retry-After; 0 = no limit",
+            at_least(0),
+        ),
+    )
+    max_header_count: int = field(
+        default=64, metadata=_doc("request header lines; more: HTTP 431", at_least(8))
+    )
+    max_header_bytes: int = field(
+        default=32768, metadata=_doc("request headers in all; more: HTTP 431", at_least(1024))
+    )
+    max_worker_outbound_bytes: int = field(
+        default=512 * 1024 * 1024,
+        metadata=_doc("per worker: all its slow readers' frames; beyond: close", at_least(65536)),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
     """``[auth]``: optional bearer tokens and allowed origins."""
 
-    tokens: tuple[str, ...] = field(default=(), metadata=_doc("empty = no auth"))
+    tokens: tuple[str, ...] = field(
+        default=(), repr=False, metadata={**_doc("empty = no auth"), "secret": True}
+    )
+    tokens_file: str = field(
+        default="",
+        metadata=_doc(
+            "file of tokens, one per line, # comments (relative: to the config file's "
+            "directory), read at start and at every reload; exclusive with tokens"
+        ),
+    )
     allowed_origins: tuple[str, ...] = field(default=(), metadata=_doc("empty = any"))
 
 

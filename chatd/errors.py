@@ -67,6 +67,10 @@ class StoreError(ChatdError):
     """The session store could not do what was asked."""
 
 
+class SessionGone(StoreError):
+    """The session is unknown or has expired: the store answered, it did not fail."""
+
+
 class ControlError(ChatdError):
     """The control channel broke: bad framing, an oversized frame, or the peer left."""
 

@@ -6,7 +6,14 @@ the process::
     2026-11-27T13:45:33.123Z INFO chatd.master[1234] master: worker 2 (pid 1240) started
 
 or, with ``[log] format = "json"``, one JSON object per line with the same fields
-(``ts``, ``level``, ``logger``, ``pid``, ``role``, ``msg`` and ``exc`` for a traceback).
+(``ts``, ``level``, ``logger``, ``pid``, ``role``, ``msg`` and ``exc`` for a traceback), plus
+``worker`` (``SLOT/PID``, as in the welcome frame) in a worker, and ``session`` and ``msg_id``
+(whole) on a line about a session or a message: a call site passes ``extra=about(...)``.
+
+Under systemd, lines carry a syslog priority prefix for journald only when stderr really is
+the journal: ``JOURNAL_STREAM`` names the journal stream's ``DEVICE:INODE`` and is compared
+with stderr's, as systemd.exec(5) asks (the variable is inherited by children whose stderr
+was redirected elsewhere, where a ``<3>`` prefix would be garbage).
 
 Only entry points configure logging (:func:`setup_logging`); modules just use
 ``logging.getLogger(__name__)``. After a fork the worker calls :func:`set_role`: the handler
@@ -31,6 +38,13 @@ def set_role(role: str) -> None:
     """Name this process's role in every later line (``master``, ``worker 2``, ``chatctl``)."""
     global _role
     _role = role
+
+
+def about(session: str | None, msg_id: str | None = None) -> dict[str, str]:
+    """The ``extra=`` of a log call about ``session`` (and message ``msg_id``): JSON lines
+    carry them as the fields ``session`` and ``msg_id``; text lines are unchanged."""
+    fields = {"session": session, "msg_id": msg_id}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -63,6 +77,12 @@ class JsonFormatter(logging.Formatter):
             "role": _role,
             "msg": record.getMessage(),
         }
+        if _role.startswith("worker "):  # set_role(f"worker {slot}") in a worker process
+            doc["worker"] = f"{_role[len('worker ') :]}/{record.process}"
+        for key in ("session", "msg_id"):  # from extra=about(...)
+            value = getattr(record, key, None)
+            if isinstance(value, str):
+                doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False, default=str)
@@ -86,6 +106,19 @@ class JournalPrefix(logging.Formatter):
         return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
 
 
+def writes_to_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal stream systemd connected: ``JOURNAL_STREAM`` is
+    ``DEVICE:INODE`` of that stream, compared with the stream's own (systemd.exec(5)). The
+    variable alone is not enough: a child of a service inherits it with stderr redirected."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        expected = (int(dev), int(ino))
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # unset or malformed; no fd (a StringIO)
+        return False
+    return (st.st_dev, st.st_ino) == expected
+
+
 class _ChatdHandler(logging.StreamHandler[TextIO]):
     """Marks the handler this module installed, so a second setup replaces it."""
 
@@ -102,8 +135,7 @@ def setup_logging(cfg: LogConfig, role: str, stream: TextIO | None = None) -> No
         root.removeHandler(old)
     handler = _ChatdHandler(stream if stream is not None else sys.stderr)
     formatter: logging.Formatter = JsonFormatter() if cfg.format == "json" else TextFormatter()
-    # JOURNAL_STREAM is set by systemd when stderr goes to the journal (and only then).
-    if stream is None and os.environ.get("JOURNAL_STREAM"):
+    if stream is None and writes_to_journal(sys.stderr):
         formatter = JournalPrefix(formatter)
     handler.setFormatter(formatter)
     root.addHandler(handler)

@@ -24,18 +24,26 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatd.stats import GranterStats, Histogram, backend_keys
+from chatd.stats import EXACT_EDGES_MS, GranterStats, Histogram, backend_keys
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-LATENCY_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-"""``le`` bounds of the latency histograms, in seconds (Prometheus' defaults, extended to the
-minutes a model load or a long reply can take)."""
+LATENCY_BOUNDS_MS = EXACT_EDGES_MS
+"""``le`` bounds of the latency histograms, in ms (exported in seconds): Prometheus' defaults,
+extended to the minutes a model load or a long reply can take. They are bucket edges of
+:class:`chatd.stats.Histogram`, so each ``le`` bucket counts exactly the observations <= it."""
 
-FINAL_ERROR_CODES = ("busy", "llm_timeout", "llm_unavailable", "llm_error", "internal")
-"""Codes of the errors that end a message: always exported, 0 until they happen."""
+FINAL_ERROR_CODES = (
+    *("busy", "llm_timeout", "llm_unavailable", "llm_error", "internal"),
+    "store_unavailable",
+)
+"""Codes of the errors answering a message: always exported, 0 until they happen. All but
+``store_unavailable`` end the message; that one says it was not stored (the client resends)."""
 
-_COUNTERS = ("messages_total", "replies_total", "connections_total", "bad_frames_total")
+_COUNTERS = (
+    *("messages_total", "replies_total", "connections_total", "bad_frames_total"),
+    *("slow_closes_total", "store_failures_total"),
+)
 _HISTOGRAMS = ("latency", "ttft")
 
 
@@ -113,10 +121,13 @@ def aggregate(
         histograms[name].merge(h.counts, h.total_ms)
     states: dict[str, int] = {}
     connections = 0.0
+    store_up = 1
     in_use: dict[str, float] = {}
     for state, stats in workers:
         states[state] = states.get(state, 0) + 1
         connections += _number(stats.get("connections", 0))
+        if stats.get("store_healthy") is False:
+            store_up = 0
         _add(counters, errors, histograms, stats)
         reported = [
             b
@@ -152,6 +163,7 @@ def aggregate(
             "refused_unavailable_total": slots.refused_unavailable_total,
         },
         "worker_restarts_total": restarts_total,
+        "store_up": store_up,
     }
 
 
@@ -198,7 +210,7 @@ class _Text:
         wire = wire if isinstance(wire, Mapping) else {}
         h = _histogram(wire.get("counts"), wire.get("sum_ms"))
         self.family(name, "histogram", help_text)
-        for bound_ms, n in h.cumulative(b * 1000.0 for b in LATENCY_BOUNDS_S):
+        for bound_ms, n in h.cumulative(LATENCY_BOUNDS_MS):
             self.sample(f"{name}_bucket", n, {"le": format_value(bound_ms / 1000.0)})
         self.sample(f"{name}_bucket", h.count, {"le": "+Inf"})
         self.sample(f"{name}_sum", h.total_ms / 1000.0)
@@ -215,14 +227,29 @@ def render(data: Mapping[str, Any]) -> str:
     out.single(
         "chatd_connections", "gauge", "Open WebSocket connections.", n(data.get("connections"))
     )
+    out.single(
+        "chatd_store_up",
+        "gauge",
+        "1 when every worker's session store works, 0 while one fails (its last operation).",
+        n(data.get("store_up", 1)),
+    )
     for key, help_text in (
         ("connections_total", "WebSocket connections accepted."),
         ("messages_total", "User messages accepted (stored and acknowledged; not duplicates)."),
         ("replies_total", "Replies stored (complete or cancelled)."),
         ("bad_frames_total", "Client frames refused as malformed."),
+        (
+            "slow_closes_total",
+            "Connections closed (1008) for leaving more than max_outbound_bytes unread.",
+        ),
+        ("store_failures_total", "Session store operations that failed (reads and writes)."),
     ):
         out.single(f"chatd_{key}", "counter", help_text, n(data.get(key)))
-    out.family("chatd_errors_total", "counter", "Messages answered with a final error, by code.")
+    out.family(
+        "chatd_errors_total",
+        "counter",
+        "Messages answered with an error, by code (store_unavailable: not stored, resent).",
+    )
     errors = {code: 0.0 for code in FINAL_ERROR_CODES}
     errors.update({str(k): n(v) for k, v in (data.get("errors_by_code") or {}).items()})
     for code, count in sorted(errors.items()):

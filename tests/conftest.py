@@ -8,11 +8,13 @@ Both skip, loudly, when ``redis-server`` is not installed; ``make test`` install
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,3 +125,62 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert r.returncode == 0, f"scripts/wheelhouse.sh failed:\n{r.stdout}{r.stderr}"
     return path
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a tmpfs of 4 MiB of its own, to fill up (a full disk under SQLite);
+    unmounted afterwards. Skips, saying why, where mounting is not allowed (not root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"NOT TESTED: cannot mount a small tmpfs here ({r.stderr.strip()})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(directory: Path, name: str = "filler") -> Path:
+    """Fill the file system of ``directory`` to the last byte; returns the filler file."""
+    filler = directory / name
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for size in (65536, 4096, 512, 1):  # big blocks, then the last partial ones
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+    return filler
+
+
+class DiskFiller:
+    """Another process filling a disk, as it happens: whatever space is freed (SQLite
+    truncating its WAL after a checkpoint) is taken again within a moment, until
+    :meth:`stop`, which frees it all."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        fill(self.directory)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            fill(self.directory)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        (self.directory / "filler").unlink()

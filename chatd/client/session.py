@@ -40,7 +40,7 @@ log = logging.getLogger("chatd.client")
 Frame = dict[str, Any]
 # The answers to a message frame other than its ack: the message was not stored. The server
 # answers message frames in order, so one without an id is the oldest written and unanswered.
-_REFUSALS = frozenset({"bad_request", "too_large", "internal", "rate_limited"})
+_REFUSALS = frozenset({"bad_request", "too_large", "internal", "rate_limited", "store_unavailable"})
 
 
 class Stop(Exception):

@@ -44,6 +44,9 @@ def problems(data: Mapping[str, Any]) -> list[str]:
     for b in data.get("backends") or []:
         if b.get("healthy") is False:
             out.append(f"backend {b.get('url')} unhealthy")
+    store = data.get("store") or {}
+    if store.get("healthy") is False:
+        out.append(f"session store unavailable ({store.get('error') or 'no detail'})")
     return out
 
 
@@ -93,6 +96,17 @@ def _cells(w: Mapping[str, Any], other: bool) -> list[str]:
     ]
 
 
+def _slots(b: Mapping[str, Any]) -> str:
+    """``1/4 in use, 1 leased (idle)``: a slot a worker keeps leased while nothing runs on it
+    is not load, so it is shown apart. ``2/4 in flight`` (slots granted) for a document
+    without the split (a master older than it)."""
+    limit = b.get("max_parallel", "?")
+    in_use, idle = b.get("in_use"), b.get("leased_idle")
+    if isinstance(in_use, int) and isinstance(idle, int):
+        return f"{in_use}/{limit} in use, {idle} leased (idle)"
+    return f"{b.get('in_flight', 0)}/{limit} in flight"
+
+
 def _table(rows: Sequence[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
@@ -140,10 +154,11 @@ def format_status(data: Mapping[str, Any]) -> str:
         health = {True: "healthy", False: "UNHEALTHY", None: "health unknown"}.get(
             b.get("healthy"), "?"
         )
-        lines.append(
-            f"backend {b.get('url')} ({b.get('api')}): {health}, "
-            f"{b.get('in_flight', 0)}/{b.get('max_parallel', '?')} in flight"
-        )
+        lines.append(f"backend {b.get('url')} ({b.get('api')}): {health}, {_slots(b)}")
+    store = data.get("store") or {}
+    if store.get("healthy") is False:
+        slots = ", ".join(str(s) for s in store.get("failing_workers") or [])
+        lines.append(f"session store: UNAVAILABLE (workers {slots}): {store.get('error')}")
     q, t = data.get("queue") or {}, data.get("totals") or {}
     lat = t.get("latency_ms") or {}
     lines.append(f"queue {q.get('depth', 0)}/{q.get('max', '?')} waiting for an LLM slot")

@@ -8,7 +8,8 @@ chatctl's commands (``{"t": ...}`` requests, see :mod:`chatd.proto.control`):
 * ``scale {workers: N}``: answered at once (the new workers start in the background);
   refused while a reload or a recycle runs;
 * ``stop``: answered at once with ``{"pid", "graceful_timeout"}``, then the graceful stop
-  starts; the connection stays open until the master exits, so the caller can wait for EOF.
+  starts; the connection stays open until the master exits (it is exempt from the control
+  server's idle timeout), so the caller can wait for EOF.
 
 :func:`status_line` is the one-liner for systemd's ``STATUS=``.
 """
@@ -21,8 +22,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from chatd import __version__
-from chatd.master.control import Handler, Request
 from chatd.master.listeners import BindError
+from chatd.master.requests import Commands, Request
 from chatd.master.scale import scale_to
 from chatd.master.status import aggregate_status
 from chatd.master.supervision import looping
@@ -32,8 +33,9 @@ if TYPE_CHECKING:
     from chatd.master.arbiter import Master
 
 
-def handlers(master: Master) -> dict[str, Handler]:
-    """The control socket's handlers, bound to ``master``."""
+def handlers(master: Master) -> Commands:
+    """The control socket's handlers, bound to ``master``; the control server built with
+    them runs its timers from the master's loop through ``master.services``."""
 
     def status(request: Request) -> None:
         request.ok(status_document(master))
@@ -64,10 +66,12 @@ def handlers(master: Master) -> dict[str, Handler]:
 
     def stop(request: Request) -> None:
         graceful = master.cfg.server.graceful_timeout
+        request.hold()  # the caller waits for EOF: the master has exited
         request.ok({"pid": os.getpid(), "graceful_timeout": graceful})
         master.handle_term()
 
-    return {proto.STATUS: status, proto.RELOAD: reload, proto.SCALE: scale, proto.STOP: stop}
+    table = {proto.STATUS: status, proto.RELOAD: reload, proto.SCALE: scale, proto.STOP: stop}
+    return Commands(table, [] if master.services is None else master.services.clocks)
 
 
 def status_document(master: Master) -> dict[str, Any]:

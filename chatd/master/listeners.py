@@ -32,7 +32,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from chatd.config_schema import parse_bind
+from chatd.config_checks import parse_bind
 from chatd.errors import ChatdError
 
 BACKLOG = 1024

@@ -21,8 +21,8 @@ from typing import Any
 
 from chatd.config import Config
 from chatd.errors import ConfigError
-from chatd.master.control import Request
 from chatd.master.reload import Reload, refusals
+from chatd.master.requests import Request
 from chatd.master.roll import Roll, Target
 from chatd.master.supervision import rss_recycle_candidate
 from chatd.master.systemd import Notifier

@@ -25,6 +25,10 @@ reload. The slot limits (``max_parallel``, ``max_queue``) are those last given t
 :meth:`Services.configure`: the master calls it when a new configuration takes effect.
 
 Runs in the master's single-threaded selector loop; every handler returns at once.
+
+**Other timers.** The master's loop calls :meth:`Services.timeout` and :meth:`Services.tick` on
+every turn; the :class:`chatd.master.requests.Clock` objects in ``clocks`` ride on them (the
+control server's idle connections and accept back-off: it adds itself when it is built).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from chatd.config import Config
+from chatd.master.requests import Clock
 from chatd.master.slotgrant import Grant, Granter, Output, Queued, Recall, Refused
 from chatd.master.workers import Worker, Workers
 from chatd.metrics import Retired, aggregate
@@ -61,6 +66,7 @@ class Services:
         # session -> the pids watching it, and pid -> the sessions it watches.
         self.watchers: dict[str, set[int]] = {}
         self._watched: dict[int, set[str]] = {}
+        self.clocks: list[Clock] = []  # other timers of the master's loop (module docstring)
         self.configure(cfg)
         workers.handlers.update(
             {
@@ -87,13 +93,19 @@ class Services:
     # -- the master loop's hooks ---------------------------------------------------------------
 
     def timeout(self, now: float, longest: float) -> float:
-        """How long the loop may sleep before :meth:`tick` has position updates to send."""
+        """How long the loop may sleep before :meth:`tick` has position updates to send (or
+        one of ``clocks`` has something to do)."""
         due = self.granter.next_due()
-        return longest if due is None else max(0.0, min(longest, due - now))
+        longest = longest if due is None else max(0.0, min(longest, due - now))
+        for clock in self.clocks:
+            longest = clock.timeout(now, longest)
+        return longest
 
     def tick(self, now: float) -> None:
-        """Send the queue position updates that are due."""
+        """Send the queue position updates that are due; tick ``clocks``."""
         self._send(self.granter.tick(now))
+        for clock in self.clocks:
+            clock.tick(now)
 
     # -- handlers (Workers._on_message) --------------------------------------------------------
 

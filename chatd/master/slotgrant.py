@@ -304,6 +304,7 @@ class Granter:
             queued_total=c["queued"],
             refused_busy_total=c["busy"],
             refused_unavailable_total=c["unavailable"],
+            held={owner: dict(held) for owner, held in self._held.items() if held},
         )
 
     # -- internals ---------------------------------------------------------------------------

@@ -92,17 +92,28 @@ def _backends(cfg: Config, workers: Sequence[WorkerSnapshot]) -> list[dict[str, 
     return out
 
 
-def _with_slots(backends: list[dict[str, Any]], cfg: Config, slots: GranterStats) -> None:
-    """Overwrite the workers' view with the master's slot granter: ``in_flight`` is the slots
-    granted (exact, daemon-wide; a slot a worker keeps leased for its next request counts
-    for up to two seconds after its last use), ``in_use`` the requests the workers last
-    reported running, ``healthy`` the granter's verdict once reported."""
+def _with_slots(
+    backends: list[dict[str, Any]],
+    cfg: Config,
+    slots: GranterStats,
+    workers: Sequence[WorkerSnapshot],
+) -> None:
+    """Overwrite the workers' view with the master's slot granter.
+
+    ``in_flight`` is the slots granted (exact, daemon-wide), as before: it includes a slot a
+    worker keeps leased for its next request, for up to two seconds after its last use. It is
+    split into ``in_use`` (requests running) and ``leased_idle`` (kept unused), which add up
+    to it (:meth:`chatd.stats.GranterStats.usage` says how, from the workers' reports).
+    ``healthy`` is the granter's verdict once reported.
+    """
     granted = {b.key: b for b in slots.backends}
+    reports = {w.pid: w.stats.get("backends") for w in workers if w.pid is not None}
+    usage = slots.usage(reports)
     for row, key in zip(backends, backend_keys(b.url for b in cfg.llm.backends), strict=True):
         b = granted.get(key)
         if b is not None:
-            row["in_use"] = row["in_flight"]
             row["in_flight"] = b.in_flight
+            row["in_use"], row["leased_idle"] = usage[key]
             row["max_parallel"] = b.max_parallel
             if b.healthy is not None:
                 row["healthy"] = b.healthy
@@ -159,8 +170,9 @@ def aggregate_status(
         restarts_total: workers replaced since the master started.
         retired: counters (``messages_total``, ``errors_total``) of the workers that have
             exited, from their last report, so that the totals never go down.
-        slots: the master's LLM slot granter: backends' ``in_flight`` and ``healthy``, and
-            the queue, come from it (without it, from the workers' reports).
+        slots: the master's LLM slot granter: backends' ``in_flight`` (split into ``in_use``
+            and ``leased_idle``) and ``healthy``, and the queue, come from it (without it,
+            ``in_flight`` is the sum of the workers' reports, and there is no split).
         others: the workers that serve no slot (a reload's new worker not ready yet, old
             ones draining): listed as ``other_workers``, and counted in the totals.
     """
@@ -186,7 +198,7 @@ def aggregate_status(
     backends = _backends(cfg, everyone)
     queue = {"depth": 0, "max": cfg.llm.max_queue}
     if slots is not None:
-        _with_slots(backends, cfg, slots)
+        _with_slots(backends, cfg, slots, everyone)
         queue = {"depth": slots.queue_depth, "max": slots.max_queue}
     return {
         "master": dict(master),
@@ -195,4 +207,17 @@ def aggregate_status(
         "backends": backends,
         "queue": queue,
         "totals": totals,
+        "store": _store(everyone),
+    }
+
+
+def _store(workers: Sequence[WorkerSnapshot]) -> dict[str, Any]:
+    """The session store's health as the workers see it: ``healthy`` False while one of them
+    failed its last operation, with the workers (slots) that did and the latest error."""
+    failing = [w for w in workers if w.stats.get("store_healthy") is False]
+    return {
+        "healthy": not failing,
+        "failing_workers": sorted(w.id for w in failing),
+        "error": str(failing[0].stats.get("store_error") or "") if failing else "",
+        "failures_total": sum(_number(w.stats.get("store_failures_total", 0)) for w in workers),
     }

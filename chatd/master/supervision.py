@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 
 from chatd.config import Config
-from chatd.master.control import Channel
+from chatd.master.channel import Channel
 from chatd.master.status import WorkerSnapshot
 
 log = logging.getLogger("chatd.master")
@@ -108,7 +108,7 @@ def sample(worker: Worker, now: float) -> None:
             with worker.proc.oneshot():
                 worker.cpu = worker.proc.cpu_percent(None)
                 worker.rss = worker.proc.memory_info().rss
-        except psutil.Error:
+        except (psutil.Error, OSError):  # gone (the reaper sees it), or out of descriptors
             pass
     total = worker.stats.get("messages_total", 0)
     if isinstance(total, int | float) and not isinstance(total, bool):

@@ -33,7 +33,7 @@ import psutil
 
 from chatd.config import Config
 from chatd.master import stopping
-from chatd.master.control import Channel
+from chatd.master.channel import Channel
 from chatd.master.fork import MASTER_SIGNALS, fork_worker
 from chatd.master.status import WorkerSnapshot
 from chatd.master.supervision import (

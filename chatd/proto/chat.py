@@ -55,6 +55,7 @@ RETRYABLE = {
     "llm_error": False,
     "unknown_session": False,
     "shutting_down": True,
+    "store_unavailable": True,
     "internal": True,
 }
 """Every error code of the protocol, with whether the client may retry."""

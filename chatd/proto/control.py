@@ -33,7 +33,12 @@ chatctl -> master
     reply echoes. ``reload`` (answered when the reload has finished: ``{generation, message}``),
     ``scale {workers}``, ``stop`` (answered at once; the connection then stays open until the
     master exits). A peer that may not use the socket gets ``{"ok": false, "error":
-    "permission denied: ..."}`` as soon as it connects. See :mod:`chatd.master.commands`.
+    "permission denied: ..."}`` as soon as it connects, and a connection beyond what the master
+    serves at once ``{"ok": false, "error": "too many control connections ..."}``; either is
+    then closed at once, maybe before the peer's request was read (so a client must read
+    that answer even when sending its request failed). A connection without a complete
+    request for a few seconds is closed (:mod:`chatd.master.control`). See
+    :mod:`chatd.master.commands`.
 
 This module is pure (no asyncio, sockets or os): the master's selector loop, the worker's
 asyncio protocol and chatctl's blocking client all feed bytes into a :class:`Decoder` and write

@@ -65,9 +65,12 @@ class Backend:
     url: str
     api: str
     chat_url: str
+    # The backend's credential; repr=False: never in a repr, so never in a log line.
+    api_key: str = field(default="", repr=False)
     session: aiohttp.ClientSession | None = None
     pool: Pool | None = None  # the generations' connections (relay_http)
-    chat_head: bytes = b""  # the generation's request head, built once for the pool
+    # The generation's request head, built once for the pool; it holds the Authorization.
+    chat_head: bytes = field(default=b"", repr=False)
     requests: int = 0
     tokens: int = 0
     cancelled: int = 0
@@ -75,7 +78,18 @@ class Backend:
     errors: dict[str, int] = field(default_factory=dict)
     loaded: dict[str, float] = field(default_factory=dict)  # model -> monotonic() it stays till
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers every request to this backend carries: its ``Authorization``."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     @classmethod
     def of(cls, cfg: BackendConfig) -> Backend:
         path = "/api/chat" if cfg.api == "ollama" else "/v1/chat/completions"
-        return cls(cfg.base_url, cfg.api, cfg.base_url + path)
+        return cls(cfg.base_url, cfg.api, cfg.base_url + path, api_key=cfg.api_key)
+
+    def redact(self, body: bytes) -> bytes:
+        """``body`` without this backend's api_key: an error text that echoes the key it was
+        sent (some servers do, to say which key they refused) must not carry it into a log
+        line or to a client."""
+        return body.replace(self.api_key.encode(), b"[api_key]") if self.api_key else body

@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Protocol
 
 from chatd.errors import UpstreamError
-from chatd.relay.wire import connection_error, timeout_error
+from chatd.relay.failures import connection_error, timeout_error
 
 
 class Backend(Protocol):

@@ -20,6 +20,10 @@ connection) goes through :mod:`chatd.relay.pool`, a lean keep-alive client: aioh
 machinery was the largest CPU cost per relayed message. The rare requests (health checks,
 prewarm) keep using aiohttp.
 
+A backend's ``api_key`` goes as ``Authorization: Bearer`` on every request to it (the pool's
+and aiohttp's); it is never logged, and is cut out of the backend's error texts quoted in
+errors, in case the backend echoes it.
+
 "Known loaded" means that a prewarm, an ``/api/ps`` answer or a finished reply showed the
 model loaded less than ``keep_alive`` (minus a margin) ago; a first-token timeout forgets it.
 
@@ -44,15 +48,15 @@ import orjson
 from chatd.config import LLMConfig
 from chatd.errors import UpstreamError
 from chatd.relay.backend import Backend, BackendStats, RelayStats, Reply
+from chatd.relay.conn import drain, read_capped
 from chatd.relay.deadlines import Guard
-from chatd.relay.pool import Pool, Response
+from chatd.relay.failures import broken, http_error
+from chatd.relay.pool import Pool
 from chatd.relay.wire import (
     LineSplitter,
     OllamaDecoder,
     OpenAIDecoder,
-    broken,
     error_detail,
-    http_error,
     keep_alive_value,
     parse_keep_alive,
 )
@@ -90,7 +94,8 @@ class Relay:
         inside the running loop.
 
         No connection limit: the master's LLM slots already bound the in-flight requests,
-        and a limit would add a second, hidden queue without a deadline.
+        and a limit would add a second, hidden queue without a deadline. aiohttp connects
+        with Happy Eyeballs (its default 250 ms delay), like the pool.
         """
         timeout = aiohttp.ClientTimeout(
             total=None,
@@ -104,9 +109,10 @@ class Relay:
                     connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=_CLEANUP_CLOSED),
                     timeout=timeout,
                     cookie_jar=aiohttp.DummyCookieJar(),
+                    headers=b.headers,
                 )
             if b.pool is None:
-                b.pool = Pool(b.url, connect_timeout=self._llm.connect_timeout)
+                b.pool = Pool(b.url, connect_timeout=self._llm.connect_timeout, headers=b.headers)
                 path = b.chat_url[len(b.url) :]
                 b.chat_head = b.pool.head("POST", path, _ACCEPT.get(b.api, "*/*"))
 
@@ -165,7 +171,8 @@ class Relay:
                     async with session.post(b.chat_url, data=body, headers=_JSON) as resp:
                         data = await resp.read()
                     if resp.status != 200:
-                        raise ValueError(f"HTTP {resp.status}: {error_detail(data)}")
+                        detail = error_detail(b.redact(data))
+                        raise ValueError(f"HTTP {resp.status}: {detail}")
                 elif await self._get(b, "/v1/models", self._llm.load_timeout) is None:
                     raise ValueError("GET /v1/models failed")
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
@@ -224,17 +231,22 @@ class Relay:
             with guard:
                 async with await pool.request(b.chat_head, body) as resp:
                     if resp.status >= 300:
-                        raise http_error(b.url, model, resp.status, await _read_capped(resp))
-                    read, feed, decode = resp.readany, LineSplitter().feed, decoder.feed
+                        body = b.redact(await read_capped(resp, _ERROR_BODY_MAX))
+                        raise http_error(b.url, model, resp.status, body)
+                    split = LineSplitter()
+                    read, feed, decode = resp.readany, split.feed, decoder.feed
                     # The hot loop: per read one split() and one clock call, per line one
-                    # orjson.loads(); nothing else is allocated per token.
+                    # orjson.loads(); nothing else is allocated per token. As wire's
+                    # decode_body: the line left at EOF goes through feed_last.
                     eof = False
                     while not (eof or decoder.done):
                         data = await read()
-                        if not data:  # EOF: a "\n" flushes a last line that had none
-                            eof, data = True, b"\n"
+                        if data:
+                            lines = feed(data)
+                        else:
+                            eof, lines, decode = True, split.end(), decoder.feed_last
                         chunk = False
-                        for line in feed(data):
+                        for line in lines:
                             piece = decode(line)
                             if piece is None:
                                 continue
@@ -253,7 +265,7 @@ class Relay:
                     if not decoder.complete:
                         raise broken(b.url, "ended the stream")
                     guard.disarm()
-                    await _drain(resp)
+                    await drain(resp, _DRAIN_AFTER_DONE)
             tokens = pieces if decoder.eval_count is None else decoder.eval_count
             b.tokens += tokens
             self._mark_loaded(b, model)
@@ -350,7 +362,7 @@ class Relay:
             async with asyncio.timeout(self._llm.connect_timeout):
                 head = pool.head("GET", "/api/ps", "application/json")
                 async with await pool.request(head) as resp:
-                    data = await _read_capped(resp, _PS_MAX)
+                    data = await read_capped(resp, _PS_MAX)
                     return data if resp.status == 200 and resp.at_eof() else None
         except (OSError, TimeoutError):
             return None
@@ -366,27 +378,3 @@ class Relay:
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
         return model in names or f"{model}:latest" in names  # "llama3" is listed as ":latest"
-
-
-async def _read_capped(resp: Response, limit: int = _ERROR_BODY_MAX) -> bytes:
-    """Up to ``limit`` bytes of a body (a huge error body is not worth more)."""
-    buf = bytearray()
-    while len(buf) < limit:
-        data = await resp.readany()
-        if not data:
-            break
-        buf += data
-    return bytes(buf[:limit])
-
-
-async def _drain(resp: Response) -> None:
-    """Wait briefly for the end of the body after the done chunk, so that the connection
-    goes back to the pool; a backend that keeps the body open is cut (the reply is whole)."""
-    if resp.at_eof():
-        return
-    try:
-        async with asyncio.timeout(_DRAIN_AFTER_DONE):
-            while await resp.readany():
-                pass
-    except (TimeoutError, OSError):
-        resp.close()

@@ -16,22 +16,26 @@ field other than ``data``), ``""`` for a chunk without reply text (a thinking pi
 role-only first SSE delta, a finish or usage chunk), or the text piece. They raise
 :class:`WireError` for an ``error`` object inside the stream or a line that is not valid JSON.
 
+A body is read thus (:func:`decode_body` does it whole; ``generate`` does it as the bytes
+arrive): every read through :meth:`LineSplitter.feed`, each line through the decoder's
+``feed``, until the decoder is ``done`` or the body ends; at the end, the line left without
+its ``\\n`` (:meth:`LineSplitter.end`) through ``feed_last``, which takes a cut JSON line for
+what it is, the stream cut short (``WireError("truncated")``), not a protocol violation.
+Then a decoder that is not ``complete`` means the stream was cut short too. For any bytes,
+that yields pieces or a WireError, never another exception (tests/unit/relay, fuzz/).
+
 This is the per-token hot path: a line costs one ``orjson.loads`` and a few dict lookups.
 
-The end of the module turns each kind of backend failure into the UpstreamError the client
-will see: one sentence naming the backend, what happened and what to do.
+:mod:`chatd.relay.failures` turns each kind of backend failure into the UpstreamError the
+client will see.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from collections.abc import Iterable
 
-import aiohttp
 import orjson
-
-from chatd.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from chatd.relay.pool import ConnectError
 
 MAX_LINE = 32 * 1024 * 1024
 """Longest line accepted (bytes). Far above any real chunk (a 1 MB token is fine), but it
@@ -43,7 +47,9 @@ class WireError(Exception):
 
     Attributes:
         kind: ``"error"`` (an ``{"error": ...}`` object in the stream), ``"malformed"`` (not
-            JSON, or not an object) or ``"too_long"`` (a line over :data:`MAX_LINE`).
+            JSON, or not an object), ``"too_long"`` (a line over :data:`MAX_LINE`) or
+            ``"truncated"`` (the stream ended in the middle of a line, or before the reply
+            was complete: a broken connection rather than a broken protocol).
         detail: the backend's error text, or a short excerpt of the bad line.
     """
 
@@ -94,6 +100,13 @@ class LineSplitter:
         """The bytes after the last ``\\n`` (a line that never ended)."""
         return bytes(self._tail)
 
+    def end(self) -> list[bytes]:
+        """At the end of the stream: the line left without its ``\\n``, if any (servers may
+        omit the last newline); for the decoder's ``feed_last``."""
+        tail = bytes(self._tail)
+        self._tail.clear()
+        return [tail] if tail else []
+
     def _check(self, size: int) -> None:
         if size > self._max:
             raise WireError("too_long", f"a line longer than {self._max} bytes")
@@ -110,6 +123,15 @@ def _loads(line: bytes) -> dict[str, object] | None:
     if type(obj) is not dict:
         raise WireError("malformed", _excerpt(line))
     return obj
+
+
+def _cut_short(line: bytes, exc: WireError) -> WireError:
+    """For the last line of a stream: a malformed line that starts like JSON (``{``, or
+    ``[`` of ``[DONE]``) was cut by the end of the stream; anything else stays malformed
+    (an HTML error page is a protocol violation, not a truncation)."""
+    if exc.kind == "malformed" and line.lstrip()[:1] in (b"{", b"["):
+        return WireError("truncated", f"the stream ended in the middle of a line {exc.detail}")
+    return exc
 
 
 def _excerpt(line: bytes, limit: int = 80) -> str:
@@ -158,6 +180,11 @@ class OllamaDecoder:
             raise WireError("error", _error_text(obj["error"]))
         msg = obj.get("message")
         text = msg.get("content") if type(msg) is dict else None
+        if type(text) is not str and obj.get("done") is not True:
+            # Every chunk of Ollama's /api/chat carries message.content ("" for a thinking
+            # or tool-call piece): one without is not Ollama's protocol. Taken as "", the
+            # token it stood for would vanish from a reply stored as whole.
+            raise WireError("malformed", _excerpt(line))
         if obj.get("done") is True:
             self.done = True
             if obj.get("done_reason") == "length":
@@ -166,6 +193,14 @@ class OllamaDecoder:
             if type(count) is int:
                 self.eval_count = count
         return text if type(text) is str else ""
+
+    def feed_last(self, line: bytes) -> str | None:
+        """:meth:`feed` for the line the stream ended in (without ``\\n``): a cut JSON line
+        raises WireError("truncated")."""
+        try:
+            return self.feed(line)
+        except WireError as exc:
+            raise _cut_short(line, exc) from None
 
 
 class OpenAIDecoder:
@@ -222,6 +257,44 @@ class OpenAIDecoder:
             if type(count) is int:
                 self.eval_count = count
         return text if type(text) is str else ""
+
+    def feed_last(self, line: bytes) -> str | None:
+        """:meth:`feed` for the line the stream ended in (without ``\\n``): a cut
+        ``data:`` line raises WireError("truncated"), unless the reply had finished (a
+        usage chunk cut after the finish chunk: the reply is whole, like without [DONE])."""
+        try:
+            return self.feed(line)
+        except WireError as exc:
+            cut = _cut_short(line[5:], exc)
+            if cut.kind == "truncated" and self.finished:
+                return None
+            raise cut from None
+
+
+def decode_body(chunks: Iterable[bytes], decoder: OllamaDecoder | OpenAIDecoder) -> list[str]:
+    """The reply pieces of a whole body received as ``chunks``, as ``generate`` reads them
+    (see the module): the non-empty pieces up to the decoder's ``done``.
+
+    Raises:
+        WireError: an error object in the stream, a protocol violation, a line too long, or
+            ``"truncated"``: the body ended in the middle of a line or before the decoder
+            was ``complete``.
+    """
+    split = LineSplitter()
+    pieces: list[str] = []
+    lines: Iterable[bytes]
+    for data in (*chunks, None):
+        last = data is None
+        lines = split.end() if data is None else split.feed(data)
+        for line in lines:
+            piece = decoder.feed_last(line) if last else decoder.feed(line)
+            if piece:
+                pieces.append(piece)
+            if decoder.done:
+                return pieces
+    if not decoder.complete:
+        raise WireError("truncated", "the stream ended before the reply was complete")
+    return pieces
 
 
 def error_detail(body: bytes) -> str:
@@ -283,106 +356,3 @@ def keep_alive_value(value: str) -> str | int | float:
 
 
 # -- what failures mean, in one sentence each ---------------------------------------------
-
-
-def http_error(url: str, model: str, status: int, body: bytes) -> UpstreamError:
-    """The error for a non-2xx answer, quoting the backend's own error text.
-
-    5xx (Ollama's 503 "server busy" included) and 429 are worth a retry: UpstreamUnavailable.
-    Any other status is a refusal of this request (404 unknown model, 400): UpstreamRejected.
-    """
-    detail = error_detail(body)
-    if status >= 500 or status == 429:
-        return UpstreamUnavailable(
-            f"The model backend {url} answered HTTP {status} ({detail}); it is overloaded "
-            "or failing, so try again in a moment.",
-            backend=url,
-        )
-    if status == 404:
-        return UpstreamRejected(
-            f"The model backend {url} does not have the model {model} (HTTP 404: {detail}); "
-            "pick another model or install it on that backend.",
-            backend=url,
-        )
-    return UpstreamRejected(
-        f"The model backend {url} rejected the request with HTTP {status} ({detail}); "
-        "check the model name and the [llm] settings.",
-        backend=url,
-    )
-
-
-def stream_error(url: str, api: str, exc: WireError) -> UpstreamRejected:
-    """The error for an error object inside the stream, or a protocol violation."""
-    if exc.kind == "error":
-        msg = (
-            f"The model backend {url} reported an error during the reply ({exc.detail}); "
-            "try again, or pick another model."
-        )
-    else:
-        msg = (
-            f"The model backend {url} broke the {api} streaming protocol ({exc.kind}: "
-            f"{exc.detail}); check that the backend's api setting matches the server."
-        )
-    return UpstreamRejected(msg, backend=url)
-
-
-def timeout_error(url: str, model: str, kind: str, seconds: float) -> UpstreamTimeout:
-    """The error for an expired deadline; ``kind`` is "first", "idle" or "total"."""
-    if kind == "first":
-        msg = (
-            f"The model backend {url} sent no first token for {model} within {seconds:g} s; "
-            "it may be overloaded, so try again in a moment."
-        )
-    elif kind == "idle":
-        msg = (
-            f"The model backend {url} stopped sending tokens for {seconds:g} s in the "
-            "middle of the reply; try again."
-        )
-    else:
-        msg = (
-            f"The model backend {url} did not finish the reply within {seconds:g} s; "
-            "try again, or ask for a shorter answer."
-        )
-    return UpstreamTimeout(msg, backend=url)
-
-
-def unreachable(url: str, what: str) -> UpstreamUnavailable:
-    """The error for a connection that could not be made (``what`` says why)."""
-    return UpstreamUnavailable(
-        f"The model backend {url} is unreachable ({what}); check that it is running.",
-        backend=url,
-    )
-
-
-def broken(url: str, what: str) -> UpstreamUnavailable:
-    """The error for a connection lost, or a stream ended, before the reply was whole."""
-    return UpstreamUnavailable(
-        f"The model backend {url} {what} before the reply was complete; try again.",
-        backend=url,
-    )
-
-
-class _Where(Protocol):
-    url: str
-    api: str
-
-
-def connection_error(b: _Where, exc: BaseException) -> UpstreamError | None:
-    """The UpstreamError for a transport or stream failure; None for anything else.
-
-    Maps WireError (stream error object, protocol violation), the pool's ConnectError and
-    every aiohttp and socket error, so that none of them leaves the relay.
-    """
-    if isinstance(exc, WireError):
-        return stream_error(b.url, b.api, exc)
-    if isinstance(exc, ConnectError):  # the generation pool's (chatd.relay.pool)
-        return unreachable(b.url, exc.reason)
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return unreachable(b.url, "its host name does not resolve")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return unreachable(b.url, f"connecting failed: {exc.os_error.strerror or exc.os_error}")
-    if isinstance(exc, aiohttp.ServerTimeoutError):  # sock_connect / connect timeouts
-        return unreachable(b.url, "it did not accept the connection in time")
-    if isinstance(exc, aiohttp.ClientError | OSError):
-        return broken(b.url, f"broke the connection ({type(exc).__name__}: {exc})")
-    return None

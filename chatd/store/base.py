@@ -30,14 +30,17 @@ Contracts every implementation keeps (the store tests check them on each):
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from chatd import faults
+from chatd.errors import SessionGone
 
 LEASE_S = faults.lease_seconds(10.0)
 """Seconds a worker owns an unanswered message it acknowledged or claimed (contract 6).
@@ -106,8 +109,61 @@ class StoreStats:
     busy_retries: int
 
 
+log = logging.getLogger("chatd.store")
+
+
+class Health:
+    """Whether the store works, as its own operations show: an outage made visible.
+
+    Every read and write of a store ends in :meth:`ok` or :meth:`failed`. One failure makes
+    the store *unavailable* (``chatctl status`` degraded, ``/readyz`` 503, ``chatd_store_up``
+    0); only a successful :meth:`Store.probe` makes it available again (:meth:`recovered`),
+    which the worker tries every second meanwhile, so it recovers by itself without client
+    traffic, and a nearly full disk that lets some small writes through does not make it
+    flap. One log line when it goes down and one when it comes back, not one per failure.
+    """
+
+    __slots__ = ("down_since", "failures_total", "healthy", "last_error")
+
+    def __init__(self) -> None:
+        self.healthy = True
+        self.failures_total = 0
+        self.last_error = ""
+        self.down_since = 0.0  # monotonic(), while unhealthy
+
+    def ok(self) -> None:
+        """An operation succeeded (an unavailable store stays so until a probe passes)."""
+
+    def recovered(self) -> None:
+        """A probe passed: the store is available."""
+        if not self.healthy:
+            self.healthy = True
+            log.warning(
+                "session store available again after %.1fs",
+                time.monotonic() - self.down_since,
+            )
+
+    def failed(self, exc: BaseException) -> None:
+        """An operation failed (an unknown session is an answer, not a failure)."""
+        if isinstance(exc, SessionGone):
+            return
+        self.failures_total += 1
+        self.last_error = (str(exc) or type(exc).__name__)[:300]
+        if self.healthy:
+            self.healthy = False
+            self.down_since = time.monotonic()
+            log.error("session store unavailable: %s", self.last_error)
+
+
 class Store(Protocol):
     """What a worker needs from a session store. Every method may raise ``StoreError``."""
+
+    health: Health
+    """Updated by every read and write (see :class:`Health`)."""
+
+    async def probe(self) -> None:
+        """A write that changes no session: succeeds when the store takes writes now (a full
+        disk, a Redis that refuses writes fail it), else raises StoreError."""
 
     async def open(self) -> None:
         """Connect, create the schema if needed. Called once per worker, after the fork."""

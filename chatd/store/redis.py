@@ -46,13 +46,14 @@ import orjson
 from redis import exceptions as rx
 from redis.asyncio import Redis
 
-from chatd.errors import StoreError
+from chatd.errors import SessionGone, StoreError
 from chatd.store import redis_lua as lua
 from chatd.store.base import (
     LEASE_S,
     Appended,
     Event,
     EventKind,
+    Health,
     SessionInfo,
     StoreStats,
     new_owner_id,
@@ -112,6 +113,7 @@ class RedisStore:
         self._tokens = (f"{secrets.token_hex(8)}.{n:x}" for n in itertools.count())
         self._commits = self._rows = self._n_samples = 0
         self._samples: list[float] = []
+        self.health = Health()
 
     async def open(self) -> None:
         """Connect, load the scripts, start the writer task (in the running event loop)."""
@@ -141,7 +143,13 @@ class RedisStore:
             raise StoreError("the session store is not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((script, keys, args, fut, session))
-        return await fut
+        try:
+            result = await fut
+        except StoreError as exc:
+            self.health.failed(exc)
+            raise
+        self.health.ok()
+        return result
 
     async def create_session(self, owner: str) -> str:
         """Create an empty session with a new id of 128 random bits (22 URL-safe characters)."""
@@ -176,7 +184,7 @@ class RedisStore:
         lease_s: float,
     ) -> Appended:
         if not _SESSION.fullmatch(session):
-            raise StoreError(f"unknown or expired session {_short(session)}")
+            raise SessionGone(f"unknown or expired session {_short(session)}")
         # Serialized here, so a bad meta fails its caller at once rather than in the batch.
         blob = orjson.dumps(meta if isinstance(meta, dict) else dict(meta)).decode()
         args = [msg_id, kind, text, blob, self.ttl, next(self._tokens)]
@@ -213,6 +221,14 @@ class RedisStore:
         args = [self.owner, int(lease_s * 1000), session, *msg_ids]
         got = await self._write("renew", keys, args, session)
         return set(got)
+
+    async def probe(self) -> None:
+        """See :meth:`chatd.store.base.Store.probe`: a key of this store's own, with a TTL, so
+        a Redis that refuses writes (down, read-only replica, out of memory, a failed AOF
+        write) fails it."""
+        key = f"chatd:probe:{self.owner}"
+        await self._read(lambda r: r.set(key, str(time.time()), ex=60))
+        self.health.recovered()
 
     async def expire(self) -> int:
         """Redis deletes idle sessions itself (key TTLs): nothing is left to delete; returns 0."""
@@ -256,7 +272,7 @@ class RedisStore:
             elif script != "append":  # claim, claim_any, renew: the script's reply as it is
                 result = reply
             elif reply[0] == 0:
-                result = StoreError(f"unknown or expired session {_short(session)}")
+                result = SessionGone(f"unknown or expired session {_short(session)}")
             else:
                 result = Appended(int(reply[0]), bool(reply[1]))
                 rows += not result.duplicate
@@ -276,7 +292,13 @@ class RedisStore:
         if self._closed:
             raise StoreError("the session store is not open")
         redis = self._conn.client()
-        return await self._conn.retrying(lambda: fn(redis))
+        try:
+            result = await self._conn.retrying(lambda: fn(redis))
+        except StoreError as exc:
+            self.health.failed(exc)
+            raise
+        self.health.ok()
+        return result
 
     async def get_session(self, session: str) -> SessionInfo | None:
         """The session, or None if it never existed or its keys expired (idle > ``ttl`` s)."""

@@ -102,6 +102,8 @@ from chatd.store.sqlite_write import LoopWrites, is_busy
 
 T = TypeVar("T")
 
+PROBE_MIN_FREE = 1 << 20  # bytes: less free on the disk of the file, and the store is "full"
+
 
 def _events(blob: str) -> list[Event]:
     rows = orjson.loads(blob)
@@ -134,6 +136,7 @@ class SqliteStore(LoopWrites):
         checkpoint_interval: float = 0.25,
     ) -> None:
         self.path = path
+        self._dir = os.path.dirname(os.path.abspath(path))  # statvfs'd by probe()
         self.owner = owner or new_owner_id()
         self.ttl = ttl
         # window 0: the writes of one event-loop tick make a batch, at its end. Measured, a
@@ -295,6 +298,26 @@ class SqliteStore(LoopWrites):
             return set()
         return cast(set[str], await self._write("renew", session, tuple(msg_ids), lease_s))
 
+    async def probe(self) -> None:
+        """See :meth:`chatd.store.base.Store.probe`: page 1 written again, through the batch,
+        and at least PROBE_MIN_FREE bytes free on the file's disk: a WAL with room to reuse
+        takes a small write even on a full disk, which the next larger one would fail."""
+        await self._write("probe")
+        try:
+            st = os.statvfs(self._dir)
+        except OSError as exc:
+            error = StoreError(f"cannot check the disk of {self.path}: {exc}")
+            self.health.failed(error)
+            raise error from exc
+        free = st.f_bavail * st.f_frsize
+        if free < PROBE_MIN_FREE:
+            error = StoreError(
+                f"database or disk is full: {free} bytes free on the disk of {self.path}"
+            )
+            self.health.failed(error)
+            raise error
+        self.health.recovered()
+
     async def expire(self) -> int:
         """Delete the sessions (and their events) idle for more than ``ttl`` seconds."""
         return cast(int, await self._write("expire"))
@@ -305,9 +328,16 @@ class SqliteStore(LoopWrites):
             raise StoreError("the session store is not open")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._reader, self._retrying, self._row, sql, params)
+            row = await loop.run_in_executor(self._reader, self._retrying, self._row, sql, params)
+        except StoreError as exc:  # not open, or the lock held too long
+            self.health.failed(exc)
+            raise
         except sqlite3.Error as exc:
-            raise StoreError(f"session store read failed: {exc}") from exc
+            error = StoreError(f"session store read failed: {exc}")
+            self.health.failed(error)
+            raise error from exc
+        self.health.ok()
+        return row
 
     def _row(self, sql: str, params: tuple[Any, ...]) -> Any:
         assert self._rdb is not None

@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
-from chatd.errors import StoreError
+from chatd.errors import SessionGone, StoreError
 from chatd.store import sqlite_sql as sql
-from chatd.store.base import Appended, Event
+from chatd.store.base import Appended, Event, Health
 from chatd.store.sqlite_checkpoint import Checkpointer
 
 _RESERVOIR = 4096  # commit latency samples kept (uniform over all batches since open)
@@ -109,7 +109,9 @@ class LoopWrites:
             "expire": (self._expire, True),
             "claim": (self._claim, False),  # one UPDATE each: a claim done is never lost
             "renew": (self._renew, True),
+            "probe": (self._probe, True),
         }
+        self.health = Health()
 
     async def _write(self, op: str, *args: Any) -> Any:
         loop = self._loop
@@ -121,7 +123,13 @@ class LoopWrites:
         self._queue.append(_Request(op, args, fut))
         if self._handle is None:  # the first request of this tick: commit at its end
             self._handle = loop.call_soon(self._flush)
-        return await fut
+        try:
+            result = await fut
+        except StoreError as exc:
+            self.health.failed(exc)
+            raise
+        self.health.ok()
+        return result
 
     def _flush(self) -> None:
         """On the loop: commit the queued requests (at most ``max_batch``) and resolve them."""
@@ -267,6 +275,14 @@ class LoopWrites:
             self._know(sid, 0, now)
         return ids
 
+    def _probe(self, reqs: list[tuple[()]]) -> list[None]:
+        """Write page 1 again (``user_version`` set to itself): a WAL frame, no session
+        changed, so a full disk or a read-only file fails it like any write."""
+        assert self._wdb is not None
+        version = self._wdb.execute("PRAGMA user_version").fetchone()[0]
+        self._wdb.execute(f"PRAGMA user_version = {int(version)}")
+        return [None] * len(reqs)
+
     def _expire(self, reqs: list[tuple[()]]) -> list[int]:
         assert self._wdb is not None
         n = self._wdb.execute(sql.SQL_EXPIRE, (time.time() - self.ttl,)).rowcount
@@ -337,7 +353,7 @@ class LoopWrites:
             reqs, keys, state, strict=True
         ):
             if got is None or got[0] is None or got[1] + self.ttl < now:
-                results.append(StoreError(f"unknown or expired session {short(session)}"))
+                results.append(SessionGone(f"unknown or expired session {short(session)}"))
             elif (old := got[2] if got[2] is not None else seen.get(key)) is not None:
                 results.append(Appended(old, True))
             else:

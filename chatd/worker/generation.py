@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from chatd.config import Config
 from chatd.errors import UpstreamError
+from chatd.logs import about
 from chatd.proto import chat
 from chatd.relay.backend import Reply
 from chatd.relay.generate import Relay
@@ -169,6 +170,7 @@ class Hub(Listeners):
                 "takeover: %d unanswered messages claimed (%s)",
                 started,
                 "sweep" if session is None else f"resume of {session[:8]}",
+                extra=about(session),
             )
         return started
 
@@ -284,7 +286,9 @@ class Hub(Listeners):
             return
         except Exception:
             ref = f"{session[:8]}/{msg_id[:16]}"
-            log.exception("generation failed unexpectedly (ref %s)", ref)
+            log.exception(
+                "generation failed unexpectedly (ref %s)", ref, extra=about(session, msg_id)
+            )
             await self._store_error(
                 session, msg_id, "internal", f"An internal error occurred (log reference {ref})."
             )

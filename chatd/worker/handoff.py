@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from chatd.errors import StoreError
+from chatd.logs import about
 from chatd.proto import chat
 from chatd.proto import control as proto
 from chatd.store.base import Store
@@ -115,7 +116,12 @@ class Listeners:
                 {proto.T: proto.WATCH, "session": session}, proto.WATCHING, WATCH_WITHIN
             )
         except (TimeoutError, ConnectionError) as exc:
-            log.warning("watch of %s not registered (%s)", session[:8], exc or "timeout")
+            log.warning(
+                "watch of %s not registered (%s)",
+                session[:8],
+                exc or "timeout",
+                extra=about(session),
+            )
             self.watching.discard(session)
             self.master.send({proto.T: proto.UNWATCH, "session": session})  # if it was late
             return False
@@ -145,7 +151,12 @@ class Listeners:
             try:
                 await self._forward(session)
             except StoreError as exc:  # the client's stall fallback resumes it later
-                log.warning("forwarding the replies of %s failed: %s", session[:8], exc)
+                log.warning(
+                    "forwarding the replies of %s failed: %s",
+                    session[:8],
+                    exc,
+                    extra=about(session),
+                )
             if session not in self._forward_again:
                 return
 

@@ -5,7 +5,8 @@ the opening handshake. It answers ``/healthz``, ``/readyz``, ``/metrics`` (the w
 from the master: see :mod:`chatd.metrics`; 503 when the master does not answer in time) and
 ``/`` (the chat page) itself, and for ``/ws`` checks, in this order: the worker is not over
 ``max_connections`` (HTTP 503 with ``Retry-After``), the origin is allowed (403), the auth
-token is valid (401). Anything else is a 404.
+token is valid (401). With ``[server] metrics_token``, ``/metrics`` answers 401 (and
+``WWW-Authenticate: Bearer``) to a request without that bearer token. Anything else is a 404.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class HttpEndpoints:
     serving: Callable[[], bool]  # False while draining
     connections: Callable[[], int]
     metrics: Callable[[], Awaitable[str | None]] | None = None  # the /metrics text, or None
+    per_ip: Callable[[str], int] = lambda _ip: 0  # this worker's open connections from an IP
     worker_name: str = ""  # "slot/pid", in the X-Chatd-Worker header of /metrics
     page: bytes = b""
 
@@ -71,12 +73,23 @@ class HttpEndpoints:
 
         Only ``/metrics`` answers asynchronously (websockets awaits what it gets): it waits
         for the master, and the other paths stay free of a coroutine per request.
+
+        Every request first: headers over ``max_header_bytes`` in all get 431 (more than
+        ``max_header_count`` lines never get this far: websockets' parser answers 431 itself,
+        with the count the worker sets), so no connection keeps a large request in memory.
         """
+        size = sum(len(k) + len(v) + 4 for k, v in request.headers.raw_items())
+        if size > self.cfg.limits.max_header_bytes:
+            return _text(
+                431,
+                "Request Header Fields Too Large",
+                f"request headers of {size} bytes: at most {self.cfg.limits.max_header_bytes}\n",
+            )
         path = urlsplit(request.path).path
         if path == "/ws":
-            return self._check_handshake(request)
+            return self._check_handshake(connection, request)
         if path == "/metrics":
-            return self._metrics()
+            return self._metrics_denied(request) or self._metrics()
         if path == "/healthz":
             if self.serving():
                 return _text(200, "OK", "ok\n")
@@ -91,6 +104,26 @@ class HttpEndpoints:
             return _response(200, "OK", self.page, "text/html; charset=utf-8")
         return _text(404, "Not Found", f"no such endpoint: {path[:100]}\n")
 
+    def _metrics_denied(self, request: Request) -> Response | None:
+        """401 unless ``[server] metrics_token`` is unset or sent as ``Authorization: Bearer``.
+
+        The header only, not ``?token=``: Prometheus sends the header (``authorization:`` in a
+        scrape config), and a token in a URL ends up in proxies' access logs.
+        """
+        want = self.cfg.server.metrics_token
+        if not want:
+            return None
+        auth = request.headers.get("Authorization", "")
+        got = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if hmac.compare_digest(got.encode(), want.encode()):
+            return None
+        return _text(
+            401,
+            "Unauthorized",
+            "missing or invalid token: send Authorization: Bearer TOKEN\n",
+            WWW_Authenticate='Bearer realm="chatd metrics"',
+        )
+
     async def _metrics(self) -> Response:
         text = await self.metrics() if self.metrics is not None else None
         if text is None:
@@ -102,13 +135,23 @@ class HttpEndpoints:
             )
         return _response(200, "OK", text.encode(), CONTENT_TYPE, X_Chatd_Worker=self.worker_name)
 
-    def _check_handshake(self, request: Request) -> Response | None:
-        if self.connections() >= self.cfg.limits.max_connections:
+    def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        limits = self.cfg.limits
+        if self.connections() >= limits.max_connections:
             return _text(
                 503,
                 "Service Unavailable",
                 "this worker is at its connection limit: retry shortly\n",
                 Retry_After="5",
+            )
+        peer = connection.remote_address[0] if connection.remote_address else "?"
+        if limits.max_connections_per_ip and self.per_ip(peer) >= limits.max_connections_per_ip:
+            return _text(
+                429,
+                "Too Many Requests",
+                f"too many connections from {peer} "
+                f"(max_connections_per_ip {limits.max_connections_per_ip}): retry later\n",
+                Retry_After="10",
             )
         origins = self.cfg.auth.allowed_origins
         origin = request.headers.get("Origin")

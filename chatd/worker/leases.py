@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Container, Mapping
 
+from chatd.logs import about
 from chatd.store.base import LEASE_S, RENEW_S, Store
 
 log = logging.getLogger("chatd.generation")
@@ -51,7 +52,9 @@ async def renew_forever(
                 task = running.get(key)
                 if msg_id in held or task is None or key in finishing:
                     continue
-                log.warning("lease of %s/%s lost to another worker: stopping", *key)
+                log.warning(
+                    "lease of %s/%s lost to another worker: stopping", *key, extra=about(*key)
+                )
                 task.cancel()  # not in _cancelled: nothing is stored for it here
 
 

@@ -28,12 +28,13 @@ from typing import Any, NoReturn
 
 import psutil
 import uvloop
+import websockets.http11
 from setproctitle import setproctitle
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from chatd import faults
+from chatd import faults, tls
 from chatd.config import Config
-from chatd.errors import ExitCode
+from chatd.errors import ExitCode, StoreError
 from chatd.logs import set_role
 from chatd.metrics import render
 from chatd.proto import chat
@@ -44,13 +45,16 @@ from chatd.store import open_store
 from chatd.worker.generation import Hub
 from chatd.worker.http import HttpEndpoints
 from chatd.worker.link import MasterLink
-from chatd.worker.outbox import Outbox
+from chatd.worker.outbox import OutboundBudget, Outbox
+from chatd.worker.report import stats_message
 from chatd.worker.session import WorkerState, serve_connection
 from chatd.worker.slots import MasterSlots
 
 log = logging.getLogger("chatd.worker")
 
 HEALTH_INTERVAL = 5.0  # seconds between backend health checks (1 s while one is down)
+STORE_PROBE_S = 1.0  # seconds between two probes of an unavailable session store
+STORE_PROBE_HEALTHY_S = 5.0  # seconds between two probes of a working one
 METRICS_WAIT = 2.0  # seconds /metrics waits for the master's figures before answering 503
 
 
@@ -61,6 +65,14 @@ def frame_limit(cfg: Config) -> int:
     a text over ``max_message_bytes`` in a smaller frame gets ``too_large`` and stays open.
     """
     return 6 * cfg.limits.max_message_bytes + 4096
+
+
+def limit_headers(count: int) -> None:
+    """At most ``count`` header lines per request: more get 431 from websockets' own parser,
+    before they are held in memory. websockets reads this module constant (documented, and
+    set by its ``WEBSOCKETS_MAX_NUM_HEADERS`` environment variable at import) at each parse;
+    the worker sets it from the configuration after the fork. A test pins the name."""
+    websockets.http11.MAX_NUM_HEADERS = count
 
 
 class Worker:
@@ -87,6 +99,9 @@ class Worker:
             ),
             hello_timeout=self.cfg.limits.hello_timeout,
             worker_name=self.name,
+            budget=OutboundBudget(
+                self.cfg.limits.max_outbound_bytes, self.cfg.limits.max_worker_outbound_bytes
+            ),
             auth_on=bool(self.cfg.auth.tokens),
         )
         self.server: Server | None = None
@@ -113,6 +128,12 @@ class Worker:
             connections=lambda: len(self.state.connections),
             metrics=self._metrics,
             worker_name=self.name,
+            per_ip=lambda ip: self.state.per_ip.get(ip, 0),
+        )
+        limit_headers(self.cfg.limits.max_header_count)
+        server = self.cfg.server
+        ssl_context = (
+            tls.server_context(server.tls_cert, server.tls_key) if server.tls_cert else None
         )
         # The link before the server: a message accepted at once needs a slot from the master.
         await self.link.start(self._on_command, self._on_master_gone)
@@ -126,8 +147,10 @@ class Worker:
             compression="deflate" if self.cfg.server.compression else None,
             open_timeout=self.cfg.limits.hello_timeout,
             server_header=None,
+            ssl=ssl_context,
         )
         self._tasks.append(asyncio.create_task(self._health_loop()))
+        self._tasks.append(asyncio.create_task(self._store_probe_loop()))
         self._tasks.append(asyncio.create_task(self._prewarm()))
         self._tasks.append(asyncio.create_task(self.hub.run_leases()))
         self._tasks.append(asyncio.create_task(self.hub.run_sweeps()))
@@ -145,6 +168,9 @@ class Worker:
         await serve_connection(ws, self.state)
 
     def _ready(self) -> tuple[bool, str]:
+        health = self.store.health
+        if not health.healthy:
+            return False, f"the session store is unavailable: {health.last_error}"
         if any(self.slots.healthy):
             return True, ""
         urls = ", ".join(b.url for b in self.cfg.llm.backends)
@@ -155,6 +181,17 @@ class Worker:
         await asyncio.gather(
             *(self.relay.prewarm(i, self.cfg.llm.model) for i in range(len(self.cfg.llm.backends)))
         )
+
+    async def _store_probe_loop(self) -> None:
+        """Probe the store (a write that changes no session) every STORE_PROBE_S while it is
+        unavailable, so its recovery is seen without a client's message, and every
+        STORE_PROBE_HEALTHY_S while it works, so an outage is seen on an idle worker too (a
+        full disk fails the writes of every worker, not only of the one that wrote first)."""
+        while True:
+            healthy = self.store.health.healthy
+            await asyncio.sleep(STORE_PROBE_HEALTHY_S if healthy else STORE_PROBE_S)
+            with contextlib.suppress(StoreError):  # recorded by the store's health
+                await self.store.probe()
 
     async def _health_loop(self) -> None:
         while True:
@@ -182,44 +219,8 @@ class Worker:
         return render(data if isinstance(data, dict) else {})
 
     def statistics(self) -> dict[str, Any]:
-        """The ``stats`` message sent to the master every second."""
-        hub = self.hub.stats
-        store = self.store.statistics()
-        return {
-            "t": "stats",
-            "connections": len(self.state.connections),
-            "connections_total": self.state.connections_total,
-            "messages_total": hub.messages_total,
-            "replies_total": hub.replies_total,
-            "takeovers_total": hub.takeovers_total,
-            "errors_total": sum(hub.errors_by_code.values()),
-            "errors_by_code": dict(hub.errors_by_code),
-            "bad_frames_total": self.state.bad_frames_total,
-            "in_flight": self.hub.in_flight,
-            "queue_depth": self.slots.queue_depth,
-            "latency_ms": hub.latency.summary(),
-            "latency_buckets": sorted(hub.latency.counts.items()),
-            "latency_sum_ms": hub.latency.total_ms,
-            "ttft_ms": hub.ttft.summary(),
-            "ttft_buckets": sorted(hub.ttft.counts.items()),
-            "ttft_sum_ms": hub.ttft.total_ms,
-            "store": {
-                "commits": store.commits,
-                "commit_p50_ms": store.commit_p50_ms,
-                "commit_p99_ms": store.commit_p99_ms,
-                "busy_retries": store.busy_retries,
-            },
-            "backends": [
-                {
-                    "url": b.url,
-                    "healthy": self.slots.healthy[i],
-                    "in_flight": self.slots.in_flight[i],
-                    "held": self.slots.held[i],  # in use, or leased and kept unused
-                }
-                for i, b in enumerate(self.cfg.llm.backends)
-            ],
-            "draining": self.state.draining,
-        }
+        """The ``stats`` message sent to the master every second (:mod:`chatd.worker.report`)."""
+        return stats_message(self.cfg, self.state, self.hub, self.store, self.slots)
 
     # -- 4-6: stop ------------------------------------------------------------------------
 

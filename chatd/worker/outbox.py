@@ -25,13 +25,22 @@ drops a stored event it already sent. The floor only rises: at the replay, and w
 delivered every final of the log up to some seq (:meth:`Outbox.advance`). Not a plain
 "highest seq sent": finals of one session stored by two workers may reach a connection out
 of seq order (a local reply with seq 6 published before the forwarded one with seq 5).
+
+Bounded memory: a client that stops reading must not take the worker's memory. While the
+writer task waits for such a client (the slow path), every frame queued is counted: when the
+connection's unread bytes (queued here, plus the transport's buffer) pass
+``max_outbound_bytes``, or all slow readers of the worker together pass
+``max_worker_outbound_bytes`` (:class:`OutboundBudget`), the outbox drops its queue, closes, and
+calls ``on_overflow``: the session closes the connection with 1008. Nothing is lost: every
+reply is in the store, and the client gets it when it resumes. In the fast path nothing is
+counted per frame beyond two integer additions: the queue is written out within the tick.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from chatd.proto.chat import token_frame
@@ -58,6 +67,26 @@ class FrameSink(Protocol):
         closed or fails."""
         ...
 
+    def buffered(self) -> int:
+        """Bytes written and not yet taken by the peer (the transport's write buffer)."""
+        ...
+
+
+class OutboundBudget:
+    """The bounds on unread outbound bytes, and the worker-wide account of them.
+
+    One per worker, shared by its outboxes. ``total`` counts the bytes queued in every
+    outbox (not the transports' buffers, which flow control bounds per connection).
+    """
+
+    __slots__ = ("overflows", "per_connection", "per_worker", "total")
+
+    def __init__(self, per_connection: int, per_worker: int) -> None:
+        self.per_connection = per_connection
+        self.per_worker = per_worker
+        self.total = 0
+        self.overflows = 0  # connections closed for being over a bound
+
 
 class _Tokens:
     """Pending token text of one message, not yet turned into a frame."""
@@ -73,20 +102,39 @@ def _frame(item: bytes | _Tokens) -> bytes:
     return token_frame(item.msg_id, "".join(item.parts)) if isinstance(item, _Tokens) else item
 
 
+def _size(item: bytes | _Tokens) -> int:
+    """Bytes an item stands for (token text by characters: a lower bound of its UTF-8)."""
+    return sum(map(len, item.parts)) if isinstance(item, _Tokens) else len(item)
+
+
+_UNBOUNDED = OutboundBudget(1 << 62, 1 << 62)
+
+
 class Outbox:
     """An ordered, coalescing queue of frames for one connection, written once per tick.
 
     Use from the event loop's thread, inside a running loop. :meth:`close` when the
     connection ends: queued frames are dropped and nothing is written afterwards.
+    ``budget`` bounds the bytes a slow reader leaves unread; ``on_overflow(unread, total)`` is
+    called once when a bound is passed, with this connection's unread bytes and the worker's
+    total queued for slow readers at that moment (the outbox is closed by then).
     """
 
     __slots__ = (
-        *("_floor", "_held", "_queue", "_scheduled", "_sent", "_sink", "_waiters"),
-        *("_writer", "closed"),
+        *("_budget", "_bytes", "_floor", "_held", "_on_overflow", "_queue", "_scheduled"),
+        *("_sent", "_sink", "_waiters", "_writer", "closed"),
     )
 
-    def __init__(self, sink: FrameSink) -> None:
+    def __init__(
+        self,
+        sink: FrameSink,
+        budget: OutboundBudget | None = None,
+        on_overflow: Callable[[int, int], None] | None = None,
+    ) -> None:
         self._sink = sink
+        self._budget = budget or _UNBOUNDED
+        self._on_overflow = on_overflow
+        self._bytes = 0  # queued in _queue (held frames are not)
         # Lists, not a deque and a set: they are empty nearly always, and every open
         # connection has them (an empty deque costs ~600 bytes, an empty set ~200).
         self._queue: list[bytes | _Tokens] = []
@@ -116,8 +164,9 @@ class Outbox:
         if reply_to is not None and queue:
             last = queue[-1]
             if isinstance(last, _Tokens) and last.msg_id == reply_to:
-                queue.pop()
+                self._count(-_size(queue.pop()))
         queue.append(frame)
+        self._count(len(frame))
         self._kick()
 
     def token(self, msg_id: str, text: str) -> None:
@@ -130,12 +179,15 @@ class Outbox:
             last = self._queue[-1] if self._queue else None
         if isinstance(last, _Tokens) and last.msg_id == msg_id:
             last.parts.append(text)
+            if self._held is None:
+                self._count(len(text))
             return
         item = _Tokens(msg_id, text)
         if self._held is not None:
             self._held.append((item, 0))
             return
         self._queue.append(item)
+        self._count(len(text))
         self._kick()
 
     def hold(self) -> None:
@@ -150,9 +202,12 @@ class Outbox:
         if self.closed:
             return
         self._queue.extend(replay)
+        added = sum(map(len, replay))
         for item, seq in held:
             if isinstance(item, _Tokens) or not seq or self._first(seq):
                 self._queue.append(item)
+                added += _size(item)
+        self._count(added)
         if self._queue:
             self._kick()
 
@@ -188,6 +243,32 @@ class Outbox:
             self.advance(min(sent))
         return True
 
+    # -- bounds ---------------------------------------------------------------------------
+
+    def _count(self, n: int) -> None:
+        """``n`` bytes were queued (or, negative, taken off the queue); in the slow path, close
+        the outbox when a bound is passed."""
+        self._bytes += n
+        budget = self._budget
+        budget.total += n
+        if n > 0 and self._writer is not None and not self.closed:
+            unread = self._bytes + self._sink.buffered()
+            if unread > budget.per_connection or budget.total > budget.per_worker:
+                self._overflow(unread)
+
+    def _overflow(self, unread: int) -> None:
+        budget = self._budget
+        budget.overflows += 1
+        total = budget.total
+        self.close()
+        if self._on_overflow is not None:
+            self._on_overflow(unread, total)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued and not yet handed to the connection."""
+        return self._bytes
+
     # -- writing --------------------------------------------------------------------------
 
     def _kick(self) -> None:
@@ -205,6 +286,7 @@ class Outbox:
         if self._sink.writable():
             frames = [_frame(item) for item in queue]
             queue.clear()
+            self._count(-self._bytes)
             try:
                 self._sink.write(frames)
             except Exception as exc:  # the connection broke: its reader sees it close
@@ -223,9 +305,12 @@ class Outbox:
                 if sink.writable():
                     frames = [_frame(item) for item in queue]
                     queue.clear()
+                    self._count(-self._bytes)
                     sink.write(frames)
                     break
-                await sink.send(_frame(queue.pop(0)))
+                item = queue.pop(0)
+                self._count(-_size(item))
+                await sink.send(_frame(item))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # closed or failed: its reader sees it close
@@ -238,6 +323,7 @@ class Outbox:
     def _fail(self) -> None:
         self.closed = True
         self._queue.clear()
+        self._count(-self._bytes)
 
     def _wake_waiters(self) -> None:
         if self._waiters and (self.closed or (not self._queue and self._writer is None)):

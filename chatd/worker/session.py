@@ -23,11 +23,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from chatd.errors import StoreError
+from chatd.logs import about
 from chatd.proto import chat
 from chatd.store.base import Store
 from chatd.worker.generation import Hub
 from chatd.worker.http import token_of
-from chatd.worker.outbox import Outbox
+from chatd.worker.outbox import OutboundBudget, Outbox
 
 log = logging.getLogger("chatd.session")
 
@@ -41,6 +42,7 @@ class WorkerState:
     limits: chat.Limits
     hello_timeout: float
     worker_name: str  # "SLOT/PID", sent in welcome
+    budget: OutboundBudget  # the bounds on what slow readers leave unread
     auth_on: bool = False
     draining: bool = False
     handover: bool = False  # draining because another worker takes over (not a stop)
@@ -55,6 +57,10 @@ class WorkerState:
     )
     connections_total: int = 0
     bad_frames_total: int = 0
+    # Open connections per client address (max_connections_per_ip).
+    per_ip: dict[str, int] = field(default_factory=dict)
+    # Tasks closing the connections of slow readers (kept referenced until done).
+    closers: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class WsSink:
@@ -91,6 +97,9 @@ class WsSink:
     async def send(self, frame: bytes) -> None:
         await self._ws.send(frame, text=True)
 
+    def buffered(self) -> int:
+        return self._ws.transport.get_write_buffer_size()
+
 
 def owner_of(ws: ServerConnection, auth_on: bool) -> str:
     """A hash of the auth token the connection presented ("" when auth is off)."""
@@ -104,7 +113,7 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
     """Serve one client until it leaves, breaks the protocol, or the worker drains."""
     loop = asyncio.get_running_loop()
     conn = chat.ChatConnection(state.limits, time.monotonic())
-    outbox = Outbox(WsSink(ws))
+    outbox = Outbox(WsSink(ws), state.budget, lambda n, total: _too_slow(ws, state, n, total))
     hello_timer = loop.call_later(
         state.hello_timeout,
         lambda: asyncio.ensure_future(_run(conn.hello_timed_out(), ws, state, conn, outbox)),
@@ -113,6 +122,7 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
     state.connections_total += 1
     opened = time.monotonic()
     peer = ws.remote_address[0] if ws.remote_address else "?"
+    state.per_ip[peer] = state.per_ip.get(peer, 0) + 1
     log.info("connection open from %s", peer)
     try:
         async for data in ws:
@@ -124,17 +134,8 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
                 hello_timer.cancel()
             try:
                 await _run(actions, ws, state, conn, outbox)
-            except StoreError:
-                # Nothing was acknowledged: the client may resend with the same ids.
-                ref = f"{os.getpid()}-{int(time.time() * 1000) % 100000000}"
-                log.exception("session store failed (log reference %s)", ref)
-                outbox.put(
-                    chat.error_frame(
-                        "internal",
-                        f"The session store failed (log reference {ref}): "
-                        "resend the message with the same id.",
-                    )
-                )
+            except StoreError as exc:  # during a hello: the client may simply say hello again
+                outbox.put(_store_unavailable(state, exc, conn.session, None))
     except ConnectionClosed:
         pass
     finally:
@@ -144,13 +145,68 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
         if conn.session is not None:
             state.hub.unsubscribe(conn.session, outbox)
         state.connections.pop(ws, None)
+        left = state.per_ip.pop(peer, 1) - 1
+        if left:
+            state.per_ip[peer] = left
         log.info(
             "connection closed from %s session %s code %s after %.1fs",
             peer,
             (conn.session or "-")[:12],
             ws.close_code,
             time.monotonic() - opened,
+            extra=about(conn.session),
         )
+
+
+def _store_unavailable(
+    state: WorkerState, exc: StoreError, session: str | None, msg_id: str | None
+) -> bytes:
+    """The error frame for a store failure (``msg_id``: the message not acknowledged),
+    counted, and logged with a reference the client sees. The store's own health turns
+    unavailable with the failure (:class:`chatd.store.base.Health`): status, /readyz and
+    /metrics show it."""
+    ref = f"{os.getpid()}-{int(time.time() * 1000) % 100000000}"
+    log.warning(
+        "session store failed (log reference %s): %s", ref, exc, extra=about(session, msg_id)
+    )
+    errors = state.hub.stats.errors_by_code
+    errors["store_unavailable"] = errors.get("store_unavailable", 0) + 1
+    if msg_id is not None:
+        what = "the message was not stored: send it again with the same id in a moment"
+    else:
+        what = "send hello again in a moment"
+    return chat.error_frame(
+        "store_unavailable",
+        f"The session store is unavailable (log reference {ref}): {what}.",
+        msg_id=msg_id,
+    )
+
+
+def _too_slow(ws: ServerConnection, state: WorkerState, unread: int, total: int) -> None:
+    """The outbox is over a bound: close the connection with 1008. Its replies stay in the
+    store for its resume. The close frame may never get through to a client that reads
+    nothing, so the connection is aborted if the close takes longer than a moment."""
+    peer = ws.remote_address[0] if ws.remote_address else "?"
+    budget = state.budget
+    log.warning(
+        "connection from %s closed: %d bytes unread (max_outbound_bytes %d); all slow "
+        "readers of this worker: %d bytes queued (max_worker_outbound_bytes %d)",
+        *(peer, unread, budget.per_connection, total, budget.per_worker),
+    )
+    reason = f"too slow: {unread} bytes unread; resume to get the rest"
+
+    async def close() -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await ws.close(chat.CLOSE_POLICY, reason)
+        except (TimeoutError, ConnectionClosed):
+            pass
+        finally:
+            ws.transport.abort()
+
+    task = asyncio.ensure_future(close())
+    state.closers.add(task)
+    task.add_done_callback(state.closers.discard)
 
 
 async def _run(
@@ -190,9 +246,19 @@ async def _run(
             if state.closing:
                 # Past the graceful time the connection is about to close with 1001: not
                 # stored, not acknowledged; the client resends it (same id) where it resumes.
-                log.debug("closing: message %s not accepted; the client will resend", action.id)
+                log.debug(
+                    "closing: message %s not accepted; the client will resend",
+                    action.id,
+                    extra=about(conn.session, action.id),
+                )
                 continue
-            appended = await state.hub.submit(conn.session, action)
+            try:
+                appended = await state.hub.submit(conn.session, action)
+            except StoreError as exc:
+                # Not acknowledged: the client resends it, same id, once the store is back
+                # (the id makes a resend of a message that was stored after all harmless).
+                outbox.put(_store_unavailable(state, exc, conn.session, action.id))
+                continue
             outbox.put(chat.ack_frame(action.id, appended.seq))
         elif isinstance(action, chat.Cancel):
             assert conn.session is not None
@@ -240,6 +306,18 @@ async def _hello(
             )
         )
         return
+    if hello.last_seq > info.last_seq:
+        # Taken as is, it would raise the outbox's floor past the log: every event stored
+        # afterwards, up to that seq, would be dropped as "already sent", and the client hang.
+        conn.hello_failed()
+        outbox.put(
+            chat.error_frame(
+                "bad_request",
+                f"hello.last_seq {hello.last_seq} is beyond the end of the session's log "
+                f"(last seq {info.last_seq}): resume with a last_seq the server sent.",
+            )
+        )
+        return
     # Subscribe before reading the log, holding live frames back: an event committed while
     # the log is read is then either in the replay or in the held frames, never lost; the
     # outbox drops the held ones the replay already carried (by seq).
@@ -258,10 +336,14 @@ async def _hello(
     try:
         await state.hub.take_over(info.session)
     except StoreError as exc:  # not fatal to the hello: the sweep will take them later
-        log.warning("takeover on resume of %s failed: %s", info.session[:8], exc)
+        log.warning(
+            "takeover on resume of %s failed: %s", info.session[:8], exc, extra=about(info.session)
+        )
     # Messages another worker is still generating (it lives, or a sweep took them): the
     # master forwards the notice of their stored reply here, and it is published live.
     try:
         await state.hub.watch(info.session)
     except StoreError as exc:  # not fatal: the client's stall fallback resumes it later
-        log.warning("watch on resume of %s failed: %s", info.session[:8], exc)
+        log.warning(
+            "watch on resume of %s failed: %s", info.session[:8], exc, extra=about(info.session)
+        )

@@ -28,6 +28,7 @@ EXPECTED_ALERTS = {
     "ChatdQueueNearlyFull",
     "ChatdWorkerRestarts",
     "ChatdBackendDown",
+    "ChatdSessionStoreDown",
 }
 # Series Prometheus makes itself, and labels it adds to every scraped series.
 PROMETHEUS_SERIES = {"up"}
@@ -121,6 +122,7 @@ def test_thresholds_are_the_agreed_ones() -> None:
     assert found["ChatdQueueNearlyFull"] == "chatd_queue_depth > 0.8 * chatd_queue_max"
     assert found["ChatdWorkerRestarts"] == "increase(chatd_worker_restarts_total[10m]) > 0"
     assert found["ChatdBackendDown"] == "chatd_backend_healthy == 0"
+    assert found["ChatdSessionStoreDown"] == "chatd_store_up == 0"
 
 
 def test_memory_gauges_of_the_memory_alert_are_exported() -> None:
@@ -236,6 +238,12 @@ PROMTOOL_TESTS: dict[str, Any] = {
                 },
                 {"series": _healthy("b1"), "values": "1 1 0 0 0 0"},
                 {"series": _healthy("b2"), "values": "1x6"},
+                # h1: the store fails from 2 min on; h2: one failed minute, then back.
+                {"series": f"chatd_store_up{{{SERIES_LABELS}}}", "values": "1 1 0 0 0 0"},
+                {
+                    "series": 'chatd_store_up{instance="h2:8000", job="chatd"}',
+                    "values": "1 0 1 1 1 1",
+                },
             ],
             "alert_rule_test": [
                 _case("1m", "ChatdDown"),
@@ -268,6 +276,12 @@ PROMTOOL_TESTS: dict[str, Any] = {
                     _alert("ChatdWorkerRestarts", severity="warning", **_labels("h1")),
                 ),
                 _case("14m", "ChatdWorkerRestarts"),  # 10 min later, and a reset is no restart
+                _case("2m", "ChatdSessionStoreDown"),
+                _case(
+                    "4m",
+                    "ChatdSessionStoreDown",
+                    _alert("ChatdSessionStoreDown", severity="critical", **_labels("h1")),
+                ),
                 _case("2m", "ChatdBackendDown"),
                 _case(
                     "4m",
@@ -292,11 +306,35 @@ def test_promtool_checks_the_rules_and_they_fire_when_they_should(tmp_path: Path
             "the rules were only parsed as YAML"
         )
     r = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
-    assert r.returncode == 0 and "SUCCESS: 7 rules found" in r.stdout, r.stdout + r.stderr
+    found = f"SUCCESS: {len(EXPECTED_ALERTS)} rules found"
+    assert r.returncode == 0 and found in r.stdout, r.stdout + r.stderr
     _strip_annotations(RULES, tmp_path / "rules.yml")
     tests = dict(PROMTOOL_TESTS, rule_files=["rules.yml"])
     (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
     r = subprocess.run(
         ["promtool", "test", "rules", "tests.yml"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+
+
+SCRAPE = RULES.parent / "chatd-scrape.yml"
+
+
+def test_promtool_checks_the_scrape_config_with_the_metrics_token(tmp_path: Path) -> None:
+    """etc/prometheus/chatd-scrape.yml is a valid Prometheus config (its paths pointed at
+    scratch copies) that scrapes chatd with the metrics token as a bearer token."""
+    doc = yaml.safe_load(SCRAPE.read_text())
+    (job,) = doc["scrape_configs"]
+    assert job["authorization"]["type"] == "Bearer"
+    if shutil.which("promtool") is None:
+        pytest.skip("NOT TESTED: promtool is not installed (apt-get install prometheus)")
+    (tmp_path / "token").write_text("scrape-me\n")
+    job["authorization"]["credentials_file"] = str(tmp_path / "token")
+    doc["rule_files"] = [str(RULES)]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(doc))
+    r = subprocess.run(
+        ["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr

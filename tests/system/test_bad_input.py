@@ -176,3 +176,22 @@ def test_auth_tokens(tmp_path: Path, fake: FakeOllama) -> None:
         assert a2.hello(session)["resumed"] is True
         a2.close()
         assert http_get(f"{d.http}/healthz")[0] == 200  # the HTTP endpoints need no token
+
+
+def test_last_seq_beyond_the_log_is_refused_naming_the_last_seq(chatd: Chatd) -> None:
+    """hello.last_seq past the end of the log is refused (bad_request naming the log's last
+    seq), and a hello with a good last_seq on the same connection then resumes: its replies
+    are delivered (accepted silently, they were stored but never sent)."""
+    c = Client(chatd.url)
+    session = c.hello()["session"]
+    assert c.ask("one", "first words")[-1]["seq"] == 2
+    c.close()
+    c = Client(chatd.url)
+    c.send({"type": "hello", "session": session, "last_seq": 57})
+    err = c.recv()
+    assert err["type"] == "error" and err["code"] == "bad_request"
+    assert "57" in err["message"] and "last seq 2" in err["message"]
+    welcome = c.hello(session, last_seq=2)
+    assert welcome["type"] == "welcome" and welcome["resumed"] and welcome["last_seq"] == 2
+    assert c.ask("two", "second words")[-1]["seq"] == 4
+    c.close()

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,22 +123,6 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Short paths: a Unix socket path must fit in 108 bytes.
-    path = Path(tempfile.mkdtemp(prefix="chatd-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def daemons(workdir: Path) -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.kill_group()
 
 
 @pytest.fixture

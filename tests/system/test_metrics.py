@@ -1,21 +1,43 @@
-"""GET /metrics: the whole daemon in the Prometheus text format, whichever worker answers."""
+"""GET /metrics: the whole daemon in the Prometheus text format, whichever worker answers,
+to whoever sends the ``[server] metrics_token`` (here read from ``metrics_token_file``)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
 from tests.promtext import Family, parse
-from tests.support import Chatd, Client, http_get, running_chatd, t, wait_for
+from tests.support import Chatd, Client, running_chatd, t, wait_for
 
 pytestmark = pytest.mark.system
 
 MESSAGES = 12
+TOKEN = "prometheus-0f1e2d"
+PROMTOOL = shutil.which("promtool")
+
+
+def http_get(
+    url: str, timeout: float = 5.0, token: str | None = TOKEN
+) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url`` with ``Authorization: Bearer token`` (none when ``token`` is None);
+    (status, headers, body) for any status."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=t(timeout)
+        ) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +48,16 @@ def fake() -> Iterator[FakeOllama]:
 
 @pytest.fixture(scope="module")
 def chatd(fake: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chatd]:
+    tmp = tmp_path_factory.mktemp("metrics")
+    (tmp / "metrics.token").write_text(f"# Prometheus scrapes with it\n{TOKEN}\n")
     with running_chatd(
-        tmp_path_factory.mktemp("metrics"),
+        tmp,
         fake.url,
         workers=2,
         backends=[{"url": fake.url, "max_parallel": 2}],
         llm={"max_queue": 32},
         limits={"messages_per_minute": 600},
+        server={"metrics_token_file": str(tmp / "metrics.token")},
     ) as d:
         yield d
 
@@ -133,3 +158,40 @@ def test_metrics_answer_503_when_the_master_does_not_answer(chatd: Chatd) -> Non
     assert status == 503 and headers.get("Retry-After") == "1", body
     assert 1.5 < elapsed < t(5), elapsed
     wait_for(lambda: http_get(f"{chatd.http}/metrics")[0] == 200, 5, "/metrics back")
+
+
+def test_metrics_need_the_token(chatd: Chatd) -> None:
+    """With a metrics token, /metrics answers 401 and WWW-Authenticate: Bearer to a scrape
+    without it or with another, on every worker; the WebSocket port stays open to clients."""
+    for token in (None, "wrong", TOKEN[:-1]):
+        for _ in range(4):  # new connections: both workers get some
+            status, headers, body = http_get(f"{chatd.http}/metrics", token=token)
+            assert status == 401, body
+            assert headers["WWW-Authenticate"].startswith("Bearer")
+            assert b"chatd_" not in body
+    assert http_get(f"{chatd.http}/metrics")[0] == 200
+    assert http_get(f"{chatd.http}/healthz", token=None)[0] == 200
+    c = Client(chatd.url)
+    c.hello()
+    c.close()
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (make test installs it)")
+def test_promtool_accepts_a_live_scrape(chatd: Chatd) -> None:
+    """`promtool check metrics` finds nothing wrong with /metrics of a chatd that has chatted
+    (so that the histograms and the per-backend series have samples)."""
+    c = Client(chatd.url)
+    c.hello()
+    assert c.ask("p1", "hello promtool")[-1]["type"] == "reply"
+    c.close()
+    wait_for(
+        lambda: scrape(chatd)[1]["chatd_reply_latency_seconds"].samples[-1][2] > 0,
+        5,
+        "the reply counted in /metrics",
+    )
+    body = http_get(f"{chatd.http}/metrics")[2]
+    assert PROMTOOL is not None
+    r = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=body, capture_output=True, timeout=t(30)
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b""), (r, body.decode())

@@ -36,6 +36,7 @@ class Page:
     def __init__(self, ws_url: str) -> None:
         self.ws: ClientConnection = connect(ws_url, max_size=None, open_timeout=t(10), legacy=True)
         self.ids = count(1)
+        self.events: list[dict[str, Any]] = []  # received while waiting for a call's result
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
         n = next(self.ids)
@@ -46,6 +47,41 @@ class Page:
                 if "error" in msg:
                     raise AssertionError(f"{method}: {msg['error']}")
                 return msg.get("result", {})  # type: ignore[no-any-return]
+            if "method" in msg:
+                self.events.append(msg)
+
+    def wait_event(self, method: str, what: str, timeout: float = 20) -> dict[str, Any]:
+        """The first event ``method`` received since :attr:`events` was last cleared."""
+        deadline = time.monotonic() + t(timeout)
+        while True:
+            for i, msg in enumerate(self.events):
+                if msg["method"] == method:
+                    del self.events[: i + 1]
+                    return msg.get("params", {})  # type: ignore[no-any-return]
+            self.events.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"page: timed out waiting for {what}")
+            try:
+                msg = json.loads(self.ws.recv(timeout=left))
+            except TimeoutError:
+                continue
+            if "method" in msg:
+                self.events.append(msg)
+
+    def reload(self) -> None:
+        """Reload, and return once the *new* document has loaded: its load event has fired and
+        a marker set on the old document's window is gone. Without this, checks made right
+        after ``Page.reload`` could run against the old page, which already shows everything
+        a resumed page must show."""
+        self.js("window.__chatdOldDocument = true")
+        self.events.clear()
+        self.call("Page.reload")
+        self.wait_event("Page.loadEventFired", "the reloaded page's load event")
+        self.wait_js(
+            "window.__chatdOldDocument === undefined && document.readyState === 'complete'",
+            "the new document",
+        )
 
     def js(self, expression: str) -> Any:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
@@ -148,10 +184,16 @@ def test_chat_in_the_page_and_find_it_again_after_a_reload(chatd: Chatd, tmp_pat
         shot = page.call("Page.captureScreenshot", format="png")["data"]
         (tmp_path / "page.png").write_bytes(base64.b64decode(shot))
 
-        page.call("Page.reload")
+        session = page.js("localStorage.getItem('chatd.session')")
+        assert session
+        page.reload()
         page.wait_js(
             "document.getElementById('status').textContent.startsWith('session')", "resume"
         )
+        # The same session, resumed: not a new one that happens to look alike.
+        assert page.js("localStorage.getItem('chatd.session')") == session
+        status = page.js("document.getElementById('status').textContent")
+        assert status.startswith(f"session {session[:8]}"), status
         page.wait_js(
             "document.querySelectorAll('.msg.bot:not(.streaming)').length === 1",
             "the replayed reply",

@@ -175,3 +175,33 @@ def test_console_script_flag_override(valid: Path) -> None:
     )
     assert r.returncode == 78
     assert r.stderr.startswith("--store:")
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('url = "http://h:99999"', "llm.backends[0].url"),
+        ('url = "http://h:abc"', "llm.backends[0].url"),
+        ('url = "http://ollama:11434x"', "llm.backends[0].url"),
+        ('url = "http://h:0"', "llm.backends[0].url"),
+        ('url = "http://[::1:11434"', "llm.backends[0].url"),
+        ('url = "http://h:1?x=1"', "llm.backends[0].url"),
+        ('url = "http://\u4e2d.example:1"', "llm.backends[0].url"),
+        ('store = "redis://h:abc/0"', "sessions.store"),
+        ('store = "redis://h:99999/0"', "sessions.store"),
+        ('store = "sqlite:///"', "sessions.store"),
+        ('bind = "..:8000"', "server.bind"),
+        ('bind = "h:\u00b2"', "server.bind"),
+    ],
+)
+def test_check_refuses_what_a_worker_would_refuse(
+    line: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An address a worker (or the master) cannot use at start is a --check error naming the
+    file, the line and the key: a config that passes --check must not crash-loop every worker."""
+    section = {"url": "[[llm.backends]]", "store": "[sessions]", "bind": "[server]"}
+    path = tmp_path / "c.toml"
+    path.write_text(f"# chatd\n{section[line.split()[0]]}\n{line}\n", encoding="utf-8")
+    assert cli.main(["--check", "--config", str(path)]) == 78
+    (problem,) = capsys.readouterr().err.splitlines()
+    assert problem.startswith(f"{path.resolve()}:3: {key}: "), problem

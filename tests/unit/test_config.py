@@ -68,7 +68,8 @@ store = "mysql://db"
         "(for example \"0.0.0.0:8000\"), got 'nowhere'",
         "/x/chatd.toml:3: server.workers: must be >= 0, got -2",
         "/x/chatd.toml:4: server.colour: unknown key (expected one of bind, workers, "
-        "graceful_timeout, worker_timeout, max_worker_rss_mb, compression)",
+        "graceful_timeout, worker_timeout, max_worker_rss_mb, compression, metrics_token, "
+        "metrics_token_file, tls_cert, tls_key)",
         "/x/chatd.toml:7: llm.max_queue: expected an integer, got 'many'",
         "/x/chatd.toml:8: llm.models: expected a list of strings, got ['a', 3]",
         "/x/chatd.toml:11: llm.backends[0].url: must be \"http://HOST:PORT\", got 'ftp://x'",
@@ -188,3 +189,56 @@ def test_etc_file_lists_exactly_the_known_keys_with_defaults_and_comments() -> N
     for line in ETC.read_text().splitlines():
         if re.match(r"^[a-z_]+ = ", line):
             assert "#" in line, f"no comment: {line}"
+
+
+def test_backend_api_key_is_parsed_and_never_shown() -> None:
+    """api_key: kept, but in no repr and in no problem message (it is a credential)."""
+    cfg = config.parse('[[llm.backends]]\nurl = "http://h:1"\napi_key = "sk-secret-1"\n')
+    assert cfg.llm.backends[0].api_key == "sk-secret-1"
+    assert "sk-secret-1" not in repr(cfg) and "sk-secret-1" not in repr(cfg.llm.backends[0])
+    got = problems('[[llm.backends]]\napi_key = "sk-bad\\r\\nX-Injected: 1"\n')
+    assert got == [
+        "/x/chatd.toml:2: llm.backends[0].api_key: must be printable ASCII without spaces at "
+        "either end or line breaks"
+    ]
+    assert problems("[[llm.backends]]\napi_key = 12345\n") == [
+        "/x/chatd.toml:2: llm.backends[0].api_key: expected a string"
+    ]
+
+
+def test_backend_api_key_file_is_read_at_load(tmp_path: Path) -> None:
+    """api_key_file: read (stripped) at every load, relative to the config file's directory."""
+    (tmp_path / "key").write_text("sk-from-file\n")
+    conf = tmp_path / "chatd.toml"
+    conf.write_text('[[llm.backends]]\nurl = "http://h:1"\napi_key_file = "key"\n')
+    assert config.load(str(conf)).llm.backends[0].api_key == "sk-from-file"
+    (tmp_path / "key").write_text("sk-rotated")  # a reload reads the file again
+    cfg = config.load(str(conf))
+    assert cfg.llm.backends[0].api_key == "sk-rotated" and "sk-rotated" not in repr(cfg)
+
+
+def test_backend_api_key_file_problems_name_the_key_and_line(tmp_path: Path) -> None:
+    """Both keys, an unreadable, empty or invalid file: config errors, content never quoted."""
+    empty, bad = tmp_path / "empty", tmp_path / "bad"
+    empty.write_text("\n")
+    bad.write_text("sk-one\nsk-two\n")
+    missing = tmp_path / "missing"
+    text = (
+        '[[llm.backends]]\nurl = "http://h:1"\napi_key = "k"\napi_key_file = "/k"\n'
+        f'[[llm.backends]]\nurl = "http://h:2"\napi_key_file = "{missing}"\n'
+        f'[[llm.backends]]\nurl = "http://h:3"\napi_key_file = "{empty}"\n'
+        f'[[llm.backends]]\nurl = "http://h:4"\napi_key_file = "{bad}"\n'
+    )
+    got = problems(text)
+    assert got[0] == (
+        "/x/chatd.toml:4: llm.backends[0].api_key_file: "
+        "api_key and api_key_file are exclusive: set only one"
+    )
+    assert got[1].startswith("/x/chatd.toml:7: llm.backends[1].api_key_file: cannot read ")
+    assert "No such file or directory" in got[1] and str(missing) in got[1]
+    assert got[2] == (
+        f"/x/chatd.toml:10: llm.backends[2].api_key_file: the key in {str(empty)!r} is empty"
+    )
+    assert got[3].startswith("/x/chatd.toml:13: llm.backends[3].api_key_file: the key in ")
+    assert "line breaks" in got[3] and "sk-one" not in got[3]
+    assert len(got) == 4

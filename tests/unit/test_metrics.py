@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chatd.master.slotgrant import Granter
 from chatd.metrics import Retired, aggregate, escape_label, format_value, render
@@ -102,3 +105,56 @@ def test_escaping_and_number_formats() -> None:
     assert format_value(3) == "3" and format_value(2.0) == "2" and format_value(0.25) == "0.25"
     assert format_value(math.inf) == "+Inf" and format_value(-math.inf) == "-Inf"
     assert format_value(math.nan) == "NaN"
+
+
+def _exported_buckets(data: dict[str, Any], name: str) -> dict[str, float]:
+    fams = parse(render(data))
+    return {lab["le"]: v for n, lab, v in fams[name].samples if n.endswith("_bucket")}
+
+
+def test_a_reply_just_over_a_bucket_edge_is_not_counted_under_it() -> None:
+    """5.1 ms is over le="0.005": the exported buckets count each observation exactly."""
+    data = aggregate(
+        [("ready", report(1, [5.1])), ("ready", report(1, [5.0, 10.4, 2600.0]))],
+        Retired(),
+        Granter([], 0).statistics(),
+        restarts_total=0,
+    )
+    buckets = _exported_buckets(data, "chatd_reply_latency_seconds")
+    assert buckets["0.005"] == 1  # 5.0 ms only: le means "<="
+    assert buckets["0.01"] == 2 and buckets["0.025"] == 3
+    assert buckets["2.5"] == 3 and buckets["5"] == 4 and buckets["+Inf"] == 4
+
+
+_EDGES_MS = [1000 * float(Decimal(le)) for le in ("0.005", "0.01", "0.025", "0.5", "300")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.one_of(
+                st.floats(min_value=0, max_value=2e6, allow_nan=False),
+                st.sampled_from(_EDGES_MS),
+                st.sampled_from(_EDGES_MS).map(lambda e: math.nextafter(e, math.inf)),
+                st.sampled_from(_EDGES_MS).map(lambda e: math.nextafter(e, 0)),
+            ),
+            max_size=20,
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_exported_buckets_are_exact_and_merge_across_workers(workers: list[list[float]]) -> None:
+    """Whatever the workers observed, each le bucket of the merged /metrics counts exactly the
+    observations <= le (compared exactly), and +Inf and _count count them all."""
+    live = [("ready", report(len(ms), ms)) for ms in workers[1:]]
+    retired = Retired()
+    retired.fold(report(len(workers[0]), workers[0]))
+    data = aggregate(live, retired, Granter([], 0).statistics(), restarts_total=0)
+    everything = [Decimal(v) for ms in workers for v in ms]
+    for le, n in _exported_buckets(data, "chatd_reply_latency_seconds").items():
+        if le == "+Inf":
+            assert n == len(everything)
+        else:
+            assert n == sum(v <= Decimal(le) * 1000 for v in everything), le

@@ -112,3 +112,17 @@ def error_frame(job: _Job) -> bytes:
     err = error_body(job.api, 500, _RUN_ERROR)
     # OpenAI: no [DONE] after it, the stream is cut short as on any upstream error.
     return sse(err) if job.api == "openai" else orjson.dumps(err, option=_NL)
+
+
+def malformed(job: _Job, kind: str, ts: str) -> bytes:
+    """A broken line of the fault ``kind`` (``not_json``, ``not_object``, ``no_message``) in the
+    job's framing: an NDJSON line, or an SSE ``data:`` event on /v1."""
+    if kind == "not_json":
+        payload = b"this is not json"
+    elif kind == "not_object":
+        payload = b'["not", "an", "object"]'
+    elif job.api == "openai":  # a chunk without its "choices"
+        payload = orjson.dumps(openai(job, None, None))
+    else:  # a chunk without its "message" (chat) or "response" (generate)
+        payload = orjson.dumps({"model": job.model, "created_at": ts, "done": False})
+    return b"data: " + payload + b"\n\n" if job.api == "openai" else payload + b"\n"

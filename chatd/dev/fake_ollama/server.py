@@ -11,13 +11,12 @@ not share code (and so bugs) with what it stands in for.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import math
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
@@ -25,25 +24,24 @@ import orjson
 from aiohttp import web
 
 from chatd.dev.fake_ollama import frames
+from chatd.dev.fake_ollama.stream import stream
 from chatd.dev.fake_ollama.wire import (
     _CONTEXT_LENGTH,
     _DEFAULT_KEEP_ALIVE_S,
     _MODEL_SIZE,
     _MS_KNOBS,
-    _NDJSON_CT,
     _RUN_ERROR,
-    _SSE_CT,
     DEFAULT_MODEL,
+    FAULTS,
     OLLAMA_VERSION,
-    RECENT_REQUESTS,
     FakeConfig,
     FakeStats,
+    RecentRequests,
     _Job,
     _json,
     _json_error_text,
     _model_info,
     _status_text,
-    _Timing,
     keep_alive_seconds,
     parse_job,
     reply_tokens,
@@ -70,7 +68,10 @@ class FakeOllama:
         self.max_parallel = max_parallel
         self.config = FakeConfig()
         self.stats = FakeStats()
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_REQUESTS)
+        # Everything kept across requests is bounded (a stand-in that grows distorts every
+        # long benchmark): counters in `stats`, bounded `recent` bodies, a bounded reply
+        # cache (wire.reply_tokens); `_tasks` holds only the handlers still running.
+        self.recent = RecentRequests()
         self.host, self.port = "127.0.0.1", 0
         self._slots = asyncio.Semaphore(max_parallel) if max_parallel > 0 else None
         self._unhung = asyncio.Event()  # set unless `hang`
@@ -105,6 +106,14 @@ class FakeOllama:
                 val = val or None
             elif key == "error_after_tokens":
                 ok = val is None or (type(val) is int and val >= 0)
+            elif key == "fault":
+                ok = val is None or val in FAULTS
+            elif key == "fault_after_tokens":
+                ok = type(val) is int and val >= 0
+            elif key == "fault_match":
+                ok = val is None or (isinstance(val, str) and val != "")
+            elif key == "fault_bytes":
+                ok = type(val) is int and val >= 1
             else:
                 raise ValueError(f"unknown knob '{key}'")
             if not ok:
@@ -179,8 +188,9 @@ class FakeOllama:
         return _json(asdict(self.stats))
 
     async def _fake_requests(self, _: web.Request) -> web.Response:
-        """The bodies of the last generation requests, oldest first (what a gateway sent)."""
-        return _json({"requests": list(self.recent)})
+        """The bodies of the last generation requests, oldest first (what a gateway sent); see
+        :class:`RecentRequests` for how many."""
+        return _json({"requests": [orjson.Fragment(raw) for raw in self.recent]})
 
     async def _tags(self, _: web.Request) -> web.Response:
         models = [_model_info(m) | {"modified_at": self._started_at} for m in self.models]
@@ -266,7 +276,7 @@ class FakeOllama:
             return self._error(api, 400, f"json: cannot unmarshal {kind} into Go value")
         if not body.get("prompt" if api == "generate" else "messages"):
             return await self._load_request(api, body)
-        self.recent.append(body)
+        self.recent.append(raw)
         stats = self.stats
         stats.in_flight += 1
         stats.requests_total += 1
@@ -341,51 +351,9 @@ class FakeOllama:
                 return self._error(job.api, 500, _RUN_ERROR)
             timing = (t0, load_ns, t_prefill, time.perf_counter_ns())
             if job.stream:
-                resp = await self._stream(request, job, toks, reason, timing, cfg.token_ms, fail)
+                resp = await stream(request, job, toks, reason, timing, cfg, fail)
             else:
                 await asyncio.sleep(max(0, n - 1) * cfg.token_ms / 1000)
                 resp = _json(frames.whole(job, toks, reason, timing))
         self._keep(job.key, job.keep_alive)
-        return resp
-
-    async def _stream(
-        self,
-        request: web.Request,
-        job: _Job,
-        toks: Sequence[str],
-        reason: str,
-        timing: _Timing,
-        token_ms: float,
-        fail: int | None,
-    ) -> web.StreamResponse:
-        """Token i is written at first-token time + i * token_ms. Natively the last token rides
-        on the done chunk; OpenAI gets every token as a chunk, then the finish chunk, the usage
-        chunk if asked, and [DONE]. With ``fail`` = k: k tokens, then an error line, no done."""
-        native = job.api != "openai"
-        body = toks[:fail] if fail is not None else toks[:-1] if native else toks
-
-        def tail() -> bytes:  # built when due: the metrics need the end time
-            if fail is not None:
-                return frames.error_frame(job)
-            if native:
-                return frames.done_line(job, toks, reason, timing)
-            return frames.openai_tail(job, reason, len(toks))
-
-        resp = web.StreamResponse(headers=_NDJSON_CT if native else _SSE_CT)
-        await resp.prepare(request)
-        with contextlib.suppress(ConnectionResetError):  # client gone: nothing left to do
-            if token_ms <= 0:  # zero-delay load tests: one write for the whole reply
-                ts = rfc3339nano()
-                await resp.write(b"".join([frames.chunk(job, t, ts) for t in body] + [tail()]))
-            else:
-                loop = asyncio.get_running_loop()
-                start, step = loop.time(), token_ms / 1000
-                for i, tok in enumerate(body):
-                    if i:  # absolute schedule, so write costs do not add up to drift
-                        await asyncio.sleep(start + i * step - loop.time())
-                    await resp.write(frames.chunk(job, tok, rfc3339nano()))
-                if body and (native or fail is not None):  # tail stands for one more token
-                    await asyncio.sleep(start + len(body) * step - loop.time())
-                await resp.write(tail())
-            await resp.write_eof()
         return resp

@@ -8,6 +8,7 @@ of chatd: a stand-in must not share code (and so bugs) with what it stands in fo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -15,6 +16,7 @@ import http
 import math
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,15 @@ DEFAULT_MODEL = "qwen2.5-coder:7b"
 #: Ollama's ErrMaxQueue text, two spaces included (server/sched.go).
 BUSY_TEXT = "server busy, please try again.  maximum pending requests exceeded"
 MAX_WORD_CHARS = 32
-RECENT_REQUESTS = 64  # generation request bodies kept for GET /_fake/requests
+RECENT_REQUESTS = 64  # generation request bodies kept for GET /_fake/requests ...
+RECENT_BYTES = 1 << 20  # ... and their bytes in all, beyond the newest one
+#: The faults a backend can show (the ``fault`` knob, see :class:`FakeConfig`).
+FAULTS = ("reset", "trickle", "huge_token", "not_json", "not_object", "no_message")
+# reply_tokens memoizes only short texts and replies: load tests repeat a few short prompts,
+# while a cache keyed on whole texts kept thousands of them (up to max_message_bytes each)
+# alive for the life of the process.
+_CACHED_TEXT_CHARS = 256
+_CACHED_TOKENS = 256
 _DEFAULT_KEEP_ALIVE_S = 300.0  # OLLAMA_KEEP_ALIVE default, 5m
 _MODEL_SIZE = 4_683_087_332
 _CONTEXT_LENGTH = 4096
@@ -34,10 +44,9 @@ _JSON_CT = {"Content-Type": "application/json; charset=utf-8"}
 _NDJSON_CT = {"Content-Type": "application/x-ndjson"}
 _SSE_CT = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _SSE_DONE = b"data: [DONE]\n\n"
-_MS_KNOBS = ("first_token_ms", "token_ms", "extra_latency_ms", "load_ms")
+_MS_KNOBS = ("first_token_ms", "token_ms", "extra_latency_ms", "load_ms", "trickle_ms")
 
 
-@functools.lru_cache(maxsize=4096)  # load tests repeat the same few prompts
 def reply_tokens(text: str, tokens: int) -> tuple[str, ...]:
     """The reply to a last user message ``text``, as ``tokens`` token strings.
 
@@ -47,9 +56,21 @@ def reply_tokens(text: str, tokens: int) -> tuple[str, ...]:
     ``reply_tokens("hello world", 3) == ("hello#0", " world#1", " hello#2")``. So the reply for
     ``n`` tokens is a prefix of the reply for ``n + 1`` (truncation by num_predict is exact) and a
     dropped, doubled or reordered token shows. This definition is a stable contract.
+
+    Memory: only replies to texts of at most 256 code points and of at most 256 tokens are
+    memoized (256 of them at most), so the cache holds a few hundred KB whatever is asked.
     """
+    if len(text) <= _CACHED_TEXT_CHARS and tokens <= _CACHED_TOKENS:
+        return _cached_reply_tokens(text, tokens)
+    return _reply_tokens(text, tokens)
+
+
+def _reply_tokens(text: str, tokens: int) -> tuple[str, ...]:
     words = [w[:MAX_WORD_CHARS] for w in text.split()] or ["echo"]
     return tuple(f"{' ' if i else ''}{words[i % len(words)]}#{i}" for i in range(tokens))
+
+
+_cached_reply_tokens = functools.lru_cache(maxsize=256)(_reply_tokens)
 
 
 def expected_reply(text: str, tokens: int) -> str:
@@ -100,6 +121,23 @@ class FakeConfig:
     ``token_ms`` between tokens. It uses the knobs as they were on arrival, except ``hang``.
     ``error_after_tokens`` = k: when streaming, k token chunks then one error line (an SSE error
     frame on /v1) and the end, no done chunk; k = 0, or stream:false, gives HTTP 500 + error body.
+
+    ``fault`` (one of :data:`FAULTS`) breaks a *streamed* reply the way a faulty backend or
+    network does, at line k = ``fault_after_tokens`` (the chunk of token k, or the done line /
+    the tail when fewer token chunks come before it), after the lines before it went out on
+    their schedule; ``fault_match``, when set, limits it to requests whose last user message
+    (or prompt) contains that text, so that other clients of the same backend are served as
+    usual. Non-streamed requests ignore it.
+
+    * ``reset``: the connection is reset (TCP RST) instead of line k, and nothing follows.
+    * ``trickle``: line k and everything after it are written one byte every ``trickle_ms``.
+    * ``huge_token``: token k's text (the last token's, if k is past it) is
+      ``"x" * fault_bytes`` (default 5 MiB); the rest as usual, so the reply is
+      :func:`reply_tokens` with that one token replaced.
+    * ``not_json``, ``not_object``, ``no_message``: line k is replaced by a line that is not
+      JSON, by JSON that is not an object (an array), or by an object without the reply's
+      member (``message`` on /api/chat, ``response`` on /api/generate, ``choices`` on /v1);
+      the stream then goes on as usual (a lenient client drops token k).
     """
 
     first_token_ms: float = 0.0  # before the first token (headers go out with it)
@@ -110,6 +148,11 @@ class FakeConfig:
     error_after_tokens: int | None = None  # k tokens then an {"error"} line; 0 = 500 before
     extra_latency_ms: float = 0.0  # added before the first token (latency spike)
     load_ms: float = 0.0  # cold load of a model not in /api/ps
+    fault: str | None = None  # one of FAULTS: how a streamed reply breaks
+    fault_after_tokens: int = 0  # good token chunks before the fault
+    fault_match: str | None = None  # only requests whose text contains this; None = all
+    fault_bytes: int = 5 * 1024 * 1024  # huge_token: the size of the token
+    trickle_ms: float = 1000.0  # trickle: the gap between two bytes
 
 
 @dataclass
@@ -120,6 +163,41 @@ class FakeStats:
     in_flight: int = 0
     max_in_flight: int = 0
     requests_total: int = 0
+
+
+class RecentRequests:
+    """The raw bodies of the last generation requests, oldest first (``GET /_fake/requests``).
+
+    Bounded whatever the traffic: at most ``count`` bodies, and the older ones are dropped
+    while all of them together exceed ``budget`` bytes, so it holds at most
+    ``budget`` + the newest body (itself bounded by the server's ``client_max_size``). Raw
+    bytes, not parsed objects: a parsed chat history takes several times its JSON size.
+    """
+
+    __slots__ = ("_bodies", "_budget", "_count", "nbytes")
+
+    def __init__(self, count: int = RECENT_REQUESTS, budget: int = RECENT_BYTES) -> None:
+        self._bodies: collections.deque[bytes] = collections.deque()
+        self._count, self._budget = count, budget
+        self.nbytes = 0  # the bytes of the bodies kept
+
+    def append(self, raw: bytes) -> None:
+        """Keep ``raw`` (a JSON object's text) as the newest body; drop old ones over the bounds."""
+        bodies = self._bodies
+        bodies.append(raw)
+        self.nbytes += len(raw)
+        while len(bodies) > self._count or (self.nbytes > self._budget and len(bodies) > 1):
+            self.nbytes -= len(bodies.popleft())
+
+    def clear(self) -> None:
+        self._bodies.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._bodies)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._bodies)
 
 
 def _status_text(status: int, model: str) -> str:

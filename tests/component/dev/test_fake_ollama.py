@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +45,11 @@ DEFAULTS = {
     "error_after_tokens": None,
     "extra_latency_ms": 0,
     "load_ms": 0,
+    "fault": None,
+    "fault_after_tokens": 0,
+    "fault_match": None,
+    "fault_bytes": 5 * 1024 * 1024,
+    "trickle_ms": 1000,
 }
 RFC3339NANO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
 
@@ -440,3 +446,135 @@ def test_console_script_subprocess() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+def ndjson(raw: bytes) -> list[bytes]:
+    assert raw.endswith(b"\n")
+    return raw.split(b"\n")[:-1]
+
+
+def chat_raw(fake: FakeOllama, text: str) -> bytes:
+    r = httpx.post(f"{fake.url}/api/chat", json={"model": MODEL, "messages": user(text)})
+    assert r.status_code == 200
+    return r.content
+
+
+@pytest.mark.parametrize("token_ms", [0, 5])
+def test_malformed_lines_replace_token_k(fake: FakeOllama, token_ms: int) -> None:
+    configure(fake, tokens=5, token_ms=token_ms, fault_after_tokens=2)
+    good = list(reply_tokens("a b", 5))
+    for kind in ("not_json", "not_object", "no_message"):
+        configure(fake, fault=kind)
+        lines = ndjson(chat_raw(fake, "a b"))
+        assert len(lines) == 5
+        assert [orjson.loads(x)["message"]["content"] for x in lines[:2]] == good[:2]
+        if kind == "not_json":
+            assert lines[2] == b"this is not json"
+        elif kind == "not_object":
+            assert orjson.loads(lines[2]) == ["not", "an", "object"]
+        else:
+            bad = orjson.loads(lines[2])
+            assert set(bad) == {"model", "created_at", "done"} and bad["done"] is False
+        rest = [orjson.loads(x) for x in lines[3:]]
+        assert [c["message"]["content"] for c in rest] == good[3:]
+        assert rest[-1]["done"] is True
+
+
+def test_fault_at_the_done_line_and_on_v1(fake: FakeOllama) -> None:
+    configure(fake, tokens=3, fault="not_json", fault_after_tokens=10)
+    lines = ndjson(chat_raw(fake, "x"))
+    assert len(lines) == 3 and lines[-1] == b"this is not json"  # no done line
+    configure(fake, fault="no_message", fault_after_tokens=1)
+    payload = {"model": MODEL, "messages": user("x"), "stream": True}
+    frames = openai_frames(httpx.post(f"{fake.url}/v1/chat/completions", json=payload).content)
+    assert "choices" not in frames[1] and frames[1]["object"] == "chat.completion.chunk"
+    assert frames[-1] == "[DONE]"
+
+
+def test_fault_match_limits_the_fault(fake: FakeOllama) -> None:
+    configure(fake, tokens=4, fault="not_json", fault_match="BREAK")
+    assert ndjson(chat_raw(fake, "please BREAK here"))[0] == b"this is not json"
+    parts = list(client(fake).chat(MODEL, messages=user("all fine"), stream=True))
+    assert "".join(p.message.content or "" for p in parts) == expected_reply("all fine", 4)
+    # A non-streamed request ignores faults.
+    whole = client(fake).chat(MODEL, messages=user("BREAK"), stream=False)
+    assert whole.message.content == expected_reply("BREAK", 4)
+
+
+def test_huge_token_with_the_official_client(fake: FakeOllama) -> None:
+    configure(fake, tokens=4, fault="huge_token", fault_after_tokens=1, fault_bytes=5 << 20)
+    parts = list(client(fake).chat(MODEL, messages=user("big one"), stream=True))
+    toks = list(reply_tokens("big one", 4))
+    toks[1] = "x" * (5 << 20)
+    assert "".join(p.message.content or "" for p in parts) == "".join(toks)
+    assert parts[-1].done and parts[-1].eval_count == 4
+
+
+def test_reset_mid_stream(fake: FakeOllama) -> None:
+    configure(fake, tokens=6, token_ms=5, fault="reset", fault_after_tokens=2)
+
+    async def read() -> tuple[list[bytes], BaseException]:
+        got: list[bytes] = []
+        async with aiohttp.ClientSession() as s:
+            payload = {"model": MODEL, "messages": user("reset me")}
+            async with s.post(f"{fake.url}/api/chat", json=payload) as r:
+                assert r.status == 200
+                try:
+                    async for line in r.content:
+                        got.append(line)
+                except aiohttp.ClientError as e:
+                    return got, e
+        raise AssertionError(f"the stream ended normally after {got}")
+
+    got, exc = asyncio.run(read())
+    assert [orjson.loads(x)["message"]["content"] for x in got] == list(reply_tokens("reset me", 2))
+    assert isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientOSError), exc
+    wait_for(lambda: stats(fake)["in_flight"] == 0)
+
+
+def http_chunks(fake: FakeOllama, text: str) -> list[bytes]:
+    """POST /api/chat on a raw socket; the response body's HTTP chunks as sent."""
+    body = orjson.dumps({"model": MODEL, "messages": user(text)})
+    head = f"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection((fake.host, fake.port), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        raw = b""
+        while not raw.endswith(b"\r\n0\r\n\r\n"):
+            data = sock.recv(65536)
+            assert data, raw
+            raw += data
+    rest = raw.split(b"\r\n\r\n", 1)[1]
+    chunks: list[bytes] = []
+    while True:
+        size, rest = rest.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            return chunks
+        chunks.append(rest[: int(size, 16)])
+        rest = rest[int(size, 16) + 2 :]
+
+
+def test_trickle_sends_the_rest_one_byte_at_a_time(fake: FakeOllama) -> None:
+    configure(fake, tokens=3, fault="trickle", fault_after_tokens=2, trickle_ms=1)
+    chunks = http_chunks(fake, "slow")
+    lines = ndjson(b"".join(chunks))
+    assert "".join(orjson.loads(x)["message"]["content"] for x in lines) == expected_reply(
+        "slow", 3
+    )
+    assert [len(c) for c in chunks[:2]] == [len(x) + 1 for x in lines[:2]]  # one write a line
+    assert [len(c) for c in chunks[2:]] == [1] * (len(lines[2]) + 1)  # then one byte a write
+
+
+def test_fault_knobs_are_validated(fake: FakeOllama) -> None:
+    for body in (
+        {"fault": "explode"},
+        {"fault_after_tokens": -1},
+        {"fault_after_tokens": 1.5},
+        {"fault_match": ""},
+        {"fault_bytes": 0},
+        {"trickle_ms": -1},
+    ):
+        r = httpx.post(f"{fake.url}/_fake/config", json=body)
+        assert r.status_code == 400 and "error" in r.json(), body

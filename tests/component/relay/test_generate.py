@@ -27,13 +27,13 @@ from aiohttp import web
 from chatd.config import BackendConfig, LLMConfig
 from chatd.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from chatd.relay.backend import Reply
+from chatd.relay.failures import connection_error
 from chatd.relay.generate import Relay
 from chatd.relay.wire import (
     LineSplitter,
     OllamaDecoder,
     OpenAIDecoder,
     WireError,
-    connection_error,
     error_detail,
     keep_alive_value,
     parse_keep_alive,

@@ -78,7 +78,7 @@ def test_table() -> None:
     assert row[:7] == ["1", "4250", "3", "ready", "5m02s", "37", "60.2"]
     assert row[7:10] == ["41.3", "230.1", "48.1"]
     assert "draining (old)" in lines[lines.index(header) + 2]
-    assert "backend http://o:11434 (ollama): healthy, 2/4 in flight" in text
+    assert "backend http://o:11434 (ollama): healthy, 2/4 in flight" in text  # no split: as before
     assert "DEGRADED" not in text and is_healthy(doc())
 
 
@@ -100,3 +100,16 @@ def test_durations() -> None:
         "2h03m",
         "2d01h",
     ]
+
+
+def test_backend_line_shows_in_use_and_leased_idle_apart() -> None:
+    """A slot a worker keeps leased while nothing runs is not load: the line says how many
+    slots are in use and how many are leased but idle; a document without the split (an
+    older master) keeps the old wording."""
+    backend = {"url": "http://o:11434", "api": "ollama", "healthy": True, "max_parallel": 2}
+    split = {**backend, "in_flight": 1, "in_use": 0, "leased_idle": 1}
+    text = format_status(doc(backends=[split]))
+    assert "backend http://o:11434 (ollama): healthy, 0/2 in use, 1 leased (idle)" in text
+    assert "in flight" not in text
+    old = format_status(doc(backends=[{**backend, "in_flight": 1}]))
+    assert "backend http://o:11434 (ollama): healthy, 1/2 in flight" in old

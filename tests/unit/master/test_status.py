@@ -121,12 +121,72 @@ def test_slots_and_queue_come_from_the_master_granter() -> None:
     """With the master's granter: in_flight is what it granted, in_use what workers report,
     healthy its verdict once reported, and the queue is the daemon-wide one."""
     g = Granter([("http://a:1", 4), ("http://b:2", 4)], max_queue=7)
-    g.acquire(1, 1, ["http://a:1"], 0.0)
-    g.acquire(1, 2, ["http://a:1"], 0.0)
+    g.acquire(101, 1, ["http://a:1"], 0.0)
+    g.acquire(101, 2, ["http://a:1"], 0.0)
     g.report_health("http://a:1", True)
-    used = [{"url": "http://a:1", "in_flight": 1, "healthy": False}]
+    used = [{"url": "http://a:1", "in_flight": 1, "held": 2, "healthy": False}]
     st = status(snap(1, backends=used), slots=g.statistics())
     a, b = st["backends"]
     assert (a["in_flight"], a["in_use"], a["healthy"], a["max_parallel"]) == (2, 1, True, 4)
     assert (b["in_flight"], b["healthy"]) == (0, None)  # no report yet: unknown
     assert st["queue"] == {"depth": 0, "max": 7}
+
+
+def backends_of(st: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """(in_flight, in_use, leased_idle) of each backend of a status document."""
+    return [(b["in_flight"], b["in_use"], b["leased_idle"]) for b in st["backends"]]
+
+
+def test_an_idle_leased_slot_is_not_in_use() -> None:
+    """Right after a chat, the worker keeps its slot leased for its next message: the slot is
+    still granted (in_flight 1) but nothing runs on it: 0 in use, 1 leased idle."""
+    g = Granter([("http://a:1", 2), ("http://b:2", 2)], max_queue=7)
+    g.acquire(101, 1, ["http://a:1"], 0.0)  # granted with a lease: nobody waits
+    kept = [{"url": "http://a:1", "in_flight": 0, "held": 1}, {"url": "http://b:2"}]
+    st = status(snap(1, backends=kept), slots=g.statistics())
+    assert backends_of(st) == [(1, 0, 1), (0, 0, 0)]
+
+
+def test_slots_granted_since_the_report_are_in_use() -> None:
+    """A grant answers a request that waits for it: in use at once, before the worker's next
+    report; without any report, every slot held counts in use."""
+    g = Granter([("http://a:1", 4), ("http://b:2", 4)], max_queue=7)
+    for rid in (1, 2):
+        g.acquire(101, rid, ["http://a:1"], 0.0)
+    g.acquire(102, 1, ["http://b:2"], 0.0)
+    before = [{"url": "http://a:1", "in_flight": 0, "held": 0}]
+    st = status(snap(1, backends=before), snap(2), slots=g.statistics())
+    assert backends_of(st) == [(2, 2, 0), (1, 1, 0)]
+
+
+def test_slots_given_back_since_the_report_leave_the_idle_ones_first() -> None:
+    """What a worker gives back unasked is what it kept unused (its trim, a recall): a worker
+    that reported 1 of 2 slots idle and then gave one back has nothing idle left."""
+    g = Granter([("http://a:1", 4), ("http://b:2", 4)], max_queue=7)
+    for rid in (1, 2):
+        g.acquire(101, rid, ["http://a:1"], 0.0)
+    report = [{"url": "http://a:1", "in_flight": 1, "held": 2}]
+    st = status(snap(1, backends=report), slots=g.statistics())
+    assert backends_of(st)[0] == (2, 1, 1)
+    g.release(101, "http://a:1")
+    st = status(snap(1, backends=report), slots=g.statistics())
+    assert backends_of(st)[0] == (1, 1, 0)
+    g.release(101, "http://a:1")
+    st = status(snap(1, backends=report), slots=g.statistics())
+    assert backends_of(st)[0] == (0, 0, 0)
+
+
+def test_leased_idle_adds_up_over_workers_and_survives_nonsense() -> None:
+    """Each worker's slots are split by its own report (a report never moves another
+    worker's slots); malformed reports count as no report."""
+    g = Granter([("http://a:1", 4), ("http://b:2", 4)], max_queue=7)
+    g.acquire(101, 1, ["http://a:1"], 0.0)
+    g.acquire(102, 1, ["http://a:1"], 0.0)
+    g.acquire(103, 1, ["http://a:1"], 0.0)
+    st = status(
+        snap(1, backends=[{"url": "http://a:1", "in_flight": 0, "held": 1}]),
+        snap(2, backends=[{"url": "http://a:1", "in_flight": 0, "held": 5}, "junk"]),
+        snap(3, backends=[{"url": "http://a:1", "in_flight": "x", "held": True}]),
+        slots=g.statistics(),
+    )
+    assert backends_of(st)[0] == (3, 1, 2)

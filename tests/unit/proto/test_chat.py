@@ -283,5 +283,6 @@ def test_every_code_has_a_retryable_flag() -> None:
         "llm_error",
         "unknown_session",
         "shutting_down",
+        "store_unavailable",
         "internal",
     }

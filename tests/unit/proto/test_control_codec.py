@@ -217,3 +217,67 @@ def test_any_messages_any_chunking(messages: list[dict[str, Any]], cuts: list[in
         out += decoder.feed(data[start:end])
     assert out == messages
     assert decoder.buffered == 0
+
+
+@given(
+    data=st.binary(max_size=300)
+    | st.lists(
+        st.sampled_from([b"\x00\x00\x00", b"\x00\x00\x00\x05", b"\x81\xa1t", b"\xa1x", b"\xc1"])
+        | st.binary(max_size=12),
+        max_size=12,
+    ).map(b"".join),
+    cuts=st.lists(st.integers(min_value=0), max_size=8),
+    max_frame=st.integers(min_value=0, max_value=64) | st.just(proto.MAX_FRAME),
+)
+def test_any_bytes_any_chunking_give_messages_or_control_error(
+    data: bytes, cuts: list[int], max_frame: int
+) -> None:
+    """Whatever a peer sends, however the stream is cut, feed returns maps with string keys or
+    raises the codec's ControlError (and then keeps raising it): never another exception. The
+    messages are those of the frames before the first bad one, whatever the chunking."""
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    decoder = Decoder(max_frame)
+    out: list[dict[str, Any]] = []
+    error: ControlError | None = None
+    for start, end in itertools.pairwise(points):
+        try:
+            out += decoder.feed(data[start:end])
+        except ControlError as exc:
+            error = exc
+            break
+    for message in out:
+        assert isinstance(message, dict) and all(isinstance(k, str) for k in message)
+    if error is not None:
+        with pytest.raises(ControlError):
+            decoder.feed(b"")
+        assert decoder.buffered == 0
+    else:
+        # No error: what is left is the start of a frame, which one more feed may complete.
+        assert decoder.buffered < HEADER + min(max_frame, len(data))
+    whole = Decoder(max_frame)
+    try:
+        in_one = whole.feed(data)
+    except ControlError:
+        # In one piece the error comes first; cut, the frames before it came out already.
+        assert error is not None
+    else:
+        assert error is None and in_one == out
+
+
+HEADER = proto.HEADER_SIZE
+
+keys = st.text(max_size=8)
+messages = st.dictionaries(keys, values, max_size=5)
+
+
+@given(message=messages, kind=st.sampled_from([proto.STATUS, proto.STATS, proto.SLOT_GRANT]))
+def test_encode_then_decode_round_trips(message: dict[str, Any], kind: str) -> None:
+    """Any valid message (a map with string keys, msgpack values) comes back equal; encode
+    refuses what the decoder would refuse (too large), never producing a frame that breaks
+    the stream."""
+    msg = {**message, proto.T: kind}
+    assert Decoder().feed(encode(msg)) == [msg]
+    size = len(encode(msg)) - HEADER
+    with pytest.raises(ControlError, match="message too large"):
+        encode(msg, max_frame=size - 1)
+    assert Decoder(size).feed(encode(msg, max_frame=size)) == [msg]

@@ -9,10 +9,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
+import pytest
 
 from chatd.master.services import Services
 from chatd.proto import control as proto
-from chatd.worker.outbox import Outbox
+from chatd.worker.outbox import OutboundBudget, Outbox
 from tests.unit.master.test_services_slots import FakeWorker, FakeWorkers, config
 
 
@@ -25,6 +26,7 @@ class Sink:
         self.open = writable
         self.sent_slowly: list[bytes] = []
         self.gate: asyncio.Event | None = None
+        self.in_buffer = 0  # what buffered() reports: bytes the "peer" has not taken
 
     def writable(self) -> bool:
         return self.open
@@ -39,6 +41,9 @@ class Sink:
             await self.gate.wait()
         self.sent_slowly.append(frame)
         self.frames.append(frame)
+
+    def buffered(self) -> int:
+        return self.in_buffer
 
 
 def written(outbox: Outbox, sink: Sink, fill: Callable[[], None]) -> list[bytes]:
@@ -217,3 +222,66 @@ def test_the_watches_of_an_exited_worker_go_with_it() -> None:
     assert services.watchers == {}
     workers.deliver(a, {proto.T: proto.STORED, "session": "s1", "seq": 2})
     assert len(ib) == 2  # the two watching answers, nothing forwarded
+
+
+def test_a_reader_that_stops_reading_is_cut_off_at_its_bound() -> None:
+    """Queued frames of a slow reader count against its bound (the transport's buffer too):
+    past it the outbox drops its queue, closes, and reports the unread bytes once."""
+    budget = OutboundBudget(per_connection=10_000, per_worker=1_000_000)
+    sink = Sink(writable=False)
+    sink.gate = asyncio.Event()  # the peer reads nothing
+    sink.in_buffer = 3_000
+    overflows: list[int] = []
+    outbox = Outbox(sink, budget, lambda unread, _total: overflows.append(unread))
+
+    async def main() -> None:
+        for i in range(100):
+            outbox.put(b"x" * 500, i + 1)
+            await asyncio.sleep(0)
+        assert outbox.closed
+        assert len(overflows) == 1 and 10_000 < overflows[0] <= 10_500
+        assert budget.total == 0 and budget.overflows == 1 and outbox.queued_bytes == 0
+        outbox.put(b"after", 999)  # a closed outbox takes nothing
+        assert budget.total == 0
+
+    asyncio.run(main())
+    # What got into the "socket" before the cut: the first frame the writer task waits on.
+    assert sink.sent_slowly == []
+
+
+def test_all_slow_readers_together_are_bounded_per_worker() -> None:
+    budget = OutboundBudget(per_connection=1_000_000, per_worker=8_000)
+    overflows: list[int] = []
+    sinks = [Sink(writable=False) for _ in range(3)]
+    outboxes = [Outbox(s, budget, lambda _unread, total: overflows.append(total)) for s in sinks]
+    for s in sinks:
+        s.gate = asyncio.Event()
+
+    async def main() -> None:
+        for _ in range(5):
+            for o in outboxes:
+                o.put(b"y" * 1_000)
+                await asyncio.sleep(0)
+        assert sum(o.closed for o in outboxes) >= 1
+        assert overflows and all(8_000 < total <= 9_000 for total in overflows)
+        assert budget.total <= 8_000 + 1_000
+        for o in outboxes:
+            o.close()
+        assert budget.total == 0
+
+    asyncio.run(main())
+    assert budget.overflows == len(overflows) >= 1
+
+
+def test_a_fast_reader_is_never_cut_off_whatever_it_receives() -> None:
+    budget = OutboundBudget(per_connection=1_000, per_worker=1_000)
+    sink = Sink()
+    outbox = Outbox(sink, budget, lambda unread, _: pytest.fail(f"cut off at {unread}"))
+
+    def fill() -> None:
+        for i in range(50):
+            outbox.put(b"z" * 400, i + 1)
+            outbox.token("m", "t" * 300)
+
+    frames = written(outbox, sink, fill)
+    assert len(frames) == 100 and not outbox.closed and budget.total == 0

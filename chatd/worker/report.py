@@ -1,0 +1,66 @@
+"""What a worker reports to the master every second: the ``stats`` message.
+
+The master keeps each worker's last report: ``chatctl status`` and ``/metrics`` are built from
+them (:mod:`chatd.master.status`, :mod:`chatd.metrics`). Counters only grow; histograms are
+sent as bucket counts so the master can merge them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatd.config import Config
+from chatd.store.base import Store
+from chatd.worker.generation import Hub
+from chatd.worker.session import WorkerState
+from chatd.worker.slots import MasterSlots
+
+
+def stats_message(
+    cfg: Config, state: WorkerState, hub: Hub, store: Store, slots: MasterSlots
+) -> dict[str, Any]:
+    """The ``stats`` message a worker sends to the master every second: its counters, latency
+    histograms, store and backends as it sees them (read by ``chatctl status`` and /metrics)."""
+    stats = hub.stats
+    figures = store.statistics()
+    return {
+        "t": "stats",
+        "connections": len(state.connections),
+        "connections_total": state.connections_total,
+        "messages_total": stats.messages_total,
+        "replies_total": stats.replies_total,
+        "takeovers_total": stats.takeovers_total,
+        "errors_total": sum(stats.errors_by_code.values()),
+        "errors_by_code": dict(stats.errors_by_code),
+        "bad_frames_total": state.bad_frames_total,
+        "slow_closes_total": state.budget.overflows,
+        "outbound_bytes": state.budget.total,
+        "in_flight": hub.in_flight,
+        "queue_depth": slots.queue_depth,
+        "latency_ms": stats.latency.summary(),
+        "latency_buckets": sorted(stats.latency.counts.items()),
+        "latency_sum_ms": stats.latency.total_ms,
+        "ttft_ms": stats.ttft.summary(),
+        "ttft_buckets": sorted(stats.ttft.counts.items()),
+        "ttft_sum_ms": stats.ttft.total_ms,
+        "store": {
+            "commits": figures.commits,
+            "commit_p50_ms": figures.commit_p50_ms,
+            "commit_p99_ms": figures.commit_p99_ms,
+            "busy_retries": figures.busy_retries,
+        },
+        # The store's health (chatctl status, /metrics: chatd_store_up).
+        "store_healthy": store.health.healthy,
+        "store_failures_total": store.health.failures_total,
+        "store_error": store.health.last_error,
+        "backends": [
+            {
+                "url": b.url,
+                "healthy": slots.healthy[i],
+                "in_flight": slots.in_flight[i],
+                "held": slots.held[i],  # in use, or leased and kept unused
+            }
+            for i, b in enumerate(cfg.llm.backends)
+        ],
+        "draining": state.draining,
+    }

@@ -1,0 +1,28 @@
+"""Fuzz target: an OpenAI-compatible SSE stream as the relay decodes it (LineSplitter +
+OpenAIDecoder).
+
+    .venv/bin/python fuzz/relay_sse.py -max_total_time=60 fuzz/corpus/relay_sse/
+
+Each input is a response body; see fuzz/_wire_oracle.py for what is checked. atheris is not
+a dependency of chatd (``pip install atheris`` to run this).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from _wire_oracle import check
+
+    from chatd.relay.wire import OpenAIDecoder
+
+
+def test_one_input(data: bytes) -> None:
+    check(OpenAIDecoder, data)
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
