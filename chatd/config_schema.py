@@ -218,7 +218,7 @@ class SessionsConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
-    """``[limits]``: per-connection and per-worker limits."""
+    """``[limits]``: per-connection, per-worker and per-client limits."""
 
     max_message_bytes: int = field(
         default=16384, metadata=_doc("longest message text", at_least(1))
@@ -250,6 +250,17 @@ class LimitsConfig:
     max_worker_outbound_bytes: int = field(
         default=512 * 1024 * 1024,
         metadata=_doc("per worker: all its slow readers' frames; beyond: close", at_least(65536)),
+    )
+    max_queued_per_key: int = field(
+        default=0,
+        metadata=_doc(
+            "messages of one client waiting for an LLM slot; beyond: busy; 0 = max_queue only",
+            at_least(0),
+        ),
+    )
+    max_in_flight_per_key: int = field(
+        default=0,
+        metadata=_doc("LLM slots one client holds at once; 0 = no limit", at_least(0)),
     )
 
 

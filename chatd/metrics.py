@@ -146,6 +146,12 @@ def aggregate(
             for name, h in histograms.items()
         },
         "queue": {"depth": slots.queue_depth, "max": slots.max_queue},
+        # The busiest clients one by one, the others summed: a bounded number of series.
+        "keys": [{"key": k.key, "queued": k.queued, "in_flight": k.in_flight} for k in slots.keys],
+        "keys_other": {
+            "queued": slots.other_keys.queued,
+            "in_flight": slots.other_keys.in_flight,
+        },
         "backends": [
             {
                 "backend": b.key,
@@ -161,6 +167,7 @@ def aggregate(
             "queued_total": slots.queued_total,
             "refused_busy_total": slots.refused_busy_total,
             "refused_unavailable_total": slots.refused_unavailable_total,
+            "refused_key_busy_total": slots.refused_key_busy_total,
         },
         "worker_restarts_total": restarts_total,
         "store_up": store_up,
@@ -274,6 +281,7 @@ def render(data: Mapping[str, Any]) -> str:
         "Messages that may wait for a slot ([llm] max_queue).",
         n(queue.get("max")),
     )
+    _keys(out, data)
     backends = [b for b in data.get("backends") or () if isinstance(b, Mapping)]
     for key, kind, help_text in (
         (
@@ -302,8 +310,12 @@ def render(data: Mapping[str, Any]) -> str:
     out.single(
         "chatd_slot_grants_total", "counter", "LLM slots granted.", n(slots.get("granted_total"))
     )
-    out.family("chatd_slot_refusals_total", "counter", "LLM slot requests refused, by reason.")
-    for reason in ("busy", "unavailable"):
+    out.family(
+        "chatd_slot_refusals_total",
+        "counter",
+        "LLM slot requests refused, by reason (key_busy: the client's max_queued_per_key).",
+    )
+    for reason in ("busy", "key_busy", "unavailable"):
         out.sample(
             "chatd_slot_refusals_total", n(slots.get(f"refused_{reason}_total")), {"reason": reason}
         )
@@ -327,3 +339,21 @@ def render(data: Mapping[str, Any]) -> str:
         n(data.get("worker_restarts_total")),
     )
     return "\n".join(out.lines) + "\n"
+
+
+def _keys(out: _Text, data: Mapping[str, Any]) -> None:
+    """``chatd_key_queued`` and ``chatd_key_in_flight``: the busiest clients (at most 10) by
+    key (a token's hash or an address, as the granter has it; ``none`` for the empty key of
+    takeovers), and ``key="other"`` summing the rest, so at most 11 series each."""
+    rows = [k for k in data.get("keys") or () if isinstance(k, Mapping)][:10]
+    other = data.get("keys_other")
+    other = other if isinstance(other, Mapping) else {}
+    for field_, help_text in (
+        ("queued", "Messages of the client waiting for an LLM slot (the busiest clients)."),
+        ("in_flight", "LLM slots counted against the client: granted to it, not leased."),
+    ):
+        name = f"chatd_key_{field_}"
+        out.family(name, "gauge", help_text)
+        for k in rows:
+            out.sample(name, _number(k.get(field_)), {"key": str(k.get("key") or "none")})
+        out.sample(name, _number(other.get(field_)), {"key": "other"})

@@ -151,6 +151,16 @@ class BackendSlots:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyLoad:
+    """One client key as the granter sees it (the key is a hash or an address, never a
+    secret): requests waiting, and slots counted against it (granted, not leased)."""
+
+    key: str
+    queued: int
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
 class GranterStats:
     """A snapshot for ``chatctl status`` and ``/metrics``."""
 
@@ -163,6 +173,11 @@ class GranterStats:
     refused_unavailable_total: int
     held: Mapping[int, Mapping[str, int]] = field(default_factory=dict)
     """Owner (the master: a worker's pid) -> backend key -> slots it holds, in use or leased."""
+    refused_key_busy_total: int = 0
+    keys: tuple[KeyLoad, ...] = ()
+    """The busiest client keys (at most 10), by ``queued + in_flight``, busiest first."""
+    other_keys: KeyLoad = KeyLoad("", 0, 0)
+    """The other keys' figures, summed (its ``key`` is empty)."""
 
     def usage(self, reports: Mapping[int, Any]) -> dict[str, tuple[int, int]]:
         """Split each backend's granted slots (``in_flight``) into ``(in_use, leased_idle)``.

@@ -107,6 +107,22 @@ def _slots(b: Mapping[str, Any]) -> str:
     return f"{b.get('in_flight', 0)}/{limit} in flight"
 
 
+def _keys(keys: Any) -> str:
+    """``busiest clients (queued/in flight): 3f2a9c1b0d4e 12/1, 10.0.0.7 1/0``, or "" when no
+    client has requests waiting. A key is a token's hash (cut to 12 characters: enough to
+    tell clients apart) or an address; ``(none)`` is the key of takeovers."""
+    rows = [k for k in keys if isinstance(k, Mapping)] if isinstance(keys, list) else []
+    if not any(isinstance(k.get("queued"), int) and k["queued"] > 0 for k in rows):
+        return ""
+    cells = []
+    for k in rows:
+        key = str(k.get("key") or "(none)")
+        if len(key) == 32 and all(c in "0123456789abcdef" for c in key):
+            key = key[:12]
+        cells.append(f"{key} {k.get('queued', 0)}/{k.get('in_flight', 0)}")
+    return "busiest clients (queued/in flight): " + ", ".join(cells)
+
+
 def _table(rows: Sequence[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
@@ -162,6 +178,9 @@ def format_status(data: Mapping[str, Any]) -> str:
     q, t = data.get("queue") or {}, data.get("totals") or {}
     lat = t.get("latency_ms") or {}
     lines.append(f"queue {q.get('depth', 0)}/{q.get('max', '?')} waiting for an LLM slot")
+    busiest = _keys(q.get("keys"))
+    if busiest:
+        lines.append(busiest)
     lines.append(
         f"totals: {t.get('connections', 0)} connections, {t.get('msg_per_s', 0):.1f} msg/s, "
         f"{t.get('messages_total', 0)} messages, {t.get('errors_total', 0)} errors, "

@@ -1,13 +1,15 @@
 """What the master serves its workers over their links, besides supervision.
 
 * **LLM slots**: the master owns the daemon's :class:`chatd.master.slotgrant.Granter` and answers
-  each worker's ``slot_acquire {rid, exclude}`` with ``slot_grant {rid, backend, lease}``,
-  ``slot_queued {rid, position}`` or ``slot_refused {rid, reason}``, and sends
-  ``slot_recall`` when leased slots must come back; ``slot_release {backend, count}`` and
-  ``slot_cancel {rid}`` need no answer; ``health {backend, healthy}`` is a worker's health
-  check result. The slots and waiters of a worker that exits are taken back
-  when it is reaped: only then are its requests to the backends certainly over, so the cap
-  stays exact. (The worker side is :class:`chatd.worker.slots.MasterSlots`.)
+  each worker's ``slot_acquire {rid, exclude, key}`` with ``slot_grant {rid, backend, lease}``,
+  ``slot_queued {rid, position}`` or ``slot_refused {rid, reason}`` (``busy``, ``key_busy``,
+  ``unavailable``), and sends ``slot_recall`` when leased slots must come back;
+  ``slot_release {backend, count, key}`` and ``slot_cancel {rid}`` need no answer (a missing or
+  malformed ``key`` is ``""`` in an acquire, and none in a release: the slots were leased);
+  ``health {backend, healthy}`` is a worker's health check result. The slots and waiters of a
+  worker that exits are taken back when it is reaped: only then are its requests to the
+  backends certainly over, so the cap stays exact. (The worker side is
+  :class:`chatd.worker.slots.MasterSlots`.)
 * **Metrics**: ``metrics_request {rid}`` is answered with ``metrics {rid, data}``, the
   daemon-wide figures of :func:`chatd.metrics.aggregate`, which the worker renders for
   ``GET /metrics``.
@@ -21,8 +23,9 @@
 On the wire a backend is an index into the worker's own ``[[llm.backends]]`` list (its
 ``cfg``); the granter names backends by :func:`chatd.stats.backend_keys` (their base
 URL), so that workers of two generations with different lists can share the slots during a
-reload. The slot limits (``max_parallel``, ``max_queue``) are those last given to
-:meth:`Services.configure`: the master calls it when a new configuration takes effect.
+reload. The slot limits (``max_parallel``, ``max_queue``, ``[limits] max_queued_per_key`` and
+``max_in_flight_per_key``) are those last given to :meth:`Services.configure`: the master
+calls it when a new configuration takes effect.
 
 Runs in the master's single-threaded selector loop; every handler returns at once.
 
@@ -83,12 +86,17 @@ class Services:
         workers.on_exit.append(self._exited)
 
     def configure(self, cfg: Config) -> None:
-        """Apply ``cfg``'s backends (``max_parallel``) and ``max_queue`` to the slots from now
-        on. Backends kept by URL keep their slots in flight and their health; a lower limit
-        takes effect as slots come back; dropped backends get no new slots."""
+        """Apply ``cfg``'s backends (``max_parallel``), ``max_queue`` and per-key bounds to the
+        slots from now on. Backends kept by URL keep their slots in flight and their health; a
+        lower limit takes effect as slots come back; dropped backends get no new slots."""
         keys = backend_keys(b.url for b in cfg.llm.backends)
         pairs = [(k, b.max_parallel) for k, b in zip(keys, cfg.llm.backends, strict=True)]
-        self._send(self.granter.reconfigure(pairs, cfg.llm.max_queue))
+        limits = cfg.limits
+        self._send(
+            self.granter.reconfigure(
+                pairs, cfg.llm.max_queue, limits.max_queued_per_key, limits.max_in_flight_per_key
+            )
+        )
 
     # -- the master loop's hooks ---------------------------------------------------------------
 
@@ -118,12 +126,16 @@ class Services:
         excluded = set(exclude) if isinstance(exclude, list) else set()
         keys = self._keys_of(worker)
         allowed = [key for i, key in enumerate(keys) if i not in excluded]
-        self._send(self.granter.acquire(worker.pid, rid, allowed, time.monotonic()))
+        client = msg.get("key")
+        client = client if isinstance(client, str) else ""  # a worker that sends none: ""
+        self._send(self.granter.acquire(worker.pid, rid, allowed, time.monotonic(), client))
 
     def _release(self, worker: Worker, msg: dict[str, Any]) -> None:
         key, count = self._key(worker, msg.get("backend")), msg.get("count", 1)
+        client = msg.get("key")  # the client the slots were counted for; none: leased ones
         if key is not None and isinstance(count, int):
-            self._send(self.granter.release(worker.pid, key, count))
+            client = client if isinstance(client, str) else None
+            self._send(self.granter.release(worker.pid, key, count, client))
 
     def _cancel(self, worker: Worker, msg: dict[str, Any]) -> None:
         rid = msg.get("rid")

@@ -19,14 +19,27 @@ taken back at once.
 ones that already failed this message), that are not unhealthy and have a free slot, the
 least loaded one, ``in_flight / max_parallel``, the first in configuration order on a tie.
 
-*Who.* Waiters are served first in, first out, across the whole daemon. The granting pass
-walks the queue in order and gives each waiter a slot on its best backend; a waiter whose
-allowed backends are all full is skipped (it keeps its place) so that it does not block the
-ones behind it that could use a free slot elsewhere; the pass stops as soon as no backend
-has a free slot at all. Invariant, after every event: no waiter could be granted. Hence a
-new request is granted at once when a slot it may use is free (no waiter could use that
-slot: it is not jumping the queue), else it waits, unless ``max_queue`` are already waiting:
-then it is refused with ``busy`` at once.
+*Who.* Each request comes with a *key*, the client it is for (the worker's choice: the hash
+of the client's auth token, else its address; ``""`` for none). Waiters wait in one FIFO per
+key and the keys take turns (:mod:`chatd.master.fairqueue`, deficit round robin with a quantum
+of one request): a slot that frees goes to the next key in round-robin order, so a client
+with 50 requests waiting delays another's by one request per key waiting, not 50; a key alone
+gets every slot (work-conserving). The granting pass takes, in ring order, the first key
+under its ``max_in_flight_per_key`` and the first waiter of its FIFO with a free slot on an
+allowed backend; a waiter whose allowed backends are all full, or whose key holds its
+``max_in_flight_per_key`` slots, is skipped (it keeps its place) so that it blocks nobody; the
+pass stops as soon as no backend has a free slot. Invariant, after every event: no waiter
+could be granted. Hence a new request is granted at once when a slot it may use is free and
+its key is under its in-flight bound (no waiter could use that slot), else it waits, unless
+its key has ``max_queued_per_key`` waiting (refused at once with ``key_busy``) or ``max_queue``
+wait in all (``busy``). The per-key bound is checked first, so a key over it never takes the
+global room: with ``max_queued_per_key < max_queue`` one flooding client cannot make the
+others ``busy`` (several can: the global bound stays ``max_queue``). 0 = no bound per key.
+
+*Slots per key.* A grant that does not lease (below) counts against its key until the owner
+gives it back naming the key; a leased slot counts against no key (the owner may reuse it
+for any request, unseen), so a slot kept leased and idle counts for none. With
+``max_in_flight_per_key`` set nobody leases: every slot counts, and the bound is exact.
 
 *Health.* Workers check the backends (the master has no event loop and must not block) and
 report what they see. The granter's verdict on a backend is the *latest report received*,
@@ -38,9 +51,13 @@ A request none of whose allowed backends is healthy is refused with ``unavailabl
 and so are the waiters left with no healthy allowed backend when one goes down (failing
 fast beats a timeout: the client may retry).
 
-*Positions.* A waiter gets :class:`Queued` when it starts waiting, then again when its
-position (1 = next) has changed, at most once per ``position_interval`` seconds: the events
-mark positions dirty and :meth:`Granter.tick` sends what is due (scanning the queue at
+*Positions.* A waiter's position is 1 + the number of waiters the round robin serves before
+it, as things stand (:mod:`chatd.master.fairqueue`: its round in its key's FIFO, plus the
+keys ahead of it in the ring for that round); 1 = next. It does not grow unless a request
+arrives that is served before it (or its own key's turn went to a later waiter of its key
+that could use a slot it could not). A waiter gets :class:`Queued` when it starts waiting,
+then again when its position has changed, at most once per ``position_interval`` seconds: the
+events mark positions dirty and :meth:`Granter.tick` sends what is due (scanning the queue at
 most every ``SCAN_EVERY``); :meth:`Granter.next_due` says when to call it next.
 
 *Leases.* A master round trip per message costs CPU (figures in ``docs/slots.md``), so a
@@ -48,11 +65,12 @@ grant made while nobody waits says ``lease=True``: the owner may keep the slot w
 reuse it for its next requests without asking. A leased slot still counts in ``in_flight``
 (the cap stays exact). As soon as a request has to wait, every owner that may lease gets
 :class:`Recall`: it gives back the slots it keeps unused and keeps none until a grant leases
-again; FIFO then holds up to the requests an owner served from its leases before the recall
-reached it (one link round trip). A backend going down and a new configuration recall every
-lease too. With ``max_queue = 0`` nobody leases (an idle lease elsewhere would mean ``busy``).
+again; the order then holds up to the requests an owner served from its leases before the
+recall reached it (one link round trip). A backend going down and a new configuration recall
+every lease too. With ``max_queue = 0`` nobody leases (an idle lease elsewhere would mean
+``busy``), nor with ``max_in_flight_per_key`` (the bound needs every request seen).
 
-*Configuration.* Backends are named by a key (the base URL), so :meth:`Granter.reconfigure`
+*Configuration.* Backends are named by their base URL, so :meth:`Granter.reconfigure`
 can keep the counts of the backends a new configuration keeps; a dropped backend gets no
 new slots and is forgotten once its last slot comes back.
 """
@@ -61,55 +79,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-from chatd.stats import BackendSlots, GranterStats
+from chatd.master.fairqueue import FairQueue, KeyCounts, busiest
+from chatd.master.slotmsgs import Grant, Output, Queued, Reason, Recall, Refused
+from chatd.stats import BackendSlots, GranterStats, KeyLoad
 
 POSITION_INTERVAL = 1.0  # seconds: at most one position update per waiter per interval
 SCAN_EVERY = 0.1  # seconds: the queue is scanned for position updates at most this often
+TOP_KEYS = 10  # keys listed one by one in the statistics (the rest are summed)
 
-Reason = Literal["busy", "unavailable"]
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """``owner``'s request ``rid`` holds a slot of ``backend`` until it releases it; with
-    ``lease``, the owner may keep the slot for its next requests (nobody waits)."""
-
-    owner: int
-    rid: int
-    backend: str
-    lease: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """``owner``'s request ``rid`` waits at ``position`` (1 = next)."""
-
-    owner: int
-    rid: int
-    position: int
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """``owner``'s request ``rid`` gets no slot: the queue is full, or no backend is usable."""
-
-    owner: int
-    rid: int
-    reason: Reason
-
-
-@dataclass(frozen=True, slots=True)
-class Recall:
-    """``owner`` must give back the slots it keeps unused and keep none until a grant leases
-    again (``rid`` is always 0: it answers no request)."""
-
-    owner: int
-    rid: int = 0
-
-
-Output = Grant | Queued | Refused | Recall
+__all__ = ["Grant", "Granter", "Output", "Queued", "Reason", "Recall", "Refused"]
 
 
 @dataclass(slots=True)
@@ -131,6 +110,7 @@ class _Backend:
 class _Waiter:
     owner: int
     rid: int
+    key: str
     allowed: frozenset[str]
     position: int  # the last one sent
     sent_at: float
@@ -143,6 +123,9 @@ class Granter:
         backends: ``(key, max_parallel)`` per backend, in configuration order; keys unique.
         max_queue: how many requests may wait; one more is refused with ``busy``.
         position_interval: the shortest time between two position updates of a waiter.
+        max_queued_per_key: how many requests of one key may wait (0: no bound of its own);
+            one more is refused with ``key_busy``.
+        max_in_flight_per_key: how many slots one key may hold at once (0: no bound).
     """
 
     def __init__(
@@ -150,70 +133,85 @@ class Granter:
         backends: Sequence[tuple[str, int]],
         max_queue: int,
         position_interval: float = POSITION_INTERVAL,
+        *,
+        max_queued_per_key: int = 0,
+        max_in_flight_per_key: int = 0,
     ) -> None:
         self.backends: dict[str, _Backend] = {}
         self.max_queue = max_queue
+        self.max_queued_per_key = max_queued_per_key
+        self.max_in_flight_per_key = max_in_flight_per_key
         self.position_interval = position_interval
-        # Insertion-ordered: the FIFO queue, with O(1) removal of a cancelled waiter.
-        self._waiters: dict[tuple[int, int], _Waiter] = {}
+        self._queue: FairQueue[tuple[int, int], _Waiter] = FairQueue()
         self._held: dict[int, dict[str, int]] = {}  # owner -> backend -> slots held
+        self._keyed = KeyCounts()  # the slots counted against each key (module docstring)
         self._leasing: set[int] = set()  # owners whose last grant said lease=True
         self._dirty = False  # positions may have changed since the last tick
         self._due: float | None = None  # earliest postponed position update
         self._scanned = float("-inf")  # when tick last scanned the queue (O(queue) each)
-        self._counts = {"granted": 0, "queued": 0, "busy": 0, "unavailable": 0}
-        self.reconfigure(backends, max_queue)
+        self._counts = dict.fromkeys(("granted", "queued", "busy", "key_busy", "unavailable"), 0)
+        self.reconfigure(backends, max_queue, max_queued_per_key, max_in_flight_per_key)
 
     # -- events ------------------------------------------------------------------------------
 
-    def acquire(self, owner: int, rid: int, allowed: Iterable[str], now: float) -> list[Output]:
-        """``owner`` asks for a slot on one of the ``allowed`` backends for request ``rid``.
+    def acquire(
+        self, owner: int, rid: int, allowed: Iterable[str], now: float, key: str = ""
+    ) -> list[Output]:
+        """``owner`` asks for a slot on an ``allowed`` backend for request ``rid`` of ``key``.
 
         Returns exactly one answer for ``rid``: a grant, ``unavailable`` (no allowed backend
-        is healthy), ``busy`` (the queue is full), or the first position (then a grant or a
-        refusal follows later, unless the owner cancels or dies).
+        is healthy), ``key_busy`` (``key`` has ``max_queued_per_key`` waiting), ``busy`` (the
+        queue is full), or the first position (then a grant or a refusal follows later,
+        unless the owner cancels or dies).
         """
         allowed = frozenset(allowed)
         if not self._any_usable(allowed):
-            self._counts["unavailable"] += 1
-            return [Refused(owner, rid, "unavailable")]
-        backend = self._pick(allowed)
+            return [self._refuse(owner, rid, "unavailable")]
+        backend = self._pick(allowed) if self._key_may_grow(key) else None
         if backend is not None:
-            return [self._grant(owner, rid, backend, waiting=len(self._waiters))]
-        if len(self._waiters) >= self.max_queue:
-            self._counts["busy"] += 1
-            return [Refused(owner, rid, "busy")]
-        position = len(self._waiters) + 1
-        # A repeated (owner, rid) would replace the waiter in place: rids are the owner's to
-        # keep unique, and the older request then simply never hears back.
-        self._waiters[owner, rid] = _Waiter(owner, rid, allowed, position, now)
+            return [self._grant(owner, rid, backend, len(self._queue), key)]
+        if 0 < self.max_queued_per_key <= self._queue.queued(key):
+            return [self._refuse(owner, rid, "key_busy")]
+        if len(self._queue) >= self.max_queue:
+            return [self._refuse(owner, rid, "busy")]
+        waiter = _Waiter(owner, rid, key, allowed, 0, now)
+        # A repeated (owner, rid) replaces the older waiter: rids are the owner's to keep
+        # unique, and the older request then simply never hears back.
+        waiter.position = self._queue.push(key, (owner, rid), waiter)
+        # Unless it is served last, the waiters it is served before move back one place.
+        self._dirty = self._dirty or waiter.position < len(self._queue)
         self._counts["queued"] += 1
-        return [Queued(owner, rid, position), *self._recall_leases()]
+        return [Queued(owner, rid, waiter.position), *self._recall_leases()]
 
-    def release(self, owner: int, backend: str, count: int = 1) -> list[Output]:
+    def release(
+        self, owner: int, backend: str, count: int = 1, key: str | None = None
+    ) -> list[Output]:
         """``owner`` gives back ``count`` slots of ``backend``; waiters may get them at once.
 
+        ``key``: the slots were granted (not leased) to that client's requests; None: leased.
         Slots the owner does not hold are ignored (a release of none returns nothing).
         """
         count = min(count, self._held.get(owner, {}).get(backend, 0))
         if count <= 0:
             return []
+        if key is not None:
+            self._keyed.remove(owner, key, count)
         self._take_back(owner, backend, count)
         return self._serve_queue()
 
     def cancel(self, owner: int, rid: int) -> list[Output]:
         """``owner`` no longer waits for ``rid``. Unknown rids are ignored: when the grant
         raced the cancellation, the owner gives the slot back with :meth:`release`."""
-        if self._waiters.pop((owner, rid), None) is not None:
+        if self._queue.remove((owner, rid)) is not None:
             self._dirty = True
             # The queue is shorter, but a slot is not freer: nothing to grant.
         return []
 
     def owner_gone(self, owner: int) -> list[Output]:
         """``owner`` died: its waiters are dropped, its slots taken back and granted anew."""
-        for key in [k for k in self._waiters if k[0] == owner]:
-            del self._waiters[key]
+        if self._queue.remove_if(lambda w: w.owner == owner):
             self._dirty = True
+        self._keyed.drop_owner(owner)
         for backend, count in list(self._held.get(owner, {}).items()):
             self._take_back(owner, backend, count)
         self._held.pop(owner, None)
@@ -230,12 +228,19 @@ class Granter:
             return self._serve_queue()
         return self._recall_leases() + self._refuse_stranded()
 
-    def reconfigure(self, backends: Sequence[tuple[str, int]], max_queue: int) -> list[Output]:
-        """Apply a new configuration: ``(key, max_parallel)`` per backend, and ``max_queue``.
+    def reconfigure(
+        self,
+        backends: Sequence[tuple[str, int]],
+        max_queue: int,
+        max_queued_per_key: int = 0,
+        max_in_flight_per_key: int = 0,
+    ) -> list[Output]:
+        """Apply a new configuration: ``(key, max_parallel)`` per backend, and the bounds.
 
-        Kept backends keep their counts and health; a lower ``max_parallel`` takes effect as
-        slots come back (nothing is revoked). Dropped backends get no new slots. Waiters beyond
-        a lower ``max_queue`` keep waiting: they were promised a place.
+        Kept backends keep their counts and health; a lower ``max_parallel`` or
+        ``max_in_flight_per_key`` takes effect as slots come back (nothing is revoked).
+        Dropped backends get no new slots. Waiters beyond a lower ``max_queue`` or
+        ``max_queued_per_key`` keep waiting: they were promised a place.
         """
         keys = [key for key, _ in backends]
         if len(set(keys)) != len(keys):
@@ -251,6 +256,8 @@ class Granter:
                 b.configured = False
                 self.backends[key] = b
         self.max_queue = max_queue
+        self.max_queued_per_key = max_queued_per_key
+        self.max_in_flight_per_key = max_in_flight_per_key
         return self._recall_leases() + self._serve_queue() + self._refuse_stranded()
 
     def tick(self, now: float) -> list[Output]:
@@ -260,7 +267,7 @@ class Granter:
             return []
         out: list[Output] = []
         self._dirty, self._due, self._scanned = False, None, now
-        for position, w in enumerate(self._waiters.values(), 1):
+        for w, position in self._queue.positions():
             if position == w.position:
                 continue
             due = w.sent_at + self.position_interval
@@ -287,24 +294,32 @@ class Granter:
         """Whether ``owner`` may keep the slots it is done with (its last grant leased)."""
         return owner in self._leasing
 
+    def key_in_flight(self, key: str) -> int:
+        """The slots counted against ``key`` (granted to its requests, not leased)."""
+        return self._keyed.get(key)
+
     @property
     def queue_depth(self) -> int:
-        return len(self._waiters)
+        return len(self._queue)
 
     def statistics(self) -> GranterStats:
         c = self._counts
+        top, rest = busiest(self._queue.counts(), self._keyed.total, TOP_KEYS)
         return GranterStats(
             backends=tuple(
                 BackendSlots(b.key, b.max_parallel, b.in_flight, b.healthy, b.configured)
                 for b in self.backends.values()
             ),
-            queue_depth=len(self._waiters),
+            queue_depth=len(self._queue),
             max_queue=self.max_queue,
             granted_total=c["granted"],
             queued_total=c["queued"],
             refused_busy_total=c["busy"],
             refused_unavailable_total=c["unavailable"],
             held={owner: dict(held) for owner, held in self._held.items() if held},
+            refused_key_busy_total=c["key_busy"],
+            keys=tuple(KeyLoad(*load) for load in top),
+            other_keys=KeyLoad("", *rest),
         )
 
     # -- internals ---------------------------------------------------------------------------
@@ -323,17 +338,27 @@ class Granter:
     def _any_usable(self, allowed: frozenset[str]) -> bool:
         return any(b.usable() for b in self.backends.values() if b.key in allowed)
 
-    def _grant(self, owner: int, rid: int, b: _Backend, waiting: int) -> Grant:
-        """Grant ``b`` to ``owner``; ``waiting``: requests still queued after this grant."""
+    def _key_may_grow(self, key: str) -> bool:
+        """Whether ``key`` holds fewer than ``max_in_flight_per_key`` slots (or no bound)."""
+        cap = self.max_in_flight_per_key
+        return cap <= 0 or self._keyed.get(key) < cap
+
+    def _refuse(self, owner: int, rid: int, reason: Reason) -> Refused:
+        self._counts[reason] += 1
+        return Refused(owner, rid, reason)
+
+    def _grant(self, owner: int, rid: int, b: _Backend, waiting: int, key: str) -> Grant:
+        """Grant ``b`` to ``owner`` for ``key``; ``waiting``: requests queued after it."""
         b.in_flight += 1
         held = self._held.setdefault(owner, {})
         held[b.key] = held.get(b.key, 0) + 1
         self._counts["granted"] += 1
-        lease = waiting == 0 and self.max_queue > 0
+        lease = waiting == 0 and self.max_queue > 0 and self.max_in_flight_per_key <= 0
         if lease:
             self._leasing.add(owner)
-        else:
+        else:  # counted against its key until given back with the key (module docstring)
             self._leasing.discard(owner)
+            self._keyed.add(owner, key)
         return Grant(owner, rid, b.key, lease)
 
     def _recall_leases(self) -> list[Output]:
@@ -353,31 +378,21 @@ class Granter:
             del self.backends[key]
 
     def _serve_queue(self) -> list[Output]:
-        """The granting pass: FIFO, skipping waiters that cannot use any free slot. It stops at
-        the first point where no slot is free, usually after one grant: O(1), not O(queue)."""
+        """The granting pass: round robin across keys, skipping the waiters that cannot be
+        granted now. It stops as soon as no slot is free, usually after one grant."""
         out: list[Output] = []
-        granted: list[tuple[int, int]] = []
-        for key, w in self._waiters.items():
-            if not any(b.free() for b in self.backends.values()):
+        while any(b.free() for b in self.backends.values()):
+            w = self._queue.take(self._key_may_grow, lambda w: self._pick(w.allowed) is not None)
+            if w is None:
                 break
             backend = self._pick(w.allowed)
-            if backend is None:
-                continue
-            granted.append(key)
-            waiting = len(self._waiters) - len(granted)
-            out.append(self._grant(w.owner, w.rid, backend, waiting))
-        for key in granted:
-            del self._waiters[key]
-        self._dirty = self._dirty or bool(granted)
+            assert backend is not None
+            out.append(self._grant(w.owner, w.rid, backend, len(self._queue), w.key))
+            self._dirty = True
         return out
 
     def _refuse_stranded(self) -> list[Output]:
         """Refuse the waiters none of whose allowed backends is usable any more."""
-        out: list[Output] = []
-        for key, w in list(self._waiters.items()):
-            if not self._any_usable(w.allowed):
-                del self._waiters[key]
-                self._dirty = True
-                self._counts["unavailable"] += 1
-                out.append(Refused(w.owner, w.rid, "unavailable"))
-        return out
+        gone = self._queue.remove_if(lambda w: not self._any_usable(w.allowed))
+        self._dirty = self._dirty or bool(gone)
+        return [self._refuse(w.owner, w.rid, "unavailable") for w in gone]

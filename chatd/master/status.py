@@ -172,7 +172,10 @@ def aggregate_status(
             exited, from their last report, so that the totals never go down.
         slots: the master's LLM slot granter: backends' ``in_flight`` (split into ``in_use``
             and ``leased_idle``) and ``healthy``, and the queue, come from it (without it,
-            ``in_flight`` is the sum of the workers' reports, and there is no split).
+            ``in_flight`` is the sum of the workers' reports, and there is no split). The
+            queue then lists ``keys``, the busiest clients (at most 10, busiest first:
+            ``{key, queued, in_flight}``, the key as the granter has it: a token's hash or an
+            address), when some client has requests waiting or slots counted against it.
         others: the workers that serve no slot (a reload's new worker not ready yet, old
             ones draining): listed as ``other_workers``, and counted in the totals.
     """
@@ -196,10 +199,14 @@ def aggregate_status(
         ttft_ms=_merge_latency(everyone, "ttft"),
     )
     backends = _backends(cfg, everyone)
-    queue = {"depth": 0, "max": cfg.llm.max_queue}
+    queue: dict[str, Any] = {"depth": 0, "max": cfg.llm.max_queue}
     if slots is not None:
         _with_slots(backends, cfg, slots, everyone)
         queue = {"depth": slots.queue_depth, "max": slots.max_queue}
+        if slots.keys:  # absent rather than empty: the document stays as it was when idle
+            queue["keys"] = [
+                {"key": k.key, "queued": k.queued, "in_flight": k.in_flight} for k in slots.keys
+            ]
     return {
         "master": dict(master),
         "workers": rows,

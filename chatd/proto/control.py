@@ -18,10 +18,11 @@ Messages
 worker -> master
     ``hello {slot, pid, gen}`` first; ``ready`` once it serves; ``stats {...}`` every second from
     the worker's event loop (it doubles as the heartbeat, so a blocked loop goes silent);
-    ``draining`` to acknowledge a drain order. LLM slots: ``slot_acquire {rid, exclude}``,
-    ``slot_release {backend, count}``, ``slot_cancel {rid}``, ``health {backend, healthy}``; and
-    ``metrics_request {rid}``; live handoff: ``watch {rid, session}``, ``unwatch {session}``,
-    ``stored {session, seq}`` (see the constants below).
+    ``draining`` to acknowledge a drain order. LLM slots: ``slot_acquire {rid, exclude, key}``,
+    ``slot_release {backend, count, key}``, ``slot_cancel {rid}``,
+    ``health {backend, healthy}``; and ``metrics_request {rid}``; live handoff:
+    ``watch {rid, session}``, ``unwatch {session}``, ``stored {session, seq}`` (see the
+    constants below).
 master -> worker
     ``drain {timeout}``: stop accepting, finish the replies in flight, close clients with 1001,
     exit 0. ``stop``: exit now. LLM slots: ``slot_grant {rid, backend, lease}``,
@@ -78,14 +79,19 @@ SCALE = "scale"
 # ``stop`` from chatctl reuses STOP (above): there, a graceful stop of the whole daemon
 # LLM slots (chatd.worker.slots.MasterSlots <-> chatd.master.services.SlotService); backends are
 # indices into the worker's own [[llm.backends]] list, ``rid`` is unique per worker.
-SLOT_ACQUIRE = "slot_acquire"  # worker -> master {rid, exclude: [backend]}
-SLOT_RELEASE = "slot_release"  # worker -> master {backend, count (default 1)}
+# ``key`` names the client a request is for (a hash of its token, or its address): the master
+# serves the keys round robin. Optional: a worker that sends none asks for the key "".
+SLOT_ACQUIRE = "slot_acquire"  # worker -> master {rid, exclude: [backend], key}
+# With ``key``: the slots were counted against that client (a grant without ``lease``); without
+# it, they were kept leased (counted against no client).
+SLOT_RELEASE = "slot_release"  # worker -> master {backend, count (default 1), key}
 SLOT_CANCEL = "slot_cancel"  # worker -> master {rid}: stop waiting (a grant may still race in)
 HEALTH = "health"  # worker -> master {backend, healthy}: a health check result, on change
 SLOT_GRANT = "slot_grant"  # master -> worker {rid, backend, lease}: lease = may keep it
 SLOT_RECALL = "slot_recall"  # master -> worker: give back the slots kept unused, keep none
 SLOT_QUEUED = "slot_queued"  # master -> worker {rid, position}: 1 = next
-SLOT_REFUSED = "slot_refused"  # master -> worker {rid, reason: "busy" | "unavailable"}
+SLOT_REFUSED = "slot_refused"  # master -> worker {rid, reason: "busy" | "key_busy" | "unavailable"}
+KEY_BUSY = "key_busy"  # the reason when the request's key has max_queued_per_key waiting
 # Daemon-wide metrics for /metrics (chatd.metrics): request and answer, matched by ``rid``.
 METRICS_REQUEST = "metrics_request"  # worker -> master {rid}
 METRICS = "metrics"  # master -> worker {rid, data}

@@ -45,7 +45,7 @@ from chatd.store.base import LEASE_S, Appended, Store
 from chatd.worker import leases
 from chatd.worker.handoff import Listeners, MasterChannel
 from chatd.worker.history import History
-from chatd.worker.slots import QueueFull, Slots
+from chatd.worker.slots import KeyBusy, QueueFull, Slots
 
 log = logging.getLogger("chatd.generation")
 
@@ -101,27 +101,29 @@ class Hub(Listeners):
 
     # -- messages -------------------------------------------------------------------------
 
-    async def submit(self, session: str, msg: chat.Message) -> Appended:
+    async def submit(self, session: str, msg: chat.Message, key: str = "") -> Appended:
         """Append a user message; start its generation unless it was already stored.
 
+        ``key`` names the client it comes from (a hash of its token, or its address; never a
+        secret): the master's slot queue serves clients round robin and bounds each one.
         Returns the append result; the caller sends the ``ack`` (only after this returned,
         so only after the commit).
         """
         model = msg.model or self.cfg.llm.model
         self._enter()
         try:
-            return await self._submit(session, msg, model)
+            return await self._submit(session, msg, model, key)
         finally:
             self._leave()
 
-    async def _submit(self, session: str, msg: chat.Message, model: str) -> Appended:
+    async def _submit(self, session: str, msg: chat.Message, model: str, key: str) -> Appended:
         appended = await self.store.append_user(session, msg.id, msg.text, model)
         if appended.duplicate:
             return appended
         self.stats.messages_total += 1
         # The history is read (on a cache miss) inside the task, so the ack is not delayed.
         history = self.history.cached(session, appended.seq, msg.text)
-        self._start(session, msg.id, model, history, (appended.seq, msg.text))
+        self._start(session, msg.id, model, history, (appended.seq, msg.text), key)
         return appended
 
     def _start(
@@ -131,9 +133,11 @@ class Hub(Listeners):
         model: str,
         history: list[dict[str, str]] | None,
         turn: tuple[int, str],
+        client: str = "",
     ) -> None:
+        """``client``: the key of the slot request ("" for a takeover: nobody is connected)."""
         key = (session, msg_id)
-        task = asyncio.create_task(self._generate(session, msg_id, model, history, turn))
+        task = asyncio.create_task(self._generate(session, msg_id, model, history, turn, client))
         self.running[key] = task
         self._enter()  # the task keeps the hub busy until it ends
         task.add_done_callback(lambda _t: self._finished(key))
@@ -243,11 +247,12 @@ class Hub(Listeners):
         model: str,
         messages: list[dict[str, str]] | None,
         turn: tuple[int, str],
+        client: str,
     ) -> None:
         """Steps 3-5 of a message: slot, stream, store the final event, publish it.
 
         ``messages`` is the model context from the cache, or None to read it from the store;
-        ``turn`` is the user message's ``(seq, text)``.
+        ``turn`` is the user message's ``(seq, text)``; ``client`` the key of its slot request.
         """
         t0 = time.monotonic()
         parts: list[str] = []
@@ -266,7 +271,9 @@ class Hub(Listeners):
         try:
             if messages is None:
                 messages = await self.history.load(session, *turn)
-            reply = await self._attempts(model, messages, on_token, on_notice, on_position, parts)
+            reply = await self._attempts(
+                model, messages, on_token, on_notice, on_position, parts, client
+            )
         except asyncio.CancelledError:
             if (session, msg_id) not in self._cancelled:
                 raise  # the worker is stopping: the message stays unanswered for a takeover
@@ -274,6 +281,16 @@ class Hub(Listeners):
             return
         except UpstreamError as exc:
             await self._store_error(session, msg_id, exc.code, exc.message)
+            return
+        except KeyBusy:  # this client's own bound: the others still get their turns
+            await self._store_error(
+                session,
+                msg_id,
+                "busy",
+                "Too many of your messages are waiting for the model "
+                f"({self.cfg.limits.max_queued_per_key} at most per client): "
+                "send it again later with a new id.",
+            )
             return
         except QueueFull:
             await self._store_error(
@@ -303,12 +320,14 @@ class Hub(Listeners):
         on_notice: Callable[[str, str], None],
         on_position: Callable[[int], None],
         parts: list[str],
+        client: str,
     ) -> Reply:
-        """Acquire a slot and generate; retry elsewhere only before the first token."""
+        """Acquire a slot (for ``client``) and generate; retry elsewhere only before the first
+        token."""
         failed: set[int] = set()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             exclude = frozenset(failed) if len(failed) < len(self.cfg.llm.backends) else frozenset()
-            backend = await self.slots.acquire(on_position, exclude)
+            backend = await self.slots.acquire(on_position, exclude, client)
             try:
                 return await self.relay.generate(backend, model, messages, on_token, on_notice)
             except UpstreamError as exc:
@@ -322,7 +341,7 @@ class Hub(Listeners):
                     raise
                 on_notice("retrying", f"{exc.message} Retrying ({attempt + 1}/{MAX_ATTEMPTS}).")
             finally:
-                self.slots.release(backend)
+                self.slots.release(backend, client)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _store_reply(

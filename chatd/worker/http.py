@@ -15,6 +15,7 @@ import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
+from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -24,6 +25,8 @@ from websockets.http11 import Request, Response
 
 from chatd.config import Config
 from chatd.metrics import CONTENT_TYPE
+from chatd.worker.httpconn import Request as HttpRequest
+from chatd.worker.httpconn import Responder
 
 
 def token_of(request: Request) -> str:
@@ -122,6 +125,24 @@ class HttpEndpoints:
             "Unauthorized",
             "missing or invalid token: send Authorization: Bearer TOKEN\n",
             WWW_Authenticate='Bearer realm="chatd metrics"',
+        )
+
+    async def serve_http(self, request: HttpRequest, responder: Responder) -> None:
+        """The plain HTTP side (:mod:`chatd.worker.front`): the same answers as
+        :meth:`process_request` gives before a handshake, for requests that are no upgrade."""
+        path = urlsplit(request.target).path
+        if path == "/ws":
+            response = _text(426, "Upgrade Required", "/ws speaks WebSocket: send an upgrade\n")
+            response.headers["Upgrade"] = "websocket"
+        else:
+            peer = SimpleNamespace(remote_address=(request.peer, 0))
+            ws_request = Request(request.target, request.headers)
+            answer = self.process_request(peer, ws_request)  # type: ignore[arg-type]
+            if answer is None:
+                answer = _text(404, "Not Found", f"no such endpoint: {path[:100]}\n")
+            response = answer if isinstance(answer, Response) else await answer
+        await responder.send(
+            response.status_code, response.headers.raw_items(), bytes(response.body)
         )
 
     async def _metrics(self) -> Response:

@@ -42,6 +42,7 @@ from chatd.proto import control as proto
 from chatd.relay.generate import Relay
 from chatd.spec import WorkerSpec
 from chatd.store import open_store
+from chatd.worker.front import Front, connection_class
 from chatd.worker.generation import Hub
 from chatd.worker.http import HttpEndpoints
 from chatd.worker.link import MasterLink
@@ -68,10 +69,8 @@ def frame_limit(cfg: Config) -> int:
 
 
 def limit_headers(count: int) -> None:
-    """At most ``count`` header lines per request: more get 431 from websockets' own parser,
-    before they are held in memory. websockets reads this module constant (documented, and
-    set by its ``WEBSOCKETS_MAX_NUM_HEADERS`` environment variable at import) at each parse;
-    the worker sets it from the configuration after the fork. A test pins the name."""
+    """At most ``count`` header lines per upgrade request: more get 431 from websockets' own
+    parser (its documented constant, read at each parse; pinned by a test)."""
     websockets.http11.MAX_NUM_HEADERS = count
 
 
@@ -105,6 +104,7 @@ class Worker:
             auth_on=bool(self.cfg.auth.tokens),
         )
         self.server: Server | None = None
+        self.front: Front | None = None  # the plain HTTP side of the port
         self._stop = asyncio.Event()
         self._fast = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -131,6 +131,12 @@ class Worker:
             per_ip=lambda ip: self.state.per_ip.get(ip, 0),
         )
         limit_headers(self.cfg.limits.max_header_count)
+        self.front = Front(
+            endpoints.serve_http,
+            max_header_bytes=self.cfg.limits.max_header_bytes,
+            max_header_count=self.cfg.limits.max_header_count,
+            open_timeout=self.cfg.limits.hello_timeout,
+        )
         server = self.cfg.server
         ssl_context = (
             tls.server_context(server.tls_cert, server.tls_key) if server.tls_cert else None
@@ -148,6 +154,7 @@ class Worker:
             open_timeout=self.cfg.limits.hello_timeout,
             server_header=None,
             ssl=ssl_context,
+            create_connection=connection_class(self.front),
         )
         self._tasks.append(asyncio.create_task(self._health_loop()))
         self._tasks.append(asyncio.create_task(self._store_probe_loop()))
@@ -263,6 +270,8 @@ class Worker:
         self.link.send_draining()
         assert self.server is not None
         self.server.close(close_connections=False)
+        if self.front is not None:
+            self.front.close_http()
         deadline = time.monotonic() + self.cfg.server.graceful_timeout
         await self._wait_replies(deadline)
         if self.hub.running:
@@ -322,6 +331,8 @@ class Worker:
         self.state.draining = self.state.closing = True
         if self.server is not None:
             self.server.close(close_connections=False)
+        if self.front is not None:
+            self.front.close_http()
         await self._stop_generations()
         await self._close_clients(1.0)
         await self._shutdown()
@@ -353,6 +364,8 @@ class Worker:
             await self.hub.hand_back(unanswered)
 
     async def _shutdown(self) -> None:
+        if self.front is not None:
+            self.front.abort_http()
         await self._stop_generations()
         for task in self._tasks:
             task.cancel()

@@ -109,6 +109,14 @@ def owner_of(ws: ServerConnection, auth_on: bool) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
 
 
+def client_key(ws: ServerConnection, auth_on: bool) -> str:
+    """The key the master's slot queue serves round robin and bounds per client: the hash of
+    the auth token (:func:`owner_of`) when auth is on, else the peer's address."""
+    if auth_on:
+        return owner_of(ws, auth_on)
+    return ws.remote_address[0] if ws.remote_address else ""
+
+
 async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
     """Serve one client until it leaves, breaks the protocol, or the worker drains."""
     loop = asyncio.get_running_loop()
@@ -253,7 +261,8 @@ async def _run(
                 )
                 continue
             try:
-                appended = await state.hub.submit(conn.session, action)
+                key = client_key(ws, state.auth_on)
+                appended = await state.hub.submit(conn.session, action, key)
             except StoreError as exc:
                 # Not acknowledged: the client resends it, same id, once the store is back
                 # (the id makes a resend of a message that was stored after all harmless).

@@ -1,15 +1,17 @@
 """LLM slots: how many requests may be in flight to each backend, and who waits for one.
 
 A slot is the right to send one generation request to one backend. Requests in flight to a
-backend never exceed its ``max_parallel``; waiters are served first in, first out, each by
-the least-loaded healthy backend it accepts; at most ``max_queue`` wait (then ``busy``).
+backend never exceed its ``max_parallel``; waiters are served each by the least-loaded healthy
+backend it accepts; at most ``max_queue`` wait (then ``busy``). Each request names its client
+(its *key*): the master serves keys round robin, each bounded (:class:`KeyBusy`).
 
 Two implementations of the :class:`Slots` protocol the generation code uses:
 
 * :class:`MasterSlots`, what a worker under the master uses (always, in production): the
-  master grants the slots of every worker (:mod:`chatd.master.slotgrant`, the daemon-wide cap, FIFO
-  and queue), this class asks it over the worker's link and waits for the answer;
-* :class:`LocalSlots`, the same rules within one process, for in-process use and tests.
+  master grants the slots of every worker (:mod:`chatd.master.slotgrant`: the daemon-wide cap,
+  the round robin across keys, the queue); this class asks it over the worker's link;
+* :class:`LocalSlots`, the same rules within one process (but first in, first out, whatever
+  the key), for in-process use and tests.
 """
 
 from __future__ import annotations
@@ -36,16 +38,25 @@ class QueueFull(Exception):
     """The queue of waiters is full: the client gets ``busy``."""
 
 
+class KeyBusy(QueueFull):
+    """The request's key (its client) has ``max_queued_per_key`` requests waiting: the client
+    gets ``busy`` too, saying so (a :class:`QueueFull`, for callers that need not tell)."""
+
+
 class Slots(Protocol):
     """What a generation needs: a slot on some backend, and to give it back."""
 
     async def acquire(
-        self, on_position: Callable[[int], None], exclude: frozenset[int] = frozenset()
+        self,
+        on_position: Callable[[int], None],
+        exclude: frozenset[int] = frozenset(),
+        key: str = "",
     ) -> int:
-        """Wait for a slot; return the backend index. Raises QueueFull or UpstreamUnavailable."""
+        """Wait for a slot for a request of client ``key``; return the backend index.
+        Raises QueueFull (KeyBusy: ``key``'s own bound) or UpstreamUnavailable."""
 
-    def release(self, backend: int) -> None:
-        """Give back a slot taken by ``acquire``."""
+    def release(self, backend: int, key: str = "") -> None:
+        """Give back a slot taken by ``acquire`` (with the same ``key``)."""
 
     def set_healthy(self, backend: int, healthy: bool) -> None:
         """Record a health check; an unhealthy backend gets no slots until it recovers."""
@@ -90,7 +101,10 @@ class LocalSlots:
         return any(self.healthy[i] for i in range(len(self.backends)) if i not in exclude)
 
     async def acquire(
-        self, on_position: Callable[[int], None], exclude: frozenset[int] = frozenset()
+        self,
+        on_position: Callable[[int], None],
+        exclude: frozenset[int] = frozenset(),
+        key: str = "",
     ) -> int:
         if not self._any_usable(exclude):
             raise UpstreamUnavailable(
@@ -118,7 +132,7 @@ class LocalSlots:
                 self._waiters.remove(waiter)
             raise
 
-    def release(self, backend: int) -> None:
+    def release(self, backend: int, key: str = "") -> None:
         self.in_flight[backend] -= 1
         self._grant()
 
@@ -169,6 +183,7 @@ class LocalSlots:
 class _Request:
     future: asyncio.Future[int]
     on_position: Callable[[int], None]
+    key: str
 
 
 class MasterSlots:
@@ -179,20 +194,23 @@ class MasterSlots:
     wire messages are in :mod:`chatd.proto.control`; the granting rules, leases included,
     in :mod:`chatd.master.slotgrant`.
 
-    A request is ``slot_acquire {rid, exclude}``; the master answers ``slot_grant {rid,
-    backend, lease}``, or ``slot_refused`` (``busy``: :class:`QueueFull`; ``unavailable``:
-    :class:`UpstreamUnavailable`), or ``slot_queued {position}`` first, as often as the
-    position changes (at most once a second). A waiter that goes away (its task is
-    cancelled) sends ``slot_cancel``; a grant that raced it (or any grant nobody waits for)
-    is given back at once with ``slot_release``.
+    A request is ``slot_acquire {rid, exclude, key}``; the master answers ``slot_grant {rid,
+    backend, lease}``, or ``slot_refused`` (``busy``: :class:`QueueFull`; ``key_busy``:
+    :class:`KeyBusy`; ``unavailable``: :class:`UpstreamUnavailable`), or ``slot_queued
+    {position}`` first, as often as the position changes (at most once a second). A waiter
+    that goes away (its task is cancelled) sends ``slot_cancel``; a grant that raced it (or
+    any grant nobody waits for) is given back at once with ``slot_release``.
 
     *Leases.* While the last grant said ``lease`` (and no request of ours waits for the
     master's answer), a slot this worker is done with is kept instead of released, and the
     next request takes a kept slot (the least busy allowed backend) without asking the
-    master: no round trip. ``slot_recall`` ends that: the kept
-    slots go back at once (``slot_release {backend, count}``) and every later release is
-    sent, until a grant leases again. Slots kept unused for a whole ``LEASE_IDLE`` period go
-    back too (low-water mark per period), so an idle worker holds none.
+    master: no round trip. ``slot_recall`` ends that: the kept slots go back at once
+    (``slot_release {backend, count}``) and every later release is sent, until a grant leases
+    again. Slots kept unused for a whole ``LEASE_IDLE`` period go back too (low-water mark
+    per period), so an idle worker holds none.
+
+    *Keys.* A slot granted without ``lease`` counts against its request's key at the master
+    until given back, so it is never kept and its ``slot_release`` names the key.
 
     When the link ends, every waiter fails with :class:`UpstreamUnavailable`; the slots held
     are the master's to take back when this process exits.
@@ -219,6 +237,7 @@ class MasterSlots:
         self._requests: dict[int, _Request] = {}
         self._next_rid = 0
         self._low = [0] * len(self.backends)  # fewest slots kept unused since the last trim
+        self._keyed: list[dict[str, int]] = [{} for _ in self.backends]  # (Keys) by backend
         self._trim: asyncio.TimerHandle | None = None
 
     @property
@@ -227,7 +246,10 @@ class MasterSlots:
         return len(self._requests)
 
     async def acquire(
-        self, on_position: Callable[[int], None], exclude: frozenset[int] = frozenset()
+        self,
+        on_position: Callable[[int], None],
+        exclude: frozenset[int] = frozenset(),
+        key: str = "",
     ) -> int:
         if self.leasing and not self._requests:  # none of ours waits: no overtaking
             kept = self._pick_kept(exclude)
@@ -238,8 +260,11 @@ class MasterSlots:
         self._next_rid += 1
         rid = self._next_rid
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._requests[rid] = _Request(future, on_position)  # before sending: answers may be quick
-        if not self._send({proto.T: proto.SLOT_ACQUIRE, "rid": rid, "exclude": sorted(exclude)}):
+        self._requests[rid] = _Request(future, on_position, key)  # before sending: quick answers
+        acquire = {proto.T: proto.SLOT_ACQUIRE, "rid": rid, "exclude": sorted(exclude)}
+        if key:  # absent means ""
+            acquire["key"] = key
+        if not self._send(acquire):
             del self._requests[rid]
             raise _master_gone()
         try:
@@ -248,12 +273,18 @@ class MasterSlots:
             if self._requests.pop(rid, None) is not None:
                 self._send({proto.T: proto.SLOT_CANCEL, "rid": rid})
             elif future.done() and not future.cancelled() and future.exception() is None:
-                self.release(future.result())  # granted, but the waiter went away first
+                self.release(future.result(), key)  # granted, but the waiter went away first
             raise
 
-    def release(self, backend: int) -> None:
+    def release(self, backend: int, key: str = "") -> None:
         self.in_flight[backend] -= 1
-        if self.leasing and not self._requests:
+        keyed = self._keyed[backend]
+        if keyed.get(key, 0) > 0:  # counted against the key: back to the master, naming it
+            keyed[key] -= 1
+            if not keyed[key]:
+                del keyed[key]
+            self._give_back(backend, 1, key)
+        elif self.leasing and not self._requests:
             self._schedule_trim()
         else:  # nobody may keep it, or one of ours waits at the master: FIFO goes through it
             self._give_back(backend, 1)
@@ -292,12 +323,18 @@ class MasterSlots:
             self.leasing = msg.get("lease") is True
             self.held[backend] += 1
             self.in_flight[backend] += 1
+            key = req.key if req is not None else ""
+            if not self.leasing:
+                keyed = self._keyed[backend]
+                keyed[key] = keyed.get(key, 0) + 1
             if req is None or req.future.done():
-                self.release(backend)  # nobody waits for it (cancelled): keep or give back
+                self.release(backend, key)  # nobody waits for it (cancelled): give it back
             else:
                 req.future.set_result(backend)
         elif kind == proto.SLOT_REFUSED and req is not None and not req.future.done():
-            if msg.get("reason") == "busy":
+            if msg.get("reason") == proto.KEY_BUSY:
+                req.future.set_exception(KeyBusy())
+            elif msg.get("reason") == "busy":
                 req.future.set_exception(QueueFull())
             else:
                 req.future.set_exception(
@@ -331,7 +368,7 @@ class MasterSlots:
                 best = i
         return best
 
-    def _give_back(self, backend: int, count: int) -> None:
+    def _give_back(self, backend: int, count: int, key: str | None = None) -> None:
         if count <= 0:
             return
         self.held[backend] -= count
@@ -339,6 +376,8 @@ class MasterSlots:
         msg: dict[str, Any] = {proto.T: proto.SLOT_RELEASE, "backend": backend}
         if count != 1:
             msg["count"] = count
+        if key is not None:
+            msg["key"] = key
         self._send(msg)
 
     def _schedule_trim(self) -> None:

@@ -1,0 +1,186 @@
+"""The front of a worker's port: each new connection goes to WebSocket or to plain HTTP.
+
+websockets' server accepts every connection on the slot's socket and builds its
+``ServerConnection`` for it. :class:`FrontConnection` is that connection, with one more step
+before websockets sees anything: it reads the first request head and
+
+* a WebSocket upgrade (``Upgrade: websocket``) goes on exactly as before: websockets parses
+  the same bytes, runs ``process_request`` (limits, origin, auth) and the handshake, and the
+  connection is a ``ServerConnection`` for its whole life (so the sans-I/O protocol stays
+  websockets', which a later handoff of open WebSockets between workers relies on);
+* anything else becomes an :class:`~chatd.worker.httpconn.HttpConnection` (the same
+  transport, the bytes read so far), which answers the HTTP endpoints and streams the
+  Ollama/OpenAI APIs (NDJSON, SSE), something websockets' ``process_request`` cannot: it
+  answers whole responses only.
+
+Why this and not aiohttp.web for both: measured (docs/benchmarks.md, "HTTP front"), the
+WebSocket path stays websockets' own, byte for byte after the head, so its cost and its
+per-connection memory do not change; and aiohttp's WebSocket could not adopt an already-open
+connection handed over from another process without private internals.
+
+The hook is websockets' documented ``create_connection`` argument of ``serve`` ("a wrapper or a
+subclass to customize connection handling"); what it relies on beyond that (``connection_made``
+starting the handshake task, ``data_received`` feeding the sans-I/O parser) is pinned by
+``tests/unit/worker/test_websockets_internals.py``.
+
+Bounds before the handover: a head over ``max_header_bytes`` gets 431 and is closed; a
+connection that sends no complete head within ``open_timeout`` is closed (websockets' own
+``open_timeout`` starts only after the handover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar, cast
+
+from websockets.asyncio.server import ServerConnection
+
+from chatd.worker.httpconn import Handler, HttpConnection
+
+
+class Front:
+    """What the front needs of its worker: the HTTP handler, the bounds, and the registry of
+    open HTTP connections (a drain closes them)."""
+
+    def __init__(
+        self, handler: Handler, *, max_header_bytes: int, max_header_count: int, open_timeout: float
+    ) -> None:
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.max_header_count = max_header_count
+        self.open_timeout = open_timeout
+        self.http: set[HttpConnection] = set()
+        self.sniffing: dict[FrontConnection, _Sniff] = {}  # connections before the handover
+
+    def close_http(self) -> None:
+        """A drain: close the idle HTTP connections now, the others after their response."""
+        for conn in list(self.http):
+            conn.close_when_idle()
+
+    def abort_http(self) -> None:
+        """The end of a stop: whatever HTTP connection is left is closed at once."""
+        for conn in list(self.http):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+
+def _is_upgrade(head: bytes) -> bool:
+    """Whether a request head asks for a WebSocket (an ``Upgrade`` header naming it)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
+            return True
+    return False
+
+
+class _Sniff:
+    """A connection's state while its first request head is read, or after a refusal."""
+
+    __slots__ = ("head", "refused", "timer", "transport")
+
+    def __init__(self, transport: asyncio.Transport, timer: asyncio.TimerHandle) -> None:
+        self.transport = transport
+        self.timer: asyncio.TimerHandle | None = timer
+        self.head = bytearray()
+        self.refused = False  # a 431 was written: the rest is read and dropped
+
+    def timer_off(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class FrontConnection(ServerConnection):
+    """websockets' connection, which first reads the request head (see the module).
+
+    It adds no attribute to the connection: the state of a connection being sniffed lives in
+    :attr:`Front.sniffing` until the handover (a WebSocket then costs exactly what it cost
+    before, per message and in memory)."""
+
+    front: ClassVar[Front]
+    """Set on a subclass per worker (:func:`connection_class`)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not websockets' yet: its handshake task starts only for an upgrade.
+        # cast: uvloop's TCPTransport has Transport's methods without subclassing it.
+        t = cast(asyncio.Transport, transport)
+        timer = self.loop.call_later(self.front.open_timeout, t.abort)
+        self.front.sniffing[self] = _Sniff(t, timer)
+
+    def data_received(self, data: bytes) -> None:
+        sniff = self.front.sniffing.get(self)
+        if sniff is None:
+            super().data_received(data)  # a WebSocket: websockets' from the first byte on
+            return
+        if sniff.refused:
+            return  # dropped until the client stops sending
+        head = sniff.head
+        head += data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > self.front.max_header_bytes:
+                self._refuse(sniff)
+            return
+        del self.front.sniffing[self]
+        sniff.timer_off()
+        buffered = bytes(head)
+        transport = sniff.transport
+        if _is_upgrade(buffered[:end]):
+            super().connection_made(transport)
+            super().data_received(buffered)
+            return
+        front = self.front
+        http = HttpConnection(
+            front.handler, front.http, front.max_header_count, front.max_header_bytes
+        )
+        transport.set_protocol(http)
+        http.connection_made(transport)
+        http.data_received(buffered)
+
+    def _refuse(self, sniff: _Sniff) -> None:
+        """431, then a lingering close: the client still sending its headers would get a
+        reset (not the answer) if the socket closed with its data unread, so the rest is read
+        and dropped for a moment, after the write side is shut."""
+        sniff.refused = True
+        sniff.head = bytearray()
+        sniff.timer_off()
+        transport = sniff.transport
+        transport.write(_TOO_LARGE)
+        if transport.can_write_eof():
+            transport.write_eof()
+            sniff.timer = self.loop.call_later(2.0, transport.close)
+        else:
+            transport.close()
+
+    def eof_received(self) -> None:
+        if self not in self.front.sniffing:
+            super().eof_received()
+        # Else closed before a whole head, or after a refusal: the transport closes.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        sniff = self.front.sniffing.pop(self, None)
+        if sniff is None:
+            super().connection_lost(exc)
+        else:
+            sniff.timer_off()
+
+    def pause_writing(self) -> None:
+        if self not in self.front.sniffing:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self not in self.front.sniffing:
+            super().resume_writing()
+
+
+_TOO_LARGE_BODY = b"request headers over the limit\n"
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
+)
+
+
+def connection_class(front: Front) -> type[FrontConnection]:
+    """The ``create_connection`` class for websockets' ``serve``, bound to this worker's
+    :class:`Front`."""
+    return type("WorkerFrontConnection", (FrontConnection,), {"front": front})

@@ -1,0 +1,180 @@
+"""The worker's front on a real socket: WebSocket upgrades go to websockets as before, anything
+else to the plain HTTP connection (whole and streamed responses, keep-alive, HEAD, bounds, and
+a client that leaves cancelling its request). This also pins the websockets internals the front
+relies on (``create_connection``, a deferred ``connection_made``): an upgrade changing them
+fails here."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from chatd.worker import httpconn
+from chatd.worker.front import Front, connection_class
+from chatd.worker.httpconn import Request, Responder
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class App:
+    """An HTTP handler recording what it saw; /stream streams, /wait waits until cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.seen: list[tuple[str, str, bytes]] = []
+
+    async def __call__(self, req: Request, resp: Responder) -> None:
+        self.seen.append((req.method, req.target, req.body))
+        if req.target == "/stream":
+            await resp.start(200, [("Content-Type", "application/x-ndjson")])
+            for i in range(3):
+                await resp.write(b'{"n":%d}\n' % i)
+            await resp.end()
+        elif req.target == "/wait":
+            self.waiting.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        elif req.target == "/fail":
+            raise ValueError("a bug")
+        else:
+            body = b"hello " + req.body
+            await resp.send(200, [("Content-Type", "text/plain")], body)
+
+
+async def echo(ws: ServerConnection) -> None:
+    async for message in ws:
+        await ws.send(message)
+
+
+async def started(app: App, **limits: Any) -> AsyncIterator[tuple[int, Front]]:
+    front = Front(
+        app,
+        max_header_bytes=limits.get("max_header_bytes", 4096),
+        max_header_count=limits.get("max_header_count", 16),
+        open_timeout=limits.get("open_timeout", 5.0),
+    )
+    async with serve(echo, "127.0.0.1", 0, create_connection=connection_class(front)) as server:
+        yield server.sockets[0].getsockname()[1], front
+
+
+def run(test: Callable[[int, Front, App], Any], **limits: Any) -> None:
+    async def main() -> None:
+        app = App()
+        async for port, front in started(app, **limits):
+            await test(port, front, app)
+
+    asyncio.run(main())
+
+
+def blocking(fn: Callable[[], Any]) -> Any:
+    return asyncio.to_thread(fn)
+
+
+def test_whole_and_streamed_responses_on_one_keep_alive_connection() -> None:
+    async def test(port: int, front: Front, app: App) -> None:
+        def client() -> list[Any]:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("POST", "/x", body=b"world")
+            r1 = c.getresponse()
+            first = (r1.status, r1.read())
+            c.request("GET", "/stream")
+            r2 = c.getresponse()
+            second = (r2.status, r2.getheader("Transfer-Encoding"), r2.read())
+            c.request("HEAD", "/x")
+            r3 = c.getresponse()
+            third = (r3.status, r3.getheader("Content-Length"), r3.read())
+            c.close()
+            return [first, second, third]
+
+        got = await blocking(client)
+        assert got[0] == (200, b"hello world")
+        assert got[1] == (200, "chunked", b'{"n":0}\n{"n":1}\n{"n":2}\n')
+        assert got[2] == (200, "6", b"")  # HEAD: the length a GET would have, no body
+        assert [s[:2] for s in app.seen] == [("POST", "/x"), ("GET", "/stream"), ("HEAD", "/x")]
+        assert len(front.http) <= 1
+
+    run(test)
+
+
+def test_a_websocket_upgrade_still_goes_to_websockets() -> None:
+    async def test(port: int, front: Front, app: App) -> None:
+        async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.send("ping me")
+            assert await ws.recv() == "ping me"
+        assert app.seen == [] and not front.http
+
+    run(test)
+
+
+def test_a_client_that_leaves_cancels_its_request() -> None:
+    async def test(port: int, front: Front, app: App) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(app.waiting.wait(), 5)
+        writer.close()
+        await asyncio.wait_for(app.cancelled.wait(), 5)
+
+    run(test)
+
+
+def raw(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+        return got
+
+
+def test_bounds_and_bad_requests() -> None:
+    async def test(port: int, front: Front, app: App) -> None:
+        big = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 100) for i in range(60))
+        assert (await blocking(lambda: raw(port, big + b"\r\n"))).startswith(b"HTTP/1.1 431 ")
+        many = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(20)) + b"\r\n"
+        assert (await blocking(lambda: raw(port, many))).startswith(b"HTTP/1.1 431 ")
+        junk = b"FROB /x HTTP/9.9\r\n\r\n"
+        assert (await blocking(lambda: raw(port, junk))).startswith(b"HTTP/1.1 400 ")
+        failing = b"GET /fail HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = await blocking(lambda: raw(port, failing))
+        assert answer.startswith(b"HTTP/1.1 500 ") and b"log reference" in answer
+        # Two requests in one write (pipelining): the first is answered, then the connection
+        # closes; the second is not served.
+        two = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = await blocking(lambda: raw(port, two))
+        assert answer.count(b"HTTP/1.1 200 ") == 1 and b"Connection: close" in answer
+        assert ("GET", "/b", b"") not in app.seen
+
+    run(test, max_header_bytes=4096, max_header_count=16)
+
+
+def test_a_body_over_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpconn, "MAX_BODY", 1000)
+
+    async def test(port: int, front: Front, app: App) -> None:
+        req = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"b" * 5000
+        assert (await blocking(lambda: raw(port, req))).startswith(b"HTTP/1.1 413 ")
+        assert app.seen == []
+
+    run(test)
+
+
+def test_a_silent_connection_is_closed_at_the_open_timeout() -> None:
+    async def test(port: int, front: Front, app: App) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTT")  # never finished
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+        writer.close()
+
+    run(test, open_timeout=0.3)
