@@ -42,7 +42,10 @@ class ServerConfig:
 
     bind: str = field(default="0.0.0.0:8000", metadata=_doc("HOST:PORT to listen on", check_bind))
     workers: int = field(
-        default=0, metadata=_doc("worker processes; 0 = one per CPU core", at_least(0))
+        default=0,
+        metadata=_doc(
+            "worker processes; 0 = one per CPU it may use (affinity, cgroup quota)", at_least(0)
+        ),
     )
     graceful_timeout: float = field(
         default=30.0,

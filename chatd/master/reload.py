@@ -36,6 +36,7 @@ import logging
 import os
 
 from chatd.config import Config
+from chatd.master.cpus import usable_cpus
 from chatd.master.listeners import BindError
 from chatd.master.roll import Roll, Target
 from chatd.master.scale import add_slots, remove_last_slot
@@ -46,8 +47,9 @@ log = logging.getLogger("chatd.master")
 
 
 def worker_count(cfg: Config) -> int:
-    """The number of workers ``cfg`` asks for (0 means one per CPU core)."""
-    return cfg.server.workers or os.cpu_count() or 1
+    """The number of workers ``cfg`` asks for (0: one per CPU this process may use, its
+    affinity and its cgroup's quota considered: :func:`chatd.master.cpus.usable_cpus`)."""
+    return cfg.server.workers or usable_cpus()
 
 
 def refusals(old: Config, new: Config) -> list[str]:
