@@ -2,9 +2,11 @@
 and ``tls_key``.
 
 Shared by the configuration (``chatd --check`` and a reload load the files, so a certificate
-that does not load is refused before any worker starts) and the worker (each new worker
-builds its context at start: a renewed certificate takes effect at ``chatctl reload``, with
-no restart). TLS 1.2 at least, Python's default ciphers; no client certificates.
+that does not load is refused before any worker starts) and the worker (each new worker, of a
+reload or replacing one that died, builds its context at start from the files: a renewed
+certificate takes effect at ``chatctl reload``, with no restart). The TLS handshake must end
+within ``hello_timeout`` (websockets passes it as ``ssl_handshake_timeout``). TLS 1.2 at
+least, Python's default ciphers; no client certificates.
 """
 
 from __future__ import annotations

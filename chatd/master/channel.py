@@ -56,7 +56,12 @@ class Channel:
         """Queue ``msg`` for the peer; False when the channel is closed (or closes on the way)."""
         if self.closed:
             return False
-        data = proto.encode(msg, max_frame=self._max_frame)
+        try:
+            data = proto.encode(msg, max_frame=self._max_frame)
+        except ControlError as exc:  # e.g. an answer echoing a huge id: that peer's problem
+            log.warning("%s: cannot send a reply (%s); closing", self.name, exc)
+            self.close()
+            return False
         if not self._out:
             try:
                 data = data[self.sock.send(data) :]

@@ -367,7 +367,7 @@ class ControlServer:
         handler = self._handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
             known = ", ".join(sorted(self._handlers))
-            request.fail(f"unknown command {kind!r} (expected one of: {known})")
+            request.fail(f"unknown command {str(kind)[:64]!r} (expected one of: {known})")
             return
         try:
             handler(request)

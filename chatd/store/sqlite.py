@@ -303,6 +303,7 @@ class SqliteStore(LoopWrites):
         and at least PROBE_MIN_FREE bytes free on the file's disk: a WAL with room to reuse
         takes a small write even on a full disk, which the next larger one would fail."""
         await self._write("probe")
+        await self._read("SELECT 1")  # the reader side too: a resume reads
         try:
             st = os.statvfs(self._dir)
         except OSError as exc:

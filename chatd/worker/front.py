@@ -9,9 +9,9 @@ before websockets sees anything: it reads the first request head and
   connection is a ``ServerConnection`` for its whole life (so the sans-I/O protocol stays
   websockets', which a later handoff of open WebSockets between workers relies on);
 * anything else becomes an :class:`~chatd.worker.httpconn.HttpConnection` (the same
-  transport, the bytes read so far), which answers the HTTP endpoints and streams the
-  Ollama/OpenAI APIs (NDJSON, SSE), something websockets' ``process_request`` cannot: it
-  answers whole responses only.
+  transport, the bytes read so far), which answers the HTTP endpoints today and can stream
+  responses (chunked: the NDJSON and SSE the Ollama/OpenAI APIs will need), something
+  websockets' ``process_request`` cannot: it answers whole responses only.
 
 Why this and not aiohttp.web for both: measured (docs/benchmarks.md, "HTTP front"), the
 WebSocket path stays websockets' own, byte for byte after the head, so its cost and its
@@ -31,6 +31,7 @@ connection that sends no complete head within ``open_timeout`` is closed (websoc
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import ClassVar, cast
 
 from websockets.asyncio.server import ServerConnection
@@ -39,29 +40,79 @@ from chatd.worker.httpconn import Handler, HttpConnection
 
 
 class Front:
-    """What the front needs of its worker: the HTTP handler, the bounds, and the registry of
-    open HTTP connections (a drain closes them)."""
+    """What the front and its HTTP connections need of their worker: the HTTP handler, the
+    bounds, and the count of open HTTP connections (in all and per client address: they count
+    against ``max_connections`` and ``max_connections_per_ip`` like WebSockets do, with
+    ``others`` and ``others_from``, the worker's WebSocket counts)."""
 
     def __init__(
-        self, handler: Handler, *, max_header_bytes: int, max_header_count: int, open_timeout: float
+        self,
+        handler: Handler,
+        *,
+        max_header_bytes: int,
+        max_header_count: int,
+        open_timeout: float,
+        max_connections: int = 0,
+        max_per_ip: int = 0,
+        others: Callable[[], int] = lambda: 0,
+        others_from: Callable[[str], int] = lambda _ip: 0,
     ) -> None:
         self.handler = handler
         self.max_header_bytes = max_header_bytes
         self.max_header_count = max_header_count
         self.open_timeout = open_timeout
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self._others, self._others_from = others, others_from
+        self.draining = False  # new HTTP connections answer once, then close
         self.http: set[HttpConnection] = set()
+        self.per_ip: dict[str, int] = {}
         self.sniffing: dict[FrontConnection, _Sniff] = {}  # connections before the handover
 
+    def opened(self, conn: HttpConnection) -> None:
+        self.http.add(conn)
+        self.per_ip[conn.peer] = self.per_ip.get(conn.peer, 0) + 1
+
+    def closed(self, conn: HttpConnection) -> None:
+        if conn in self.http:
+            self.http.discard(conn)
+            left = self.per_ip.pop(conn.peer, 1) - 1
+            if left:
+                self.per_ip[conn.peer] = left
+
+    def refusal(self, peer: str) -> bytes | None:
+        """The answer for a new HTTP connection over a bound (503 or 429), or None."""
+        if self.max_connections and len(self.http) + self._others() >= self.max_connections:
+            return _refusal(503, "Service Unavailable", "this worker is at its connection limit")
+        if self.max_per_ip:
+            count = self.per_ip.get(peer, 0) + self._others_from(peer)
+            if count >= self.max_per_ip:
+                return _refusal(429, "Too Many Requests", f"too many connections from {peer}")
+        return None
+
     def close_http(self) -> None:
-        """A drain: close the idle HTTP connections now, the others after their response."""
+        """A drain: close the idle HTTP connections now, the others after their response, and
+        the ones to come after their first."""
+        self.draining = True
         for conn in list(self.http):
             conn.close_when_idle()
 
     def abort_http(self) -> None:
-        """The end of a stop: whatever HTTP connection is left is closed at once."""
+        """The end of a stop: whatever HTTP connection is left, or is still being read, is
+        closed at once."""
         for conn in list(self.http):
             if conn.transport is not None:
                 conn.transport.abort()
+        for sniff in list(self.sniffing.values()):
+            sniff.transport.abort()
+
+
+def _refusal(status: int, reason: str, text: str) -> bytes:
+    body = f"{text}: retry later\n".encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Retry-After: 5\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
 
 
 def _is_upgrade(head: bytes) -> bool:
@@ -130,9 +181,13 @@ class FrontConnection(ServerConnection):
             super().data_received(buffered)
             return
         front = self.front
-        http = HttpConnection(
-            front.handler, front.http, front.max_header_count, front.max_header_bytes
-        )
+        peer = transport.get_extra_info("peername")
+        refused = front.refusal(str(peer[0]) if isinstance(peer, tuple) and peer else "?")
+        if refused is not None:
+            transport.write(refused)
+            transport.close()
+            return
+        http = HttpConnection(front)
         transport.set_protocol(http)
         http.connection_made(transport)
         http.data_received(buffered)

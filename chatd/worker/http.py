@@ -1,12 +1,14 @@
 """The plain HTTP side of a worker's port, and the checks made before a WebSocket handshake.
 
-websockets calls :meth:`HttpEndpoints.process_request` for every request on the port before
-the opening handshake. It answers ``/healthz``, ``/readyz``, ``/metrics`` (the whole daemon's,
-from the master: see :mod:`chatd.metrics`; 503 when the master does not answer in time) and
-``/`` (the chat page) itself, and for ``/ws`` checks, in this order: the worker is not over
-``max_connections`` (HTTP 503 with ``Retry-After``), the origin is allowed (403), the auth
-token is valid (401). With ``[server] metrics_token``, ``/metrics`` answers 401 (and
-``WWW-Authenticate: Bearer``) to a request without that bearer token. Anything else is a 404.
+websockets calls :meth:`HttpEndpoints.process_request` before each opening handshake, and the
+front's plain HTTP connections call :meth:`HttpEndpoints.serve_http` for every other request
+(:mod:`chatd.worker.front`), which gives the same answers. It answers ``/healthz``,
+``/readyz``, ``/metrics`` (the whole daemon's, from the master: see :mod:`chatd.metrics`; 503
+when the master does not answer in time) and ``/`` (the chat page) itself, and for ``/ws``
+checks, in this order: the worker is not over ``max_connections`` (HTTP 503 with
+``Retry-After``), the origin is allowed (403), the auth token is valid (401). With ``[server]
+metrics_token``, ``/metrics`` answers 401 (and ``WWW-Authenticate: Bearer``) to a request
+without that bearer token. Anything else is a 404.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
+import websockets.http11
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -189,3 +192,18 @@ class HttpEndpoints:
                     WWW_Authenticate='Bearer realm="chatd"',
                 )
         return None
+
+
+def frame_limit(cfg: Config) -> int:
+    """The WebSocket ``max_size``: a frame carrying the longest text, JSON-escaped, fits.
+
+    JSON escaping can grow text up to 6x (``\\u0000``); a frame over this closes with 1009,
+    a text over ``max_message_bytes`` in a smaller frame gets ``too_large`` and stays open.
+    """
+    return 6 * cfg.limits.max_message_bytes + 4096
+
+
+def limit_headers(count: int) -> None:
+    """At most ``count`` header lines per upgrade request: more get 431 from websockets' own
+    parser (its documented constant, read at each parse; pinned by a test)."""
+    websockets.http11.MAX_NUM_HEADERS = count

@@ -6,16 +6,18 @@ WebSocket upgrade, with the bytes read so far. :class:`HttpConnection` parses re
 one is answered (pipelining, which none of the API clients does) closes the connection after
 the current response, unanswered (the client sends it again). Each request runs as a task of
 the handler; its :class:`Responder` writes either a whole response (``Content-Length``) or a
-stream (``Transfer-Encoding: chunked``: the NDJSON and SSE of the Ollama and OpenAI APIs),
-waiting for flow control while the client reads slowly.
+stream (``Transfer-Encoding: chunked``), waiting for flow control while the client reads
+slowly (at most DRAIN_TIMEOUT).
 
 Contracts:
 
-* The client going away cancels the request's task at once: a request waiting for an LLM slot
-  leaves the queue, a generation stops (its backend request is closed).
-* Bounds: the first head is bounded by the front (``max_header_bytes``), every request by
-  ``max_header_count`` header lines (431) and ``MAX_BODY`` bytes of body (413); one request at
-  a time; a connection idle between requests for ``IDLE_TIMEOUT`` is closed.
+* The client going away cancels the request's task at once (reading goes on while a request
+  is answered, so its going is seen): a handler waiting for something stops waiting.
+* Bounds: every request's head by ``max_header_bytes`` (the first one by the front) and
+  ``max_header_count`` lines (431), its body by ``MAX_BODY`` (413), the whole request by
+  ``open_timeout`` (then the connection is cut); one request at a time; a connection idle
+  between requests for ``IDLE_TIMEOUT`` is closed; a later request asking for a WebSocket gets
+  503 (only a connection's first request may become one).
 * :meth:`HttpConnection.close_when_idle` (a draining worker): closed now if idle, else after its
   current response, which then says ``Connection: close``.
 * A handler that fails before answering gets a 500 with a log reference; after a stream began,
@@ -30,18 +32,21 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 from websockets.datastructures import Headers
 
 log = logging.getLogger("chatd.http")
 
-MAX_BODY = 8 * 1024 * 1024
-"""Bytes of request body accepted (a chat request with a long history; beyond: 413)."""
+MAX_BODY = 1024 * 1024
+"""Bytes of request body accepted (beyond: 413)."""
 
 IDLE_TIMEOUT = 15.0
 """Seconds a keep-alive connection may wait for its next request."""
+
+DRAIN_TIMEOUT = 30.0
+"""Seconds a response may wait for a client that does not read before the connection is cut."""
 
 _REASONS = {
     200: "OK",
@@ -133,22 +138,32 @@ class Responder:
 Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
-class HttpConnection(asyncio.Protocol):
-    """An HTTP/1.1 connection (see the module docstring). ``registry`` holds the open ones (a
-    drain closes them); ``max_headers``: header lines per request."""
+class Limits(Protocol):
+    """What a connection needs of its worker's front (:class:`chatd.worker.front.Front`)."""
 
-    def __init__(
-        self,
-        handler: Handler,
-        registry: set[HttpConnection],
-        max_headers: int,
-        max_header_bytes: int,
-    ) -> None:
-        self._handler = handler
-        self._registry = registry
-        self._max_headers = max_headers
-        self._max_header_bytes = max_header_bytes
-        self._header_bytes = 0
+    handler: Handler
+    max_header_count: int
+    max_header_bytes: int
+    open_timeout: float  # a request's head and body must come within it
+    draining: bool
+
+    def opened(self, conn: HttpConnection) -> None: ...
+
+    def closed(self, conn: HttpConnection) -> None: ...
+
+
+class HttpConnection(asyncio.Protocol):
+    """An HTTP/1.1 connection (see the module docstring), bound by its front's ``limits``
+    (which also counts it: a drain closes the open ones)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._handler = limits.handler
+        self._max_headers = limits.max_header_count
+        self._max_header_bytes = limits.max_header_bytes
+        self._head_bytes = 0  # bytes of the current request until its head is complete
+        self._in_head = True
+        self._deadline: asyncio.TimerHandle | None = None
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -171,9 +186,19 @@ class HttpConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        self._registry.add(self)
+        self.closing = self._limits.draining
+        self._limits.opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            # Bounded before the parser sees it: httptools keeps a header line whole in memory
+            # until it ends, and the URL is no header at all. (Only up to the end of the head:
+            # a body in the same read is no head.)
+            end = data.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else end
+            if self._head_bytes > self._max_header_bytes + 8192:  # + the request line
+                self._fail(431, f"request head over {self._max_header_bytes} bytes")
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -186,9 +211,10 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._registry.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
+        self._limits.closed(self)
+        for timer in (self._idle, self._deadline):
+            if timer is not None:
+                timer.cancel()
         self._writable.set()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client left: a queued request leaves the queue
@@ -211,24 +237,27 @@ class HttpConnection(asyncio.Protocol):
             self._idle.cancel()
             self._idle = None
         self._url, self._headers, self._body, self._size = b"", [], [], 0
-        self._header_bytes = 0
+        # The whole request (head and body) must come within open_timeout.
+        loop = asyncio.get_running_loop()
+        if self._deadline is None and self.transport is not None:
+            self._deadline = loop.call_later(self._limits.open_timeout, self.transport.abort)
 
     def on_url(self, url: bytes) -> None:
-        if not self._pipelined:
+        if not self._pipelined and len(self._url) <= self._max_header_bytes:
             self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._pipelined:
             return
-        self._header_bytes += len(name) + len(value) + 4
         if self._error is not None:
             return
         if len(self._headers) >= self._max_headers:
             self._error = (431, f"more than {self._max_headers} header lines")
-        elif self._header_bytes > self._max_header_bytes:
-            self._error = (431, f"request headers over {self._max_header_bytes} bytes")
         else:
             self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
 
     def on_body(self, body: bytes) -> None:
         if self._pipelined:
@@ -244,6 +273,10 @@ class HttpConnection(asyncio.Protocol):
         assert self.transport is not None
         if self._pipelined:
             return
+        self._in_head, self._head_bytes = True, 0
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         # Reading goes on while the request is answered (not paused): a client that leaves
         # must be seen at once, so that its request leaves the queue or stops generating.
         method = self._parser.get_method().decode("ascii", "replace")
@@ -253,6 +286,10 @@ class HttpConnection(asyncio.Protocol):
                           b"".join(self._body), self.peer)  # fmt: skip
         responder = Responder(self, head_only=method == "HEAD")
         error, self._error = self._error, None
+        if error is None and "websocket" in request.headers.get("Upgrade", "").lower():
+            # Only a connection's first request may become a WebSocket (the front decides).
+            self.closing = True
+            error = (503, "send the WebSocket upgrade on a new connection")
         self._task = asyncio.get_running_loop().create_task(self._serve(request, responder, error))
 
     # -- serving ----------------------------------------------------------------------------
@@ -273,7 +310,7 @@ class HttpConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             self._abort()
             return
-        except (ConnectionError, RuntimeError) as exc:  # the client left while we wrote
+        except ConnectionError as exc:  # the client left while we wrote
             log.debug("HTTP response not written whole: %r", exc)
             self._abort()
             return
@@ -326,9 +363,15 @@ class HttpConnection(asyncio.Protocol):
         self.transport.write(data)
 
     async def drain(self) -> None:
-        """Wait while the client does not read (flow control), until it does or goes away."""
+        """Wait while the client does not read (flow control), until it does, goes away, or
+        DRAIN_TIMEOUT passes (then the connection is cut)."""
         if not self._writable.is_set():
-            await self._writable.wait()
+            try:
+                async with asyncio.timeout(DRAIN_TIMEOUT):
+                    await self._writable.wait()
+            except TimeoutError:
+                self._abort()
+                raise ConnectionResetError("the client stopped reading") from None
         if self._lost:
             raise ConnectionResetError("the client went away")
 

@@ -28,7 +28,6 @@ from typing import Any, NoReturn
 
 import psutil
 import uvloop
-import websockets.http11
 from setproctitle import setproctitle
 from websockets.asyncio.server import Server, ServerConnection, serve
 
@@ -44,7 +43,7 @@ from chatd.spec import WorkerSpec
 from chatd.store import open_store
 from chatd.worker.front import Front, connection_class
 from chatd.worker.generation import Hub
-from chatd.worker.http import HttpEndpoints
+from chatd.worker.http import HttpEndpoints, frame_limit, limit_headers
 from chatd.worker.link import MasterLink
 from chatd.worker.outbox import OutboundBudget, Outbox
 from chatd.worker.report import stats_message
@@ -57,21 +56,6 @@ HEALTH_INTERVAL = 5.0  # seconds between backend health checks (1 s while one is
 STORE_PROBE_S = 1.0  # seconds between two probes of an unavailable session store
 STORE_PROBE_HEALTHY_S = 5.0  # seconds between two probes of a working one
 METRICS_WAIT = 2.0  # seconds /metrics waits for the master's figures before answering 503
-
-
-def frame_limit(cfg: Config) -> int:
-    """The WebSocket ``max_size``: a frame carrying the longest text, JSON-escaped, fits.
-
-    JSON escaping can grow text up to 6x (``\\u0000``); a frame over this closes with 1009,
-    a text over ``max_message_bytes`` in a smaller frame gets ``too_large`` and stays open.
-    """
-    return 6 * cfg.limits.max_message_bytes + 4096
-
-
-def limit_headers(count: int) -> None:
-    """At most ``count`` header lines per upgrade request: more get 431 from websockets' own
-    parser (its documented constant, read at each parse; pinned by a test)."""
-    websockets.http11.MAX_NUM_HEADERS = count
 
 
 class Worker:
@@ -125,17 +109,22 @@ class Worker:
             self.cfg,
             ready=self._ready,
             serving=lambda: not self.state.draining,
-            connections=lambda: len(self.state.connections),
+            connections=lambda: len(self.state.connections) + len(front.http),
             metrics=self._metrics,
             worker_name=self.name,
-            per_ip=lambda ip: self.state.per_ip.get(ip, 0),
+            per_ip=lambda ip: self.state.per_ip.get(ip, 0) + front.per_ip.get(ip, 0),
         )
         limit_headers(self.cfg.limits.max_header_count)
-        self.front = Front(
+        limits = self.cfg.limits
+        self.front = front = Front(
             endpoints.serve_http,
-            max_header_bytes=self.cfg.limits.max_header_bytes,
-            max_header_count=self.cfg.limits.max_header_count,
-            open_timeout=self.cfg.limits.hello_timeout,
+            max_header_bytes=limits.max_header_bytes,
+            max_header_count=limits.max_header_count,
+            open_timeout=limits.hello_timeout,
+            max_connections=limits.max_connections,
+            max_per_ip=limits.max_connections_per_ip,
+            others=lambda: len(self.state.connections),
+            others_from=lambda ip: self.state.per_ip.get(ip, 0),
         )
         server = self.cfg.server
         ssl_context = (
@@ -197,8 +186,12 @@ class Worker:
         while True:
             healthy = self.store.health.healthy
             await asyncio.sleep(STORE_PROBE_HEALTHY_S if healthy else STORE_PROBE_S)
-            with contextlib.suppress(StoreError):  # recorded by the store's health
+            try:
                 await self.store.probe()
+            except StoreError:
+                pass  # recorded by the store's health
+            except Exception:  # a bug: said, and the probing goes on (only it can recover)
+                log.exception("session store probe failed unexpectedly")
 
     async def _health_loop(self) -> None:
         while True:

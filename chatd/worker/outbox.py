@@ -211,6 +211,11 @@ class Outbox:
         if self._queue:
             self._kick()
 
+    def discard_held(self) -> None:
+        """Drop the frames held back since :meth:`hold` (a resume that failed: they belong to
+        a session the connection was not welcomed to), and stop holding."""
+        self._held = None
+
     @property
     def holding(self) -> bool:
         """True between :meth:`hold` and :meth:`release`."""
@@ -292,6 +297,12 @@ class Outbox:
             except Exception as exc:  # the connection broke: its reader sees it close
                 log.debug("write failed (%r): the connection is closing", exc)
                 self._fail()
+            else:
+                # One large batch (a long replay) goes to the socket's buffer at once: a client
+                # that then reads nothing is over its bound there, with nothing more queued.
+                buffered = self._sink.buffered()
+                if buffered > self._budget.per_connection:
+                    self._overflow(buffered)
             self._wake_waiters()
         else:
             self._writer = asyncio.get_running_loop().create_task(self._write_slowly())

@@ -122,10 +122,14 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
     loop = asyncio.get_running_loop()
     conn = chat.ChatConnection(state.limits, time.monotonic())
     outbox = Outbox(WsSink(ws), state.budget, lambda n, total: _too_slow(ws, state, n, total))
-    hello_timer = loop.call_later(
-        state.hello_timeout,
-        lambda: asyncio.ensure_future(_run(conn.hello_timed_out(), ws, state, conn, outbox)),
-    )
+
+    def hello_deadline() -> asyncio.TimerHandle:
+        return loop.call_later(
+            state.hello_timeout,
+            lambda: asyncio.ensure_future(_run(conn.hello_timed_out(), ws, state, conn, outbox)),
+        )
+
+    hello_timer = hello_deadline()
     state.connections[ws] = (conn, outbox)
     state.connections_total += 1
     opened = time.monotonic()
@@ -144,6 +148,8 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
                 await _run(actions, ws, state, conn, outbox)
             except StoreError as exc:  # during a hello: the client may simply say hello again
                 outbox.put(_store_unavailable(state, exc, conn.session, None))
+            if conn.state is chat.State.AWAITING_HELLO and hello_timer.cancelled():
+                hello_timer = hello_deadline()  # a hello refused: the next one has a deadline
     except ConnectionClosed:
         pass
     finally:
@@ -243,7 +249,7 @@ async def _run(
                 if conn.session is not None:
                     state.hub.unsubscribe(conn.session, outbox)
                     conn.session = None
-                outbox.release(0)
+                outbox.discard_held()  # the live frames of a session it is not welcomed to
                 conn.hello_failed()
                 raise
         elif isinstance(action, chat.Message):

@@ -31,8 +31,7 @@ from chatd.errors import ConfigError
 from chatd.relay.backend import Backend
 from chatd.relay.generate import Relay
 from chatd.store import open_store
-from chatd.worker.http import HttpEndpoints
-from chatd.worker.main import frame_limit
+from chatd.worker.http import HttpEndpoints, frame_limit
 
 PATH = "/x/chatd.toml"
 

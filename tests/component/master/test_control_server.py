@@ -213,3 +213,42 @@ def test_accept_without_descriptors_backs_off(
     assert len(lines) == 1 and "Too many open files" in lines[0], lines
     client.setblocking(False)
     assert ask(master, client, {"t": "status"})["ok"] is True
+
+
+def test_a_request_whose_answer_is_too_large_closes_only_its_connection(
+    master: Master, path: str
+) -> None:
+    """A command named by 600 KB is refused with a short sentence (it once echoed the name
+    twice, over the frame limit, and the encoder's error ended the master); an answer over the
+    frame limit (a kept request with a huge id, answered with more) closes only its own
+    connection. The loop (the master) goes on, and another client is served."""
+
+    def feed(client: socket.socket, data: bytes) -> None:
+        while data:
+            try:
+                data = data[client.send(data) :]
+            except BlockingIOError:
+                master.turn()  # the server reads meanwhile
+
+    def answer(client: socket.socket) -> dict[str, Any]:
+        buf, decoder = b"", Decoder()
+        while True:
+            data = pump(master, client)
+            assert data is not None
+            buf += data
+            replies = decoder.feed(data)
+            if replies:
+                return replies[0]  # type: ignore[no-any-return]
+
+    huge = connect(path)
+    feed(huge, encode({"t": "x" * 600_000}))
+    refused = answer(huge)
+    assert refused["ok"] is False and len(refused["error"]) < 200
+    kept = connect(path)
+    feed(kept, encode({"t": "reload", "id": "i" * 1_000_000}))
+    for _ in range(50):
+        master.turn()
+    assert master.kept
+    master.kept[0].ok({"generation": 2, "pad": "p" * 100_000})  # over the frame limit
+    assert pump(master, kept) is None
+    assert ask(master, connect(path), {"t": "status"})["ok"] is True

@@ -63,6 +63,8 @@ async def started(app: App, **limits: Any) -> AsyncIterator[tuple[int, Front]]:
         max_header_bytes=limits.get("max_header_bytes", 4096),
         max_header_count=limits.get("max_header_count", 16),
         open_timeout=limits.get("open_timeout", 5.0),
+        max_connections=limits.get("max_connections", 0),
+        max_per_ip=limits.get("max_per_ip", 0),
     )
     async with serve(echo, "127.0.0.1", 0, create_connection=connection_class(front)) as server:
         yield server.sockets[0].getsockname()[1], front
@@ -138,6 +140,13 @@ def raw(port: int, data: bytes) -> bytes:
         return got
 
 
+def raw_one(port: int, data: bytes) -> bytes:
+    """Send one request; return the answer's head and first bytes (the connection stays)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        return s.recv(65536)
+
+
 def test_bounds_and_bad_requests() -> None:
     async def test(port: int, front: Front, app: App) -> None:
         big = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 100) for i in range(60))
@@ -178,3 +187,82 @@ def test_a_silent_connection_is_closed_at_the_open_timeout() -> None:
         writer.close()
 
     run(test, open_timeout=0.3)
+
+
+def test_later_requests_are_bounded_too() -> None:
+    """A keep-alive connection's second request: a head over the bound is refused (431), a
+    body promised and never sent is cut at the open timeout, a WebSocket upgrade gets 503
+    (only a first request may become one)."""
+
+    async def test(port: int, front: Front, app: App) -> None:
+        first = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"
+        big = b"GET /y HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 20_000 + b"\r\n\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(first)
+        assert (await reader.readuntil(b"hello ")).startswith(b"HTTP/1.1 200 ")
+        writer.write(big)
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 431 ")
+        writer.close()
+        # A large body in the same read as its head is no large head.
+        post = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n" + b"b" * 50_000
+        assert (await blocking(lambda: raw_one(port, post))).startswith(b"HTTP/1.1 200 ")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(first + b"POST /z HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        got = await asyncio.wait_for(reader.read(), 5)  # cut: the body never came
+        assert got.count(b"HTTP/1.1 200 ") == 1
+        writer.close()
+        upgrade = (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(first)
+        assert (await reader.readuntil(b"hello ")).startswith(b"HTTP/1.1 200 ")
+        writer.write(upgrade)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"new connection" in answer
+        writer.close()
+
+    run(test, max_header_bytes=4096, open_timeout=0.5)
+
+
+def test_http_connections_count_against_the_limits() -> None:
+    async def test(port: int, front: Front, app: App) -> None:
+        held = []
+        for _ in range(2):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await r.readuntil(b"hello ")).startswith(b"HTTP/1.1 200 ")
+            held.append(w)
+        answer = await blocking(lambda: raw(port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert answer.startswith(b"HTTP/1.1 429 ") and b"Retry-After: 5" in answer
+        for w in held:
+            w.close()
+
+    run(test, max_per_ip=2)
+
+
+def test_a_client_that_stops_reading_a_response_is_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpconn, "DRAIN_TIMEOUT", 0.3)
+
+    class Big(App):
+        async def __call__(self, req: Request, resp: Responder) -> None:
+            await resp.start(200, [("Content-Type", "text/plain")])
+            try:
+                for _ in range(10_000):
+                    await resp.write(b"x" * 65536)
+            except ConnectionError:
+                self.cancelled.set()
+                raise
+
+    async def main() -> None:
+        app = Big()
+        async for port, _front in started(app):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+            await asyncio.wait_for(app.cancelled.wait(), 10)
+            s.close()
+
+    asyncio.run(main())

@@ -285,3 +285,37 @@ def test_a_fast_reader_is_never_cut_off_whatever_it_receives() -> None:
 
     frames = written(outbox, sink, fill)
     assert len(frames) == 100 and not outbox.closed and budget.total == 0
+
+
+def test_one_large_batch_the_client_does_not_read_is_over_the_bound() -> None:
+    """A long replay goes to the socket's buffer in one write (the fast path): a client that
+    then reads nothing is cut off there, with nothing more queued for it."""
+    budget = OutboundBudget(per_connection=10_000, per_worker=1_000_000)
+    sink = Sink()
+    overflows: list[int] = []
+    outbox = Outbox(sink, budget, lambda unread, _total: overflows.append(unread))
+
+    async def main() -> None:
+        outbox.hold()
+        sink.in_buffer = 50_000  # what the transport holds after the write
+        outbox.release(40, [b"r" * 1000] * 40)
+        await outbox.wait_empty()
+
+    asyncio.run(main())
+    assert outbox.closed and overflows == [50_000]
+
+
+def test_a_failed_resume_drops_the_frames_it_held() -> None:
+    sink = Sink()
+    outbox = Outbox(sink)
+
+    def fill() -> None:
+        outbox.hold()
+        outbox.put(b"live-7", 7)
+        outbox.token("m", "tok")
+        outbox.discard_held()
+        assert not outbox.holding
+        outbox.put(b"error", 0)
+
+    assert written(outbox, sink, fill) == [b"error"]
+    assert outbox.floor == 0

@@ -1,6 +1,6 @@
 """The websockets internals chatd relies on, pinned: an upgrade that changes them fails here.
 
-``chatd.worker.main.limit_headers`` sets ``websockets.http11.MAX_NUM_HEADERS`` after the fork;
+``chatd.worker.http.limit_headers`` sets ``websockets.http11.MAX_NUM_HEADERS`` after the fork;
 that works only while the request parser reads the module constant at each parse.
 """
 
@@ -11,7 +11,7 @@ import websockets.http11
 from websockets.exceptions import SecurityError
 from websockets.streams import StreamReader
 
-from chatd.worker.main import limit_headers
+from chatd.worker.http import limit_headers
 
 
 def parse(head: bytes) -> websockets.http11.Request:
