@@ -83,11 +83,13 @@ class Front:
     def refusal(self, peer: str) -> bytes | None:
         """The answer for a new HTTP connection over a bound (503 or 429), or None."""
         if self.max_connections and len(self.http) + self._others() >= self.max_connections:
-            return _refusal(503, "Service Unavailable", "this worker is at its connection limit")
+            text = "this worker is at its connection limit: retry later"
+            return _raw_response(503, "Service Unavailable", text, retry_after=5)
         if self.max_per_ip:
             count = self.per_ip.get(peer, 0) + self._others_from(peer)
             if count >= self.max_per_ip:
-                return _refusal(429, "Too Many Requests", f"too many connections from {peer}")
+                text = f"too many connections from {peer}: retry later"
+                return _raw_response(429, "Too Many Requests", text, retry_after=5)
         return None
 
     def close_http(self) -> None:
@@ -107,11 +109,14 @@ class Front:
             sniff.transport.abort()
 
 
-def _refusal(status: int, reason: str, text: str) -> bytes:
-    body = f"{text}: retry later\n".encode()
+def _raw_response(status: int, reason: str, text: str, retry_after: int | None = None) -> bytes:
+    """A whole plain-text response that closes the connection (the front answers before any
+    HttpConnection exists)."""
+    body = f"{text}\n".encode()
+    extra = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
     return (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Retry-After: 5\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n{extra}"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
 
 
@@ -228,11 +233,7 @@ class FrontConnection(ServerConnection):
             super().resume_writing()
 
 
-_TOO_LARGE_BODY = b"request headers over the limit\n"
-_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
-)
+_TOO_LARGE = _raw_response(431, "Request Header Fields Too Large", "request headers over the limit")
 
 
 def connection_class(front: Front) -> type[FrontConnection]:

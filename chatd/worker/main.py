@@ -187,9 +187,8 @@ class Worker:
             healthy = self.store.health.healthy
             await asyncio.sleep(STORE_PROBE_HEALTHY_S if healthy else STORE_PROBE_S)
             try:
-                await self.store.probe()
-            except StoreError:
-                pass  # recorded by the store's health
+                with contextlib.suppress(StoreError):  # recorded by the store's health
+                    await self.store.probe()
             except Exception:  # a bug: said, and the probing goes on (only it can recover)
                 log.exception("session store probe failed unexpectedly")
 
