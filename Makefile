@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests use (installed only when missing; needs root or sudo).
-DEBS   := redis-server chromium shellcheck prometheus nginx-light
+DEBS   := redis-server chromium shellcheck prometheus nginx-light nodejs
 
 .PHONY: run test install lint typecheck unit fuzz clean
 
@@ -39,12 +39,14 @@ unit: install
 # The whole suite: lint, types, then every test tier (unit, component, system).
 test: install
 	scripts/ensure-debs.sh $(DEBS)
+	# npm for ollama-js and the openai npm package (NodeSource's nodejs carries its own).
+	command -v npm >/dev/null || scripts/ensure-debs.sh npm
 	$(BIN)/ruff check chatd tests
 	# The import contracts between the role packages (pyproject.toml, docs/architecture.md).
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 	# The pure protocol cores: 100% branch coverage from their own unit tests.
-	$(BIN)/pytest -q -p no:cacheprovider tests/unit/proto/test_chat.py tests/unit/proto/test_control_codec.py \
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit/proto \
 		--cov=chatd.proto --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=100
 	$(BIN)/pytest -q -p no:cacheprovider --timeout=300 --durations=15 tests
 

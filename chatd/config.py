@@ -34,6 +34,7 @@ from chatd.config_checks import (
 )
 from chatd.config_schema import (
     SECTIONS,
+    ApiConfig,
     AuthConfig,
     BackendConfig,
     Config,
@@ -48,6 +49,7 @@ from chatd.errors import ConfigError
 
 __all__ = [
     "DEFAULT_PATH",
+    "ApiConfig",
     "AuthConfig",
     "BackendConfig",
     "Config",

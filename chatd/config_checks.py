@@ -25,6 +25,21 @@ def positive(v: float) -> str | None:
     return None if v > 0 else "must be > 0"
 
 
+def check_header_name(v: str) -> str | None:
+    """An HTTP header name (RFC 9110 token), or "" for none."""
+    return None if re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]*", v) else "is not a header name"
+
+
+def check_networks(v: tuple[str, ...]) -> str | None:
+    """Each an IP network in CIDR form (an address alone: that address)."""
+    for item in v:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"{item!r} is not an IP network (CIDR, e.g. 10.0.0.0/8)"
+    return None
+
+
 def one_of(*choices: str) -> Check:
     return lambda v: None if v in choices else "must be one of " + ", ".join(map(repr, choices))
 

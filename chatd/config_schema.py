@@ -19,9 +19,11 @@ from chatd.config_checks import (
     Check,
     at_least,
     check_bind,
+    check_header_name,
     check_keep_alive,
     check_level,
     check_mode,
+    check_networks,
     check_secret,
     check_socket_path,
     check_store,
@@ -133,6 +135,14 @@ class BackendConfig:
         default=4,
         metadata=_doc("in-flight requests to this backend, all workers together", at_least(1)),
     )
+    max_parallel_embed: int = field(
+        default=2,
+        metadata=_doc(
+            "in-flight embedding requests to this backend, all workers together: slots and a "
+            "queue of their own, besides max_parallel",
+            at_least(1),
+        ),
+    )
     # A credential: repr=False keeps it out of every repr (a log line, a traceback, a
     # dataclass repr of the whole Config); "secret" keeps it out of config error messages.
     api_key: str = field(
@@ -154,6 +164,11 @@ class BackendConfig:
     @property
     def base_url(self) -> str:
         return self.url.rstrip("/")
+
+    def capacity(self, kind: str) -> int:
+        """The slots of slot class ``kind`` (``chatd.proto.control.SLOT_CLASSES``) on this
+        backend: ``max_parallel_embed`` for ``"embed"``, ``max_parallel`` for ``"chat"``."""
+        return self.max_parallel_embed if kind == "embed" else self.max_parallel
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,6 +300,36 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ApiConfig:
+    """``[api]``: the Ollama- and OpenAI-compatible HTTP APIs on the same port as ``/ws``."""
+
+    ollama: bool = field(
+        default=True, metadata=_doc('serve Ollama\'s API (/api/*, "Ollama is running" at /)')
+    )
+    openai: bool = field(default=True, metadata=_doc("serve OpenAI's API (/v1/*)"))
+    user_header: str = field(
+        default="",
+        metadata=_doc(
+            "request header naming the end user behind a trusted proxy (e.g. "
+            'X-OpenWebUI-User-Id): each user is then a client of its own; "" = off',
+            check_header_name,
+        ),
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=("127.0.0.1/32", "::1/128"),
+        metadata=_doc("addresses (CIDR) whose user_header is believed", check_networks),
+    )
+    models_cache: float = field(
+        default=5.0,
+        metadata=_doc("seconds the backends' model list (/api/tags, /v1/models) is kept", positive),
+    )
+    access_log: bool = field(
+        default=True,
+        metadata=_doc("one log line per API request (method, path, client key, status, times)"),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     """``[log]``: level and format of the log lines on stderr."""
 
@@ -302,6 +347,7 @@ class Config:
     sessions: SessionsConfig = SessionsConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
+    api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     path: str = ""
 
@@ -313,6 +359,7 @@ SECTIONS: dict[str, type[Any]] = {
     "sessions": SessionsConfig,
     "limits": LimitsConfig,
     "auth": AuthConfig,
+    "api": ApiConfig,
     "log": LogConfig,
 }
 

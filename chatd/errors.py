@@ -85,16 +85,23 @@ class UpstreamError(ChatdError):
         message: one sentence naming the backend, what happened and what to do.
         first_token_sent: whether reply text had already reached the caller; a retry is only
             allowed when it had not.
+        status: the backend's HTTP status when it answered with an error, else None.
+        detail: the backend's own error text (from its body or an error in the stream), or "":
+            the Ollama/OpenAI APIs pass it on as the backend said it.
     """
 
     code = "llm_error"
     retryable = False
 
-    def __init__(self, message: str, *, backend: str = "") -> None:
+    def __init__(
+        self, message: str, *, backend: str = "", status: int | None = None, detail: str = ""
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.backend = backend
         self.first_token_sent = False
+        self.status = status
+        self.detail = detail
 
 
 class UpstreamTimeout(UpstreamError):

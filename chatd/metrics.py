@@ -8,6 +8,12 @@ of the workers that have exited (:class:`Retired`, so counters never go down) an
 figures (slots, queue, restarts) with :func:`aggregate`; the worker renders ``data`` with
 :func:`render`. Both functions are pure.
 
+Slot classes: the series of the slots and their queue (``chatd_queue_*``, ``chatd_backend_*``
+but ``healthy``, ``chatd_slot_*``, ``chatd_key_*``) are those of the chat class, as they were
+before classes existed (dashboards and alerts depend on them); the embed class has the same
+series named ``chatd_embed_*`` (``chatd_embed_queue_depth``, ``chatd_embed_backend_in_use``,
+...). A backend's health is one for both classes.
+
 Why not ``prometheus_client``: its registries live in one process; its multiprocess mode
 shares values through mmap files in a directory that must be wiped at start and cleaned of
 dead workers, puts a file write on the hot path of every observation, and still could not
@@ -24,6 +30,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatd import metrics_http
+from chatd.metrics_http import HttpFigures
 from chatd.stats import EXACT_EDGES_MS, GranterStats, Histogram, backend_keys
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -77,10 +85,12 @@ class Retired:
     histograms: dict[str, Histogram] = field(
         default_factory=lambda: {name: Histogram() for name in _HISTOGRAMS}
     )
+    http: HttpFigures = field(default_factory=HttpFigures)  # the APIs' (chatd.metrics_http)
 
     def fold(self, stats: Mapping[str, Any]) -> None:
         """Add an exited worker's last ``stats`` report."""
         _add(self.counters, self.errors_by_code, self.histograms, stats)
+        self.http.add(stats.get("http"), live=False)
 
 
 def _add(
@@ -105,14 +115,17 @@ def aggregate(
     retired: Retired,
     slots: GranterStats,
     restarts_total: int,
+    embed: GranterStats | None = None,
 ) -> dict[str, Any]:
     """The daemon-wide figures (msgpack-friendly), for :func:`render`.
 
     Args:
         workers: ``(state, last stats report)`` of every live worker.
         retired: what the exited workers had counted.
-        slots: the master's slot granter.
+        slots: the master's slot granter of the chat class.
         restarts_total: workers replaced since the master started.
+        embed: the master's slot granter of the embed class: its figures go under ``embed``
+            (``queue``, ``keys``, ``keys_other``, ``backends``, ``slots``, as for chat).
     """
     counters = dict(retired.counters)
     errors = dict(retired.errors_by_code)
@@ -123,20 +136,18 @@ def aggregate(
     connections = 0.0
     store_up = 1
     in_use: dict[str, float] = {}
+    embed_in_use: dict[str, float] = {}
+    http = HttpFigures()
     for state, stats in workers:
+        http.add(stats.get("http"))
         states[state] = states.get(state, 0) + 1
         connections += _number(stats.get("connections", 0))
         if stats.get("store_healthy") is False:
             store_up = 0
         _add(counters, errors, histograms, stats)
-        reported = [
-            b
-            for b in stats.get("backends") or ()
-            if isinstance(b, Mapping) and isinstance(b.get("url"), str)
-        ]
-        for key, b in zip(backend_keys(b["url"] for b in reported), reported, strict=True):
-            in_use[key] = in_use.get(key, 0) + _number(b.get("in_flight", 0))
-    return {
+        _add_in_use(in_use, stats.get("backends"))
+        _add_in_use(embed_in_use, stats.get("embed_backends"))
+    data: dict[str, Any] = {
         "workers": states,
         "connections": connections,
         **{key: counters.get(key, 0) for key in _COUNTERS},
@@ -145,13 +156,7 @@ def aggregate(
             name: {"counts": sorted(h.counts.items()), "sum_ms": h.total_ms}
             for name, h in histograms.items()
         },
-        "queue": {"depth": slots.queue_depth, "max": slots.max_queue},
-        # The busiest clients one by one, the others summed: a bounded number of series.
-        "keys": [{"key": k.key, "queued": k.queued, "in_flight": k.in_flight} for k in slots.keys],
-        "keys_other": {
-            "queued": slots.other_keys.queued,
-            "in_flight": slots.other_keys.in_flight,
-        },
+        **_queue_and_keys(slots),
         "backends": [
             {
                 "backend": b.key,
@@ -162,15 +167,55 @@ def aggregate(
             }
             for b in slots.backends
         ],
-        "slots": {
-            "granted_total": slots.granted_total,
-            "queued_total": slots.queued_total,
-            "refused_busy_total": slots.refused_busy_total,
-            "refused_unavailable_total": slots.refused_unavailable_total,
-            "refused_key_busy_total": slots.refused_key_busy_total,
-        },
+        "slots": _slot_counters(slots),
         "worker_restarts_total": restarts_total,
         "store_up": store_up,
+        "http": http.merged(retired.http).wire(),
+    }
+    if embed is not None:
+        data["embed"] = {
+            **_queue_and_keys(embed),
+            "backends": [
+                {
+                    "backend": b.key,
+                    "in_flight": b.in_flight,
+                    "in_use": embed_in_use.get(b.key, 0),
+                    "max_parallel": b.max_parallel,
+                }
+                for b in embed.backends
+            ],
+            "slots": _slot_counters(embed),
+        }
+    return data
+
+
+def _add_in_use(in_use: dict[str, float], report: Any) -> None:
+    """Add a worker's ``backends`` (or ``embed_backends``) report: slots in use by backend."""
+    reported = [b for b in report or () if isinstance(b, Mapping) and isinstance(b.get("url"), str)]
+    for key, b in zip(backend_keys(b["url"] for b in reported), reported, strict=True):
+        in_use[key] = in_use.get(key, 0) + _number(b.get("in_flight", 0))
+
+
+def _queue_and_keys(slots: GranterStats) -> dict[str, Any]:
+    """A granter's ``queue``, ``keys`` and ``keys_other`` figures."""
+    return {
+        "queue": {"depth": slots.queue_depth, "max": slots.max_queue},
+        # The busiest clients one by one, the others summed: a bounded number of series.
+        "keys": [{"key": k.key, "queued": k.queued, "in_flight": k.in_flight} for k in slots.keys],
+        "keys_other": {
+            "queued": slots.other_keys.queued,
+            "in_flight": slots.other_keys.in_flight,
+        },
+    }
+
+
+def _slot_counters(slots: GranterStats) -> dict[str, int]:
+    return {
+        "granted_total": slots.granted_total,
+        "queued_total": slots.queued_total,
+        "refused_busy_total": slots.refused_busy_total,
+        "refused_unavailable_total": slots.refused_unavailable_total,
+        "refused_key_busy_total": slots.refused_key_busy_total,
     }
 
 
@@ -194,10 +239,17 @@ def format_value(value: float) -> str:
 
 
 class _Text:
+    """The exposition being written (:class:`chatd.metrics_http.Writer`): a family's HELP and
+    TYPE lines come once, before its first sample."""
+
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self._families: set[str] = set()
 
     def family(self, name: str, kind: str, help_text: str) -> None:
+        if name in self._families:
+            return
+        self._families.add(name)
         escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
         self.lines.append(f"# HELP {name} {escaped}")
         self.lines.append(f"# TYPE {name} {kind}")
@@ -212,16 +264,20 @@ class _Text:
         self.family(name, kind, help_text)
         self.sample(name, value)
 
-    def histogram(self, name: str, help_text: str, wire: Any) -> None:
-        """A histogram in seconds from the wire form ``{"counts": [[bucket, n]...], "sum_ms"}``."""
+    def histogram(
+        self, name: str, help_text: str, wire: Any, labels: Mapping[str, str] | None = None
+    ) -> None:
+        """A histogram in seconds from the wire form ``{"counts"|"buckets": [[bucket, n]...],
+        "sum_ms"}``; ``labels`` for one of several series of the family."""
         wire = wire if isinstance(wire, Mapping) else {}
-        h = _histogram(wire.get("counts"), wire.get("sum_ms"))
+        h = _histogram(wire.get("counts", wire.get("buckets")), wire.get("sum_ms"))
         self.family(name, "histogram", help_text)
+        base = dict(labels or {})
         for bound_ms, n in h.cumulative(LATENCY_BOUNDS_MS):
-            self.sample(f"{name}_bucket", n, {"le": format_value(bound_ms / 1000.0)})
-        self.sample(f"{name}_bucket", h.count, {"le": "+Inf"})
-        self.sample(f"{name}_sum", h.total_ms / 1000.0)
-        self.sample(f"{name}_count", h.count)
+            self.sample(f"{name}_bucket", n, {**base, "le": format_value(bound_ms / 1000.0)})
+        self.sample(f"{name}_bucket", h.count, {**base, "le": "+Inf"})
+        self.sample(f"{name}_sum", h.total_ms / 1000.0, base)
+        self.sample(f"{name}_count", h.count, base)
 
 
 def render(data: Mapping[str, Any]) -> str:
@@ -319,6 +375,8 @@ def render(data: Mapping[str, Any]) -> str:
         out.sample(
             "chatd_slot_refusals_total", n(slots.get(f"refused_{reason}_total")), {"reason": reason}
         )
+    embed = data.get("embed")
+    _embed(out, embed if isinstance(embed, Mapping) else {})
     out.family(
         "chatd_worker_resident_memory_bytes", "gauge", "RSS of each worker (sampled every second)."
     )
@@ -338,21 +396,92 @@ def render(data: Mapping[str, Any]) -> str:
         "Workers replaced since the master started.",
         n(data.get("worker_restarts_total")),
     )
+    metrics_http.render(out, data.get("http"))
     return "\n".join(out.lines) + "\n"
 
 
-def _keys(out: _Text, data: Mapping[str, Any]) -> None:
-    """``chatd_key_queued`` and ``chatd_key_in_flight``: the busiest clients (at most 10) by
-    key (a token's hash or an address, as the granter has it; ``none`` for the empty key of
+def _embed(out: _Text, data: Mapping[str, Any]) -> None:
+    """The embed class's slot series: the chat ones' twins, named ``chatd_embed_*`` (figures
+    from ``aggregate(...)["embed"]``; missing ones count 0)."""
+    n = _number
+    queue = data.get("queue") or {}
+    out.single(
+        "chatd_embed_queue_depth",
+        "gauge",
+        "Embedding requests waiting for an embed slot.",
+        n(queue.get("depth")),
+    )
+    out.single(
+        "chatd_embed_queue_max",
+        "gauge",
+        "Embedding requests that may wait for an embed slot ([llm] max_queue, a queue of its own).",
+        n(queue.get("max")),
+    )
+    _keys(
+        out,
+        data,
+        "chatd_embed_key_",
+        (
+            "Embedding requests of the client waiting for an embed slot (the busiest clients).",
+            "Embed slots counted against the client: granted to it, not leased.",
+        ),
+    )
+    backends = [b for b in data.get("backends") or () if isinstance(b, Mapping)]
+    for key, help_text in (
+        (
+            "in_flight",
+            "Embed slots of the backend granted to workers: requests in flight, and for up to "
+            "2 s after its last use a slot a worker keeps leased for its next request.",
+        ),
+        (
+            "in_use",
+            "Embedding requests running on the backend, as the workers last reported (up to "
+            "1 s old).",
+        ),
+        ("max_parallel", "Embed slots of the backend, all workers together (max_parallel_embed)."),
+    ):
+        name = f"chatd_embed_backend_{key}"
+        out.family(name, "gauge", help_text)
+        for b in backends:
+            out.sample(name, n(b.get(key)), {"backend": str(b.get("backend"))})
+    slots = data.get("slots") or {}
+    out.single(
+        "chatd_embed_slot_grants_total",
+        "counter",
+        "Embed slots granted.",
+        n(slots.get("granted_total")),
+    )
+    out.family(
+        "chatd_embed_slot_refusals_total",
+        "counter",
+        "Embed slot requests refused, by reason (key_busy: the client's max_queued_per_key).",
+    )
+    for reason in ("busy", "key_busy", "unavailable"):
+        out.sample(
+            "chatd_embed_slot_refusals_total",
+            n(slots.get(f"refused_{reason}_total")),
+            {"reason": reason},
+        )
+
+
+def _keys(
+    out: _Text,
+    data: Mapping[str, Any],
+    prefix: str = "chatd_key_",
+    helps: tuple[str, str] = (
+        "Messages of the client waiting for an LLM slot (the busiest clients).",
+        "LLM slots counted against the client: granted to it, not leased.",
+    ),
+) -> None:
+    """``chatd_key_queued`` and ``chatd_key_in_flight`` (or ``prefix`` + ``queued``,
+    ``in_flight``, with the help texts ``helps``): the busiest clients (at most 10) by key (a
+    token's hash or an address, as the granter has it; ``none`` for the empty key of
     takeovers), and ``key="other"`` summing the rest, so at most 11 series each."""
     rows = [k for k in data.get("keys") or () if isinstance(k, Mapping)][:10]
     other = data.get("keys_other")
     other = other if isinstance(other, Mapping) else {}
-    for field_, help_text in (
-        ("queued", "Messages of the client waiting for an LLM slot (the busiest clients)."),
-        ("in_flight", "LLM slots counted against the client: granted to it, not leased."),
-    ):
-        name = f"chatd_key_{field_}"
+    for field_, help_text in zip(("queued", "in_flight"), helps, strict=True):
+        name = f"{prefix}{field_}"
         out.family(name, "gauge", help_text)
         for k in rows:
             out.sample(name, _number(k.get(field_)), {"key": str(k.get("key") or "none")})

@@ -4,15 +4,20 @@
 
     chatd-bench run SCENARIO [--duration S] [--json] [--procs P] [--profile DIR] [TARGET]
     chatd-bench run real [--duration S] [--model-url URL] [--slots N] [--max-queue N] ...
+    chatd-bench run fairness [--duration S] [--flood N] [--light N] [--reply-s S] [--phase P]
+    chatd-bench run http [--duration S] [--paths ws ollama openai] [TARGET | --target URL]
     chatd-bench seed-report [--duration S] [--out DIR] [--procs P] [--plots] [TARGET]
 
 TARGET: nothing (start an own fake Ollama and chatd with ``--workers`` workers), or ``--url
 ws://HOST:PORT/ws --control-socket PATH`` for a running chatd (``--fake-url`` for the
 fake-only knobs of the failure scenarios, and for the direct baseline). ``real`` (the real
 model, :mod:`chatd.bench.realmodel`) starts its own model and chatd, and is not part of the
-seed report. ``run --out DIR`` also writes ``NAME.json`` and ``NAME.md`` there (and with
-``--plots`` the PNGs); ``--profile DIR``: a py-spy profile of one worker
-(:mod:`chatd.bench.pyspy`), its summary printed after the table.
+seed report; nor are ``fairness`` (:mod:`chatd.bench.fairness`: a chatd of its own per phase,
+or ``--target URL``) and ``http`` (:mod:`chatd.bench.httpapi`: ``/ws`` and the HTTP APIs of
+TARGET, or only the HTTP APIs of ``--target URL``, e.g. the fake Ollama's). ``run --out
+DIR`` also writes ``NAME.json`` and ``NAME.md`` there (and with ``--plots`` the PNGs of the
+load scenarios); ``--profile DIR``: a py-spy profile of one worker (:mod:`chatd.bench.pyspy`),
+its summary printed after the table.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from chatd import __version__
-from chatd.bench import longrun, pyspy, realmodel, report, scenarios
+from chatd.bench import fairness, httpapi, longrun, pyspy, realmodel, report, scenarios
 from chatd.bench.server import OwnChatd, Target
 
 
@@ -41,12 +46,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one scenario and print its table")
-    run.add_argument("scenario", choices=[*scenarios.SCENARIOS, "real", *longrun.NAMES])
+    run.add_argument(
+        "scenario", choices=[*scenarios.SCENARIOS, "real", *longrun.NAMES, "fairness", "http"]
+    )
     run.add_argument("--json", action="store_true", help="print the figures as JSON")
     run.add_argument("--out", type=Path, help="also write NAME.json and NAME.md into DIR")
     run.add_argument("--plots", action="store_true", help="PNG plots into --out (matplotlib)")
     run.add_argument("--profile", type=Path, metavar="DIR", help="py-spy one worker into DIR")
     realmodel.add_arguments(run)
+    fairness.add_arguments(run)
+    run.add_argument(
+        "--target",
+        metavar="URL",
+        help="fairness, http: send the HTTP requests to this base URL (http://HOST:PORT), "
+        "start no chatd (http: no /ws load)",
+    )
+    run.add_argument(
+        "--paths",
+        nargs="+",
+        choices=httpapi.PATHS,
+        help="http: the paths to load (default: ws ollama openai)",
+    )
     seed = sub.add_parser("seed-report", help="run every scenario, write report.md/.json")
     seed.add_argument("--out", default="bench-report", help="output directory")
     seed.add_argument("--plots", action="store_true", help="PNG plots (needs matplotlib)")
@@ -71,8 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             raise SystemExit("chatd-bench: run real starts its own chatd (no --url)")
         return _emit(args, realmodel.run(realmodel.params_from(args), args.profile))
+    if args.command == "run" and args.scenario == "fairness":
+        if args.url:
+            raise SystemExit("chatd-bench: run fairness starts its own chatd, or --target URL")
+        res = fairness.run(fairness.params_from(args), args.target, args.fake_url, progress)
+        return _emit(args, res)
+    if args.command == "run" and args.scenario == "http" and args.target:
+        return _emit(args, httpapi.run_http(None, _http_params(args), args.target, progress))
     target = _target(args)
     try:
+        if args.command == "run" and args.scenario == "http":
+            return _emit(args, httpapi.run_http(target, _http_params(args), None, progress))
         if args.command == "run" and args.scenario in longrun.NAMES:
             return _emit(args, longrun.run(args.scenario, target, args, progress, args.duration))
         if args.command == "run":
@@ -113,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         target.stop()
 
 
+def _http_params(args: argparse.Namespace) -> httpapi.HttpParams:
+    base = httpapi.HttpParams()
+    return httpapi.HttpParams(
+        duration=base.duration if args.duration is None else args.duration,
+        paths=tuple(args.paths or base.paths),
+        procs=args.procs,
+    )
+
+
 def _emit(args: argparse.Namespace, res: dict[str, Any]) -> int:
     """Print one scenario's result (JSON, or its table and the profile's summary); with
     ``--out`` write it there too (with ``--plots`` the PNGs); exit status 0."""
@@ -128,7 +166,7 @@ def _emit(args: argparse.Namespace, res: dict[str, Any]) -> int:
         paths = [args.out / f"{res['name']}.json", args.out / f"{res['name']}.md"]
         paths[0].write_text(json.dumps(res, indent=1, default=str) + "\n")
         paths[1].write_text(md + "\n")
-        if args.plots and res["name"] not in longrun.NAMES:
+        if args.plots and "chatd" in res:  # the load scenarios' timelines
             from chatd.bench import plots
 
             paths += plots.write([res], args.out)

@@ -2,10 +2,10 @@
 records (:class:`~chatd.bench.load.LoadResult`), stop them.
 
 Each client process is forked, runs one :class:`~chatd.bench.load.LoadJob` on uvloop
-(:func:`chatd.bench.load.raw_load`, :func:`~chatd.bench.load.client_load` or
-:func:`chatd.bench.direct.direct_load`) and talks to the parent over a pipe: ``ready`` once
-its connections are open, then ``go`` with a wall-clock start time shared by all, then its
-``result`` (or ``error`` with a traceback).
+(:func:`chatd.bench.load.raw_load`, :func:`~chatd.bench.load.client_load`,
+:func:`chatd.bench.direct.direct_load` or :func:`chatd.bench.httpload.http_load`) and talks
+to the parent over a pipe: ``ready`` once its connections are open, then ``go`` with a
+wall-clock start time shared by all, then its ``result`` (or ``error`` with a traceback).
 """
 
 from __future__ import annotations
@@ -65,6 +65,10 @@ def _child(job: LoadJob, pipe: Connection, progress: Counter) -> None:
             return await raw_load(job, go, progress)
         if job.mode == "client":
             return await client_load(job, go, progress)
+        if job.mode.startswith("http-"):
+            from chatd.bench.httpload import http_load
+
+            return await http_load(job, go, progress)
         from chatd.bench.direct import direct_load
 
         return await direct_load(job, go, progress)

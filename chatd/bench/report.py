@@ -120,6 +120,14 @@ def scenario_markdown(r: dict[str, Any]) -> str:
         from chatd.bench.longrun import markdown as long_markdown
 
         return long_markdown(r)
+    if r["name"] == "fairness":
+        from chatd.bench.fairness import markdown as fairness_markdown
+
+        return fairness_markdown(r)
+    if r["name"] == "http":
+        from chatd.bench.httpapi import markdown as http_markdown
+
+        return http_markdown(r)
     p = r["params"]
     lines = [f"### {r['title']}", ""]
     lines += [

@@ -107,7 +107,7 @@ def _slots(b: Mapping[str, Any]) -> str:
     return f"{b.get('in_flight', 0)}/{limit} in flight"
 
 
-def _keys(keys: Any) -> str:
+def _keys(keys: Any, label: str = "busiest clients") -> str:
     """``busiest clients (queued/in flight): 3f2a9c1b0d4e 12/1, 10.0.0.7 1/0``, or "" when no
     client has requests waiting. A key is a token's hash (cut to 12 characters: enough to
     tell clients apart) or an address; ``(none)`` is the key of takeovers."""
@@ -120,7 +120,7 @@ def _keys(keys: Any) -> str:
         if len(key) == 32 and all(c in "0123456789abcdef" for c in key):
             key = key[:12]
         cells.append(f"{key} {k.get('queued', 0)}/{k.get('in_flight', 0)}")
-    return "busiest clients (queued/in flight): " + ", ".join(cells)
+    return f"{label} (queued/in flight): " + ", ".join(cells)
 
 
 def _table(rows: Sequence[list[str]]) -> list[str]:
@@ -160,7 +160,9 @@ def _master_lines(data: Mapping[str, Any]) -> list[str]:
 
 def format_status(data: Mapping[str, Any]) -> str:
     """The human-readable ``chatctl status``: master lines, the worker table, backends, queue,
-    totals, and what is wrong when something is."""
+    totals, and what is wrong when something is. The embed class (embeddings: slots and a
+    queue of their own) is shown after the chat figures when the document has it: ``;
+    embed ...`` on each backend line, and an ``embed queue`` line."""
     lines = _master_lines(data)
     rows = [list(_COLUMNS)]
     rows += [_cells(w, False) for w in data.get("workers") or []]
@@ -170,7 +172,11 @@ def format_status(data: Mapping[str, Any]) -> str:
         health = {True: "healthy", False: "UNHEALTHY", None: "health unknown"}.get(
             b.get("healthy"), "?"
         )
-        lines.append(f"backend {b.get('url')} ({b.get('api')}): {health}, {_slots(b)}")
+        line = f"backend {b.get('url')} ({b.get('api')}): {health}, {_slots(b)}"
+        embed = b.get("embed")
+        if isinstance(embed, Mapping):
+            line += f"; embed {_slots(embed)}"
+        lines.append(line)
     store = data.get("store") or {}
     if store.get("healthy") is False:
         slots = ", ".join(str(s) for s in store.get("failing_workers") or [])
@@ -181,6 +187,14 @@ def format_status(data: Mapping[str, Any]) -> str:
     busiest = _keys(q.get("keys"))
     if busiest:
         lines.append(busiest)
+    eq = data.get("embed_queue")
+    if isinstance(eq, Mapping):
+        lines.append(
+            f"embed queue {eq.get('depth', 0)}/{eq.get('max', '?')} waiting for an embed slot"
+        )
+        busiest = _keys(eq.get("keys"), "busiest embedding clients")
+        if busiest:
+            lines.append(busiest)
     lines.append(
         f"totals: {t.get('connections', 0)} connections, {t.get('msg_per_s', 0):.1f} msg/s, "
         f"{t.get('messages_total', 0)} messages, {t.get('errors_total', 0)} errors, "

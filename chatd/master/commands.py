@@ -104,6 +104,7 @@ def status_document(master: Master) -> dict[str, Any]:
         restarts_total=workers.restarts_total,
         retired=workers.retired,
         slots=None if master.services is None else master.services.granter.statistics(),
+        embed_slots=None if master.services is None else master.services.embed_granter.statistics(),
     )
 
 

@@ -1,15 +1,27 @@
 """What the master serves its workers over their links, besides supervision.
 
-* **LLM slots**: the master owns the daemon's :class:`chatd.master.slotgrant.Granter` and answers
-  each worker's ``slot_acquire {rid, exclude, key}`` with ``slot_grant {rid, backend, lease}``,
-  ``slot_queued {rid, position}`` or ``slot_refused {rid, reason}`` (``busy``, ``key_busy``,
-  ``unavailable``), and sends ``slot_recall`` when leased slots must come back;
+* **LLM slots**: the master owns the daemon's :class:`chatd.master.slotgrant.Granter` (one
+  per slot class, below) and answers each worker's ``slot_acquire {rid, exclude, key}`` with
+  ``slot_grant {rid, backend, lease}``, ``slot_queued {rid, position}`` or ``slot_refused
+  {rid, reason}`` (``busy``, ``key_busy``, ``unavailable``), and sends ``slot_recall`` when
+  leased slots must come back;
   ``slot_release {backend, count, key}`` and ``slot_cancel {rid}`` need no answer (a missing or
   malformed ``key`` is ``""`` in an acquire, and none in a release: the slots were leased);
   ``health {backend, healthy}`` is a worker's health check result. The slots and waiters of a
   worker that exits are taken back when it is reaped: only then are its requests to the
   backends certainly over, so the cap stays exact. (The worker side is
   :class:`chatd.worker.slots.MasterSlots`.)
+* **Slot classes**: ``chat`` (generations) and ``embed`` (embeddings) each have a granter of
+  their own, built from the same backends (``max_parallel``, resp. ``max_parallel_embed``
+  slots each) with the same bounds (``max_queue``, ``max_queued_per_key``,
+  ``max_in_flight_per_key``, each per class), so a burst of embedding requests never delays a
+  chat generation and chat never delays embeddings beyond their own cap. Every ``slot_*``
+  message names its class (``class``, absent: chat; :func:`chatd.proto.control.slot_class`),
+  and the answers carry it back; one of an unknown class is logged and dropped. What the
+  classes share: a ``health`` report applies to both, a new configuration reconfigures both,
+  and a worker that exits gives back its slots and waiters of both. Leases work in each
+  class alone, as in :mod:`chatd.master.slotgrant` (an embed waiter recalls embed leases
+  only). A backend may thus see ``max_parallel + max_parallel_embed`` requests at once.
 * **Metrics**: ``metrics_request {rid}`` is answered with ``metrics {rid, data}``, the
   daemon-wide figures of :func:`chatd.metrics.aggregate`, which the worker renders for
   ``GET /metrics``.
@@ -23,9 +35,9 @@
 On the wire a backend is an index into the worker's own ``[[llm.backends]]`` list (its
 ``cfg``); the granter names backends by :func:`chatd.stats.backend_keys` (their base
 URL), so that workers of two generations with different lists can share the slots during a
-reload. The slot limits (``max_parallel``, ``max_queue``, ``[limits] max_queued_per_key`` and
-``max_in_flight_per_key``) are those last given to :meth:`Services.configure`: the master
-calls it when a new configuration takes effect.
+reload. The slot limits (``max_parallel``, ``max_parallel_embed``, ``max_queue``, ``[limits]
+max_queued_per_key`` and ``max_in_flight_per_key``) are those last given to
+:meth:`Services.configure`: the master calls it when a new configuration takes effect.
 
 Runs in the master's single-threaded selector loop; every handler returns at once.
 
@@ -62,7 +74,12 @@ class Services:
 
     def __init__(self, cfg: Config, workers: Workers) -> None:
         self.workers = workers
-        self.granter = Granter([], cfg.llm.max_queue)
+        self.granter = Granter([], cfg.llm.max_queue)  # the chat class (generations)
+        self.embed_granter = Granter([], cfg.llm.max_queue)  # the embed class (embeddings)
+        self.granters: dict[str, Granter] = {
+            proto.SLOT_CLASS_CHAT: self.granter,
+            proto.SLOT_CLASS_EMBED: self.embed_granter,
+        }
         self.retired = Retired()
         # pid -> the worker's backend keys, and key -> index (its cfg never changes).
         self._maps: dict[int, tuple[tuple[str, ...], dict[str, int]]] = {}
@@ -86,39 +103,45 @@ class Services:
         workers.on_exit.append(self._exited)
 
     def configure(self, cfg: Config) -> None:
-        """Apply ``cfg``'s backends (``max_parallel``), ``max_queue`` and per-key bounds to the
-        slots from now on. Backends kept by URL keep their slots in flight and their health; a
-        lower limit takes effect as slots come back; dropped backends get no new slots."""
+        """Apply ``cfg``'s backends (``max_parallel`` for chat, ``max_parallel_embed`` for
+        embed), ``max_queue`` and per-key bounds to the slots of both classes from now on.
+        Backends kept by URL keep their slots in flight and their health; a lower limit takes
+        effect as slots come back; dropped backends get no new slots."""
         keys = backend_keys(b.url for b in cfg.llm.backends)
-        pairs = [(k, b.max_parallel) for k, b in zip(keys, cfg.llm.backends, strict=True)]
         limits = cfg.limits
-        self._send(
-            self.granter.reconfigure(
+        for kind, granter in self.granters.items():
+            pairs = [(k, b.capacity(kind)) for k, b in zip(keys, cfg.llm.backends, strict=True)]
+            outputs = granter.reconfigure(
                 pairs, cfg.llm.max_queue, limits.max_queued_per_key, limits.max_in_flight_per_key
             )
-        )
+            self._send(outputs, kind)
 
     # -- the master loop's hooks ---------------------------------------------------------------
 
     def timeout(self, now: float, longest: float) -> float:
         """How long the loop may sleep before :meth:`tick` has position updates to send (or
         one of ``clocks`` has something to do)."""
-        due = self.granter.next_due()
-        longest = longest if due is None else max(0.0, min(longest, due - now))
+        for granter in self.granters.values():
+            due = granter.next_due()
+            longest = longest if due is None else max(0.0, min(longest, due - now))
         for clock in self.clocks:
             longest = clock.timeout(now, longest)
         return longest
 
     def tick(self, now: float) -> None:
-        """Send the queue position updates that are due; tick ``clocks``."""
-        self._send(self.granter.tick(now))
+        """Send the queue position updates that are due (both classes); tick ``clocks``."""
+        for kind, granter in self.granters.items():
+            self._send(granter.tick(now), kind)
         for clock in self.clocks:
             clock.tick(now)
 
     # -- handlers (Workers._on_message) --------------------------------------------------------
 
     def _acquire(self, worker: Worker, msg: dict[str, Any]) -> None:
+        kind = self._class_of(worker, msg)
         rid = msg.get("rid")
+        if kind is None:
+            return
         if not isinstance(rid, int):
             log.warning("worker %d: slot_acquire without an integer rid: %r", worker.slot, msg)
             return
@@ -128,19 +151,24 @@ class Services:
         allowed = [key for i, key in enumerate(keys) if i not in excluded]
         client = msg.get("key")
         client = client if isinstance(client, str) else ""  # a worker that sends none: ""
-        self._send(self.granter.acquire(worker.pid, rid, allowed, time.monotonic(), client))
+        granter = self.granters[kind]
+        self._send(granter.acquire(worker.pid, rid, allowed, time.monotonic(), client), kind)
 
     def _release(self, worker: Worker, msg: dict[str, Any]) -> None:
+        kind = self._class_of(worker, msg)
+        if kind is None:
+            return
         key, count = self._key(worker, msg.get("backend")), msg.get("count", 1)
         client = msg.get("key")  # the client the slots were counted for; none: leased ones
         if key is not None and isinstance(count, int):
             client = client if isinstance(client, str) else None
-            self._send(self.granter.release(worker.pid, key, count, client))
+            self._send(self.granters[kind].release(worker.pid, key, count, client), kind)
 
     def _cancel(self, worker: Worker, msg: dict[str, Any]) -> None:
+        kind = self._class_of(worker, msg)
         rid = msg.get("rid")
-        if isinstance(rid, int):
-            self._send(self.granter.cancel(worker.pid, rid))
+        if kind is not None and isinstance(rid, int):
+            self._send(self.granters[kind].cancel(worker.pid, rid), kind)
 
     def _health(self, worker: Worker, msg: dict[str, Any]) -> None:
         key, healthy = self._key(worker, msg.get("backend")), msg.get("healthy")
@@ -155,11 +183,19 @@ class Services:
                 *(key, "healthy" if healthy else "unhealthy", worker.slot),
                 "granting its slots again" if healthy else "no slots for it until it recovers",
             )
-        self._send(self.granter.report_health(key, healthy))
+        # One report for every class: the backend is the same server whatever it is asked.
+        for kind, granter in self.granters.items():
+            self._send(granter.report_health(key, healthy), kind)
 
     def _metrics(self, worker: Worker, msg: dict[str, Any]) -> None:
         live = [(w.state, w.stats) for w in self.workers.by_pid.values()]
-        data = aggregate(live, self.retired, self.granter.statistics(), self.workers.restarts_total)
+        data = aggregate(
+            live,
+            self.retired,
+            self.granter.statistics(),
+            self.workers.restarts_total,
+            embed=self.embed_granter.statistics(),
+        )
         # RSS is sampled by the master (psutil, every second), not reported by the workers.
         data["memory"] = [
             {"slot": w.slot, "generation": w.generation, "rss": w.rss}
@@ -211,14 +247,26 @@ class Services:
         for session in list(self._watched.get(worker.pid, ())):
             self._drop_watch(worker.pid, session)
         self.retired.fold(worker.stats)
-        held = sum(self.granter.held(worker.pid).values())
-        if held:
+        held = {kind: sum(g.held(worker.pid).values()) for kind, g in self.granters.items()}
+        if any(held.values()):
             log.info(
-                "worker %d (pid %d) held %d LLM slots: taken back", *(worker.slot, worker.pid, held)
+                "worker %d (pid %d) held %d LLM slots: taken back (%d chat, %d embed)",
+                *(worker.slot, worker.pid, sum(held.values())),
+                *(held[proto.SLOT_CLASS_CHAT], held[proto.SLOT_CLASS_EMBED]),
             )
-        self._send(self.granter.owner_gone(worker.pid))
+        for kind, granter in self.granters.items():
+            self._send(granter.owner_gone(worker.pid), kind)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _class_of(self, worker: Worker, msg: dict[str, Any]) -> str | None:
+        """The slot class ``msg`` is about (absent: chat); None, logged, for an unknown one."""
+        kind = proto.slot_class(msg)
+        if kind is None:
+            log.warning(
+                "worker %d: %s of an unknown slot class: %r", worker.slot, msg[proto.T], msg
+            )
+        return kind
 
     def _keys_of(self, worker: Worker) -> tuple[str, ...]:
         return self._map_of(worker)[0]
@@ -237,9 +285,10 @@ class Services:
         log.warning("worker %d: no backend %r in its configuration", worker.slot, index)
         return None
 
-    def _send(self, outputs: Iterable[Output]) -> None:
-        """Deliver the granter's answers; a worker without a link gets nothing (the slots it
-        was granted come back when it is reaped)."""
+    def _send(self, outputs: Iterable[Output], kind: str) -> None:
+        """Deliver the answers of the granter of class ``kind``, naming it (chat: unnamed); a
+        worker without a link gets nothing (the slots it was granted come back when it is
+        reaped)."""
         for out in outputs:
             worker = self.workers.by_pid.get(out.owner)
             if worker is None:
@@ -255,4 +304,4 @@ class Services:
                 msg = {proto.T: proto.SLOT_REFUSED, "rid": out.rid, "reason": out.reason}
             elif isinstance(out, Recall):
                 msg = {proto.T: proto.SLOT_RECALL}
-            self.workers.tell(worker, msg)
+            self.workers.tell(worker, proto.with_class(msg, kind))

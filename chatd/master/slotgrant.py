@@ -1,10 +1,12 @@
 """Daemon-wide LLM slot granting, as pure logic: requests in, grants out (no I/O, no clock).
 
-The master owns one :class:`Granter`. Each method takes one event (a worker asks for a slot,
-gives one back, cancels a wait, reports a backend's health, dies; or time passes) and returns
-the messages to send: :class:`Grant`, :class:`Queued`, :class:`Refused`, :class:`Recall`,
-each addressed to an *owner* (the master uses the worker's pid) and a request id (``rid``,
-unique per owner). The caller sends them; time comes in as ``now`` (monotonic seconds).
+The master owns one :class:`Granter` per slot class (chat, embed: :mod:`chatd.master.services`;
+a granter knows nothing of classes: each is a whole pool of its own). Each method takes one
+event (a worker asks for a slot, gives one back, cancels a wait, reports a backend's health,
+dies; or time passes) and returns the messages to send: :class:`Grant`, :class:`Queued`,
+:class:`Refused`, :class:`Recall`, each addressed to an *owner* (the master uses the worker's
+pid) and a request id (``rid``, unique per owner). The caller sends them; time comes in as
+``now`` (monotonic seconds).
 
 Algorithm
 ---------

@@ -119,6 +119,41 @@ def _with_slots(
                 row["healthy"] = b.healthy
 
 
+def _with_embed(
+    backends: list[dict[str, Any]],
+    cfg: Config,
+    slots: GranterStats,
+    workers: Sequence[WorkerSnapshot],
+) -> None:
+    """Add each backend's embed slots from the master's embed granter: ``embed {in_flight,
+    in_use, leased_idle, max_parallel}``, the chat figures' meanings (:func:`_with_slots`),
+    split with the workers' ``embed_backends`` reports (``max_parallel`` is the backend's
+    ``max_parallel_embed``). Health is the backend's, one for both classes."""
+    granted = {b.key: b for b in slots.backends}
+    reports = {w.pid: w.stats.get("embed_backends") for w in workers if w.pid is not None}
+    usage = slots.usage(reports)
+    keys = backend_keys(b.url for b in cfg.llm.backends)
+    for row, key, conf in zip(backends, keys, cfg.llm.backends, strict=True):
+        b = granted.get(key)
+        in_use, idle = usage.get(key, (0, 0))
+        row["embed"] = {
+            "in_flight": 0 if b is None else b.in_flight,
+            "in_use": in_use,
+            "leased_idle": idle,
+            "max_parallel": conf.max_parallel_embed if b is None else b.max_parallel,
+        }
+
+
+def _queue(slots: GranterStats) -> dict[str, Any]:
+    """A granter's queue: ``{depth, max}``, and ``keys`` while some client has any."""
+    queue: dict[str, Any] = {"depth": slots.queue_depth, "max": slots.max_queue}
+    if slots.keys:  # absent rather than empty: the document stays as it was when idle
+        queue["keys"] = [
+            {"key": k.key, "queued": k.queued, "in_flight": k.in_flight} for k in slots.keys
+        ]
+    return queue
+
+
 def _buckets(value: Any) -> dict[int, int] | None:
     """A worker's histogram (``[[bucket, count], ...]`` or a map), or None if malformed."""
     pairs = value.items() if isinstance(value, Mapping) else value
@@ -160,6 +195,7 @@ def aggregate_status(
     retired: Mapping[str, float] | None = None,
     slots: GranterStats | None = None,
     others: Sequence[WorkerSnapshot] = (),
+    embed_slots: GranterStats | None = None,
 ) -> dict[str, Any]:
     """The ``chatctl status --json`` document (``spec/interfaces.md``), plus extra fields.
 
@@ -178,6 +214,11 @@ def aggregate_status(
             address), when some client has requests waiting or slots counted against it.
         others: the workers that serve no slot (a reload's new worker not ready yet, old
             ones draining): listed as ``other_workers``, and counted in the totals.
+        embed_slots: the master's granter of the embed class (embeddings: slots and a queue
+            of their own). With it, each backend gets ``embed {in_flight, in_use,
+            leased_idle, max_parallel}`` and the document ``embed_queue {depth, max, keys}``,
+            shaped as the chat ones; ``backends[].in_flight`` and friends and ``queue`` stay
+            the chat class's, as they were.
     """
     rows = [_worker_row(w) for w in workers]
     other_rows = [_worker_row(w) for w in others]
@@ -202,12 +243,8 @@ def aggregate_status(
     queue: dict[str, Any] = {"depth": 0, "max": cfg.llm.max_queue}
     if slots is not None:
         _with_slots(backends, cfg, slots, everyone)
-        queue = {"depth": slots.queue_depth, "max": slots.max_queue}
-        if slots.keys:  # absent rather than empty: the document stays as it was when idle
-            queue["keys"] = [
-                {"key": k.key, "queued": k.queued, "in_flight": k.in_flight} for k in slots.keys
-            ]
-    return {
+        queue = _queue(slots)
+    doc: dict[str, Any] = {
         "master": dict(master),
         "workers": rows,
         "other_workers": other_rows,
@@ -216,6 +253,10 @@ def aggregate_status(
         "totals": totals,
         "store": _store(everyone),
     }
+    if embed_slots is not None:
+        _with_embed(backends, cfg, embed_slots, everyone)
+        doc["embed_queue"] = _queue(embed_slots)
+    return doc
 
 
 def _store(workers: Sequence[WorkerSnapshot]) -> dict[str, Any]:

@@ -19,15 +19,16 @@ worker -> master
     ``hello {slot, pid, gen}`` first; ``ready`` once it serves; ``stats {...}`` every second from
     the worker's event loop (it doubles as the heartbeat, so a blocked loop goes silent);
     ``draining`` to acknowledge a drain order. LLM slots: ``slot_acquire {rid, exclude, key}``,
-    ``slot_release {backend, count, key}``, ``slot_cancel {rid}``,
-    ``health {backend, healthy}``; and ``metrics_request {rid}``; live handoff:
+    ``slot_release {backend, count, key}``, ``slot_cancel {rid}`` (each with an optional
+    ``class``, below), ``health {backend, healthy}``; and ``metrics_request {rid}``; live handoff:
     ``watch {rid, session}``, ``unwatch {session}``, ``stored {session, seq}`` (see the
     constants below).
 master -> worker
     ``drain {timeout}``: stop accepting, finish the replies in flight, close clients with 1001,
     exit 0. ``stop``: exit now. LLM slots: ``slot_grant {rid, backend, lease}``,
-    ``slot_queued {rid, position}``, ``slot_refused {rid, reason}``, ``slot_recall``;
-    ``metrics {rid, data}``; ``watching {rid, session}``, ``stored {session, seq}``.
+    ``slot_queued {rid, position}``, ``slot_refused {rid, reason}``, ``slot_recall`` (each with
+    an optional ``class``); ``metrics {rid, data}``; ``watching {rid, session}``,
+    ``stored {session, seq}``.
 chatctl -> master
     ``{"t": "status"}``; the master answers ``{"t": "status", "ok": true, "data": {...}}`` or
     ``{"t": ..., "ok": false, "error": "one sentence"}``. A request may carry an ``id``, which the
@@ -77,8 +78,8 @@ STATUS = "status"
 RELOAD = "reload"
 SCALE = "scale"
 # ``stop`` from chatctl reuses STOP (above): there, a graceful stop of the whole daemon
-# LLM slots (chatd.worker.slots.MasterSlots <-> chatd.master.services.SlotService); backends are
-# indices into the worker's own [[llm.backends]] list, ``rid`` is unique per worker.
+# LLM slots (chatd.worker.slots.MasterSlots <-> chatd.master.services.Services); backends are
+# indices into the worker's own [[llm.backends]] list, ``rid`` is unique per worker and class.
 # ``key`` names the client a request is for (a hash of its token, or its address): the master
 # serves the keys round robin. Optional: a worker that sends none asks for the key "".
 SLOT_ACQUIRE = "slot_acquire"  # worker -> master {rid, exclude: [backend], key}
@@ -92,6 +93,15 @@ SLOT_RECALL = "slot_recall"  # master -> worker: give back the slots kept unused
 SLOT_QUEUED = "slot_queued"  # master -> worker {rid, position}: 1 = next
 SLOT_REFUSED = "slot_refused"  # master -> worker {rid, reason: "busy" | "key_busy" | "unavailable"}
 KEY_BUSY = "key_busy"  # the reason when the request's key has max_queued_per_key waiting
+# Slot classes: each class has its own slots per backend (chat: max_parallel; embed:
+# max_parallel_embed) and its own queue, so a burst of one never waits behind the other. Every
+# slot_* message above, in both directions, names its class in the field ``class``; absent means
+# "chat", and a chat message never carries it (the chat messages are exactly those of a chatd
+# without classes). ``health`` has no class: a backend's health holds for every class.
+SLOT_CLASS = "class"  # the field
+SLOT_CLASS_CHAT = "chat"  # generations (/ws, /api/chat, /v1/chat/completions)
+SLOT_CLASS_EMBED = "embed"  # embeddings (/api/embed, /api/embeddings, /v1/embeddings)
+SLOT_CLASSES = (SLOT_CLASS_CHAT, SLOT_CLASS_EMBED)
 # Daemon-wide metrics for /metrics (chatd.metrics): request and answer, matched by ``rid``.
 METRICS_REQUEST = "metrics_request"  # worker -> master {rid}
 METRICS = "metrics"  # master -> worker {rid, data}
@@ -183,6 +193,21 @@ def _decode_body(body: bytes) -> dict[str, Any]:
     if not all(isinstance(key, str) for key in value):
         raise ControlError("frame has a map key that is not a string")
     return value
+
+
+def slot_class(msg: Mapping[str, Any]) -> str | None:
+    """The class a ``slot_*`` message is about: its ``class`` field, ``"chat"`` when absent;
+    None when the field names no class of :data:`SLOT_CLASSES` (the caller drops the message)."""
+    kind = msg.get(SLOT_CLASS, SLOT_CLASS_CHAT)
+    return kind if isinstance(kind, str) and kind in SLOT_CLASSES else None
+
+
+def with_class(msg: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``msg`` (a ``slot_*`` message) naming slot class ``kind``: the field is added for any
+    class but chat, so a chat message stays byte for byte what it was. Returns ``msg``."""
+    if kind != SLOT_CLASS_CHAT:
+        msg[SLOT_CLASS] = kind
+    return msg
 
 
 def hello(slot: int, pid: int, generation: int) -> dict[str, Any]:

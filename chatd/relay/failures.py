@@ -26,17 +26,23 @@ def http_error(url: str, model: str, status: int, body: bytes) -> UpstreamError:
             f"The model backend {url} answered HTTP {status} ({detail}); it is overloaded "
             "or failing, so try again in a moment.",
             backend=url,
+            status=status,
+            detail=detail,
         )
     if status == 404:
         return UpstreamRejected(
             f"The model backend {url} does not have the model {model} (HTTP 404: {detail}); "
             "pick another model or install it on that backend.",
             backend=url,
+            status=status,
+            detail=detail,
         )
     return UpstreamRejected(
         f"The model backend {url} rejected the request with HTTP {status} ({detail}); "
         "check the model name and the [llm] settings.",
         backend=url,
+        status=status,
+        detail=detail,
     )
 
 
@@ -52,7 +58,7 @@ def stream_error(url: str, api: str, exc: WireError) -> UpstreamRejected:
             f"The model backend {url} broke the {api} streaming protocol ({exc.kind}: "
             f"{exc.detail}); check that the backend's api setting matches the server."
         )
-    return UpstreamRejected(msg, backend=url)
+    return UpstreamRejected(msg, backend=url, detail=exc.detail if exc.kind == "error" else "")
 
 
 def timeout_error(url: str, model: str, kind: str, seconds: float) -> UpstreamTimeout:

@@ -127,6 +127,34 @@ class Relay:
                 session, b.session = b.session, None
                 await session.close()
 
+    @property
+    def llm(self) -> LLMConfig:
+        """The ``[llm]`` settings this relay was built from."""
+        return self._llm
+
+    @property
+    def count(self) -> int:
+        """How many backends there are (indexes 0 .. count - 1)."""
+        return len(self._backends)
+
+    def backend(self, index: int) -> Backend:
+        """The state of one backend (:mod:`chatd.relay.passthrough` streams through it)."""
+        return self._backends[index]
+
+    def pool(self, index: int) -> Pool:
+        """The generation pool of one backend (after :meth:`start`)."""
+        return self._pool(self._backends[index])
+
+    async def first_limit(
+        self, backend: int, model: str, on_notice: Callable[[str, str], None] | None = None
+    ) -> float:
+        """The first-chunk deadline for ``model`` on ``backend`` (see the module)."""
+        return await self._first_limit(self._backends[backend], model, on_notice)
+
+    def mark_loaded(self, backend: int, model: str) -> None:
+        """Record that ``model`` answered on ``backend`` (so it counts as loaded)."""
+        self._mark_loaded(self._backends[backend], model)
+
     def statistics(self) -> RelayStats:
         """Counters per backend, for this worker."""
         now = time.monotonic()

@@ -271,6 +271,60 @@ class OpenAIDecoder:
             raise cut from None
 
 
+class ObjectDecoder:
+    """Decodes a stream into its chunks, whole: the Ollama/OpenAI APIs' pass-through.
+
+    ``sse`` False: Ollama's NDJSON (``/api/chat``, ``/api/generate``), done at the
+    ``done: true`` chunk (returned too). ``sse`` True: OpenAI's SSE (``/v1/chat/completions``,
+    ``/v1/completions``), done at ``data: [DONE]``; a ``finish_reason`` makes the stream
+    :attr:`complete` (as :class:`OpenAIDecoder`). :meth:`feed` returns the chunk's object, or
+    None for a line that is none (blank, comment, ``[DONE]``); an ``error`` object in the
+    stream raises WireError("error").
+    """
+
+    __slots__ = ("done", "finished", "sse")
+
+    def __init__(self, sse: bool) -> None:
+        self.sse = sse
+        self.done = False
+        self.finished = False
+
+    @property
+    def complete(self) -> bool:
+        return self.done or self.finished
+
+    def feed(self, line: bytes) -> dict[str, object] | None:
+        if self.sse:
+            if not line.startswith(b"data:"):
+                return None
+            line = line[5:].strip()
+            if line == b"[DONE]":
+                self.done = True
+                return None
+        obj = _loads(line)
+        if obj is None:
+            return None
+        if obj.get("error"):
+            raise WireError("error", _error_text(obj["error"]))
+        if not self.sse:
+            self.done = obj.get("done") is True
+        else:
+            choices = obj.get("choices")
+            if type(choices) is list and choices and type(choices[0]) is dict:
+                self.finished = self.finished or bool(choices[0].get("finish_reason"))
+        return obj
+
+    def feed_last(self, line: bytes) -> dict[str, object] | None:
+        """:meth:`feed` for the line the stream ended in (a cut line: "truncated")."""
+        try:
+            return self.feed(line)
+        except WireError as exc:
+            cut = _cut_short(line[5:] if self.sse else line, exc)
+            if cut.kind == "truncated" and self.finished:
+                return None
+            raise cut from None
+
+
 def decode_body(chunks: Iterable[bytes], decoder: OllamaDecoder | OpenAIDecoder) -> list[str]:
     """The reply pieces of a whole body received as ``chunks``, as ``generate`` reads them
     (see the module): the non-empty pieces up to the decoder's ``done``.

@@ -54,6 +54,7 @@ class Front:
         open_timeout: float,
         max_connections: int = 0,
         max_per_ip: int = 0,
+        max_outbound: int = 16 * 1024 * 1024,
         others: Callable[[], int] = lambda: 0,
         others_from: Callable[[str], int] = lambda _ip: 0,
     ) -> None:
@@ -63,6 +64,7 @@ class Front:
         self.open_timeout = open_timeout
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
+        self.max_outbound = max_outbound
         self._others, self._others_from = others, others_from
         self.draining = False  # new HTTP connections answer once, then close
         self.http: set[HttpConnection] = set()

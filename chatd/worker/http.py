@@ -4,7 +4,9 @@ websockets calls :meth:`HttpEndpoints.process_request` before each opening hands
 front's plain HTTP connections call :meth:`HttpEndpoints.serve_http` for every other request
 (:mod:`chatd.worker.front`), which gives the same answers. It answers ``/healthz``,
 ``/readyz``, ``/metrics`` (the whole daemon's, from the master: see :mod:`chatd.metrics`; 503
-when the master does not answer in time) and ``/`` (the chat page) itself, and for ``/ws``
+when the master does not answer in time) and the chat page (``/chat/``, and ``/`` for a
+browser) itself, hands the Ollama/OpenAI APIs (``/``, ``/api/...``, ``/v1/...``) to
+:mod:`chatd.worker.api`, and for ``/ws``
 checks, in this order: the worker is not over ``max_connections`` (HTTP 503 with
 ``Retry-After``), the origin is allowed (403), the auth token is valid (401). With ``[server]
 metrics_token``, ``/metrics`` answers 401 (and ``WWW-Authenticate: Bearer``) to a request
@@ -28,6 +30,7 @@ from websockets.http11 import Request, Response
 
 from chatd.config import Config
 from chatd.metrics import CONTENT_TYPE
+from chatd.worker.api.router import ApiRouter
 from chatd.worker.httpconn import Request as HttpRequest
 from chatd.worker.httpconn import Responder
 
@@ -64,6 +67,7 @@ class HttpEndpoints:
     metrics: Callable[[], Awaitable[str | None]] | None = None  # the /metrics text, or None
     per_ip: Callable[[str], int] = lambda _ip: 0  # this worker's open connections from an IP
     worker_name: str = ""  # "slot/pid", in the X-Chatd-Worker header of /metrics
+    api: ApiRouter | None = None  # the Ollama/OpenAI APIs (chatd.worker.api)
     page: bytes = b""
 
     def __post_init__(self) -> None:
@@ -134,7 +138,12 @@ class HttpEndpoints:
         """The plain HTTP side (:mod:`chatd.worker.front`): the same answers as
         :meth:`process_request` gives before a handshake, for requests that are no upgrade."""
         path = urlsplit(request.target).path
-        if path == "/ws":
+        if path in ("/chat", "/chat/") or (path == "/" and _wants_html(request.headers)):
+            response = _response(200, "OK", self.page, "text/html; charset=utf-8")
+        elif self.api is not None and self.api.claims(path):
+            await self.api.handle(request, responder, path)
+            return
+        elif path == "/ws":
             response = _text(426, "Upgrade Required", "/ws speaks WebSocket: send an upgrade\n")
             response.headers["Upgrade"] = "websocket"
         else:
@@ -144,9 +153,10 @@ class HttpEndpoints:
             if answer is None:
                 answer = _text(404, "Not Found", f"no such endpoint: {path[:100]}\n")
             response = answer if isinstance(answer, Response) else await answer
-        await responder.send(
-            response.status_code, response.headers.raw_items(), bytes(response.body)
-        )
+        # The responder frames the body itself (Content-Length): not twice, which clients such
+        # as aiohttp refuse.
+        headers = [(k, v) for k, v in response.headers.raw_items() if k.lower() != "content-length"]
+        await responder.send(response.status_code, headers, bytes(response.body))
 
     async def _metrics(self) -> Response:
         text = await self.metrics() if self.metrics is not None else None
@@ -192,6 +202,12 @@ class HttpEndpoints:
                     WWW_Authenticate='Bearer realm="chatd"',
                 )
         return None
+
+
+def _wants_html(headers: Headers) -> bool:
+    """A browser's request (``Accept`` naming text/html): ``/`` is then the chat page, not
+    Ollama's ``Ollama is running``."""
+    return "text/html" in headers.get("Accept", "")
 
 
 def frame_limit(cfg: Config) -> int:

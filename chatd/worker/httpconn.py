@@ -116,9 +116,24 @@ class Responder:
 
     async def start(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
         """The head of a streamed response (chunked)."""
+        self.begin(status, headers)
+
+    def begin(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
+        """:meth:`start`, for a callback that cannot wait (the head is only buffered)."""
         assert not self.started
         self.started = True
         self._conn.write(self._head(status, headers, "Transfer-Encoding: chunked"))
+
+    def push(self, data: bytes) -> None:
+        """One piece of a streamed body, buffered at once, for a callback that cannot wait
+        (the relay's chunk callback). The bound replaces the wait: once more than the
+        connection's ``max_outbound`` bytes are buffered unread, the connection is cut and
+        :class:`ClientGone` raised, as a WebSocket over ``max_outbound_bytes`` is closed."""
+        if self._conn.lost:
+            raise ClientGone("the client went away")
+        if data and not self.head_only:
+            self._conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self._conn.check_outbound()
 
     async def write(self, data: bytes) -> None:
         """One piece of a streamed body (an empty piece is not written: it would end it)."""
@@ -135,6 +150,11 @@ class Responder:
             await self._conn.drain()
 
 
+class ClientGone(Exception):
+    """The client went away, or stopped reading past the bound, while a stream was pushed
+    (not an OSError: the relay must not take it for a failure of the backend)."""
+
+
 Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
@@ -145,6 +165,7 @@ class Limits(Protocol):
     max_header_count: int
     max_header_bytes: int
     open_timeout: float  # a request's head and body must come within it
+    max_outbound: int  # bytes a pushed stream may leave unread (beyond: cut)
     draining: bool
 
     def opened(self, conn: HttpConnection) -> None: ...
@@ -310,7 +331,7 @@ class HttpConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             self._abort()
             return
-        except ConnectionError as exc:  # the client left while we wrote
+        except (ConnectionError, ClientGone) as exc:  # the client left while we wrote
             log.debug("HTTP response not written whole: %r", exc)
             self._abort()
             return
@@ -357,10 +378,22 @@ class HttpConnection(asyncio.Protocol):
 
     # -- writing ------------------------------------------------------------------------------
 
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
     def write(self, data: bytes) -> None:
         if self._lost or self.transport is None:
             raise ConnectionResetError("the client went away")
         self.transport.write(data)
+
+    def check_outbound(self) -> None:
+        """Cut the connection when more than ``max_outbound`` bytes wait unwritten."""
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > self._limits.max_outbound:
+            log.info("HTTP client %s stopped reading a stream: cut", self.peer)
+            transport.abort()
+            raise ClientGone("the client stopped reading")
 
     async def drain(self) -> None:
         """Wait while the client does not read (flow control), until it does, goes away, or

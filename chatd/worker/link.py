@@ -16,7 +16,8 @@ What the worker must do with what arrives (``on_command`` gets each message as a
   late hello with a bare 1001 instead of a ``shutting_down`` error;
 * ``{"t": "stop"}``: exit now;
 * the LLM slot messages (``MasterSlots.MESSAGES``: ``slot_grant``, ``slot_queued``,
-  ``slot_refused``, ``slot_recall``): hand them to its :class:`chatd.worker.slots.MasterSlots`;
+  ``slot_refused``, ``slot_recall``): hand them to its :class:`chatd.worker.slots.MasterSlots`
+  of the message's slot class (:func:`chatd.worker.slots.dispatch`);
 * anything else: ignore it (later versions of the master may send more).
 
 A worker may also ask the master something and await the answer with :meth:`MasterLink.request`

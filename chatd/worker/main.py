@@ -41,6 +41,7 @@ from chatd.proto import control as proto
 from chatd.relay.generate import Relay
 from chatd.spec import WorkerSpec
 from chatd.store import open_store
+from chatd.worker.api.setup import api_router
 from chatd.worker.front import Front, connection_class
 from chatd.worker.generation import Hub
 from chatd.worker.http import HttpEndpoints, frame_limit, limit_headers
@@ -48,7 +49,7 @@ from chatd.worker.link import MasterLink
 from chatd.worker.outbox import OutboundBudget, Outbox
 from chatd.worker.report import stats_message
 from chatd.worker.session import WorkerState, serve_connection
-from chatd.worker.slots import MasterSlots
+from chatd.worker.slots import MasterSlots, dispatch
 
 log = logging.getLogger("chatd.worker")
 
@@ -70,7 +71,13 @@ class Worker:
         self.link = MasterLink.from_spec(spec)
         # The master grants the LLM slots of every worker: the cap is daemon-wide.
         self.slots = MasterSlots(self.cfg.llm.backends, self.link.send)
+        # Embeddings take slots of their own class (max_parallel_embed, their own queue), so a
+        # burst of them never delays a chat generation: acquire/release like self.slots.
+        embed = proto.SLOT_CLASS_EMBED
+        self.embed_slots = MasterSlots(self.cfg.llm.backends, self.link.send, embed)
+        self.slot_classes = {proto.SLOT_CLASS_CHAT: self.slots, embed: self.embed_slots}
         self.hub = Hub(self.cfg, self.store, self.relay, self.slots, self.link)
+        self.api = api_router(self.cfg, self.relay, self.slots, self.embed_slots)
         self._closers: set[asyncio.Task[None]] = set()  # a drain's 1001 closes in progress
         self.state = WorkerState(
             hub=self.hub,
@@ -113,6 +120,7 @@ class Worker:
             metrics=self._metrics,
             worker_name=self.name,
             per_ip=lambda ip: self.state.per_ip.get(ip, 0) + front.per_ip.get(ip, 0),
+            api=self.api,
         )
         limit_headers(self.cfg.limits.max_header_count)
         limits = self.cfg.limits
@@ -123,6 +131,7 @@ class Worker:
             open_timeout=limits.hello_timeout,
             max_connections=limits.max_connections,
             max_per_ip=limits.max_connections_per_ip,
+            max_outbound=limits.max_outbound_bytes,
             others=lambda: len(self.state.connections),
             others_from=lambda ip: self.state.per_ip.get(ip, 0),
         )
@@ -200,7 +209,8 @@ class Worker:
                     level = logging.INFO if ok else logging.WARNING
                     url = self.cfg.llm.backends[i].url
                     log.log(level, "backend %s is %s", url, "healthy" if ok else "unhealthy")
-                self.slots.set_healthy(i, ok)
+                self.slots.set_healthy(i, ok)  # reported to the master, for every class
+                self.embed_slots.set_healthy(i, ok)
             await asyncio.sleep(HEALTH_INTERVAL if all(self.slots.healthy) else 1.0)
 
     # -- reporting ------------------------------------------------------------------------
@@ -219,7 +229,11 @@ class Worker:
 
     def statistics(self) -> dict[str, Any]:
         """The ``stats`` message sent to the master every second (:mod:`chatd.worker.report`)."""
-        return stats_message(self.cfg, self.state, self.hub, self.store, self.slots)
+        msg = stats_message(
+            self.cfg, self.state, self.hub, self.store, self.slots, self.embed_slots
+        )
+        msg["http"] = self.api.stats.report()  # the Ollama/OpenAI APIs' (chatd.metrics_http)
+        return msg
 
     # -- 4-6: stop ------------------------------------------------------------------------
 
@@ -231,7 +245,7 @@ class Worker:
     def _on_command(self, msg: dict[str, Any]) -> None:
         kind = msg.get("t")
         if kind in MasterSlots.MESSAGES:
-            self.slots.on_message(msg)
+            dispatch(msg, self.slot_classes)
         elif kind == proto.STORED:
             session = msg.get("session")
             if isinstance(session, str):
@@ -244,7 +258,8 @@ class Worker:
 
     def _on_master_gone(self) -> None:
         log.warning("the master is gone: draining and exiting")
-        self.slots.link_gone()
+        for slots in self.slot_classes.values():
+            slots.link_gone()
         self.request_stop(False)
 
     async def drain(self) -> None:
@@ -266,6 +281,9 @@ class Worker:
             self.front.close_http()
         deadline = time.monotonic() + self.cfg.server.graceful_timeout
         await self._wait_replies(deadline)
+        with contextlib.suppress(TimeoutError):  # the API requests being answered, too
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self.api.wait_idle()
         if self.hub.running:
             log.warning(
                 "drain: %d replies still running after the graceful timeout", self.hub.in_flight

@@ -17,13 +17,20 @@ from chatd.worker.slots import MasterSlots
 
 
 def stats_message(
-    cfg: Config, state: WorkerState, hub: Hub, store: Store, slots: MasterSlots
+    cfg: Config,
+    state: WorkerState,
+    hub: Hub,
+    store: Store,
+    slots: MasterSlots,
+    embed_slots: MasterSlots | None = None,
 ) -> dict[str, Any]:
     """The ``stats`` message a worker sends to the master every second: its counters, latency
-    histograms, store and backends as it sees them (read by ``chatctl status`` and /metrics)."""
+    histograms, store and backends as it sees them (read by ``chatctl status`` and /metrics).
+    ``slots`` are the chat class's (``queue_depth``, ``backends``); ``embed_slots``, the embed
+    class's, add ``embed_queue_depth`` and ``embed_backends`` (``{url, in_flight, held}``)."""
     stats = hub.stats
     figures = store.statistics()
-    return {
+    report: dict[str, Any] = {
         "t": "stats",
         "connections": len(state.connections),
         "connections_total": state.connections_total,
@@ -64,3 +71,10 @@ def stats_message(
         ],
         "draining": state.draining,
     }
+    if embed_slots is not None:
+        report["embed_queue_depth"] = embed_slots.queue_depth
+        report["embed_backends"] = [
+            {"url": b.url, "in_flight": embed_slots.in_flight[i], "held": embed_slots.held[i]}
+            for i, b in enumerate(cfg.llm.backends)
+        ]
+    return report

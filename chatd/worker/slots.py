@@ -12,6 +12,13 @@ Two implementations of the :class:`Slots` protocol the generation code uses:
   the round robin across keys, the queue); this class asks it over the worker's link;
 * :class:`LocalSlots`, the same rules within one process (but first in, first out, whatever
   the key), for in-process use and tests.
+
+*Slot classes.* Slots come in classes (``chatd.proto.control.SLOT_CLASSES``), each with its
+own slots per backend and its own queue at the master: ``chat`` for generations
+(``max_parallel``), ``embed`` for embeddings (``max_parallel_embed``), so that a burst of
+embedding requests never delays a chat generation, nor chat the embeddings beyond their own
+cap. A worker has one instance per class (``kind``), which names its class on every message
+it sends; :func:`dispatch` hands each message of the master to the instance of its class.
 """
 
 from __future__ import annotations
@@ -74,9 +81,14 @@ class _Waiter:
 class LocalSlots:
     """Slots granted within one worker process (FIFO, least-loaded healthy backend)."""
 
-    def __init__(self, backends: Sequence[BackendConfig], max_queue: int) -> None:
+    def __init__(
+        self, backends: Sequence[BackendConfig], max_queue: int, kind: str = proto.SLOT_CLASS_CHAT
+    ) -> None:
+        """``kind``: the slot class, which says each backend's slots (``max_parallel`` or
+        ``max_parallel_embed``); one instance per class, each with its own queue."""
         self.backends = tuple(backends)
         self.max_queue = max_queue
+        self.capacity = [b.capacity(kind) for b in self.backends]
         self.in_flight = [0] * len(self.backends)
         self.healthy = [True] * len(self.backends)
         self._waiters: deque[_Waiter] = deque()
@@ -89,10 +101,10 @@ class LocalSlots:
         """The least-loaded healthy backend with a free slot, not in ``exclude``."""
         best: int | None = None
         best_load = 2.0
-        for i, b in enumerate(self.backends):
-            if i in exclude or not self.healthy[i] or self.in_flight[i] >= b.max_parallel:
+        for i, cap in enumerate(self.capacity):
+            if i in exclude or not self.healthy[i] or self.in_flight[i] >= cap:
                 continue
-            load = self.in_flight[i] / b.max_parallel
+            load = self.in_flight[i] / cap
             if load < best_load:
                 best, best_load = i, load
         return best
@@ -215,6 +227,13 @@ class MasterSlots:
     When the link ends, every waiter fails with :class:`UpstreamUnavailable`; the slots held
     are the master's to take back when this process exits.
 
+    *Class.* ``kind`` is the slot class of every slot this instance takes (module docstring):
+    a class other than chat is named in each message sent (``class``), and
+    :meth:`on_message` takes only messages of its class (route them with :func:`dispatch`).
+    Each class has its own rids, leases and requests: two instances never interfere. Only
+    the chat instance sends ``health``, which the master applies to every class (the
+    backend is one server); another class's :meth:`set_healthy` just records the view.
+
     ``in_flight`` counts the slots in use here, ``held`` those the master granted us (in use
     or kept); ``healthy`` is this worker's own view from its checks (for ``/readyz``).
     """
@@ -225,9 +244,16 @@ class MasterSlots:
     """The message types from the master that :meth:`on_message` handles."""
 
     def __init__(
-        self, backends: Sequence[BackendConfig], send: Callable[[Mapping[str, Any]], bool]
+        self,
+        backends: Sequence[BackendConfig],
+        send: Callable[[Mapping[str, Any]], bool],
+        kind: str = proto.SLOT_CLASS_CHAT,
     ) -> None:
+        if kind not in proto.SLOT_CLASSES:
+            raise ValueError(f"unknown slot class {kind!r} (known: {proto.SLOT_CLASSES})")
+        self.kind = kind
         self.backends = tuple(backends)
+        self.capacity = [b.capacity(kind) for b in self.backends]  # slots of our class
         self.in_flight = [0] * len(self.backends)
         self.held = [0] * len(self.backends)
         self.healthy = [True] * len(self.backends)
@@ -264,14 +290,14 @@ class MasterSlots:
         acquire = {proto.T: proto.SLOT_ACQUIRE, "rid": rid, "exclude": sorted(exclude)}
         if key:  # absent means ""
             acquire["key"] = key
-        if not self._send(acquire):
+        if not self._send(proto.with_class(acquire, self.kind)):
             del self._requests[rid]
             raise _master_gone()
         try:
             return await future
         except asyncio.CancelledError:
             if self._requests.pop(rid, None) is not None:
-                self._send({proto.T: proto.SLOT_CANCEL, "rid": rid})
+                self._send(proto.with_class({proto.T: proto.SLOT_CANCEL, "rid": rid}, self.kind))
             elif future.done() and not future.cancelled() and future.exception() is None:
                 self.release(future.result(), key)  # granted, but the waiter went away first
             raise
@@ -290,15 +316,22 @@ class MasterSlots:
             self._give_back(backend, 1)
 
     def set_healthy(self, backend: int, healthy: bool) -> None:
-        """Record this worker's check and report it to the master when it changed."""
+        """Record this worker's check and report it to the master when it changed (the chat
+        instance only: the master applies it to every class)."""
         self.healthy[backend] = healthy
+        if self.kind != proto.SLOT_CLASS_CHAT:
+            return
         if self._reported[backend] is not healthy and self._send(
             {proto.T: proto.HEALTH, "backend": backend, "healthy": healthy}
         ):
             self._reported[backend] = healthy
 
     def on_message(self, msg: Mapping[str, Any]) -> None:
-        """Handle a ``slot_grant``, ``slot_queued``, ``slot_refused`` or ``slot_recall``."""
+        """Handle a ``slot_grant``, ``slot_queued``, ``slot_refused`` or ``slot_recall`` of our
+        class (one of another class is a routing bug: logged and dropped)."""
+        if proto.slot_class(msg) != self.kind:
+            log.error("%s slots got a message of another slot class: %r", self.kind, msg)
+            return
         kind = msg.get(proto.T)
         rid: int = msg.get("rid", 0)
         if kind == proto.SLOT_QUEUED:
@@ -359,11 +392,11 @@ class MasterSlots:
     def _pick_kept(self, exclude: frozenset[int]) -> int | None:
         """The allowed backend with a kept slot and the fewest requests in use here."""
         best: int | None = None
-        for i, b in enumerate(self.backends):
+        for i, cap in enumerate(self.capacity):
             if i in exclude or self._kept(i) <= 0:
                 continue
-            if best is None or self.in_flight[i] / b.max_parallel < (
-                self.in_flight[best] / self.backends[best].max_parallel
+            if best is None or self.in_flight[i] / cap < (
+                self.in_flight[best] / self.capacity[best]
             ):
                 best = i
         return best
@@ -378,7 +411,7 @@ class MasterSlots:
             msg["count"] = count
         if key is not None:
             msg["key"] = key
-        self._send(msg)
+        self._send(proto.with_class(msg, self.kind))
 
     def _schedule_trim(self) -> None:
         if self._trim is None:
@@ -392,6 +425,20 @@ class MasterSlots:
             self._low[backend] = self._kept(backend)
         if any(self._kept(b) > 0 for b in range(len(self.backends))):
             self._schedule_trim()
+
+
+def dispatch(msg: Mapping[str, Any], by_class: Mapping[str, MasterSlots]) -> bool:
+    """Hand a slot message from the master (``MasterSlots.MESSAGES``) to the instance of its
+    class in ``by_class`` (class name -> instance; the message's ``class``, absent: chat).
+    False, logged, when the worker has no instance of that class (nothing is waiting for
+    it: a master of another version, or a bug)."""
+    kind = proto.slot_class(msg)
+    slots = by_class.get(kind) if kind is not None else None
+    if slots is None:
+        log.error("a slot message of a class this worker has no slots of: %r", msg)
+        return False
+    slots.on_message(msg)
+    return True
 
 
 def _master_gone() -> UpstreamUnavailable:

@@ -230,11 +230,12 @@ def test_backend_failures_end_in_a_stored_error(
 
 
 def test_http_endpoints(chatd: Chatd) -> None:
-    """/healthz, /readyz, / and an unknown path."""
+    """/healthz, /readyz, the page at /chat/, Ollama's answer at / and an unknown path."""
     assert http_get(f"{chatd.http}/healthz")[:3:2] == (200, b"ok\n")
     assert http_get(f"{chatd.http}/readyz")[0] == 200
-    status, headers, body = http_get(f"{chatd.http}/")
+    status, headers, body = http_get(f"{chatd.http}/chat/")
     assert status == 200 and headers["Content-Type"].startswith("text/html") and b"<" in body
+    assert http_get(f"{chatd.http}/")[:3:2] == (200, b"Ollama is running")
     assert http_get(f"{chatd.http}/nope")[0] == 404
 
 

@@ -11,7 +11,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
+import ollama
 import pytest
 
 from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
@@ -54,7 +56,7 @@ def chatd(fake: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         tmp,
         fake.url,
         workers=2,
-        backends=[{"url": fake.url, "max_parallel": 2}],
+        backends=[{"url": fake.url, "max_parallel": 2, "max_parallel_embed": 3}],
         llm={"max_queue": 32},
         limits={"messages_per_minute": 600},
         server={"metrics_token_file": str(tmp / "metrics.token")},
@@ -132,6 +134,31 @@ def test_metrics_are_daemon_wide_whichever_worker_answers(chatd: Chatd) -> None:
         c.close()
 
 
+def test_the_embed_slot_class_is_shown_apart(chatd: Chatd) -> None:
+    """The embed class (``max_parallel_embed = 3``, a queue of its own): in ``chatctl status
+    --json`` (``backends[].embed``, ``embed_queue``, the workers' ``embed_backends``) and in
+    /metrics (``chatd_embed_*``); a chat message takes a chat slot, never an embed one."""
+    c = Client(chatd.url)
+    c.hello()
+    assert c.ask("embed-1", "a chat message")[-1]["type"] == "reply"
+    c.close()
+    st = wait_for(chatd.all_ready, 5, "chatctl status")
+    backend = st["backends"][0]
+    url = backend["url"].rstrip("/")
+    assert backend["max_parallel"] == 2 and backend["embed"]["max_parallel"] == 3
+    assert backend["embed"]["in_flight"] == backend["embed"]["in_use"] == 0
+    assert st["queue"] == st["embed_queue"] == {"depth": 0, "max": 32}
+    for w in st["workers"]:
+        assert [(b["in_flight"], b["held"]) for b in w["embed_backends"]] == [(0, 0)]
+    fams = scrape(chatd)[1]
+    assert fams["chatd_embed_backend_max_parallel"].value(backend=url) == 3
+    assert fams["chatd_backend_max_parallel"].value(backend=url) == 2
+    assert fams["chatd_embed_queue_max"].value() == 32
+    assert fams["chatd_embed_queue_depth"].value() == 0
+    assert fams["chatd_embed_slot_grants_total"].value() == 0
+    assert fams["chatd_slot_grants_total"].value() >= 1
+
+
 def test_counters_survive_a_worker_restart(chatd: Chatd) -> None:
     """A killed worker's counts stay in the totals (counters never go down); restarts count."""
     before = scrape(chatd)[1]["chatd_messages_total"].value()
@@ -184,11 +211,25 @@ def test_promtool_accepts_a_live_scrape(chatd: Chatd) -> None:
     c.hello()
     assert c.ask("p1", "hello promtool")[-1]["type"] == "reply"
     c.close()
+    # And an API request, so that the chatd_http_* series have samples too.
+    ollama.Client(host=chatd.http).chat(
+        model="qwen2.5-coder:7b", messages=[{"role": "user", "content": "hello"}]
+    )
     wait_for(
         lambda: scrape(chatd)[1]["chatd_reply_latency_seconds"].samples[-1][2] > 0,
         5,
         "the reply counted in /metrics",
     )
+
+    def api_chat_counted() -> dict[str, Any] | None:
+        families = scrape(chatd)[1]
+        rows = families["chatd_http_requests_total"].samples
+        labels = {"api": "ollama", "endpoint": "/api/chat", "code": "200"}
+        return families if any(lab == labels and v >= 1 for _, lab, v in rows) else None
+
+    families = wait_for(api_chat_counted, 5, "the API request counted in /metrics")
+    ttft = families["chatd_http_time_to_first_token_seconds"].samples
+    assert any(n.endswith("_count") and lab == {"api": "ollama"} and v >= 1 for n, lab, v in ttft)
     body = http_get(f"{chatd.http}/metrics")[2]
     assert PROMTOOL is not None
     r = subprocess.run(

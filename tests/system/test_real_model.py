@@ -81,3 +81,33 @@ def test_two_clients_at_once(chatd: Chatd) -> None:
     assert ra["type"] == rb["type"] == "reply", (ra, rb)
     a.close()
     b.close()
+
+
+def test_the_official_clients_with_a_real_model(chatd: Chatd) -> None:
+    """ollama-python and the openai SDK through chatd to llama.cpp: chatd translates
+    Ollama's API to the server's OpenAI API, and relays OpenAI's as it is."""
+    import ollama
+    import openai
+
+    client = ollama.Client(host=chatd.http, timeout=120)
+    assert BUNDLED_MODEL_NAME in [m.model for m in client.list().models]
+    question = [{"role": "user", "content": "Say hello."}]
+    whole = client.chat(model=BUNDLED_MODEL_NAME, messages=question)
+    assert whole.message.content.strip() and whole.done_reason in ("stop", "length")
+    parts = list(client.chat(model=BUNDLED_MODEL_NAME, messages=question, stream=True))
+    assert len(parts) > 2 and parts[-1].done  # real tokens, one chunk each
+    assert "".join(p.message.content for p in parts).strip()
+    assert client.generate(model=BUNDLED_MODEL_NAME, prompt="The sky is").response.strip()
+
+    sdk = openai.OpenAI(base_url=f"{chatd.http}/v1", api_key="unused", timeout=120)
+    chunks = list(
+        sdk.chat.completions.create(
+            model=BUNDLED_MODEL_NAME,
+            messages=question,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0

@@ -77,7 +77,7 @@ store = "mysql://db"
         '/x/chatd.toml:15: sessions.store: must be "sqlite:///ABSOLUTE/PATH", '
         '"sqlite:relative/path" or "redis://HOST:PORT/DB", got \'mysql://db\'',
         "/x/chatd.toml:17: bogus: unknown section (expected one of server, control, llm, "
-        "sessions, limits, auth, log)",
+        "sessions, limits, auth, api, log)",
     ]
 
 

@@ -2,17 +2,22 @@
 
 Speaks Ollama's wire format (notes: ollama/ollama server/routes.go, v0.33): NDJSON streaming with
 headers sent only once the first token is ready, ``{"error": ...}`` bodies with Ollama's status
-codes, the preload/unload protocol, and the OpenAI-compatible SSE endpoint. The official
-``ollama`` Python client works against it unchanged.
+codes and texts, the preload/unload protocol, ``/api/show`` and the model listings, embeddings
+(``/api/embed``, the legacy ``/api/embeddings``, ``/v1/embeddings``), and the OpenAI-compatible
+endpoints (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models[/{id}]``). What a model
+is (chat or embedding) and can do follows from its name (:mod:`chatd.dev.fake_ollama.catalog`).
+The official ``ollama`` Python client works against it unchanged.
 
-Replies are deterministic: see :func:`expected_reply`. Behaviour changes at run time through
-``POST /_fake/config`` (or :meth:`FakeOllama.configure` on the server's own loop), and
-``GET /_fake/stats`` reports generation requests in flight.
+Replies and embeddings are deterministic: see :func:`expected_reply` and :func:`embedding`.
+Behaviour changes at run time through ``POST /_fake/config`` (or :meth:`FakeOllama.configure` on
+the server's own loop), and ``GET /_fake/stats`` reports generation and embedding requests in
+flight.
 
 This module is the fake's front: its public names, :class:`FakeOllamaThread` (the server on a
 thread of its own, for synchronous tests) and ``main`` (``chatd-fake-ollama``, also run as
 ``python -m chatd.dev.fake_ollama.main``). The server is :mod:`chatd.dev.fake_ollama.server`,
-its response bodies :mod:`chatd.dev.fake_ollama.frames`, the reply function, knobs and wire details
+its response bodies :mod:`chatd.dev.fake_ollama.frames`, its models
+:mod:`chatd.dev.fake_ollama.catalog`, the reply and embedding functions, knobs and wire details
 :mod:`chatd.dev.fake_ollama.wire`. These modules deliberately import nothing else from chatd: a
 stand-in must not share code (and so bugs) with what it stands in for.
 """
@@ -29,9 +34,25 @@ from typing import Any
 
 from chatd import __version__
 from chatd.dev.fake_ollama.server import FakeOllama
-from chatd.dev.fake_ollama.wire import BUSY_TEXT, DEFAULT_MODEL, expected_reply, reply_tokens
+from chatd.dev.fake_ollama.wire import (
+    BUSY_TEXT,
+    DEFAULT_MODEL,
+    EMBED_DIM,
+    embedding,
+    expected_reply,
+    reply_tokens,
+)
 
-__all__ = ["BUSY_TEXT", "FakeOllama", "FakeOllamaThread", "expected_reply", "main", "reply_tokens"]
+__all__ = [
+    "BUSY_TEXT",
+    "EMBED_DIM",
+    "FakeOllama",
+    "FakeOllamaThread",
+    "embedding",
+    "expected_reply",
+    "main",
+    "reply_tokens",
+]
 
 
 class FakeOllamaThread:

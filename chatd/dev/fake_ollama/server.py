@@ -3,7 +3,8 @@
 One job: take a request the way Ollama does (parse and check it, wait for ``hang``, a
 ``max_parallel`` slot, a cold load and the first token, all before any header) and stream the
 answer on the right schedule. The answer's bytes come from :mod:`chatd.dev.fake_ollama.frames`, the
-reply text and the knobs from :mod:`chatd.dev.fake_ollama.wire`. Callers use it through
+reply text, embeddings and knobs from :mod:`chatd.dev.fake_ollama.wire`, what a model is and can
+do from :mod:`chatd.dev.fake_ollama.catalog`. Callers use it through
 :mod:`chatd.dev.fake_ollama.main`. Like them it imports nothing else from chatd: a stand-in must
 not share code (and so bugs) with what it stands in for.
 """
@@ -23,30 +24,48 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from chatd.dev.fake_ollama import frames
+from chatd.dev.fake_ollama import catalog, frames
 from chatd.dev.fake_ollama.stream import stream
 from chatd.dev.fake_ollama.wire import (
     _CONTEXT_LENGTH,
     _DEFAULT_KEEP_ALIVE_S,
-    _MODEL_SIZE,
+    _JSON_CT,
     _MS_KNOBS,
     _RUN_ERROR,
+    _SSE_CT,
     DEFAULT_MODEL,
     FAULTS,
+    NO_EMBEDDINGS_TEXT,
     OLLAMA_VERSION,
+    OPENAI_APIS,
     FakeConfig,
     FakeStats,
     RecentRequests,
     _Job,
     _json,
     _json_error_text,
-    _model_info,
     _status_text,
+    embed_tokens,
+    embedding,
+    go_decode_error,
+    go_quote,
+    go_type_name,
     keep_alive_seconds,
     parse_job,
     reply_tokens,
     rfc3339nano,
 )
+
+#: Each API's path, as kept with its requests in the recent list (shared strings, not copies).
+_PATHS = {
+    "chat": "/api/chat",
+    "generate": "/api/generate",
+    "embed": "/api/embed",
+    "embeddings": "/api/embeddings",
+    "openai": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "v1_embeddings": "/v1/embeddings",
+}
 
 
 class FakeOllama:
@@ -56,9 +75,10 @@ class FakeOllama:
     over HTTP, ``POST /_fake/config``).
 
     ``models``: the names it knows (others get Ollama's 404; ``name`` without a tag also matches
-    ``name:latest``); none is loaded at start. ``max_parallel`` emulates OLLAMA_NUM_PARALLEL
-    (0 = unbounded): beyond it, requests wait before headers, counted in flight. ``knobs``: initial
-    :class:`FakeConfig` values.
+    ``name:latest``); none is loaded at start. What each is (a chat or an embedding model) and
+    can do follows from its name: see :mod:`chatd.dev.fake_ollama.catalog`. ``max_parallel``
+    emulates OLLAMA_NUM_PARALLEL (0 = unbounded): beyond it, requests wait before headers,
+    counted in flight. ``knobs``: initial :class:`FakeConfig` values.
     """
 
     def __init__(
@@ -81,7 +101,8 @@ class FakeOllama:
         self._tasks: set[asyncio.Task[Any]] = set()  # generation handlers, cancelled by stop()
         self._runner: web.AppRunner | None = None
         self._ids = 0
-        self._started_at = rfc3339nano()
+        self._started_ns = time.time_ns()  # every model's modified_at (/api/tags, /api/show)
+        self._started_at = rfc3339nano(self._started_ns)
         self.configure(knobs)
 
     @property
@@ -134,14 +155,22 @@ class FakeOllama:
         """Listen on host:port (0 = a free port); return the bound port (also ``self.port``)."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
         r = app.router
+        # add_get answers HEAD too (same headers, no body), as Ollama does on these three ...
         r.add_get("/", self._root)
         r.add_get("/api/version", self._version)
         r.add_get("/api/tags", self._tags)
-        r.add_get("/api/ps", self._ps)
+        # ... and only on them: elsewhere HEAD is 405, as gin's HandleMethodNotAllowed answers.
+        r.add_get("/api/ps", self._ps, allow_head=False)
+        r.add_post("/api/show", self._show)
         r.add_post("/api/chat", functools.partial(self._generation, api="chat"))
         r.add_post("/api/generate", functools.partial(self._generation, api="generate"))
+        r.add_post("/api/embed", functools.partial(self._embedding, api="embed"))
+        r.add_post("/api/embeddings", functools.partial(self._embedding, api="embeddings"))
         r.add_post("/v1/chat/completions", functools.partial(self._generation, api="openai"))
-        r.add_get("/v1/models", self._v1_models)
+        r.add_post("/v1/completions", functools.partial(self._generation, api="completions"))
+        r.add_post("/v1/embeddings", functools.partial(self._embedding, api="v1_embeddings"))
+        r.add_get("/v1/models", self._v1_models, allow_head=False)
+        r.add_get("/v1/models/{model}", self._v1_model, allow_head=False)
         r.add_route("*", "/_fake/config", self._fake_config)
         r.add_get("/_fake/stats", self._fake_stats)
         r.add_get("/_fake/requests", self._fake_requests)
@@ -188,13 +217,15 @@ class FakeOllama:
         return _json(asdict(self.stats))
 
     async def _fake_requests(self, _: web.Request) -> web.Response:
-        """The bodies of the last generation requests, oldest first (what a gateway sent); see
-        :class:`RecentRequests` for how many."""
-        return _json({"requests": [orjson.Fragment(raw) for raw in self.recent]})
+        """The last generation and embedding requests, oldest first (what a gateway sent):
+        ``requests``, their bodies, and ``paths``, the path each was sent to, index by index;
+        see :class:`RecentRequests` for how many."""
+        kept = list(self.recent)
+        bodies = [orjson.Fragment(raw) for _, raw in kept]
+        return _json({"requests": bodies, "paths": [path for path, _ in kept]})
 
     async def _tags(self, _: web.Request) -> web.Response:
-        models = [_model_info(m) | {"modified_at": self._started_at} for m in self.models]
-        return _json({"models": models})
+        return _json({"models": [catalog.tags_entry(m, self._started_at) for m in self.models]})
 
     async def _ps(self, _: web.Request) -> web.Response:
         now, out = time.time(), []
@@ -202,16 +233,35 @@ class FakeOllama:
             exp = self._loaded[name]
             # Ollama shows a far-future time for "forever".
             exp_ns = int((now + 290 * 365 * 86400 if math.isinf(exp) else exp) * 1e9)
-            extra = {"expires_at": rfc3339nano(exp_ns), "size_vram": _MODEL_SIZE}
-            out.append(_model_info(name) | extra | {"context_length": _CONTEXT_LENGTH})
+            extra = {"expires_at": rfc3339nano(exp_ns), "size_vram": catalog.size(name)}
+            out.append(catalog.model_entry(name) | extra | {"context_length": _CONTEXT_LENGTH})
         return _json({"models": out})
 
+    async def _show(self, request: web.Request) -> web.Response:
+        """POST /api/show: ``model`` (or the older ``name``) -> Ollama's ShowResponse."""
+        body = self._body("show", await request.read())
+        if isinstance(body, web.Response):
+            return body
+        name = body.get("model") or body.get("name")
+        if not name:
+            return self._error("show", 400, "model is required")
+        key = self._resolve(name)
+        if key is None:  # Ollama names it as resolved: "x" -> "x:latest"
+            return self._error("show", 404, f"model '{catalog.shortest(name)}' not found")
+        return _json(catalog.show(key, self._started_at))
+
     async def _v1_models(self, _: web.Request) -> web.Response:
-        now = int(time.time())
-        data = [
-            {"id": m, "object": "model", "created": now, "owned_by": "library"} for m in self.models
-        ]
+        created = self._started_ns // 1_000_000_000  # the models' modified_at, as Ollama
+        data = [catalog.v1_model(m, created) for m in self.models]
         return _json({"object": "list", "data": data})
+
+    async def _v1_model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model}: Ollama answers it with /api/show, in OpenAI's shapes."""
+        model_id = request.match_info["model"]
+        if self._resolve(model_id) is None:
+            msg = f"model '{catalog.shortest(model_id)}' not found"
+            return self._error("openai", 404, msg)
+        return _json(catalog.v1_model(model_id, self._started_ns // 1_000_000_000))
 
     async def _fake_config(self, request: web.Request) -> web.Response:
         if request.method == "GET":
@@ -257,26 +307,55 @@ class FakeOllama:
         else:
             self._loaded[model] = time.time() + keep_alive
 
-    # -- generation -------------------------------------------------------------------------
+    # -- requests: bodies, models, counters -------------------------------------------------
 
     def _error(self, api: str, status: int, message: str) -> web.Response:
         return _json(frames.error_body(api, status, message), status)
 
-    async def _generation(self, request: web.Request, api: str) -> web.StreamResponse:
-        """POST /api/chat, /api/generate, /v1/chat/completions."""
-        raw = await request.read()
+    def _body(self, api: str, raw: bytes) -> dict[str, Any] | web.Response:
+        """The request body as Ollama's Go decoding takes it, or its 400: empty (gin's io.EOF:
+        "missing request body" natively, the bare "EOF" from the /v1 layer), not JSON, not an
+        object, or a field of the wrong type (see :func:`~.wire.go_decode_error`)."""
         if not raw:
-            return self._error(api, 400, "missing request body")
+            return self._error(api, 400, "EOF" if api in OPENAI_APIS else "missing request body")
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return self._error(api, 400, _json_error_text(raw))
-        if not isinstance(body, dict):
-            kind = {list: "array", str: "string", bool: "bool"}.get(type(body), "number")
-            return self._error(api, 400, f"json: cannot unmarshal {kind} into Go value")
-        if not body.get("prompt" if api == "generate" else "messages"):
-            return await self._load_request(api, body)
-        self.recent.append(raw)
+        bad = go_decode_error(api, body)
+        if bad is not None or not isinstance(body, dict):
+            return self._error(api, 400, bad or "")
+        return body
+
+    def _resolve(self, name: str) -> str | None:
+        """The known model ``name`` stands for (``name:latest`` for a bare name), or None."""
+        if name in self.models:
+            return name
+        if ":" not in name.rsplit("/", 1)[-1] and f"{name}:latest" in self.models:
+            return f"{name}:latest"
+        return None
+
+    def _check_model(self, api: str, body: dict[str, Any]) -> str | web.Response:
+        """The known model the request names, or Ollama's answer when there is none. A missing
+        model is a 400 "model is required" on /api/chat, /v1/chat/completions and
+        /api/embeddings, but a 404 naming the empty model where Ollama's handler checks it
+        with a fallback text (generate, embed and their /v1 forms); an unknown one is 404."""
+        name = body.get("model")
+        name = name if isinstance(name, str) else ""
+        if not name.strip():
+            if api in ("chat", "openai", "embeddings"):
+                return self._error(api, 400, "model is required")
+            return self._error(api, 404, f"model '{name}' not found")
+        key = self._resolve(name)
+        if key is not None:
+            return key
+        if api == "embeddings":  # its handler's own text: Go's %q, and a hint
+            return self._error(api, 404, f"model {go_quote(name)} not found, try pulling it first")
+        return self._error(api, 404, f"model '{name}' not found")
+
+    def _count(self, api: str, raw: bytes) -> asyncio.Task[Any] | None:
+        """A generation or embedding request starts: keep its body, count it in flight."""
+        self.recent.append(_PATHS[api], raw)
         stats = self.stats
         stats.in_flight += 1
         stats.requests_total += 1
@@ -284,51 +363,74 @@ class FakeOllama:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        return task
+
+    def _uncount(self, task: asyncio.Task[Any] | None) -> None:
+        """The request ends (also on cancellation: client gone, or stop())."""
+        self.stats.in_flight -= 1
+        if task is not None:
+            self._tasks.discard(task)
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def _generation(self, request: web.Request, api: str) -> web.StreamResponse:
+        """POST /api/chat, /api/generate, /v1/chat/completions, /v1/completions."""
+        raw = await request.read()
+        body = self._body(api, raw)
+        if isinstance(body, web.Response):
+            return body
+        if api == "openai" and not body.get("messages"):  # the /v1 layer, before any model
+            return self._error(api, 400, "[] is too short - 'messages'")
+        if api == "completions" and (bad := _stop_error(body.get("stop"))):
+            return self._error(api, 400, bad)
+        if not body.get("messages" if api in ("chat", "openai") else "prompt"):
+            return await self._load_request(api, body)
+        task = self._count(api, raw)
         try:
             job = self._parse_job(api, body)
             return job if isinstance(job, web.Response) else await self._serve(request, job)
-        finally:  # also on cancellation: client gone, or stop()
-            stats.in_flight -= 1
-            if task is not None:
-                self._tasks.discard(task)
+        finally:
+            self._uncount(task)
 
-    def _check_model(self, api: str, body: dict[str, Any]) -> str | web.Response:
-        name = body.get("model")
-        if not isinstance(name, str) or not name:
-            return self._error(api, 400, "model is required")
-        if name in self.models:
-            return name
-        if ":" not in name and f"{name}:latest" in self.models:
-            return f"{name}:latest"
-        return self._error(api, 404, f"model '{name}' not found")
-
-    async def _load_request(self, api: str, body: dict[str, Any]) -> web.Response:
-        """Empty messages/prompt: load (or, with keep_alive 0, unload) the model, as Ollama."""
+    async def _load_request(self, api: str, body: dict[str, Any]) -> web.StreamResponse:
+        """Empty messages/prompt: load (or, with keep_alive 0, unload) the model, as Ollama. The
+        /v1 layer passes no keep_alive, so /v1/completions only loads, in its own shape."""
         key = self._check_model(api, body)
         if isinstance(key, web.Response):
             return key
-        if api == "openai":
-            return self._error(api, 400, "messages is required")
-        keep_alive = keep_alive_seconds(body.get("keep_alive"))
-        if keep_alive != 0:
-            await self._ensure_loaded(key)
-        self._keep(key, keep_alive)
-        reason = "unload" if keep_alive == 0 else "load"
+        native = api not in OPENAI_APIS
+        keep_alive = keep_alive_seconds(body.get("keep_alive")) if native else _DEFAULT_KEEP_ALIVE_S
         out: dict[str, Any] = {"model": body["model"], "created_at": rfc3339nano()}
+        msg = {"role": "assistant", "content": ""}
+        if keep_alive == 0:  # unload: before any capability check, so any model unloads
+            self._loaded.pop(key, None)
+            if api == "chat":
+                return _json(out | {"message": msg, "done_reason": "unload", "done": True})
+            return _json(out | {"response": "", "done": True, "done_reason": "unload"})
+        why = catalog.refusal(api, body, key)
+        if why is not None:
+            return self._error(api, 400, why)
+        await self._ensure_loaded(key)
+        self._keep(key, keep_alive)
+        if api == "completions":
+            self._ids += 1
+            job = parse_job(api, body, key, f"cmpl-{self._ids}")
+            answer = frames.completion_load(job)
+            return web.Response(body=answer, headers=_SSE_CT) if job.stream else _json_raw(answer)
         if api == "chat":
-            msg = {"role": "assistant", "content": ""}
-            return _json(out | {"message": msg, "done_reason": reason, "done": True})
-        return _json(out | {"response": "", "done": True, "done_reason": reason})
+            return _json(out | {"message": msg, "done_reason": "load", "done": True})
+        return _json(out | {"response": "", "done": True, "done_reason": "load"})
 
     def _parse_job(self, api: str, body: dict[str, Any]) -> _Job | web.Response:
         key = self._check_model(api, body)
         if isinstance(key, web.Response):
             return key
-        job = parse_job(api, body, key, f"chatcmpl-{self._ids + 1}")
-        if isinstance(job, str):
-            return self._error(api, 400, job)
+        why = catalog.refusal(api, body, key)
+        if why is not None:
+            return self._error(api, 400, why)
         self._ids += 1
-        return job
+        prefix = "cmpl" if api == "completions" else "chatcmpl"
+        return parse_job(api, body, key, f"{prefix}-{self._ids}")
 
     async def _serve(self, request: web.Request, job: _Job) -> web.StreamResponse:
         """All waiting (hang, slot, load, first token) happens before any header is sent."""
@@ -357,3 +459,119 @@ class FakeOllama:
                 resp = _json(frames.whole(job, toks, reason, timing))
         self._keep(job.key, job.keep_alive)
         return resp
+
+    # -- embeddings -------------------------------------------------------------------------
+
+    async def _embedding(self, request: web.Request, api: str) -> web.Response:
+        """POST /api/embed, /api/embeddings (legacy) and /v1/embeddings, checked in Ollama's
+        order. A request with no text to embed is a load (``{"embeddings": []}``, legacy
+        ``{"embedding": []}``); one with texts counts in the stats and the recent requests like
+        a generation, whatever its answer, and honours ``status``, ``hang``, ``max_parallel``,
+        ``load_ms`` and ``extra_latency_ms`` (the other knobs shape token streams)."""
+        raw = await request.read()
+        body = self._body(api, raw)
+        if isinstance(body, web.Response):
+            return body
+        if api == "v1_embeddings":  # the /v1 layer's own checks come first
+            fmt = body.get("encoding_format")
+            if fmt and fmt.lower() not in ("float", "base64"):
+                msg = f"Invalid value for 'encoding_format' = {fmt}. Supported values: "
+                return self._error(api, 400, msg + "['float', 'base64'].")
+            if body.get("input") == "":
+                body["input"] = [""]  # OpenAI's empty string is one text to embed
+            elif body.get("input") is None or body.get("input") == []:
+                return self._error(api, 400, "invalid input")
+        texts = _embed_texts(api, body)
+        if isinstance(texts, str) or not texts:  # an error to give, or nothing to embed
+            key = self._check_embed(api, body, texts)
+            if isinstance(key, web.Response):
+                return key
+            keep_alive = keep_alive_seconds(body.get("keep_alive"))
+            await self._ensure_loaded(key)
+            self._keep(key, keep_alive)
+            if api == "embeddings":
+                return _json({"embedding": []})
+            return _json({"model": body["model"], "embeddings": []})
+        task = self._count(api, raw)
+        try:
+            key = self._check_embed(api, body, texts)
+            if isinstance(key, web.Response):
+                return key
+            return await self._serve_embedding(api, body, key, texts)
+        finally:
+            self._uncount(task)
+
+    def _check_embed(
+        self, api: str, body: dict[str, Any], texts: list[str] | str
+    ) -> str | web.Response:
+        """Ollama's order: the model's name, then the input's type, then the model itself."""
+        name = body.get("model")
+        if api != "embeddings" and not (isinstance(name, str) and name.strip()):
+            return self._check_model(api, body)  # the 404 naming the empty model
+        if isinstance(texts, str):
+            return self._error(api, 400, texts)
+        return self._check_model(api, body)
+
+    async def _serve_embedding(
+        self, api: str, body: dict[str, Any], key: str, texts: list[str]
+    ) -> web.Response:
+        t0 = time.perf_counter_ns()
+        cfg = self.config  # the knobs as of arrival
+        if cfg.status:
+            return self._error(api, cfg.status, _status_text(cfg.status, body["model"]))
+        await self._unhung.wait()
+        # The /v1 layer passes no keep_alive (nor truncate) on.
+        keep = None if api == "v1_embeddings" else body.get("keep_alive")
+        async with self._slots or contextlib.nullcontext():
+            load_ns = await self._ensure_loaded(key)
+            await asyncio.sleep(cfg.extra_latency_ms / 1000)
+            self._keep(key, keep_alive_seconds(keep))  # loaded, whatever comes next
+            if not catalog.is_embedding(key):  # llama-server's refusal, passed on
+                return self._error(api, 500 if api == "embeddings" else 501, NO_EMBEDDINGS_TEXT)
+            dims = (api != "embeddings" and body.get("dimensions")) or 0  # not in the legacy API
+            truncate = api != "embed" or body.get("truncate") is not False
+            vectors, count = [], 0
+            for text in texts:
+                words = text.split()
+                if len(words) > catalog.EMBED_CONTEXT:
+                    if not truncate:
+                        msg = "the input length exceeds the context length"
+                        return self._error(api, 400, msg)
+                    text = " ".join(words[: catalog.EMBED_CONTEXT])
+                vectors.append(embedding(text, dims))
+                count += embed_tokens(text)
+        if api == "embeddings":
+            return _json(frames.embeddings_legacy(vectors[0]))
+        if api == "v1_embeddings":
+            fmt = body.get("encoding_format")
+            return _json(frames.v1_embeddings(body["model"], vectors, count, fmt))
+        return _json(frames.embed(body["model"], vectors, count, (t0, load_ns)))
+
+
+def _embed_texts(api: str, body: dict[str, Any]) -> list[str] | str:
+    """The texts to embed, in order, or the 400 text for an input of the wrong type: legacy
+    ``prompt`` (empty: none); ``input`` a string (empty: none) or a list of strings."""
+    if api == "embeddings":
+        prompt = body.get("prompt")
+        return [prompt] if prompt else []
+    value = body.get("input")
+    if isinstance(value, str):
+        return [value] if value else []
+    if value is None:
+        return []
+    if isinstance(value, list) and all(isinstance(t, str) for t in value):
+        return value
+    return "invalid input type"
+
+
+def _stop_error(stop: Any) -> str | None:
+    """/v1/completions' ``stop``: a string or a list of strings (another type is ignored)."""
+    if isinstance(stop, list):
+        for s in stop:
+            if not isinstance(s, str):
+                return f"invalid type for 'stop' field: {go_type_name(s)}"
+    return None
+
+
+def _json_raw(body: bytes) -> web.Response:
+    return web.Response(body=body, headers=_JSON_CT)

@@ -29,10 +29,13 @@ async def stream(
     fail: int | None,
 ) -> web.StreamResponse:
     """Token i is written at first-token time + i * token_ms. Natively the last token rides
-    on the done chunk; OpenAI gets every token as a chunk, then the finish chunk, the usage
-    chunk if asked, and [DONE]. With ``fail`` = k: k tokens, then an error line, no done.
-    ``cfg.fault`` breaks line ``cfg.fault_after_tokens`` of it (see :class:`FakeConfig`)."""
-    native = job.api != "openai"
+    on the done chunk, and so on /v1/completions (Ollama's /v1 layer turns each native chunk
+    into one), then the usage chunk if asked and [DONE]; /v1/chat/completions gets every token
+    as a chunk, then the finish chunk, the usage chunk if asked, and [DONE]. With ``fail`` = k:
+    k tokens, then an error line, no done. ``cfg.fault`` breaks line ``cfg.fault_after_tokens``
+    of it (see :class:`FakeConfig`)."""
+    native = job.api in ("chat", "generate")
+    rides = job.api != "openai"  # the tail carries the last token
     fault = cfg.fault
     if fault is not None and cfg.fault_match is not None and cfg.fault_match not in job.text:
         fault = None
@@ -42,7 +45,7 @@ async def stream(
             k = min(at, len(toks) - 1)
             toks = [*toks[:k], "x" * cfg.fault_bytes, *toks[k + 1 :]]
         fault = None  # the rest of the stream is as usual
-    body = toks[:fail] if fail is not None else toks[:-1] if native else toks
+    body = toks[:fail] if fail is not None else toks[:-1] if rides else toks
     at = min(at, len(body))  # line `at` is token `at`'s chunk, or else the tail
 
     def line(i: int) -> bytes:  # built when due: a chunk's time, the tail's metrics
@@ -52,6 +55,8 @@ async def stream(
             return frames.error_frame(job)
         if native:
             return frames.done_line(job, toks, reason, timing)
+        if rides:
+            return frames.completions_tail(job, toks, reason)
         return frames.openai_tail(job, reason, len(toks))
 
     resp = web.StreamResponse(headers=_NDJSON_CT if native else _SSE_CT)
@@ -68,9 +73,9 @@ async def stream(
         loop = asyncio.get_running_loop()
         start, step = loop.time(), cfg.token_ms / 1000
         for i in range(len(body) + 1):
-            # The tail stands for one more token natively or after an error; an absolute
-            # schedule, so that write costs do not add up to drift.
-            if i and step > 0 and (i < len(body) or native or fail is not None):
+            # The tail stands for one more token when it carries the last one or an error;
+            # an absolute schedule, so that write costs do not add up to drift.
+            if i and step > 0 and (i < len(body) or rides or fail is not None):
                 await asyncio.sleep(start + i * step - loop.time())
             if i != at or fault is None:
                 await resp.write(line(i))
