@@ -316,8 +316,17 @@ class ApiConfig:
         ),
     )
     trusted_proxies: tuple[str, ...] = field(
-        default=("127.0.0.1/32", "::1/128"),
-        metadata=_doc("addresses (CIDR) whose user_header is believed", check_networks),
+        default=(),
+        metadata=_doc(
+            "addresses (CIDR) whose user_header is believed; empty = nobody's", check_networks
+        ),
+    )
+    max_body_bytes: int = field(
+        default=32 * 1024 * 1024,
+        metadata=_doc(
+            "a request body (images, embedding batches), per request; beyond: HTTP 413",
+            at_least(65536),
+        ),
     )
     models_cache: float = field(
         default=5.0,

@@ -127,7 +127,8 @@ def render(out: Writer, data: Any) -> None:
         (
             "ttft",
             "chatd_http_time_to_first_token_seconds",
-            "From an API request's arrival to the first chunk of its reply, by API.",
+            "From an API request's relay (its body read and checked) to the first chunk of "
+            "its reply, queue wait included, by API.",
         ),
     ):
         entries = hists[name] or [("ollama", None), ("openai", None)]

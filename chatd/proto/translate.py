@@ -69,8 +69,9 @@ def _openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
             for c in calls:
                 if type(c) is not dict:
                     continue
-                fn = c.get("function") or {}
-                unanswered.append(f"call_{count}")
+                fn: dict[str, Any] = c["function"] if type(c.get("function")) is dict else {}
+                own = c.get("id")  # a client that gave its calls ids pairs its results by them
+                unanswered.append(own if type(own) is str and own else f"call_{count}")
                 count += 1
                 msg["tool_calls"].append(
                     {
@@ -84,6 +85,8 @@ def _openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
                 )
         if type(m.get("tool_call_id")) is str:
             msg["tool_call_id"] = m["tool_call_id"]
+            if m["tool_call_id"] in unanswered:
+                unanswered.remove(m["tool_call_id"])
         elif m.get("role") == "tool" and unanswered:
             msg["tool_call_id"] = unanswered.pop(0)
         out.append(msg)
@@ -96,6 +99,10 @@ def _openai_options(obj: dict[str, Any], out: dict[str, Any]) -> None:
         for ours, theirs in _OPTIONS:
             if options.get(ours) is not None:
                 out[theirs] = options[ours]
+        # Ollama's num_predict -1 (no limit) and -2 (fill the context) have no OpenAI form:
+        # left out, the server's own limit applies (a negative max_tokens is a 400 there).
+        if type(out.get("max_tokens")) is int and out["max_tokens"] <= 0:
+            del out["max_tokens"]
     fmt = obj.get("format")
     if fmt == "json":
         out["response_format"] = {"type": "json_object"}

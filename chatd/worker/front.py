@@ -36,7 +36,7 @@ from typing import ClassVar, cast
 
 from websockets.asyncio.server import ServerConnection
 
-from chatd.worker.httpconn import Handler, HttpConnection
+from chatd.worker.httpconn import MAX_BODY, Handler, HttpConnection, Refuser
 
 
 class Front:
@@ -55,6 +55,8 @@ class Front:
         max_connections: int = 0,
         max_per_ip: int = 0,
         max_outbound: int = 16 * 1024 * 1024,
+        max_body: int = MAX_BODY,
+        refuse: Refuser | None = None,
         others: Callable[[], int] = lambda: 0,
         others_from: Callable[[str], int] = lambda _ip: 0,
     ) -> None:
@@ -65,6 +67,8 @@ class Front:
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.max_outbound = max_outbound
+        self.max_body = max_body
+        self.refuse = refuse
         self._others, self._others_from = others, others_from
         self.draining = False  # new HTTP connections answer once, then close
         self.http: set[HttpConnection] = set()

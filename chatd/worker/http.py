@@ -32,12 +32,12 @@ from chatd.config import Config
 from chatd.metrics import CONTENT_TYPE
 from chatd.worker.api.router import ApiRouter
 from chatd.worker.httpconn import Request as HttpRequest
-from chatd.worker.httpconn import Responder
+from chatd.worker.httpconn import Responder, single
 
 
 def token_of(request: Request) -> str:
     """The bearer token of a handshake: ``Authorization: Bearer T`` or ``?token=T`` ("" if none)."""
-    auth = request.headers.get("Authorization", "")
+    auth = single(request.headers, "Authorization")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
     query = urlsplit(request.path).query
@@ -123,7 +123,7 @@ class HttpEndpoints:
         want = self.cfg.server.metrics_token
         if not want:
             return None
-        auth = request.headers.get("Authorization", "")
+        auth = single(request.headers, "Authorization")
         got = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if hmac.compare_digest(got.encode(), want.encode()):
             return None
@@ -137,7 +137,7 @@ class HttpEndpoints:
     async def serve_http(self, request: HttpRequest, responder: Responder) -> None:
         """The plain HTTP side (:mod:`chatd.worker.front`): the same answers as
         :meth:`process_request` gives before a handshake, for requests that are no upgrade."""
-        path = urlsplit(request.target).path
+        path = _path(request.target)
         if path in ("/chat", "/chat/") or (path == "/" and _wants_html(request.headers)):
             response = _response(200, "OK", self.page, "text/html; charset=utf-8")
         elif self.api is not None and self.api.claims(path):
@@ -157,6 +157,19 @@ class HttpEndpoints:
         # as aiohttp refuse.
         headers = [(k, v) for k, v in response.headers.raw_items() if k.lower() != "content-length"]
         await responder.send(response.status_code, headers, bytes(response.body))
+
+    async def serve_error(
+        self, request: HttpRequest, responder: Responder, status: int, text: str
+    ) -> None:
+        """A request refused before its handler (413, 431, 400): in its API's shape for an API
+        path, else plain text."""
+        path = _path(request.target)
+        if self.api is not None and self.api.claims(path):
+            await self.api.refuse(request, responder, path, status, text)
+            return
+        body = (text + "\n").encode()
+        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
+        await responder.send(status, headers, body)
 
     async def _metrics(self) -> Response:
         text = await self.metrics() if self.metrics is not None else None
@@ -188,7 +201,7 @@ class HttpEndpoints:
                 Retry_After="10",
             )
         origins = self.cfg.auth.allowed_origins
-        origin = request.headers.get("Origin")
+        origin = ",".join(request.headers.get_all("Origin")) or None
         if origins and origin is not None and origin not in origins:
             return _text(403, "Forbidden", "origin not allowed\n")
         tokens = self.cfg.auth.tokens
@@ -204,10 +217,19 @@ class HttpEndpoints:
         return None
 
 
+def _path(target: str) -> str:
+    """The path of a request target, repeated slashes as one (a base URL ending in ``/``
+    makes clients send ``//api/chat``; ``urlsplit`` would take ``api`` for a host)."""
+    path = target.partition("?")[0].partition("#")[0]
+    while "//" in path:
+        path = path.replace("//", "/")
+    return path or "/"
+
+
 def _wants_html(headers: Headers) -> bool:
     """A browser's request (``Accept`` naming text/html): ``/`` is then the chat page, not
     Ollama's ``Ollama is running``."""
-    return "text/html" in headers.get("Accept", "")
+    return any("text/html" in value for value in headers.get_all("Accept"))
 
 
 def frame_limit(cfg: Config) -> int:

@@ -14,7 +14,7 @@ Contracts:
 * The client going away cancels the request's task at once (reading goes on while a request
   is answered, so its going is seen): a handler waiting for something stops waiting.
 * Bounds: every request's head by ``max_header_bytes`` (the first one by the front) and
-  ``max_header_count`` lines (431), its body by ``MAX_BODY`` (413), the whole request by
+  ``max_header_count`` lines (431), its body by ``max_body`` (413), the whole request by
   ``open_timeout`` (then the connection is cut); one request at a time; a connection idle
   between requests for ``IDLE_TIMEOUT`` is closed; a later request asking for a WebSocket gets
   503 (only a connection's first request may become one).
@@ -40,7 +40,7 @@ from websockets.datastructures import Headers
 log = logging.getLogger("chatd.http")
 
 MAX_BODY = 1024 * 1024
-"""Bytes of request body accepted (beyond: 413)."""
+"""Bytes of request body accepted by default (beyond: 413); ``[api] max_body_bytes``."""
 
 IDLE_TIMEOUT = 15.0
 """Seconds a keep-alive connection may wait for its next request."""
@@ -65,6 +65,14 @@ _REASONS = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+
+
+def single(headers: Headers, name: str) -> str:
+    """A header's value; "" when it is absent or sent more than once (two ``Authorization``
+    headers are ambiguous: neither is believed). websockets' ``Headers.get`` raises on a
+    repeated header, which must never reach a handler as a 500."""
+    values = headers.get_all(name)
+    return values[0] if len(values) == 1 else ""
 
 
 class Request:
@@ -156,6 +164,9 @@ class ClientGone(Exception):
 
 
 Handler = Callable[[Request, Responder], Awaitable[None]]
+Refuser = Callable[[Request, Responder, int, str], Awaitable[None]]
+"""Writes the answer to a request refused before its handler (413, 431, 400, 503), so that an
+API request gets it in its API's shape."""
 
 
 class Limits(Protocol):
@@ -166,7 +177,9 @@ class Limits(Protocol):
     max_header_bytes: int
     open_timeout: float  # a request's head and body must come within it
     max_outbound: int  # bytes a pushed stream may leave unread (beyond: cut)
+    max_body: int  # bytes of a request body (beyond: 413)
     draining: bool
+    refuse: Refuser | None  # writes a refused request's answer (else plain text)
 
     def opened(self, conn: HttpConnection) -> None: ...
 
@@ -279,14 +292,24 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        # A client that waits for leave to send its body (curl does, for a large one): given at
+        # once, unless the body is already refused (then the answer comes instead).
+        if self._error is None and not self._pipelined and self.transport is not None:
+            fields = {name.lower(): value for name, value in self._headers}
+            if fields.get("expect", "").lower() == "100-continue":
+                length = fields.get("content-length", "0")
+                if length.isdigit() and int(length) > self._limits.max_body:
+                    self._error = (413, f"request body over {self._limits.max_body} bytes")
+                else:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         if self._pipelined:
             return
         self._size += len(body)
-        if self._size > MAX_BODY:
+        if self._size > self._limits.max_body:
             if self._error is None:
-                self._error = (413, f"request body over {MAX_BODY} bytes")
+                self._error = (413, f"request body over {self._limits.max_body} bytes")
             return
         self._body.append(body)
 
@@ -307,7 +330,8 @@ class HttpConnection(asyncio.Protocol):
                           b"".join(self._body), self.peer)  # fmt: skip
         responder = Responder(self, head_only=method == "HEAD")
         error, self._error = self._error, None
-        if error is None and "websocket" in request.headers.get("Upgrade", "").lower():
+        upgrade = ",".join(request.headers.get_all("Upgrade")).lower()
+        if error is None and "websocket" in upgrade:
             # Only a connection's first request may become a WebSocket (the front decides).
             self.closing = True
             error = (503, "send the WebSocket upgrade on a new connection")
@@ -321,7 +345,11 @@ class HttpConnection(asyncio.Protocol):
         try:
             if error is not None:
                 responder.closing = True
-                await _plain(responder, *error)
+                refuse = self._limits.refuse
+                if refuse is not None:
+                    await refuse(request, responder, *error)
+                else:
+                    await _plain(responder, *error)
             else:
                 await self._handler(request, responder)
                 if not responder.started:
@@ -368,7 +396,9 @@ class HttpConnection(asyncio.Protocol):
             responder.closing = True
             self._task = asyncio.get_running_loop().create_task(
                 self._serve(
-                    Request("GET", "/", Headers(), b"", self.peer), responder, (status, why)
+                    Request("GET", self._url.decode("latin-1") or "/", Headers(), b"", self.peer),
+                    responder,
+                    (status, why),
                 )
             )
 

@@ -132,6 +132,8 @@ class Worker:
             max_connections=limits.max_connections,
             max_per_ip=limits.max_connections_per_ip,
             max_outbound=limits.max_outbound_bytes,
+            max_body=self.cfg.api.max_body_bytes,
+            refuse=endpoints.serve_error,
             others=lambda: len(self.state.connections),
             others_from=lambda ip: self.state.per_ip.get(ip, 0),
         )

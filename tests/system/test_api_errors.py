@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,7 +43,9 @@ def healthy_fake(fake: FakeOllama) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def chatd(fake: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chatd]:
     tmp = tmp_path_factory.mktemp("api-errors")
-    with running_chatd(tmp, fake.url, auth={"tokens": [TOKEN]}) as d:
+    with running_chatd(
+        tmp, fake.url, auth={"tokens": [TOKEN]}, api={"max_body_bytes": 131072}
+    ) as d:
         yield d
 
 
@@ -163,3 +166,63 @@ def test_no_backend_is_a_502_in_both_shapes(tmp_path: Any) -> None:
         assert ollama_shape(data)
         status, _, data = call(d, "POST", "/v1/chat/completions", CHAT, token=None)
         assert status in (502, 503) and openai_shape(data)["type"] == "server_error"
+        # /api/show cannot say "not found" when no backend could be asked (the CLI would
+        # offer to pull).
+        status, _, data = call(d, "POST", "/api/show", {"model": "m"}, token=None)
+        assert status == 502 and "could say" in ollama_shape(data)
+
+
+def test_repeated_headers_are_refused_not_crashed_on(chatd: Chatd) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", chatd.port, timeout=30)
+    conn.putrequest("GET", "/api/tags")
+    conn.putheader("Authorization", f"Bearer {TOKEN}")
+    conn.putheader("Authorization", f"Bearer {TOKEN}")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 401  # two tokens: neither is believed
+    ollama_shape(resp.read())
+    conn.putrequest("GET", "/")
+    conn.putheader("Accept", "text/plain")
+    conn.putheader("Accept", "text/html")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/html")
+    resp.read()
+    conn.close()
+    assert "Traceback" not in chatd.log()
+
+
+def test_a_body_over_the_bound_is_a_413_in_the_apis_shape(chatd: Chatd) -> None:
+    big = json.dumps({**CHAT, "pad": "x" * 200_000}).encode()
+    status, _, body = call(chatd, "POST", "/api/chat", raw=big)
+    assert status == 413 and "body over 131072 bytes" in ollama_shape(body)
+    status, _, body = call(chatd, "POST", "/v1/chat/completions", raw=big)
+    assert status == 413 and openai_shape(body)["code"] == "request_too_large"
+    # Told in advance (Expect: 100-continue), the client is refused without sending it.
+    sock = socket.create_connection(("127.0.0.1", chatd.port), timeout=10)
+    sock.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 200\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+    )
+    assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    sock.close()
+
+
+def test_a_foreign_web_page_cannot_use_the_apis(chatd: Chatd) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", chatd.port, timeout=30)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Origin": "http://evil.example"}
+    conn.request("POST", "/api/chat", json.dumps(CHAT), headers)
+    resp = conn.getresponse()
+    assert resp.status == 403 and "evil.example" in ollama_shape(resp.read())
+    # The page chatd serves itself (same origin) may.
+    headers["Origin"] = f"http://127.0.0.1:{chatd.port}"
+    conn.request("GET", "/api/tags", headers=headers)
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.read()
+    conn.close()
+
+
+def test_a_base_url_ending_in_a_slash_still_reaches_the_api(chatd: Chatd) -> None:
+    status, _, body = call(chatd, "POST", "//api/chat", {**CHAT, "stream": False})
+    assert status == 200 and json.loads(body)["done"] is True

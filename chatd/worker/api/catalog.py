@@ -3,13 +3,15 @@
 
 * The model list is the union over the healthy backends (an Ollama backend's ``/api/tags``
   entries as they are; an OpenAI one's ``/v1/models`` ids as entries of the same shape),
-  deduplicated by ``model``, kept ``[api] models_cache`` seconds; concurrent requests while it
-  is refreshed share one refresh. A backend that fails is left out; when every backend fails,
-  the last list is served if there is one.
+  deduplicated by ``model``, fresh for ``[api] models_cache`` seconds; after that it is still
+  answered at once while one refresh runs in the background. A backend that fails is left
+  out (and gives no evidence of lacking a model); when every backend fails, the last list is
+  served if there is one.
 * ``/api/ps``: the union of the Ollama backends' loaded models (not cached: it changes).
 * ``/api/show``: asked of each healthy backend in turn, the first that has the model answers
-  (an OpenAI backend listing it answers a minimal description); none: 404 ``model 'X' not
-  found``, which makes the ``ollama`` CLI offer to pull.
+  (an OpenAI backend listing it answers a minimal description), kept ``ttl`` seconds; when all
+  say they lack it, 404 ``model 'X' not found`` (the ``ollama`` CLI then offers to pull);
+  when one could not be asked, 502.
 * The version: the lowest of the Ollama backends' (Open WebUI shows the lowest across its
   connections); with none, chatd's own.
 """
@@ -32,6 +34,7 @@ from chatd.relay.passthrough import Passthrough
 log = logging.getLogger("chatd.api")
 
 _LIST_MAX = 8 * 1024 * 1024  # a model list or a description: far below this
+_SHOWN_MAX = 256  # /api/show answers kept (a few KB each)
 _EMPTY_DETAILS = {
     "parent_model": "",
     "format": "",
@@ -48,6 +51,19 @@ def _semver(text: str) -> tuple[int, ...]:
         return tuple(int(p) for p in core.split("."))
     except ValueError:
         return (0,)
+
+
+def _minimal_show() -> dict[str, Any]:
+    """What ``/api/show`` says of a model an OpenAI-compatible backend lists (it says no more)."""
+    return {
+        "modelfile": "",
+        "parameters": "",
+        "template": "{{ .Prompt }}",
+        "details": dict(_EMPTY_DETAILS),
+        "model_info": {},
+        "capabilities": ["completion"],
+        "modified_at": _rfc3339(time.time()),
+    }
 
 
 def _rfc3339(ts: float) -> str:
@@ -75,6 +91,7 @@ class Catalog:
         self._version = ""
         self._until = 0.0
         self._refresh: asyncio.Task[None] | None = None
+        self._shown: dict[bytes, tuple[float, bytes]] = {}  # /api/show answers, kept ttl
 
     def backends(self) -> list[int]:
         """The healthy backends' indexes (all of them when none is healthy: let them say)."""
@@ -83,25 +100,38 @@ class Catalog:
         return up or list(range(len(self._apis)))
 
     def lacks(self, backend: int, model: str) -> bool:
-        """Whether the last model list showed ``backend`` without ``model`` (False when it
-        is not known: a backend is only skipped on evidence)."""
+        """Whether a model list of less than ``ttl`` ago showed ``backend`` without ``model``
+        (False when it is not known: a backend is only skipped on fresh evidence). Older
+        evidence is refreshed in the background, and not used meanwhile."""
+        if time.monotonic() >= self._until:
+            self._kick()
+            return False
         names = self._by_backend[backend]
         return bool(names) and model not in names and f"{model}:latest" not in names
 
     async def models(self) -> list[dict[str, Any]]:
-        """The union of the model lists (Ollama's ``/api/tags`` entries)."""
-        if self._models is None or time.monotonic() >= self._until:
-            if self._refresh is None:
-                self._refresh = asyncio.create_task(self._fetch())
-            task = self._refresh
-            try:
+        """The union of the model lists (Ollama's ``/api/tags`` entries): a list older than
+        ``ttl`` is answered at once while it is refreshed in the background; only the first
+        request waits for one."""
+        if time.monotonic() >= self._until:
+            task = self._kick()
+            if self._models is None:
                 await asyncio.shield(task)
-            finally:
-                if task.done() and self._refresh is task:
-                    self._refresh = None
         if self._models is None:
             raise ApiError("unavailable", "no model backend answered with its list of models")
         return self._models
+
+    def _kick(self) -> asyncio.Task[None]:
+        """The refresh under way, or a new one (one at a time, whoever waits or leaves)."""
+        if self._refresh is None:
+            self._refresh = task = asyncio.create_task(self._fetch())
+            task.add_done_callback(self._refreshed)
+        return self._refresh
+
+    def _refreshed(self, task: asyncio.Task[None]) -> None:
+        self._refresh = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("refreshing the model list failed", exc_info=task.exception())
 
     async def version(self) -> str:
         await self.models()
@@ -109,14 +139,18 @@ class Catalog:
 
     async def _fetch(self) -> None:
         backends = self.backends()
-        lists = await asyncio.gather(*(self._list(i) for i in backends))
-        versions = await asyncio.gather(
-            *(self._get_version(i) for i in backends if self._apis[i] == "ollama")
+        ollamas = [i for i in backends if self._apis[i] == "ollama"]
+        answers = await asyncio.gather(
+            *(self._list(i) for i in backends), *(self._get_version(i) for i in ollamas)
         )
+        lists = answers[: len(backends)]
+        versions = [v for v in answers[len(backends) :] if isinstance(v, str)]
         merged: dict[str, dict[str, Any]] = {}
         answered = False
+        for i in range(len(self._apis)):
+            self._by_backend[i] = set()  # no evidence from a backend that did not answer
         for i, entries in zip(backends, lists, strict=True):
-            if entries is None:
+            if not isinstance(entries, list):
                 continue
             answered = True
             self._by_backend[i] = {e["model"] for e in entries}
@@ -188,7 +222,15 @@ class Catalog:
         return out
 
     async def show(self, model: str, body: dict[str, Any]) -> bytes:
-        """The ``/api/show`` answer of the first backend that has ``model``."""
+        """The ``/api/show`` answer of the first backend that has ``model`` (kept ``ttl``
+        seconds: the ``ollama`` CLI and Continue ask before every run). 404 when every backend
+        answered that it lacks the model; 502 when one could not say (the CLI would offer to
+        pull a model that is only out of reach)."""
+        key = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        hit = self._shown.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        unsure = False
         for i in self.backends():
             if self._apis[i] == "ollama":
                 try:
@@ -197,21 +239,25 @@ class Catalog:
                     )
                 except UpstreamError as exc:
                     log.warning("/api/show on backend %d failed: %s", i, exc.message)
+                    unsure = True
                     continue
                 if status == 200:
-                    return answer
+                    return self._keep(key, answer)
                 if status != 404:
                     log.warning("/api/show on backend %d: HTTP %d", i, status)
-            elif any(e["model"] == model for e in (await self._list(i) or [])):
-                return orjson.dumps(
-                    {
-                        "modelfile": "",
-                        "parameters": "",
-                        "template": "{{ .Prompt }}",
-                        "details": dict(_EMPTY_DETAILS),
-                        "model_info": {},
-                        "capabilities": ["completion"],
-                        "modified_at": _rfc3339(time.time()),
-                    }
-                )
+                    unsure = True
+                continue
+            listed = await self._list(i)
+            if listed is None:
+                unsure = True
+            elif any(e["model"] in (model, f"{model}:latest") for e in listed):
+                return self._keep(key, orjson.dumps(_minimal_show()))
+        if unsure:
+            raise ApiError("unavailable", f"no backend could say whether it has the model {model}")
         raise ApiError("not_found", f"model '{model}' not found", param="model")
+
+    def _keep(self, key: bytes, answer: bytes) -> bytes:
+        if len(self._shown) >= _SHOWN_MAX:
+            self._shown.clear()  # a crude bound: rebuilt from the next requests
+        self._shown[key] = (time.monotonic() + self._ttl, answer)
+        return answer

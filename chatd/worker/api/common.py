@@ -21,7 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from chatd.config import Config
+from chatd.proto import translate
 from chatd.proto.httpapi import ApiError, Delta
 from chatd.proto.translate import Chunks
 from chatd.relay.passthrough import Passthrough
@@ -97,12 +100,13 @@ async def relay_reply(
         if not stream:
             deltas.append(d)
             return
+        data = encode(d)
+        if not data:  # nothing for the client yet: the head waits (a failure keeps its status)
+            return
         if not responder.started:
             x.status = 200
             responder.begin(200, [("Content-Type", content_type), ("Cache-Control", "no-store")])
-        data = encode(d)
-        if data:
-            responder.push(data)
+        responder.push(data)
 
     def prepare(backend: int) -> tuple[str, dict[str, Any], Callable[[dict[str, Any]], None]]:
         api = ctx.apis[backend]
@@ -131,3 +135,26 @@ async def relay_reply(
         emit(final)
     if not stream:
         await send(x, 200, whole(deltas), content_type)
+
+
+EMBED_MAX = 64 * 1024 * 1024
+"""Bytes of an embeddings answer accepted from a backend (about 10,000 vectors of 768
+dimensions; beyond: 502): the answer is held whole, a few copies of it at once."""
+
+
+def embed_limit(ctx: Context) -> float:
+    """Seconds an embeddings request may take: a load, then the work."""
+    return ctx.cfg.llm.load_timeout + ctx.cfg.llm.total_timeout
+
+
+def parse_vectors(api: str, answer: bytes) -> tuple[list[Any], int | None]:
+    """The vectors of a backend's embeddings answer (502 when it has none)."""
+    try:
+        obj = orjson.loads(answer)
+        if type(obj) is not dict:
+            raise ValueError("not an object")
+        return translate.vectors_of(api, obj)
+    except (orjson.JSONDecodeError, ValueError) as exc:
+        raise ApiError(
+            "unavailable", f"the backend's embeddings answer is unusable: {exc}"
+        ) from exc

@@ -26,12 +26,13 @@ from collections.abc import Sequence
 from websockets.datastructures import Headers
 
 from chatd.config import Config
+from chatd.worker.httpconn import single
 
 
 def bearer(headers: Headers) -> str:
     """The token of ``Authorization: Bearer T`` (or of Basic auth: the password, else the
     user); "" when there is none."""
-    auth = headers.get("Authorization", "")
+    auth = single(headers, "Authorization")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer":
         return value.strip()
@@ -76,9 +77,9 @@ class Identity:
     def key(self, headers: Headers, peer: str) -> str:
         """The client's key (see the module); call after :meth:`allowed`."""
         base = token_hash(bearer(headers)) if self._tokens else peer
-        if self._header:
-            user = headers.get(self._header, "")
-            if user and self._is_trusted(peer):
+        if self._header and self._is_trusted(peer):
+            user = single(headers, self._header)
+            if user:
                 digest = hashlib.sha256(user.encode()).hexdigest()[:16]
                 return f"{base if self._tokens else 'u'}/{digest}"
         return base

@@ -12,6 +12,7 @@ and the chunks are translated (:mod:`chatd.proto.translate`).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
@@ -20,12 +21,20 @@ from chatd.errors import UpstreamError
 from chatd.proto import ollama, translate
 from chatd.proto.httpapi import ApiError, Delta, json_body, model_of
 from chatd.relay.wire import error_detail, keep_alive_value
-from chatd.worker.api.common import Context, Exchange, now_rfc3339, relay_reply, send
+from chatd.worker.api.common import (
+    EMBED_MAX,
+    Context,
+    Exchange,
+    embed_limit,
+    now_rfc3339,
+    parse_vectors,
+    relay_reply,
+    send,
+)
+
+log = logging.getLogger("chatd.api")
 
 _LOAD_MAX = 1024 * 1024  # a load's answer is one small object
-EMBED_MAX = 256 * 1024 * 1024
-"""Bytes of an embeddings answer accepted from a backend (a 1 MiB request of short texts can
-ask for tens of thousands of vectors)."""
 
 
 class OllamaApi:
@@ -34,6 +43,7 @@ class OllamaApi:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._keep_alive = keep_alive_value(ctx.cfg.llm.keep_alive)
+        self._background: set[asyncio.Future[tuple[int, bytes]]] = set()  # loads elsewhere
 
     async def root(self, x: Exchange) -> None:
         """``GET /`` and ``HEAD /``: Ollama's exact answer (scripts compare the body)."""
@@ -104,40 +114,63 @@ class OllamaApi:
         )
 
     async def _load(self, x: Exchange, call: ollama.Call) -> None:
-        """A load (or unload) of the model on every healthy Ollama backend, without a slot:
-        the first success is the answer (else the first backend's error). An OpenAI backend
-        has nothing to load: its answer is made here."""
+        """A load (or unload) without a generation slot, sent to every healthy Ollama backend
+        that may have the model (one whose fresh model list lacks it is left out), with
+        ``[llm] keep_alive`` unless the client set one. The first success is the answer (the
+        other backends go on loading in the background: a cut load is a wasted one); else
+        the first failure. An OpenAI backend has nothing to load: its answer is made here."""
         path = "/api/chat" if call.kind == "chat" else "/api/generate"
         body = {**call.body, "stream": False}
-        backends = [i for i in self.ctx.catalog.backends() if self.ctx.apis[i] == "ollama"]
+        body.setdefault("keep_alive", self._keep_alive)
+        catalog = self.ctx.catalog
+        backends = [
+            i
+            for i in catalog.backends()
+            if self.ctx.apis[i] == "ollama" and not catalog.lacks(i, call.model)
+        ]
         limit = self.ctx.cfg.llm.load_timeout
-        answers = await asyncio.gather(
-            *(
+        pending = {
+            asyncio.ensure_future(
                 self.ctx.passthrough.call(i, "POST", path, body, limit=limit, max_bytes=_LOAD_MAX)
-                for i in backends
-            ),
-            return_exceptions=True,
-        )
+            )
+            for i in backends
+        }
         failure: ApiError | None = None
-        for answer in answers:
-            if isinstance(answer, UpstreamError):
-                failure = failure or ApiError("unavailable", answer.message)
-            elif isinstance(answer, BaseException):
-                raise answer
-            elif answer[0] == 200:
-                await self._answer_load(x, call, answer[1])
-                return
-            else:
-                failure = failure or ApiError("backend", error_detail(answer[1]), status=answer[0])
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if isinstance(exc, UpstreamError):
+                        failure = failure or ApiError("unavailable", exc.message)
+                    elif exc is not None:
+                        raise exc
+                    elif task.result()[0] == 200:
+                        await self._answer_load(x, call, task.result()[1])
+                        return
+                    else:
+                        status, answer = task.result()
+                        failure = failure or ApiError(
+                            "backend", error_detail(answer), status=status
+                        )
+        finally:
+            for task in pending:  # loading elsewhere goes on; its outcome is only logged
+                self._background.add(task)
+                task.add_done_callback(self._loaded)
         if failure is not None:
             raise failure
-        done: dict[str, Any] = {"model": call.model, "created_at": now_rfc3339()}
+        done_chunk: dict[str, Any] = {"model": call.model, "created_at": now_rfc3339()}
         if call.kind == "chat":
-            done["message"] = {"role": "assistant", "content": ""}
+            done_chunk["message"] = {"role": "assistant", "content": ""}
         else:
-            done["response"] = ""
-        done |= {"done_reason": "unload" if call.unload else "load", "done": True}
-        await self._answer_load(x, call, orjson.dumps(done))
+            done_chunk["response"] = ""
+        done_chunk |= {"done_reason": "unload" if call.unload else "load", "done": True}
+        await self._answer_load(x, call, orjson.dumps(done_chunk))
+
+    def _loaded(self, task: asyncio.Future[tuple[int, bytes]]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("a load on another backend failed: %s", task.exception())
 
     async def _answer_load(self, x: Exchange, call: ollama.Call, body: bytes) -> None:
         if call.stream:  # one NDJSON line, as Ollama streams it
@@ -181,21 +214,3 @@ class OllamaApi:
         else:
             out = translate.ollama_embed_answer(x.model, vectors, tokens)
         await send(x, 200, orjson.dumps(out), ollama.CONTENT_TYPE_JSON)
-
-
-def embed_limit(ctx: Context) -> float:
-    """Seconds an embeddings request may take: a load, then the work."""
-    return ctx.cfg.llm.load_timeout + ctx.cfg.llm.total_timeout
-
-
-def parse_vectors(api: str, answer: bytes) -> tuple[list[Any], int | None]:
-    """The vectors of a backend's embeddings answer (502 when it has none)."""
-    try:
-        obj = orjson.loads(answer)
-        if type(obj) is not dict:
-            raise ValueError("not an object")
-        return translate.vectors_of(api, obj)
-    except (orjson.JSONDecodeError, ValueError) as exc:
-        raise ApiError(
-            "unavailable", f"the backend's embeddings answer is unusable: {exc}"
-        ) from exc

@@ -18,8 +18,15 @@ import orjson
 from chatd.proto import openai, translate
 from chatd.proto.httpapi import ApiError, json_body
 from chatd.relay.wire import error_detail, keep_alive_value
-from chatd.worker.api.common import Context, Exchange, relay_reply, send
-from chatd.worker.api.ollama import EMBED_MAX, embed_limit, parse_vectors
+from chatd.worker.api.common import (
+    EMBED_MAX,
+    Context,
+    Exchange,
+    embed_limit,
+    parse_vectors,
+    relay_reply,
+    send,
+)
 
 
 class OpenAIApi:

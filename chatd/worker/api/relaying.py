@@ -19,7 +19,7 @@ own slot class, so a burst of them never delays a chat).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,17 +106,17 @@ class Relaying:
         t0 = time.monotonic()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             backend = await self._acquire(self._slots, key, self._exclude(model, failed), timing)
-            path, body, on_chunk = prepare(backend)
             timing.backend = backend
+            try:  # from here the slot is this request's: given back however it ends
+                path, body, on_chunk = prepare(backend)
 
-            def chunk(
-                obj: dict[str, Any], on_chunk: Callable[[dict[str, Any]], None] = on_chunk
-            ) -> None:
-                if timing.first_chunk is None:
-                    timing.first_chunk = time.monotonic() - t0
-                on_chunk(obj)
+                def chunk(
+                    obj: dict[str, Any], on_chunk: Callable[[dict[str, Any]], None] = on_chunk
+                ) -> None:
+                    if timing.first_chunk is None:
+                        timing.first_chunk = time.monotonic() - t0
+                    on_chunk(obj)
 
-            try:
                 await self.pt.stream(backend, path, body, model, chunk)
                 return
             except UpstreamError as exc:
@@ -141,9 +141,9 @@ class Relaying:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             slots = self._embed_slots
             backend = await self._acquire(slots, key, self._exclude(model, failed), timing)
-            path, body = prepare(backend)
             timing.backend = backend
-            try:
+            try:  # from here the slot is this request's: given back however it ends
+                path, body = prepare(backend)
                 status, answer = await self.pt.call(
                     backend, "POST", path, body, limit=limit, max_bytes=max_bytes
                 )
@@ -181,13 +181,10 @@ class Relaying:
         if not (exc.retryable or (exc.status == 404 and count > 1)):
             return False
         failed.add(backend)
-        return not (isinstance(exc, UpstreamTimeout) and len(failed) >= count)
+        # Every backend failed: a transient failure may be tried again, not a deadline (the
+        # client would wait it twice) nor a 404 (each said it lacks the model).
+        return len(failed) < count or not (isinstance(exc, UpstreamTimeout) or exc.status == 404)
 
 
 def _no_position(_position: int) -> None:
     """The APIs have no way to say a queue position (an HTTP response waits for its head)."""
-
-
-def apis_of(backends: Sequence[Any]) -> list[str]:
-    """The ``api`` of each configured backend."""
-    return [b.api for b in backends]

@@ -31,7 +31,7 @@ from chatd.worker.api.common import Context, Exchange, send
 from chatd.worker.api.identity import Identity
 from chatd.worker.api.ollama import OllamaApi
 from chatd.worker.api.openai import OpenAIApi
-from chatd.worker.httpconn import Request, Responder
+from chatd.worker.httpconn import Request, Responder, single
 
 log = logging.getLogger("chatd.access")
 
@@ -152,10 +152,33 @@ class ApiRouter:
             if self.ctx.cfg.api.access_log:
                 self._log(x)
 
+    async def refuse(
+        self, request: Request, responder: Responder, path: str, status: int, text: str
+    ) -> None:
+        """A request of the APIs refused before it was read whole (413 body too large, 431,
+        400 malformed): answered in its API's shape, counted and logged like the others."""
+        api = "openai" if path.startswith("/v1/") else "ollama"
+        endpoint = path if path in self._routes else "other"
+        x = Exchange(request, responder, api, "-", endpoint)
+        kind = {413: "too_large", 431: "bad_request", 400: "bad_request"}.get(status, "internal")
+        try:
+            await self._error(x, ApiError(kind, text, status=status))
+        finally:
+            self.stats.record(x)
+            if self.ctx.cfg.api.access_log:
+                self._log(x)
+
     async def _serve(
         self, x: Exchange, path: str, route: tuple[str, dict[str, Handler]] | None
     ) -> None:
         request = x.request
+        refused = self._foreign_origin(request)
+        if refused:
+            raise ApiError(
+                "forbidden",
+                f"requests from the web origin {refused[:100]} are not allowed: "
+                "list it in [auth] allowed_origins",
+            )
         if path != "/" and not self.identity.allowed(request.headers):
             raise ApiError(
                 "unauthorized", "missing or invalid API key: send Authorization: Bearer TOKEN"
@@ -181,6 +204,24 @@ class ApiRouter:
             raise _not_allowed(request.method, path, ", ".join(methods))
         await handler(x)
 
+    def _foreign_origin(self, request: Request) -> str:
+        """The ``Origin`` of a browser's request from another site ("" when allowed).
+
+        Without this any web page a user opens could make their browser use the APIs
+        (a ``text/plain`` POST needs no preflight): generate, or unload models. Clients that
+        are no browser send no ``Origin``. Allowed: an origin in ``[auth] allowed_origins``;
+        with none listed, the page's own origin (``Origin`` naming the request's ``Host``).
+        """
+        origins = request.headers.get_all("Origin")
+        if not origins:
+            return ""
+        origin = origins[0] if len(origins) == 1 else ",".join(origins)
+        allowed = self.ctx.cfg.auth.allowed_origins
+        if allowed:
+            return "" if origin in allowed else origin
+        host = single(request.headers, "Host")
+        return "" if host and origin.partition("://")[2] == host else origin
+
     async def _error(self, x: Exchange, err: ApiError) -> None:
         extra: list[tuple[str, str]] = [("Cache-Control", "no-store")]
         if err.retry_after is not None:
@@ -199,15 +240,25 @@ class ApiRouter:
         first = x.timing.first_chunk
         log.info(
             "%s %s key=%s model=%s status=%d wait_ms=%.0f ttft_ms=%s ms=%.0f",
-            x.request.method,
-            x.endpoint if x.endpoint != "other" else x.request.target.split("?")[0][:100],
+            _printable(x.request.method[:16]),
+            x.endpoint if x.endpoint != "other" else _printable(x.request.target[:100]),
             x.key or "-",
-            x.model[:80] or "-",
+            _printable(x.model[:80]) or "-",
             x.status,
             x.timing.queued * 1000.0,
             f"{first * 1000.0:.0f}" if first is not None else "-",
             (now - x.started) * 1000.0,
         )
+
+
+def _printable(text: str) -> str:
+    """A client's string fit for one log line: no control character can forge another
+    line or field (each is written as its escape)."""
+    if text.isprintable() and " " not in text:
+        return text
+    return "".join(
+        c if c.isprintable() and c != " " else "\\x20" if c == " " else repr(c)[1:-1] for c in text
+    )
 
 
 def _not_allowed(method: str, path: str, allow: str) -> ApiError:

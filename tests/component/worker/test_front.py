@@ -65,6 +65,7 @@ async def started(app: App, **limits: Any) -> AsyncIterator[tuple[int, Front]]:
         open_timeout=limits.get("open_timeout", 5.0),
         max_connections=limits.get("max_connections", 0),
         max_per_ip=limits.get("max_per_ip", 0),
+        max_body=limits.get("max_body", 1024 * 1024),
     )
     async with serve(echo, "127.0.0.1", 0, create_connection=connection_class(front)) as server:
         yield server.sockets[0].getsockname()[1], front
@@ -168,15 +169,13 @@ def test_bounds_and_bad_requests() -> None:
     run(test, max_header_bytes=4096, max_header_count=16)
 
 
-def test_a_body_over_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(httpconn, "MAX_BODY", 1000)
-
+def test_a_body_over_the_limit_is_refused() -> None:
     async def test(port: int, front: Front, app: App) -> None:
         req = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"b" * 5000
         assert (await blocking(lambda: raw(port, req))).startswith(b"HTTP/1.1 413 ")
         assert app.seen == []
 
-    run(test)
+    run(test, max_body=1000)
 
 
 def test_a_silent_connection_is_closed_at_the_open_timeout() -> None:

@@ -749,3 +749,37 @@ def test_base64_embeddings_decode_back_to_the_float32_values(vectors: list[list[
         raw = base64.b64decode(entry["embedding"])
         assert len(raw) == 4 * len(vector)
         assert list(struct.unpack(f"<{len(vector)}f", raw)) == vector
+
+
+def test_ollamas_unlimited_num_predict_is_left_out_for_openai() -> None:
+    for value in (-1, -2, 0):
+        out = translate.ollama_chat_to_openai(
+            {"messages": [], "options": {"num_predict": value}}, "m"
+        )
+        assert "max_tokens" not in out
+    out = translate.ollama_chat_to_openai({"messages": [], "options": {"num_predict": 7}}, "m")
+    assert out["max_tokens"] == 7
+
+
+def test_a_clients_own_tool_call_ids_are_kept() -> None:
+    obj = {
+        "messages": [
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"id": "abc", "function": {"name": "f", "arguments": {}}},
+                    {"function": "not an object"},
+                ],
+            },
+            {"role": "tool", "content": "r", "tool_call_id": "abc"},
+            {"role": "tool", "content": "r2"},
+            {"role": "tool", "content": "r3", "tool_call_id": "zzz"},  # its own: kept
+        ]
+    }
+    out = translate.ollama_chat_to_openai(obj, "m")["messages"]
+    assert [c["id"] for c in out[0]["tool_calls"]] == ["abc", "call_1"]
+    assert out[0]["tool_calls"][1]["function"] == {"name": "", "arguments": "{}"}
+    assert out[1]["tool_call_id"] == "abc"
+    assert out[2]["tool_call_id"] == "call_1"  # the first call not yet answered, in order
+    assert out[3]["tool_call_id"] == "zzz"

@@ -12,7 +12,7 @@ from chatd.worker.api.identity import Identity, bearer, token_hash
 
 
 def cfg(tokens: tuple[str, ...] = (), header: str = "", proxies: tuple[str, ...] = ()) -> Config:
-    api = ApiConfig(user_header=header, trusted_proxies=proxies or ApiConfig().trusted_proxies)
+    api = ApiConfig(user_header=header, trusted_proxies=proxies)
     return Config(auth=AuthConfig(tokens=tokens), api=api)
 
 
@@ -61,8 +61,21 @@ def test_a_trusted_proxy_names_its_users() -> None:
     assert ident.key(Headers(), "10.1.2.3") == "10.1.2.3"
 
 
+def test_by_default_no_proxy_is_trusted() -> None:
+    ident = Identity(cfg(header="X-User"))
+    assert ident.key(Headers({"X-User": "mallory"}), "127.0.0.1") == "127.0.0.1"
+
+
+def test_a_repeated_header_is_believed_in_neither_value() -> None:
+    ident = Identity(cfg(tokens=("t",), header="X-User", proxies=("127.0.0.1/32",)))
+    two_tokens = Headers([("Authorization", "Bearer t"), ("Authorization", "Bearer t")])
+    assert not ident.allowed(two_tokens)
+    two_users = Headers([("Authorization", "Bearer t"), ("X-User", "a"), ("X-User", "b")])
+    assert ident.key(two_users, "127.0.0.1") == token_hash("t")
+
+
 def test_with_auth_the_user_refines_the_tokens_key() -> None:
-    ident = Identity(cfg(tokens=("t",), header="X-User"))
+    ident = Identity(cfg(tokens=("t",), header="X-User", proxies=("127.0.0.1/32",)))
     h = Headers({"Authorization": "Bearer t", "X-User": "carol"})
     key = ident.key(h, "127.0.0.1")
     assert key.startswith(token_hash("t") + "/")
