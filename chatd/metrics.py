@@ -30,8 +30,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatd import metrics_http
+from chatd import metrics_http, metrics_stages
 from chatd.metrics_http import HttpFigures
+from chatd.metrics_stages import StageFigures
 from chatd.stats import EXACT_EDGES_MS, GranterStats, Histogram, backend_keys
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -86,11 +87,13 @@ class Retired:
         default_factory=lambda: {name: Histogram() for name in _HISTOGRAMS}
     )
     http: HttpFigures = field(default_factory=HttpFigures)  # the APIs' (chatd.metrics_http)
+    stages: StageFigures = field(default_factory=StageFigures)  # (chatd.metrics_stages)
 
     def fold(self, stats: Mapping[str, Any]) -> None:
         """Add an exited worker's last ``stats`` report."""
         _add(self.counters, self.errors_by_code, self.histograms, stats)
         self.http.add(stats.get("http"), live=False)
+        self.stages.add(stats.get("stages"))
 
 
 def _add(
@@ -138,8 +141,10 @@ def aggregate(
     in_use: dict[str, float] = {}
     embed_in_use: dict[str, float] = {}
     http = HttpFigures()
+    stages = StageFigures()
     for state, stats in workers:
         http.add(stats.get("http"))
+        stages.add(stats.get("stages"))
         states[state] = states.get(state, 0) + 1
         connections += _number(stats.get("connections", 0))
         if stats.get("store_healthy") is False:
@@ -171,6 +176,7 @@ def aggregate(
         "worker_restarts_total": restarts_total,
         "store_up": store_up,
         "http": http.merged(retired.http).wire(),
+        "stages": stages.merged(retired.stages).wire(),
     }
     if embed is not None:
         data["embed"] = {
@@ -397,6 +403,7 @@ def render(data: Mapping[str, Any]) -> str:
         n(data.get("worker_restarts_total")),
     )
     metrics_http.render(out, data.get("http"))
+    metrics_stages.render(out, data.get("stages"))
     return "\n".join(out.lines) + "\n"
 
 

@@ -31,6 +31,12 @@ class Writer(Protocol):
     ) -> None: ...
 
 
+def histogram_of(wire: Any) -> Histogram:
+    """A Histogram from its wire form ``{"buckets": [[bucket, n], ...], "sum_ms"}`` (empty if
+    malformed: a bad report must not break /metrics)."""
+    return _histogram(wire)
+
+
 def _histogram(wire: Any) -> Histogram:
     h = Histogram()
     if not isinstance(wire, Mapping):

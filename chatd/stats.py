@@ -23,12 +23,14 @@ _GROWTH = 1.045
 _LOG_BUCKETS = 420  # _BASE * _GROWTH**419 ~ 1.0e6 ms
 
 EXACT_EDGES_MS: tuple[float, ...] = (
+    *(0.1, 0.25, 0.5, 1.0, 2.5),  # below Prometheus' defaults: the stages and the loop's lag
     *(5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0),
     *(1000.0, 2500.0, 5000.0, 10_000.0, 30_000.0, 60_000.0, 120_000.0, 300_000.0),
 )
 """Bucket edges that :meth:`Histogram.cumulative` counts exactly: the ``le`` bounds of
-``/metrics`` (Prometheus' default buckets, extended to the minutes a model load or a long
-reply can take), in ms."""
+``/metrics`` (Prometheus' default buckets, extended down to the tenths of a millisecond a
+message's stages and the event loop's lag are measured in, and up to the minutes a model load
+or a long reply can take), in ms."""
 
 _EDGES: tuple[float, ...] = tuple(
     sorted({_BASE * _GROWTH**i for i in range(_LOG_BUCKETS)} | set(EXACT_EDGES_MS))

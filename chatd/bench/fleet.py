@@ -140,6 +140,8 @@ def collect(run: Run, timeout: float) -> LoadResult:
     try:
         for _, pipe in run.procs:
             r: LoadResult = expect(pipe, "result", timeout)
+            # Stages stay aligned with records (a mode that reads none gives Nones).
+            merged.stages += r.stages or [None] * len(r.records)
             merged.records += r.records
             merged.reconnect_ms += r.reconnect_ms
             for name in (

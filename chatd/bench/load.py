@@ -63,6 +63,10 @@ class Counter(Protocol):
 
 # One message: intended, sent, ack, first token, done (reply or final error), error code.
 Record = tuple[float, float | None, float | None, float | None, float | None, str | None]
+# Where a replied message's time went in its worker (the reply's stats.stages, ms): commit,
+# queue, first token, stream; None when the reply said nothing (or there was none).
+Stages = tuple[float, float, float, float] | None
+STAGE_KEYS = ("commit_ms", "queue_ms", "first_token_ms", "stream_ms")
 
 
 @dataclass
@@ -87,6 +91,7 @@ class LoadResult:
     """The merged records of every client process, and their counters."""
 
     records: list[Record] = field(default_factory=list)
+    stages: list[Stages] = field(default_factory=list)  # one per record, or empty
     connections_opened: int = 0
     connect_failed: int = 0
     bad_reply: int = 0
@@ -102,7 +107,7 @@ class LoadResult:
 class _Conn:
     """One connection's schedule and what came back (times relative to the start)."""
 
-    __slots__ = ("ack", "done", "err", "first", "intended", "left", "sent", "wake")
+    __slots__ = ("ack", "done", "err", "first", "intended", "left", "sent", "stages", "wake")
 
     def __init__(self, intended: list[float]) -> None:
         n = len(intended)
@@ -112,6 +117,7 @@ class _Conn:
         self.first: list[float | None] = [None] * n
         self.done: list[float | None] = [None] * n
         self.err: list[str | None] = [None] * n
+        self.stages: list[Stages] = [None] * n
         self.left = n
         self.wake = asyncio.Event()
         if not n:
@@ -131,6 +137,14 @@ class _Conn:
         return list(
             zip(self.intended, self.sent, self.ack, self.first, self.done, self.err, strict=True)
         )
+
+    def note_stages(self, k: int, stats: object) -> None:
+        """Keep a reply's ``stats.stages`` (where its time went in the worker)."""
+        stages = stats.get("stages") if isinstance(stats, dict) else None
+        if isinstance(stages, dict):
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                c, q, f, s = (float(stages[key]) for key in STAGE_KEYS)
+                self.stages[k] = (c, q, f, s)
 
 
 def schedule(job: LoadJob) -> list[_Conn]:
@@ -205,6 +219,7 @@ async def raw_load(job: LoadJob, go: Callable[[], Any], progress: Counter) -> Lo
                     k = int(f["id"])
                     if f.get("text") != expected:
                         res.bad_reply += 1
+                    c.note_stages(k, f.get("stats"))
                     if not c.finish(k, now):
                         res.duplicates += 1
                     progress.value += 1
@@ -235,6 +250,7 @@ async def raw_load(job: LoadJob, go: Callable[[], Any], progress: Counter) -> Lo
         async with asyncio.timeout(5):
             await asyncio.gather(*(ws.close() for ws, _ in pairs), return_exceptions=True)
     res.records = [r for c in conns for r in c.records()]
+    res.stages = [st for c in conns for st in c.stages]
     return res
 
 

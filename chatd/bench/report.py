@@ -154,6 +154,9 @@ def scenario_markdown(r: dict[str, Any]) -> str:
             lines.append(f"| Queue depth (at the end) | {q.get('depth', '–')} | 500 | – |")
             lines.append(f"| Message Loss | {r['chatd']['errors']['lost']} | 0 | – |")
         lines += ["", _latency_table(r), ""]
+        slow = r["chatd"].get("slowest")
+        if slow:
+            lines += [slowest_line(slow), ""]
     if "failure" in r:
         lines += [*_failure_lines(r), ""]
     return "\n".join(lines)
@@ -188,6 +191,26 @@ def _latency_table(r: dict[str, Any]) -> str:
             f"{_v(o['p95'], '×', 2)} / {_v(o['p99'], '×', 2)} | – | – |"
         )
     return "\n".join(rows)
+
+
+def slowest_line(s: dict[str, Any]) -> str:
+    """Where the slowest replies' time went (the replies' ``stats.stages``), against all."""
+
+    def parts(m: dict[str, Any]) -> str:
+        return (
+            f"client send lag {m['send_lag_ms']:.2f}, "
+            f"commit {m['commit_ms']:.2f}, queue {m['queue_ms']:.2f}, first token "
+            f"{m['first_token_ms']:.2f}, stream {m['stream_ms']:.2f}, rest {m['rest_ms']:.2f}"
+        )
+
+    a = s["all"]
+    return (
+        f"- Where the time went, mean ms (stages from the replies' `stats.stages`; rest: storing "
+        f"the reply, writing it, network, reading on both sides): slowest "
+        f"{s['fraction'] * 100:g} % "
+        f"({s['n']} of {s['of']} replies, {s['reply_ms']:.2f} ms): {parts(s)}; all replies "
+        f"({a['reply_ms']:.2f} ms): {parts(a)}"
+    )
 
 
 def cpu_per_reply(cpu: dict[str, Any]) -> str:

@@ -311,6 +311,7 @@ def run_scenario(
     time.sleep(1.1)  # workers report their stats every second
     after = server.server_figures(target.status())
     out_c = summarize(result.records, warmup, dur)
+    out_c["slowest"] = st.slowest_stages(result.records, result.stages, warmup, warmup + dur)
     out: dict[str, Any] = {
         "name": name,
         "title": sc.title,

@@ -21,6 +21,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 # Bucket upper bounds (ms) of the seed report's "Response Time Distribution" table.
 SEED_BUCKETS_MS: tuple[float, ...] = (100.0, 200.0, 300.0, 500.0, 1000.0)
@@ -189,3 +190,50 @@ def cpu_per_reply(cpu_s: Mapping[str, float], replies: int) -> dict[str, float |
         g: None if g not in sums else per_message_us(sums[g], replies)
         for g in ("workers", "master", "backend", "clients")
     }
+
+
+STAGE_NAMES = ("commit", "queue", "first_token", "stream")
+"""The worker's stages a reply reports (``stats.stages``), in order. Of the rest of a reply's
+latency, the client's own lateness in sending is ``send_lag``; what is left (storing the
+reply, writing it, the network both ways, the worker reading the frame, the client reading
+the reply) is ``rest``."""
+
+
+def slowest_stages(
+    records: Sequence[Sequence[Any]],
+    stages: Sequence[Sequence[float] | None],
+    start: float,
+    end: float,
+    fraction: float = 0.01,
+) -> dict[str, Any] | None:
+    """Where the time of the slowest replies went: for the replies whose intended send time
+    is in ``[start, end)`` and that said their stages, the slowest ``fraction`` by reply
+    latency (at least one), the mean of each stage, of ``send_lag`` and of the ``rest`` in ms
+    (see :data:`STAGE_NAMES`); ``all``: the
+    same means over every such reply, to compare. None when no reply said its stages.
+
+    ``records`` are load records (intended, sent, ack, first, done, error; seconds);
+    ``stages[i]``: record i's stages in ms (commit, queue, first token, stream) or None.
+    """
+    rows = []
+    for r, st in zip(records, stages, strict=False):
+        if st is None or r[4] is None or r[5] is not None or not start <= r[0] < end:
+            continue
+        latency = (r[4] - r[0]) * 1000.0
+        lag = (r[1] - r[0]) * 1000.0 if r[1] is not None else 0.0
+        rows.append((latency, (lag, *st)))
+    if not rows:
+        return None
+    rows.sort(key=lambda row: row[0])
+    k = max(1, math.ceil(len(rows) * fraction))
+
+    def means(sel: Sequence[tuple[float, tuple[float, ...]]]) -> dict[str, float]:
+        n = len(sel)
+        out = {"reply_ms": round(sum(lat for lat, _ in sel) / n, 2)}
+        for i, name in enumerate(("send_lag", *STAGE_NAMES)):
+            out[f"{name}_ms"] = round(sum(st[i] for _, st in sel) / n, 2)
+        spent = sum(out[f"{name}_ms"] for name in ("send_lag", *STAGE_NAMES))
+        out["rest_ms"] = round(out["reply_ms"] - spent, 2)
+        return out
+
+    return {"fraction": fraction, "n": k, "of": len(rows), **means(rows[-k:]), "all": means(rows)}

@@ -33,6 +33,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from chatd.config import Config
 from chatd.errors import UpstreamError
@@ -46,6 +47,7 @@ from chatd.worker import leases
 from chatd.worker.handoff import Listeners, MasterChannel
 from chatd.worker.history import History
 from chatd.worker.slots import KeyBusy, QueueFull, Slots
+from chatd.worker.stages import StageClock, Stages
 
 log = logging.getLogger("chatd.generation")
 
@@ -98,32 +100,40 @@ class Hub(Listeners):
         self.on_session_done: Callable[[str], None] | None = None
         self.history = History(store, cfg.sessions.history_turns, cfg.llm.system_prompt)
         self.stats = HubStats()
+        self.stages = Stages()  # where each message's time goes (chatd.worker.stages)
 
     # -- messages -------------------------------------------------------------------------
 
-    async def submit(self, session: str, msg: chat.Message, key: str = "") -> Appended:
+    async def submit(
+        self, session: str, msg: chat.Message, key: str = "", received: float | None = None
+    ) -> Appended:
         """Append a user message; start its generation unless it was already stored.
 
         ``key`` names the client it comes from (a hash of its token, or its address; never a
         secret): the master's slot queue serves clients round robin and bounds each one.
         Returns the append result; the caller sends the ``ack`` (only after this returned,
-        so only after the commit).
+        so only after the commit). ``received``: when the frame was handled
+        (``time.monotonic()``; now if not given), the start of the message's stages.
         """
         model = msg.model or self.cfg.llm.model
+        clock = StageClock(time.monotonic() if received is None else received)
         self._enter()
         try:
-            return await self._submit(session, msg, model, key)
+            return await self._submit(session, msg, model, key, clock)
         finally:
             self._leave()
 
-    async def _submit(self, session: str, msg: chat.Message, model: str, key: str) -> Appended:
+    async def _submit(
+        self, session: str, msg: chat.Message, model: str, key: str, clock: StageClock
+    ) -> Appended:
         appended = await self.store.append_user(session, msg.id, msg.text, model)
         if appended.duplicate:
             return appended
+        clock.committed = time.monotonic()
         self.stats.messages_total += 1
         # The history is read (on a cache miss) inside the task, so the ack is not delayed.
         history = self.history.cached(session, appended.seq, msg.text)
-        self._start(session, msg.id, model, history, (appended.seq, msg.text), key)
+        self._start(session, msg.id, model, history, (appended.seq, msg.text), key, clock)
         return appended
 
     def _start(
@@ -134,10 +144,14 @@ class Hub(Listeners):
         history: list[dict[str, str]] | None,
         turn: tuple[int, str],
         client: str = "",
+        clock: StageClock | None = None,
     ) -> None:
-        """``client``: the key of the slot request ("" for a takeover: nobody is connected)."""
+        """``client``: the key of the slot request ("" for a takeover: nobody is connected);
+        ``clock``: the message's stage times (None for a takeover: it was received elsewhere)."""
         key = (session, msg_id)
-        task = asyncio.create_task(self._generate(session, msg_id, model, history, turn, client))
+        task = asyncio.create_task(
+            self._generate(session, msg_id, model, history, turn, client, clock)
+        )
         self.running[key] = task
         self._enter()  # the task keeps the hub busy until it ends
         task.add_done_callback(lambda _t: self._finished(key))
@@ -248,6 +262,7 @@ class Hub(Listeners):
         messages: list[dict[str, str]] | None,
         turn: tuple[int, str],
         client: str,
+        clock: StageClock | None = None,
     ) -> None:
         """Steps 3-5 of a message: slot, stream, store the final event, publish it.
 
@@ -272,7 +287,7 @@ class Hub(Listeners):
             if messages is None:
                 messages = await self.history.load(session, *turn)
             reply = await self._attempts(
-                model, messages, on_token, on_notice, on_position, parts, client
+                model, messages, on_token, on_notice, on_position, parts, client, clock
             )
         except asyncio.CancelledError:
             if (session, msg_id) not in self._cancelled:
@@ -310,7 +325,7 @@ class Hub(Listeners):
                 session, msg_id, "internal", f"An internal error occurred (log reference {ref})."
             )
             return
-        await self._store_reply(session, msg_id, reply.text, reply.done_reason, t0, reply)
+        await self._store_reply(session, msg_id, reply.text, reply.done_reason, t0, reply, clock)
 
     async def _attempts(
         self,
@@ -321,13 +336,17 @@ class Hub(Listeners):
         on_position: Callable[[int], None],
         parts: list[str],
         client: str,
+        clock: StageClock | None = None,
     ) -> Reply:
         """Acquire a slot (for ``client``) and generate; retry elsewhere only before the first
-        token."""
+        token. ``clock.granted`` is set at each grant (so a retry's earlier attempts count as
+        queueing)."""
         failed: set[int] = set()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             exclude = frozenset(failed) if len(failed) < len(self.cfg.llm.backends) else frozenset()
             backend = await self.slots.acquire(on_position, exclude, client)
+            if clock is not None:
+                clock.granted = time.monotonic()
             try:
                 return await self.relay.generate(backend, model, messages, on_token, on_notice)
             except UpstreamError as exc:
@@ -352,19 +371,25 @@ class Hub(Listeners):
         done_reason: str,
         t0: float,
         reply: Reply | None,
+        clock: StageClock | None = None,
     ) -> None:
         total_ms = (time.monotonic() - t0) * 1000.0
-        stats = {
+        stats: dict[str, Any] = {
             "ttft_ms": round(reply.ttft_ms, 1) if reply else None,
             "total_ms": round(total_ms, 1),
             "tokens": reply.tokens if reply else None,
         }
+        if reply is not None and clock is not None:
+            stats["stages"] = self.stages.reply_stages(clock, reply.ttft_ms, reply.total_ms)
         meta = {"done_reason": done_reason, "stats": stats}
         self._finishing.add((session, msg_id))
+        storing = time.monotonic()
         try:
             appended = await self.store.append_final(session, msg_id, "reply", text, meta)
         finally:
             self._finishing.discard((session, msg_id))
+        stored = time.monotonic()
+        self.stages.observe("store_reply", stored - storing)
         self.history.reply(session, appended.seq, text)
         self._announce(session, appended.seq)
         self.stats.replies_total += 1
@@ -376,6 +401,11 @@ class Hub(Listeners):
             chat.reply_frame(msg_id, appended.seq, text, done_reason, stats),
             appended.seq,
             reply_to=msg_id,
+        )
+        # The outboxes flush at the end of this tick (their callbacks were queued first):
+        # this one runs after them, when the reply is in the subscribers' sockets.
+        asyncio.get_running_loop().call_soon(
+            lambda: self.stages.observe("publish", time.monotonic() - stored)
         )
 
     async def _store_error(self, session: str, msg_id: str, code: str, message: str) -> None:

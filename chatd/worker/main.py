@@ -161,6 +161,8 @@ class Worker:
         self._tasks.append(asyncio.create_task(self._prewarm()))
         self._tasks.append(asyncio.create_task(self.hub.run_leases()))
         self._tasks.append(asyncio.create_task(self.hub.run_sweeps()))
+        self._tasks.append(asyncio.create_task(self.hub.stages.watch_loop()))
+        self.hub.stages.watch_gc()
         self.link.send_ready()
         self.link.start_reporting(self.statistics, 1.0)
         log.info("worker %s serving (generation %d)", self.name, self.spec.generation)
@@ -235,6 +237,7 @@ class Worker:
             self.cfg, self.state, self.hub, self.store, self.slots, self.embed_slots
         )
         msg["http"] = self.api.stats.report()  # the Ollama/OpenAI APIs' (chatd.metrics_http)
+        msg["stages"] = self.hub.stages.report()  # where the time goes (chatd.metrics_stages)
         return msg
 
     # -- 4-6: stop ------------------------------------------------------------------------

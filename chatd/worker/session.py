@@ -268,7 +268,7 @@ async def _run(
                 continue
             try:
                 key = client_key(ws, state.auth_on)
-                appended = await state.hub.submit(conn.session, action, key)
+                appended = await state.hub.submit(conn.session, action, key, time.monotonic())
             except StoreError as exc:
                 # Not acknowledged: the client resends it, same id, once the store is back
                 # (the id makes a resend of a message that was stored after all harmless).

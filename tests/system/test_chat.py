@@ -97,7 +97,7 @@ def test_message_is_acked_streamed_replied_and_stored(chatd: Chatd, client: Clie
     # queued when the reply is stored is dropped, the reply carries it).
     assert expected.startswith("".join(tokens))
     assert reply["done_reason"] == "stop"
-    assert set(reply["stats"]) == {"ttft_ms", "total_ms", "tokens"}
+    assert set(reply["stats"]) == {"ttft_ms", "total_ms", "tokens", "stages"}
     assert rows(chatd.db, welcome["session"]) == [
         (1, "user", "m1", "hello there friend"),
         (2, "reply", "m1", expected),

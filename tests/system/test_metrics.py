@@ -209,8 +209,13 @@ def test_promtool_accepts_a_live_scrape(chatd: Chatd) -> None:
     (so that the histograms and the per-backend series have samples)."""
     c = Client(chatd.url)
     c.hello()
-    assert c.ask("p1", "hello promtool")[-1]["type"] == "reply"
+    reply = c.ask("p1", "hello promtool")[-1]
+    assert reply["type"] == "reply"
     c.close()
+    # Where the message's time went, in the reply and in /metrics (chatd.worker.stages).
+    stages = reply["stats"]["stages"]
+    assert set(stages) == {"commit_ms", "queue_ms", "first_token_ms", "stream_ms"}
+    assert all(v >= 0 for v in stages.values()) and stages["commit_ms"] > 0
     # And an API request, so that the chatd_http_* series have samples too.
     ollama.Client(host=chatd.http).chat(
         model="qwen2.5-coder:7b", messages=[{"role": "user", "content": "hello"}]
@@ -228,6 +233,14 @@ def test_promtool_accepts_a_live_scrape(chatd: Chatd) -> None:
         return families if any(lab == labels and v >= 1 for _, lab, v in rows) else None
 
     families = wait_for(api_chat_counted, 5, "the API request counted in /metrics")
+    counts = {
+        lab["stage"]: v
+        for n, lab, v in families["chatd_stage_seconds"].samples
+        if n.endswith("_count")
+    }
+    assert counts["commit"] >= 1 and counts["store_reply"] >= 1 and counts["publish"] >= 1
+    lag = families["chatd_event_loop_lag_seconds"].samples
+    assert next(v for n, _, v in lag if n.endswith("_count")) > 0
     ttft = families["chatd_http_time_to_first_token_seconds"].samples
     assert any(n.endswith("_count") and lab == {"api": "ollama"} and v >= 1 for n, lab, v in ttft)
     body = http_get(f"{chatd.http}/metrics")[2]

@@ -111,3 +111,25 @@ def test_throughput_counts_the_replies_of_the_window_not_its_edge() -> None:
     assert s["scheduled"] == 2000 and s["answered"] == 2000
     assert 1960 <= s["replies_in_window"] <= 1980
     assert 995.0 <= s["throughput_per_s"] <= 1000.0  # within the jitter at both ends
+
+
+def test_slowest_stages_attributes_the_slowest_replies_time() -> None:
+    from chatd.bench.stats import slowest_stages
+
+    # 100 replies of 10 ms spent in the stream, and 1 of 100 ms spent in the queue.
+    records = [(float(i), float(i), None, None, i + 0.010, None) for i in range(100)]
+    stages: list[tuple[float, float, float, float] | None] = [(1.0, 0.0, 1.0, 7.0)] * 100
+    records.append((100.0, 100.0, None, None, 100.1, None))
+    stages.append((1.0, 90.0, 1.0, 7.0))
+    records.append((101.0, 101.0, None, None, 101.5, None))  # said no stages: not counted
+    stages.append(None)
+    records.append((102.0, 102.0, None, None, None, None))  # lost
+    stages.append((1.0, 1.0, 1.0, 1.0))
+    s = slowest_stages(records, stages, 0.0, 200.0)
+    assert s is not None and (s["n"], s["of"]) == (2, 101)  # 1 % of 101, rounded up
+    assert s["queue_ms"] == 45.0  # the 100 ms reply and one 10 ms one
+    assert s["all"]["stream_ms"] == 7.0
+    assert s["all"]["send_lag_ms"] == 0.0
+    assert s["all"]["rest_ms"] == pytest.approx(s["all"]["reply_ms"] - 9.0 - s["all"]["queue_ms"])
+    assert slowest_stages(records, [None] * len(records), 0.0, 200.0) is None
+    assert slowest_stages(records, stages, 500.0, 600.0) is None  # nothing in the window
