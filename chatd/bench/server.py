@@ -356,4 +356,19 @@ def server_figures(status: dict[str, Any] | None) -> dict[str, Any]:
         "errors_by_code": totals.get("errors_by_code", {}),
         "queue": status.get("queue", {}),
         "server_latency_ms": totals.get("latency_ms"),
+        # The session store's write lock, as the workers saw it: batches that found it held
+        # (and were tried again) and their slowest commits.
+        "store": {
+            "busy_retries": sum(
+                int((w.get("store") or {}).get("busy_retries") or 0)
+                for w in status.get("workers", [])
+            ),
+            "commit_p99_ms": max(
+                (
+                    float((w.get("store") or {}).get("commit_p99_ms") or 0.0)
+                    for w in status.get("workers", [])
+                ),
+                default=0.0,
+            ),
+        },
     }
