@@ -36,6 +36,7 @@ from typing import ClassVar, cast
 
 from websockets.asyncio.server import ServerConnection
 
+from chatd.proto.httpapi import ApiError, ollama_error, openai_error
 from chatd.worker.httpconn import MAX_BODY, Handler, HttpConnection, Refuser
 
 
@@ -86,16 +87,18 @@ class Front:
             if left:
                 self.per_ip[conn.peer] = left
 
-    def refusal(self, peer: str) -> bytes | None:
-        """The answer for a new HTTP connection over a bound (503 or 429), or None."""
+    def refusal(self, peer: str, target: bytes = b"") -> bytes | None:
+        """The answer for a new HTTP connection over a bound (503 or 429), or None. For a
+        request of the Ollama or OpenAI API (``target``: its request target), in that API's
+        error shape, so its official clients read (and retry) it as their own."""
         if self.max_connections and len(self.http) + self._others() >= self.max_connections:
             text = "this worker is at its connection limit: retry later"
-            return _raw_response(503, "Service Unavailable", text, retry_after=5)
+            return _raw_response(503, "Service Unavailable", text, 5, _api_of(target))
         if self.max_per_ip:
             count = self.per_ip.get(peer, 0) + self._others_from(peer)
             if count >= self.max_per_ip:
                 text = f"too many connections from {peer}: retry later"
-                return _raw_response(429, "Too Many Requests", text, retry_after=5)
+                return _raw_response(429, "Too Many Requests", text, 5, _api_of(target))
         return None
 
     def close_http(self) -> None:
@@ -115,15 +118,35 @@ class Front:
             sniff.transport.abort()
 
 
-def _raw_response(status: int, reason: str, text: str, retry_after: int | None = None) -> bytes:
-    """A whole plain-text response that closes the connection (the front answers before any
-    HttpConnection exists)."""
-    body = f"{text}\n".encode()
-    extra = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
+def _api_of(target: bytes) -> str:
+    """Which API a request target belongs to: "openai", "ollama" or "" (none)."""
+    path = target.split(b"?", 1)[0].lstrip(b"/")
+    if path.startswith(b"v1/"):
+        return "openai"
+    return "ollama" if path.startswith(b"api/") else ""
+
+
+def _raw_response(
+    status: int, reason: str, text: str, retry_after: int | None = None, api: str = ""
+) -> bytes:
+    """A whole response that closes the connection (the front answers before any
+    HttpConnection exists): plain text, or the ``api``'s JSON error shape."""
+    if api:
+        kind = "rate_limited" if status == 429 else "busy" if status == 503 else "bad_request"
+        err = ApiError(kind, text, status=status)
+        body, ctype = (openai_error(err) if api == "openai" else ollama_error(err)), _JSON
+    else:
+        body, ctype = f"{text}\n".encode(), "text/plain; charset=utf-8"
+    extra = ""
+    if retry_after is not None:  # x-should-retry: the openai SDK retries on it
+        extra = f"Retry-After: {retry_after}\r\nx-should-retry: true\r\n"
     return (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n{extra}"
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n{extra}"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
+
+
+_JSON = "application/json"
 
 
 def _is_upgrade(head: bytes) -> bool:
@@ -193,7 +216,8 @@ class FrontConnection(ServerConnection):
             return
         front = self.front
         peer = transport.get_extra_info("peername")
-        refused = front.refusal(str(peer[0]) if isinstance(peer, tuple) and peer else "?")
+        target = buffered.split(b" ", 2)[1] if buffered.count(b" ") >= 2 else b""
+        refused = front.refusal(str(peer[0]) if isinstance(peer, tuple) and peer else "?", target)
         if refused is not None:
             transport.write(refused)
             transport.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -235,6 +236,17 @@ def test_http_connections_count_against_the_limits() -> None:
             held.append(w)
         answer = await blocking(lambda: raw(port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"))
         assert answer.startswith(b"HTTP/1.1 429 ") and b"Retry-After: 5" in answer
+        assert b"text/plain" in answer
+        # A request of an API gets the refusal in its API's shape, retryable.
+        openai = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = await blocking(lambda: raw(port, openai))
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 429 ") and b"x-should-retry: true" in head
+        assert json.loads(body)["error"]["type"] == "rate_limit_error"
+        answer = await blocking(lambda: raw(port, b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
+            "error": "too many connections from 127.0.0.1: retry later"
+        }
         for w in held:
             w.close()
 
