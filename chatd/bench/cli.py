@@ -6,6 +6,9 @@
     chatd-bench run real [--duration S] [--model-url URL] [--slots N] [--max-queue N] ...
     chatd-bench run fairness [--duration S] [--flood N] [--light N] [--reply-s S] [--phase P]
     chatd-bench run http [--duration S] [--paths ws ollama openai] [TARGET | --target URL]
+    chatd-bench run max [--step R] [--start R] [--conns N] [--duration S] [TARGET]
+    chatd-bench run capacity [--conns USERS] [--msgs-per-min M] [--headroom H]
+                             [--real-result PATH] [--duration S] [TARGET]
     chatd-bench seed-report [--duration S] [--out DIR] [--procs P] [--plots] [TARGET]
 
 TARGET: nothing (start an own fake Ollama and chatd with ``--workers`` workers), or ``--url
@@ -14,7 +17,10 @@ fake-only knobs of the failure scenarios, and for the direct baseline). ``real``
 model, :mod:`chatd.bench.realmodel`) starts its own model and chatd, and is not part of the
 seed report; nor are ``fairness`` (:mod:`chatd.bench.fairness`: a chatd of its own per phase,
 or ``--target URL``) and ``http`` (:mod:`chatd.bench.httpapi`: ``/ws`` and the HTTP APIs of
-TARGET, or only the HTTP APIs of ``--target URL``, e.g. the fake Ollama's). ``run --out
+TARGET, or only the HTTP APIs of ``--target URL``, e.g. the fake Ollama's). ``capacity``
+(:mod:`chatd.bench.capacity`: chatd's costs per connection and per message, and the seed's
+deployment tiers derived from them) is the seed report's first scenario: it wants a fresh
+chatd. ``run --out
 DIR`` also writes ``NAME.json`` and ``NAME.md`` there (and with ``--plots`` the PNGs of the
 load scenarios); ``--profile DIR``: a py-spy profile of one worker (:mod:`chatd.bench.pyspy`),
 its summary printed after the table.
@@ -29,7 +35,16 @@ from pathlib import Path
 from typing import Any
 
 from chatd import __version__
-from chatd.bench import fairness, httpapi, longrun, pyspy, realmodel, report, scenarios
+from chatd.bench import (
+    capacity,
+    fairness,
+    httpapi,
+    longrun,
+    pyspy,
+    realmodel,
+    report,
+    scenarios,
+)
 from chatd.bench.server import OwnChatd, Target
 
 
@@ -47,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one scenario and print its table")
     run.add_argument(
-        "scenario", choices=[*scenarios.SCENARIOS, "real", *longrun.NAMES, "fairness", "http"]
+        "scenario",
+        choices=[*scenarios.SCENARIOS, "real", *longrun.NAMES, capacity.NAME, "fairness", "http"],
     )
     run.add_argument("--json", action="store_true", help="print the figures as JSON")
     run.add_argument("--out", type=Path, help="also write NAME.json and NAME.md into DIR")
@@ -81,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sp.add_argument("--no-direct", action="store_true", help="skip the direct baseline")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
         longrun.add_arguments(sp)
+        capacity.add_arguments(sp)
     return p.parse_args(argv)
 
 
@@ -98,12 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         return _emit(args, res)
     if args.command == "run" and args.scenario == "http" and args.target:
         return _emit(args, httpapi.run_http(None, _http_params(args), args.target, progress))
+    real = capacity.read_real(args.real_result)  # before anything starts: a bad path fails fast
     target = _target(args)
     try:
         if args.command == "run" and args.scenario == "http":
             return _emit(args, httpapi.run_http(target, _http_params(args), None, progress))
         if args.command == "run" and args.scenario in longrun.NAMES:
             return _emit(args, longrun.run(args.scenario, target, args, progress, args.duration))
+        if args.command == "run" and args.scenario == capacity.NAME:
+            cap = capacity.params_from(args, args.duration)
+            return _emit(args, capacity.run_capacity(target, cap, args.procs, progress, real))
         if args.command == "run":
             res = scenarios.run_scenario(
                 args.scenario,
@@ -115,10 +136,17 @@ def main(argv: list[str] | None = None) -> int:
                 profile=args.profile,
             )
             return _emit(args, res)
-        names = args.only or list(scenarios.SCENARIOS)
+        names = args.only or [capacity.NAME, *scenarios.SCENARIOS]
+        # capacity first: it measures what connections cost on a chatd no load has grown yet
+        names = sorted(names, key=lambda n: n != capacity.NAME)
         duration = 3.0 if args.duration is None else args.duration
         results = []
         for name in names:
+            if name == capacity.NAME:
+                cap = capacity.params_from(args, duration)
+                print(f"chatd-bench: {name} ({cap.window():g} s)", file=sys.stderr)
+                results.append(capacity.run_capacity(target, cap, args.procs, progress, real))
+                continue
             print(f"chatd-bench: {name} ({duration:g} s)", file=sys.stderr)
             if name in longrun.NAMES:
                 results.append(longrun.run(name, target, args, progress, duration))
@@ -134,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.plots:
             from chatd.bench import plots
 
-            paths += plots.write([r for r in results if r["name"] not in longrun.NAMES], out)
+            loads = [r for r in results if "chatd" in r and r["name"] not in longrun.NAMES]
+            paths += plots.write(loads, out)
         for path in paths:
             print(path)
         return 0

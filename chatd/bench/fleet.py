@@ -17,6 +17,7 @@ import os
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -98,9 +99,15 @@ class Run:
         return sum(p.value for p in self.progress)
 
 
-def start(jobs: list[LoadJob], ready_timeout: float = 90.0) -> Run:
+def start(
+    jobs: list[LoadJob],
+    ready_timeout: float = 90.0,
+    before_go: Callable[[], None] | None = None,
+) -> Run:
     """Fork one client process per job, wait until all are connected, then start them all
-    together 0.3 s later (the run's time 0 is that wall-clock instant)."""
+    together 0.3 s later (the run's time 0 is that wall-clock instant). ``before_go`` is
+    called once every connection is open (each after hello -> welcome) and before the first
+    message: the connections are held idle while it runs."""
     ctx = mp.get_context("fork")
     run = Run([], [])
     for job in jobs:
@@ -114,6 +121,8 @@ def start(jobs: list[LoadJob], ready_timeout: float = 90.0) -> Run:
     try:
         for _, pipe in run.procs:
             expect(pipe, "ready", ready_timeout)
+        if before_go is not None:
+            before_go()
         run.start_wall = time.time() + 0.3
         for _, pipe in run.procs:
             pipe.send(("go", run.start_wall))

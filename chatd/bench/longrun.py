@@ -26,14 +26,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--conns",
         type=int,
-        help="connections: max 100 (default), idle 1,000 (default); 10,000 works",
+        help="connections: max 100 (default), idle 1,000 (default; 10,000 works), "
+        "capacity: users, 1,000 (default)",
     )
-    p.add_argument("--step", type=float, default=500.0, help="max: msg/s between steps (500)")
+    p.add_argument(
+        "--step",
+        type=_positive,
+        default=500.0,
+        help="max: msg/s between steps (default 500; any positive rate, e.g. 250 for finer "
+        "bounds on the sustained rate and the ratios)",
+    )
+    p.add_argument(
+        "--start",
+        type=_positive,
+        help="max: the first step's rate in msg/s (default: --step); e.g. --step 250 "
+        "--start 1500 to skip the low steps",
+    )
     p.add_argument(
         "--bare-workers",
         type=int,
         help="the bare relay's workers (default: --workers for the own chatd, else 2)",
     )
+
+
+def _positive(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive rate: {text!r}")
+    return x
 
 
 def run(
@@ -47,11 +70,11 @@ def run(
     base = maxrate.MaxParams()
     params = maxrate.MaxParams(
         connections=base.connections if args.conns is None else args.conns,
-        start=args.step,
+        start=args.step if args.start is None else args.start,
         step=args.step,
         duration=base.duration if duration is None else duration,
     )
-    return maxrate.run_max(target, params, args.procs, progress, bare)
+    return maxrate.run_max(target, params, args.procs, progress, bare, not args.no_direct)
 
 
 def markdown(r: dict[str, Any]) -> str:

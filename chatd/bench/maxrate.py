@@ -16,8 +16,15 @@ shared machine must not end a target's search). Per step: p50/p99, the rate achi
 the **CPU per message** of the relay's worker processes (their CPU seconds in the measured
 window / replies received in it; chatd's workers from its status, the bare relay's from its
 own pids), of the fake, and of the client processes in % of a core (they share the
-machine's cores with what is measured).
-``ratios``: chatd's sustained rate / the bare relay's, and / direct's.
+machine's cores with what is measured); for chatd also its master's CPU per message, and the
+stage breakdown of its slowest 1 % of replies (:func:`chatd.bench.stats.slowest_stages` over
+the step's records and the stages its replies reported).
+
+``ratios``: chatd's sustained rate / the bare relay's, and / direct's (the point ratio).
+With steps of ``step`` msg/s a target's true sustained rate is only known to lie in
+``[sustained, first failing)``, so the true ratio lies between ``chatd's sustained / the
+other's first failing`` and ``chatd's first failing / the other's sustained``
+(:func:`ratio_interval`, ``ratio_intervals``); finer steps (``--step 250``) narrow it.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from chatd.bench import scenarios, server
+from chatd.bench import report, scenarios, server
 from chatd.bench import stats as st
 from chatd.bench.bare import BareRelay
 from chatd.bench.scenarios import Scenario
@@ -127,6 +134,36 @@ def search(
     }
 
 
+def ratio_interval(
+    num_sustained: float | None,
+    num_failing: float | None,
+    den_sustained: float | None,
+    den_failing: float | None,
+) -> tuple[float | None, float | None]:
+    """The bounds of ``true rate of A / true rate of B`` when each true sustained rate is only
+    known to the step: A's lies in ``[num_sustained, num_failing)``, B's in ``[den_sustained,
+    den_failing)``. Low bound ``num_sustained / den_failing``, high bound ``num_failing /
+    den_sustained`` (neither reached: the true rates lie below the failing ones).
+
+    A target that failed its first step (sustained None) sustains somewhere in ``[0, its
+    first failing)``; one that passed every step up to the cap (failing None) has no upper
+    bound. So: A failed its first step -> low 0; B never failed -> low None (unknown: B
+    could be arbitrarily fast); A never failed or B failed its first step -> high None
+    (unbounded). Rounded to 0.001.
+    """
+    if num_sustained is None:
+        low: float | None = 0.0
+    elif den_failing is None or den_failing <= 0:
+        low = None
+    else:
+        low = round(num_sustained / den_failing, 3)
+    if num_failing is None or den_sustained is None or den_sustained <= 0:
+        high = None
+    else:
+        high = round(num_failing / den_sustained, 3)
+    return low, high
+
+
 def run_step(
     kind: str, target: Target, url: str, rate: float, p: MaxParams, procs: int, progress: bool
 ) -> dict[str, Any]:
@@ -138,6 +175,7 @@ def run_step(
     s = scenarios.summarize(res.records, p.warmup, p.duration)
     replies = s["replies_in_window"]
     workers = sum(v for k, v in cpu.items() if k.startswith("worker"))
+    master = cpu.get("master") if kind == "chatd" else None
     clients = sum(v for k, v in cpu.items() if k.startswith("client"))
     errors = s["errors"] | {
         "bad_reply": res.bad_reply,
@@ -153,10 +191,14 @@ def run_step(
         "errors": errors,
         "send_lag_p99_ms": s["send_lag_ms"].get("p99"),
         "worker_cpu_us_per_msg": st.per_message_us(workers, replies) if mode == "raw" else None,
+        "master_cpu_us_per_msg": None if master is None else st.per_message_us(master, replies),
         "workers_pct_of_core": round(100 * workers / p.duration, 1),
         "fake_cpu_us_per_msg": st.per_message_us(cpu["fake"], replies) if "fake" in cpu else None,
         "clients_pct_of_core": round(100 * clients / p.duration, 1),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
+        # Where the slowest 1 % of the replies' time went (chatd's replies say their stages;
+        # the bare relay's and direct's do not: None).
+        "slowest": st.slowest_stages(res.records, res.stages, p.warmup, p.warmup + p.duration),
     }
 
 
@@ -166,11 +208,13 @@ def run_max(
     procs: int = 2,
     progress: bool = False,
     bare_workers: int = 2,
+    direct: bool = True,
 ) -> dict[str, Any]:
     """The whole scenario: the search for each target, then the ratios (JSON-ready).
 
     The bare relay and the direct baseline need the backend's URL (``target.fake_url``);
-    without it only chatd is searched. The fake's delay knobs are set to zero first.
+    without it only chatd is searched; ``direct`` False skips the direct baseline. The fake's
+    delay knobs are set to zero first.
     """
     p = params or MaxParams()
     fake = target.fake_url
@@ -185,12 +229,14 @@ def run_max(
         "workers": {"chatd": len(target.worker_pids()), "bare": bare_workers},
         "targets": {},
     }
-    for kind in KINDS if fake else ("chatd",):
+    kinds = [k for k in KINDS if fake and (direct or k != "direct")] or ["chatd"]
+    for kind in kinds:
         out["targets"][kind] = _search_one(kind, target, p, procs, progress, bare_workers)
     sustained = {k: v["sustained_rate"] for k, v in out["targets"].items()}
     out["ratios"] = {
         f"chatd/{k}": _ratio(sustained.get("chatd"), sustained.get(k)) for k in ("bare", "direct")
     }
+    out["ratio_intervals"] = intervals(out["targets"])
     out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
@@ -210,6 +256,45 @@ def _search_one(
         return search(rates(p), lambda r: run_step(kind, bare, bare.url, r, p, procs, progress))
     finally:
         bare.stop()
+
+
+def failing_rate(t: dict[str, Any]) -> float | None:
+    """A target's first failing rate (None when every step passed)."""
+    bad = t.get("first_failing")
+    return None if not bad else float(bad["rate"])
+
+
+def intervals(targets: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``chatd/bare`` and ``chatd/direct``: the :func:`ratio_interval` of each searched pair,
+    as ``{"low": …, "high": …}``."""
+    out: dict[str, dict[str, float | None]] = {}
+    c = targets.get("chatd")
+    for k in ("bare", "direct"):
+        o = targets.get(k)
+        if c is None or o is None:
+            continue
+        low, high = ratio_interval(
+            c["sustained_rate"], failing_rate(c), o["sustained_rate"], failing_rate(o)
+        )
+        out[f"chatd/{k}"] = {"low": low, "high": high}
+    return out
+
+
+def interval_text(iv: dict[str, float | None] | None, other: str) -> str:
+    """An interval in words: ``between 0.67 and 1.00``, or which bound is unknown and why."""
+    if not iv:
+        return "–"
+    low, high = iv.get("low"), iv.get("high")
+    if low is not None and high is not None:
+        return f"between {low:.2f} and {high:.2f}"
+    if low is not None:
+        return (
+            f"at least {low:.2f} (no upper bound: chatd passed every step, or the {other} "
+            "failed its first)"
+        )
+    if high is not None:
+        return f"at most {high:.2f} (no lower bound: the {other} passed every step)"
+    return "unbounded (no failing step on one side, no passing step on the other)"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -254,15 +339,29 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {_v(best.get('worker_cpu_us_per_msg'), ' µs')} "
             f"| {_v(bad.get('rate'), ' msg/s')} | {bad.get('why') or 'none up to the cap'} |"
         )
-    ratios = r["ratios"]
+    ratios, ivs = r["ratios"], r.get("ratio_intervals") or {}
+    lines.append("")
+    for k, other, who in (("bare", "bare relay", "bare relay"), ("direct", "direct", "backend")):
+        if k not in r["targets"]:
+            continue
+        lines.append(
+            f"- chatd / {other}: {_v(ratios.get(f'chatd/{k}'), '', 2)} (sustained / sustained); "
+            f"the true ratio lies {interval_text(ivs.get(f'chatd/{k}'), who)}"
+        )
+    if ivs:
+        lines.append(
+            f"- With steps of {p['step']:g} msg/s a sustained rate is known only to the step: the "
+            "true one lies between the last passing step and the first failing one, so the ratio "
+            "lies between chatd's sustained / the other's first failing and chatd's first "
+            "failing / the other's sustained (if a rate above a failing one fails too, and each "
+            "step's verdict holds: a failing rate is run twice, a lucky pass is not checked)"
+        )
+    lines += _slowest_lines(r)
     lines += [
         "",
-        f"- chatd / bare relay: {_v(ratios.get('chatd/bare'), '', 2)}; "
-        f"chatd / direct: {_v(ratios.get('chatd/direct'), '', 2)}",
-        "",
         "| target | offered | achieved | reply p50 / p99 (ms) | errors | worker CPU / msg "
-        "| fake CPU / msg | clients CPU | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| master CPU / msg | fake CPU / msg | clients CPU | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, t in r["targets"].items():
         for s in t["steps"]:
@@ -271,7 +370,23 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {LABELS[kind]} | {_v(s['rate'])} | {_v(s['achieved_per_s'], '', 1)} "
                 f"| {_v(lat.get('p50'), '', 2)} / {_v(lat.get('p99'), '', 2)} "
                 f"| {s['errors']['total']} | {_v(s['worker_cpu_us_per_msg'], ' µs')} "
+                f"| {_v(s.get('master_cpu_us_per_msg'), ' µs')} "
                 f"| {_v(s['fake_cpu_us_per_msg'], ' µs')} | {_v(s['clients_pct_of_core'], ' %')} "
                 f"| {'ok' if s['ok'] else s['why']} |"
             )
     return "\n".join([*lines, ""])
+
+
+def _slowest_lines(r: dict[str, Any]) -> list[str]:
+    """chatd at its sustained step: where the slowest 1 % of its replies' time went."""
+    c = r["targets"].get("chatd")
+    if c is None:
+        return []
+    best = c.get("at_sustained")
+    if not best:
+        return ["- chatd sustained no step: no stage breakdown at a sustained rate"]
+    slow = best.get("slowest")
+    head = f"- chatd at its sustained rate ({_v(best['rate'], ' msg/s')}):"
+    if not slow:
+        return [f"{head} its replies reported no stages"]
+    return [head, "  " + report.slowest_line(slow)]

@@ -128,6 +128,10 @@ def scenario_markdown(r: dict[str, Any]) -> str:
         from chatd.bench.httpapi import markdown as http_markdown
 
         return http_markdown(r)
+    if r["name"] == "capacity":
+        from chatd.bench.capacity import markdown as capacity_markdown
+
+        return capacity_markdown(r)
     p = r["params"]
     lines = [f"### {r['title']}", ""]
     lines += [
@@ -346,6 +350,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["## Against the bare relay: highest sustained rate, idle connections", ""]
         lines += [scenario_markdown(r) for r in long]
     lines += _distribution(by) + _characteristics(by)
+    if "capacity" in by:
+        lines += ["## Capacity analysis", "", scenario_markdown(by["capacity"])]
     lines += ["## Comparison with requirements", ""]
     lines += ["| Requirement | Target | Achieved | Status |", "|---|---|---|---|"]
     for row in doc["requirements"]:

@@ -170,13 +170,16 @@ def run_load(
     sampler: _Sampler | None = None,
     progress: bool = False,
     drop_at: float | None = None,
+    before_go: Callable[[], None] | None = None,
 ) -> tuple[LoadResult, dict[str, float]]:
     """One load run with ``actions`` at given times (s from the start) in this process;
-    returns the merged result and CPU seconds used in the measured window per process."""
+    returns the merged result and CPU seconds used in the measured window per process.
+    ``before_go``: called with every connection open and idle, before the first message
+    (:func:`chatd.bench.fleet.start`)."""
     jobs = fleet.split(mode, url, sc.connections, procs, sc.rate, window)
     for j in jobs:
         j.drop_at, j.drop_fraction = drop_at, 0.1
-    run = fleet.start(jobs)
+    run = fleet.start(jobs, before_go=before_go)
     warmup, duration, drain = window
     watched = dict(server.chatd_pids(target.status() or {})) if mode != "direct" else {}
     if target.fake_pid:

@@ -91,9 +91,20 @@ def test_max_smoke(chatd: OwnChatd) -> None:
             assert first["why"] and t["sustained_rate"] is None
         cpu = first["worker_cpu_us_per_msg"]
         assert (cpu is None) if kind == "direct" else (cpu is None or cpu >= 0)
+        master = first["master_cpu_us_per_msg"]
+        assert (master is None) if kind != "chatd" else (master is None or master >= 0)
+        # only chatd's replies say their stages (the slowest 1 % breakdown)
+        slow = first["slowest"]
+        if kind != "chatd":
+            assert slow is None
+        elif first["answered"]:
+            assert slow is not None and slow["n"] >= 1 and slow["of"] >= slow["n"]
     ratios = r["ratios"]
     assert set(ratios) == {"chatd/bare", "chatd/direct"}
     assert all(x is None or x > 0 for x in ratios.values())
+    assert set(r["ratio_intervals"]) == {"chatd/bare", "chatd/direct"}
+    for iv in r["ratio_intervals"].values():
+        assert iv["low"] is None or iv["high"] is None or iv["low"] <= iv["high"]
     md = report.scenario_markdown(r)
     for text in (
         "### Highest sustained rate",
