@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests use (installed only when missing; needs root or sudo).
-DEBS   := redis-server chromium shellcheck prometheus nginx-light nodejs
+# podman, runc, mmdebstrap: tests/system/test_container.py builds and runs chatd's image with
+# no daemon and no registry (a bookworm base made by mmdebstrap); runc because podman's default
+# crun (1.8) refuses hosts with a hybrid cgroup v1/v2 layout, as this kind of machine has.
+DEBS   := redis-server chromium shellcheck prometheus nginx-light nodejs podman runc mmdebstrap
 
-.PHONY: run test install lint typecheck unit fuzz clean
+.PHONY: run test install lint typecheck unit fuzz clean k8s-rules
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +52,10 @@ test: install
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit/proto \
 		--cov=chatd.proto --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=100
 	$(BIN)/pytest -q -p no:cacheprovider --timeout=300 --durations=15 tests
+
+# deploy/k8s's PrometheusRule is generated from the alert rules (a test checks they agree).
+k8s-rules: install
+	$(BIN)/python scripts/prometheusrule.py > deploy/k8s/components/monitoring/prometheusrule.yaml
 
 # Coverage-guided fuzzing of the parsers (atheris, libFuzzer), FUZZ_SECONDS each (default 60);
 # not part of `make test`. The seeds are fuzz/corpus/TARGET/; what a run finds goes to

@@ -53,6 +53,15 @@ class ServerConfig:
         default=30.0,
         metadata=_doc("seconds a draining worker may take to finish replies", positive),
     )
+    shutdown_delay: float = field(
+        default=0.0,
+        metadata=_doc(
+            "seconds between SIGTERM and the drain: /healthz and /readyz answer 503 while "
+            "chatd keeps serving, so load balancers that probe the pods take this one out "
+            "first; 0 = drain at once",
+            at_least(0),
+        ),
+    )
     worker_timeout: float = field(
         default=30.0,
         metadata=_doc(

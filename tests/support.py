@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 FACTOR = float(os.environ.get("CHATD_TESTS_TIMEOUT_FACTOR", "1"))
@@ -276,6 +278,34 @@ class Client:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.ws.close()
+
+
+class Reader(threading.Thread):
+    """Reads a :class:`Client`'s frames into ``frames`` as they come, until the connection
+    closes, as a real client does. A client that stops reading stalls websockets' reader (its
+    queue fills), so it would not answer the server's close and a drain would wait for it."""
+
+    def __init__(self, client: Client, frames: list[dict[str, Any]]) -> None:
+        super().__init__(daemon=True)
+        self.client, self.frames = client, frames
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.frames.append(self.client.recv(3600))
+            except (ConnectionClosed, TimeoutError):
+                return
+
+    def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> None:
+        """Until a frame received so far satisfies ``pred``."""
+        wait_for(lambda: any(pred(f) for f in list(self.frames)), timeout, what)
+
+    def closed(self, timeout: float) -> int | None:
+        """The close code the server sent, once the connection has closed."""
+        self.join(t(timeout))
+        assert not self.is_alive(), "the connection is still open"
+        return self.client.ws.close_code
 
 
 def fake_config(fake_url: str, **knobs: Any) -> Any:

@@ -14,7 +14,8 @@ socket`` (``--config``, or ``/etc/chatd/chatd.toml`` when it exists), else
 ``--timeout S`` means one thing wherever it is written, before or after the command: the
 longest chatctl waits for the whole command, from connecting to its end (given twice, the
 last one counts). Without it: ``status`` 10 s, ``reload`` 120 s, ``scale`` 30 s, ``stop`` 10 s
-for the master's answer, then its ``graceful_timeout`` plus 15 s for it to exit.
+for the master's answer, then its ``shutdown_delay`` + ``graceful_timeout`` + 15 s for it
+to exit.
 
 What each command waits for, and its exit codes (LSB: ``status`` as ``systemctl status``,
 the others as init scripts):
@@ -239,7 +240,8 @@ def _reload(conn: Connection, args: argparse.Namespace) -> int:
 def _stop(conn: Connection, args: argparse.Namespace) -> int:
     data = _answer(conn, {proto.T: proto.STOP}, ExitCode.FAILURE)
     pid = int(data.get("pid") or 0)
-    graceful = float(data.get("graceful_timeout") or 30.0)
+    # The drain starts after the master's shutdown_delay (absent from older masters: 0).
+    graceful = float(data.get("graceful_timeout") or 30.0) + float(data.get("shutdown_delay") or 0)
     if args.timeout is not None:
         deadline = conn.deadline
     else:
@@ -287,7 +289,7 @@ TIMEOUT_HELP = (
     "wherever --timeout is written (before or after the command; given twice, the last one "
     "counts). "
     "Default: status 10, reload 120, scale 30; stop 10 for the master's answer, then its "
-    "graceful_timeout + 15 for it to exit"
+    "shutdown_delay + graceful_timeout + 15 for it to exit"
 )
 
 

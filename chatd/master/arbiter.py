@@ -309,9 +309,12 @@ class Master:
     def _begin_stop(self, *, graceful: bool) -> None:
         """Start a graceful (drain) or a fast stop (:mod:`chatd.master.shutdown` has the steps)."""
         assert self._shutdown is not None
-        graceful_timeout = self.cfg.server.graceful_timeout
+        server = self.cfg.server
         if not self._shutdown.begin(
-            graceful=graceful, graceful_timeout=graceful_timeout, now=time.monotonic()
+            graceful=graceful,
+            graceful_timeout=server.graceful_timeout,
+            now=time.monotonic(),
+            delay=server.shutdown_delay,
         ):
             return
         if self.state != "stopping":

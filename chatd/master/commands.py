@@ -7,9 +7,10 @@ chatctl's commands (``{"t": ...}`` requests, see :mod:`chatd.proto.control`):
   finished, with ``{"generation", "message"}`` or one error sentence;
 * ``scale {workers: N}``: answered at once (the new workers start in the background);
   refused while a reload or a recycle runs;
-* ``stop``: answered at once with ``{"pid", "graceful_timeout"}``, then the graceful stop
-  starts; the connection stays open until the master exits (it is exempt from the control
-  server's idle timeout), so the caller can wait for EOF.
+* ``stop``: answered at once with ``{"pid", "graceful_timeout", "shutdown_delay"}``, then
+  the graceful stop starts (after the pre-drain of ``shutdown_delay`` seconds, if any); the
+  connection stays open until the master exits (it is exempt from the control server's idle
+  timeout), so the caller can wait for EOF.
 
 :func:`status_line` is the one-liner for systemd's ``STATUS=``.
 """
@@ -65,9 +66,10 @@ def handlers(master: Master) -> Commands:
         request.ok({"workers": count, "message": text})
 
     def stop(request: Request) -> None:
-        graceful = master.cfg.server.graceful_timeout
+        server = master.cfg.server
         request.hold()  # the caller waits for EOF: the master has exited
-        request.ok({"pid": os.getpid(), "graceful_timeout": graceful})
+        answer = {"pid": os.getpid(), "graceful_timeout": server.graceful_timeout}
+        request.ok({**answer, "shutdown_delay": server.shutdown_delay})
         master.handle_term()
 
     table = {proto.STATUS: status, proto.RELOAD: reload, proto.SCALE: scale, proto.STOP: stop}

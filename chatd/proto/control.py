@@ -73,6 +73,9 @@ DRAINING = "draining"
 # master -> worker
 DRAIN = "drain"
 STOP = "stop"
+# {}: the daemon drains in [server] shutdown_delay seconds; until then answer 503 on /healthz
+# and /readyz and go on serving (a load balancer probing the pods takes this one out first).
+PREDRAIN = "predrain"
 # chatctl -> master (and the replies, which repeat the request's type)
 STATUS = "status"
 RELOAD = "reload"

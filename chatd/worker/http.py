@@ -2,13 +2,15 @@
 
 websockets calls :meth:`HttpEndpoints.process_request` before each opening handshake, and the
 front's plain HTTP connections call :meth:`HttpEndpoints.serve_http` for every other request
-(:mod:`chatd.worker.front`), which gives the same answers. It answers ``/healthz``,
-``/readyz``, ``/metrics`` (the whole daemon's, from the master: see :mod:`chatd.metrics`; 503
-when the master does not answer in time) and the chat page (``/chat/``, and ``/`` for a
-browser) itself, hands the Ollama/OpenAI APIs (``/``, ``/api/...``, ``/v1/...``) to
-:mod:`chatd.worker.api`, and for ``/ws``
-checks, in this order: the worker is not over ``max_connections`` (HTTP 503 with
-``Retry-After``), the origin is allowed (403), the auth token is valid (401). With ``[server]
+(:mod:`chatd.worker.front`), which gives the same answers. It answers ``/healthz`` (this
+worker serves: 503 while it drains or pre-drains), ``/readyz`` (it can answer chat: a backend
+and the store work; 503 while it pre-drains, too), ``/livez`` (its loop and the master's both
+answer: the liveness probe), ``/metrics`` (the whole daemon's, from the master: see
+:mod:`chatd.metrics`; 503 when the master does not answer in time) and the chat page
+(``/chat/``, and ``/`` for a browser) itself, hands the Ollama/OpenAI APIs (``/``,
+``/api/...``, ``/v1/...``) to :mod:`chatd.worker.api`, and for ``/ws`` checks, in this order:
+the worker is not over ``max_connections`` (HTTP 503 with ``Retry-After``), the origin is
+allowed (403), the auth token is valid (401). With ``[server]
 metrics_token``, ``/metrics`` answers 401 (and ``WWW-Authenticate: Bearer``) to a request
 without that bearer token. Anything else is a 404.
 """
@@ -65,6 +67,7 @@ class HttpEndpoints:
     serving: Callable[[], bool]  # False while draining
     connections: Callable[[], int]
     metrics: Callable[[], Awaitable[str | None]] | None = None  # the /metrics text, or None
+    alive: Callable[[], Awaitable[tuple[bool, str]]] | None = None  # the master answers
     per_ip: Callable[[str], int] = lambda _ip: 0  # this worker's open connections from an IP
     worker_name: str = ""  # "slot/pid", in the X-Chatd-Worker header of /metrics
     api: ApiRouter | None = None  # the Ollama/OpenAI APIs (chatd.worker.api)
@@ -81,8 +84,9 @@ class HttpEndpoints:
     ) -> Response | Awaitable[Response] | None:
         """websockets' hook: a Response ends the request; None continues the handshake.
 
-        Only ``/metrics`` answers asynchronously (websockets awaits what it gets): it waits
-        for the master, and the other paths stay free of a coroutine per request.
+        Only ``/metrics`` and ``/livez`` answer asynchronously (websockets awaits what it
+        gets): they wait for the master, and the other paths stay free of a coroutine per
+        request.
 
         Every request first: headers over ``max_header_bytes`` in all get 431 (more than
         ``max_header_count`` lines never get this far: websockets' parser answers 431 itself,
@@ -104,6 +108,8 @@ class HttpEndpoints:
             if self.serving():
                 return _text(200, "OK", "ok\n")
             return _text(503, "Service Unavailable", "draining\n")
+        if path == "/livez":
+            return self._livez()
         if path == "/readyz":
             ok, reason = self.ready()
             if ok:
@@ -170,6 +176,12 @@ class HttpEndpoints:
         body = (text + "\n").encode()
         headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
         await responder.send(status, headers, body)
+
+    async def _livez(self) -> Response:
+        ok, reason = await self.alive() if self.alive is not None else (True, "")
+        if ok:
+            return _text(200, "OK", "alive\n")
+        return _text(503, "Service Unavailable", f"{reason}\n")
 
     async def _metrics(self) -> Response:
         text = await self.metrics() if self.metrics is not None else None

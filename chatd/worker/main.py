@@ -10,7 +10,8 @@ Life of a worker:
 2. serve ``/ws`` and the HTTP endpoints on the inherited listening socket;
 3. tell the master it is ready, then report stats every second from the event loop (the
    heartbeat: a blocked loop stops it);
-4. on ``drain`` (master order or SIGTERM): see :meth:`Worker.drain`;
+4. on ``predrain`` (the master's ``shutdown_delay``): answer 503 on ``/healthz`` and
+   ``/readyz``, serve on; on ``drain`` (master order or SIGTERM): see :meth:`Worker.drain`;
 5. on SIGINT/SIGQUIT: close everything at once and exit;
 6. when the master is gone (its link closes): drain and exit.
 """
@@ -57,6 +58,7 @@ HEALTH_INTERVAL = 5.0  # seconds between backend health checks (1 s while one is
 STORE_PROBE_S = 1.0  # seconds between two probes of an unavailable session store
 STORE_PROBE_HEALTHY_S = 5.0  # seconds between two probes of a working one
 METRICS_WAIT = 2.0  # seconds /metrics waits for the master's figures before answering 503
+LIVEZ_WAIT = 2.0  # seconds /livez waits for the master's answer before answering 503
 
 
 class Worker:
@@ -98,6 +100,7 @@ class Worker:
         self.front: Front | None = None  # the plain HTTP side of the port
         self._stop = asyncio.Event()
         self._fast = False
+        self.predrain = False  # the master said ``predrain``: /healthz, /readyz answer 503
         self._tasks: list[asyncio.Task[Any]] = []
         self._proc = psutil.Process()
         self.started = time.monotonic()
@@ -115,7 +118,8 @@ class Worker:
         endpoints = HttpEndpoints(
             self.cfg,
             ready=self._ready,
-            serving=lambda: not self.state.draining,
+            serving=lambda: not (self.state.draining or self.predrain),
+            alive=self._alive,
             connections=lambda: len(self.state.connections) + len(front.http),
             metrics=self._metrics,
             worker_name=self.name,
@@ -177,6 +181,8 @@ class Worker:
         await serve_connection(ws, self.state)
 
     def _ready(self) -> tuple[bool, str]:
+        if self.predrain:
+            return False, "the daemon is stopping (shutdown_delay): serving until it drains"
         health = self.store.health
         if not health.healthy:
             return False, f"the session store is unavailable: {health.last_error}"
@@ -217,6 +223,16 @@ class Worker:
                 self.embed_slots.set_healthy(i, ok)
             await asyncio.sleep(HEALTH_INTERVAL if all(self.slots.healthy) else 1.0)
 
+    async def _alive(self) -> tuple[bool, str]:
+        """For ``/livez``: this worker's loop answers (it runs this) and so does the master's:
+        one round trip over the link (the metrics request, which the master answers from its
+        loop), so a hung or stopped master fails the probe."""
+        try:
+            await self.link.request({proto.T: proto.METRICS_REQUEST}, proto.METRICS, LIVEZ_WAIT)
+        except (TimeoutError, ConnectionError) as exc:
+            return False, f"the master did not answer within {LIVEZ_WAIT:g}s ({exc or 'timeout'})"
+        return True, ""
+
     # -- reporting ------------------------------------------------------------------------
 
     async def _metrics(self) -> str | None:
@@ -255,6 +271,10 @@ class Worker:
             session = msg.get("session")
             if isinstance(session, str):
                 self.hub.on_stored(session)
+        elif kind == proto.PREDRAIN:
+            if not self.predrain:
+                log.info("the daemon stops soon (shutdown_delay): /healthz and /readyz answer 503")
+            self.predrain = True
         elif kind == "drain":
             self.state.handover = bool(msg.get("handover", False))
             self.request_stop(False)

@@ -251,5 +251,6 @@ def test_shell_scripts_pass_shellcheck() -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("NOT TESTED: shellcheck is not installed (apt-get install shellcheck)")
     scripts = [INSTALL, REPO / "scripts/wheelhouse.sh", REPO / "tests/system/sdharness.sh"]
+    scripts.append(REPO / "scripts/build-image.sh")
     r = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout

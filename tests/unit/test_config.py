@@ -68,8 +68,8 @@ store = "mysql://db"
         "(for example \"0.0.0.0:8000\"), got 'nowhere'",
         "/x/chatd.toml:3: server.workers: must be >= 0, got -2",
         "/x/chatd.toml:4: server.colour: unknown key (expected one of bind, workers, "
-        "graceful_timeout, worker_timeout, max_worker_rss_mb, compression, metrics_token, "
-        "metrics_token_file, tls_cert, tls_key)",
+        "graceful_timeout, shutdown_delay, worker_timeout, max_worker_rss_mb, compression, "
+        "metrics_token, metrics_token_file, tls_cert, tls_key)",
         "/x/chatd.toml:7: llm.max_queue: expected an integer, got 'many'",
         "/x/chatd.toml:8: llm.models: expected a list of strings, got ['a', 3]",
         "/x/chatd.toml:11: llm.backends[0].url: must be \"http://HOST:PORT\", got 'ftp://x'",
