@@ -61,20 +61,9 @@ def _number(value: Any) -> float:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
-def _histogram(pairs: Any, sum_ms: Any) -> Histogram:
-    """A Histogram from ``[[bucket, count], ...]`` and a sum in ms (empty if malformed)."""
-    h = Histogram()
-    try:
-        counts = {int(b): int(n) for b, n in (pairs or ())}
-    except (TypeError, ValueError):
-        return h
-    h.merge(counts, float(_number(sum_ms)))
-    return h
-
-
 def _histogram_of(stats: Mapping[str, Any], name: str) -> Histogram:
     """A worker report's ``<name>_buckets`` and ``<name>_sum_ms`` as a Histogram."""
-    return _histogram(stats.get(f"{name}_buckets"), stats.get(f"{name}_sum_ms"))
+    return Histogram.from_wire(stats.get(f"{name}_buckets"), stats.get(f"{name}_sum_ms"))
 
 
 @dataclass(slots=True)
@@ -276,7 +265,7 @@ class _Text:
         """A histogram in seconds from the wire form ``{"counts"|"buckets": [[bucket, n]...],
         "sum_ms"}``; ``labels`` for one of several series of the family."""
         wire = wire if isinstance(wire, Mapping) else {}
-        h = _histogram(wire.get("counts", wire.get("buckets")), wire.get("sum_ms"))
+        h = Histogram.from_wire(wire.get("counts", wire.get("buckets")), wire.get("sum_ms"))
         self.family(name, "histogram", help_text)
         base = dict(labels or {})
         for bound_ms, n in h.cumulative(LATENCY_BOUNDS_MS):

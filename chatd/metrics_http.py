@@ -34,20 +34,9 @@ class Writer(Protocol):
 def histogram_of(wire: Any) -> Histogram:
     """A Histogram from its wire form ``{"buckets": [[bucket, n], ...], "sum_ms"}`` (empty if
     malformed: a bad report must not break /metrics)."""
-    return _histogram(wire)
-
-
-def _histogram(wire: Any) -> Histogram:
-    h = Histogram()
     if not isinstance(wire, Mapping):
-        return h
-    try:
-        counts = {int(b): int(n) for b, n in (wire.get("buckets") or ())}
-        total = float(wire.get("sum_ms") or 0.0)
-    except (TypeError, ValueError):
-        return h
-    h.merge(counts, total)
-    return h
+        return Histogram()
+    return Histogram.from_wire(wire.get("buckets"), wire.get("sum_ms"))
 
 
 @dataclass(slots=True)
@@ -72,7 +61,7 @@ class HttpFigures:
             by_api = report.get(name)
             if isinstance(by_api, Mapping):
                 for api, wire in by_api.items():
-                    h = _histogram(wire)
+                    h = histogram_of(wire)
                     self.histograms.setdefault((name, str(api)), Histogram()).merge(
                         h.counts, h.total_ms
                     )

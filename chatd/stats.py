@@ -88,6 +88,20 @@ class Histogram:
             self.count += n
         self.total_ms += total_ms
 
+    @classmethod
+    def from_wire(cls, pairs: Any, sum_ms: Any) -> Histogram:
+        """A Histogram from a report's ``[[bucket, count], ...]`` and sum in ms; empty when
+        malformed (a bad report must not break a percentile or /metrics)."""
+        h = cls()
+        try:
+            counts = {int(b): int(n) for b, n in (pairs or ())}
+            number = isinstance(sum_ms, int | float) and not isinstance(sum_ms, bool)
+            total = float(sum_ms) if number else 0.0
+        except (TypeError, ValueError):
+            return h
+        h.merge(counts, total)
+        return h
+
     def percentile(self, p: float) -> float:
         """The upper edge of the bucket holding the ``p``-th percentile (0 when empty)."""
         if not self.count:

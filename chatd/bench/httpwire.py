@@ -20,6 +20,7 @@ an empty ``content`` nor a final chunk with an empty delta.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import orjson
@@ -46,7 +47,7 @@ def auth_headers(token: str | None) -> dict[str, str]:
     return {**JSON_HEADERS, "Authorization": f"Bearer {token}"}
 
 
-class StreamReader:
+class StreamReader(abc.ABC):
     """Feed it the body's bytes as they arrive (:meth:`feed`), then :meth:`finish` at the end.
 
     ``pieces``: content tokens seen; ``text``: their concatenation; ``done``: the stream's
@@ -106,10 +107,11 @@ class StreamReader:
         if self.error is None:
             self.error = why
 
+    @abc.abstractmethod
     def _line(self, line: bytes) -> None:
-        raise NotImplementedError
+        """One whole line of the body (NDJSON: a chunk; SSE: a field line)."""
 
-    def _end(self) -> None:
+    def _end(self) -> None:  # noqa: B027 - an optional hook: nothing by default
         """Called once by :meth:`finish` after the last line."""
 
 
