@@ -51,7 +51,10 @@ test: install
 	# The pure protocol cores: 100% branch coverage from their own unit tests.
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit/proto \
 		--cov=chatd.proto --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=100
-	$(BIN)/pytest -q -p no:cacheprovider --timeout=300 --durations=15 tests
+	# Everything else, two tests at a time (pytest-xdist: most of them wait on processes and
+	# sockets); a file's tests stay on one worker, so its module fixtures start once.
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile --timeout=300 --durations=15 \
+		tests --ignore=tests/unit/proto
 
 # deploy/k8s's PrometheusRule is generated from the alert rules (a test checks they agree).
 k8s-rules: install

@@ -27,6 +27,7 @@ from chatd.config_checks import (
     Check,
     at_least,
     check_bind,
+    check_discoverable,
     check_secret,
     check_store,
     check_url,
@@ -169,6 +170,11 @@ def _build_backends(value: Any, key: str, out: _Collector) -> tuple[BackendConfi
     urls = [b.url for b in built]
     if len(set(urls)) != len(urls):
         out.add(key, f"each backend url must appear once, got {urls!r}")
+    for i, b in enumerate(built):
+        # The url passed check_url (else it is the default, which is static).
+        problem = check_discoverable(b.url) if b.discover == "dns" else None
+        if problem:
+            out.add(f"{key}[{i}].url", f"{problem}, got {b.url!r}")
     return built
 
 
@@ -287,6 +293,9 @@ def _cross_checks(cfg: Config, out: _Collector) -> None:
     """Checks that involve more than one key."""
     if cfg.llm.first_token_timeout > cfg.llm.total_timeout:
         out.add("llm.first_token_timeout", "must not exceed llm.total_timeout")
+    if cfg.sessions.min_replicas_acks and cfg.sessions.sqlite_path is not None:
+        # Silently ignored, it would promise a durability SQLite does not give.
+        out.add("sessions.min_replicas_acks", "needs a Redis store (SQLite has no replicas)")
 
 
 def parse(text: str, path: str = "<string>") -> Config:

@@ -3,7 +3,9 @@
 Each :data:`Check` returns what is wrong with a value (one phrase, never quoting a secret), or
 None. An address is checked as the workers will use it (the relay's URL split, redis-py's URL
 parser, the listening socket), so ``chatd --check`` refuses every value a worker would refuse
-at start. :func:`parse_bind` is also what the master binds with.
+at start. :func:`parse_bind` is also what the master binds with, :func:`parse_redis_url` what the
+Redis session store connects with (here, not in ``chatd.store``: the master checks configs and
+never imports the store).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 Check = Callable[[Any], str | None]
 """A value check: returns what is wrong with the value, or None when it is fine."""
@@ -137,7 +141,10 @@ def _check_authority(netloc: str, *, userinfo: bool) -> None:
 
 
 def check_store(v: str) -> str | None:
-    what = 'must be "sqlite:///ABSOLUTE/PATH", "sqlite:relative/path" or "redis://HOST:PORT/DB"'
+    what = (
+        'must be "sqlite:///ABSOLUTE/PATH", "sqlite:relative/path", "redis://HOST:PORT/DB", '
+        '"redis+sentinel://HOST:PORT,HOST:PORT/MASTER[/DB]" or "redis+cluster://HOST:PORT,..."'
+    )
     if v.startswith("sqlite:"):
         rest = v[len("sqlite:") :]
         path = rest[2:] if rest.startswith("///") else rest  # SessionsConfig.sqlite_path
@@ -146,15 +153,90 @@ def check_store(v: str) -> str | None:
         if "\0" in path:
             return f"{what}: a NUL character in the path"
         return None
-    m = re.fullmatch(r"rediss?://([^/]*)(?:/([0-9]+))?/?", v)
-    if not m:
-        return what
-    # What redis-py's parse_url (the worker's store.open()) refuses must be refused here.
     try:
-        _check_authority(m.group(1), userinfo=True)
+        parse_redis_url(v)
     except ValueError as exc:
-        return f"{what}: {exc}"
+        return f"{what}: {exc}" if str(exc) else what
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisUrl:
+    """A Redis store URL, split by :func:`parse_redis_url` (what the Redis store connects to).
+
+    ``kind`` "single": one server (``redis://``, ``rediss://``), ``hosts`` has one entry;
+    "sentinel": ``hosts`` are the Sentinels, asked for the master named ``master``;
+    "cluster": ``hosts`` are seed nodes of a Redis Cluster (the others are discovered).
+    ``username``/``password`` (percent-decoded) authenticate to the data nodes (the master and
+    replicas, or every Cluster node); Sentinels are asked without credentials.
+    """
+
+    kind: str
+    hosts: tuple[tuple[str, int], ...]
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    db: int = 0
+    master: str = ""
+
+
+_REDIS_URL = re.compile(r"(rediss?)(\+sentinel|\+cluster)?://([^/?#]*)(/[^?#]*)?")
+_REDIS_PATH = {  # the path of each kind: [/MASTER][/DB][/]
+    "single": re.compile(r"(?:/([0-9]+))?/?"),
+    "sentinel": re.compile(r"/([A-Za-z0-9._-]+)(?:/([0-9]+))?/?"),
+    "cluster": re.compile(r"(?:/([0-9]+))?/?"),
+}
+
+
+def _host_port(hostport: str, default: int) -> tuple[str, int]:
+    """``HOST[:PORT]`` or ``[IPv6][:PORT]`` (checked by :func:`_check_authority` first)."""
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        return host, int(rest[1:]) if rest else default
+    host, colon, port = hostport.partition(":")
+    return host, int(port) if colon else default
+
+
+def parse_redis_url(url: str) -> RedisUrl:
+    """Split ``redis://[USER:PASSWORD@]HOST[:PORT][/DB]`` (``rediss://``: TLS),
+    ``redis+sentinel://[USER:PASSWORD@]HOST[:PORT],HOST[:PORT].../MASTER[/DB]`` (Sentinels,
+    port 26379 by default) or ``redis+cluster://[USER:PASSWORD@]HOST[:PORT],...`` (Cluster seed
+    nodes; database 0 only); ``rediss+sentinel://``, ``rediss+cluster://`` for TLS. Raises
+    ValueError saying what is wrong (an empty message: not a Redis URL at all).
+
+    What redis-py refuses when the worker connects is refused here, at ``chatd --check``.
+    """
+    m = _REDIS_URL.fullmatch(url)
+    if not m:
+        raise ValueError("")
+    scheme, variant, netloc, path = m.group(1), m.group(2) or "", m.group(3), m.group(4) or ""
+    kind = variant[1:] or "single"
+    creds, _, hostlist = netloc.rpartition("@")
+    if re.search(r"[\s/?#@]", creds):
+        raise ValueError(f"bad user info {creds!r}")
+    hosts: list[tuple[str, int]] = []
+    for hostport in [hostlist] if kind == "single" else hostlist.split(","):
+        _check_authority(hostport, userinfo=False)
+        hosts.append(_host_port(hostport, 26379 if kind == "sentinel" else 6379))
+    where = _REDIS_PATH[kind].fullmatch(path)
+    if where is None:
+        if kind == "sentinel":
+            raise ValueError(f"{path!r} is not /MASTER[/DB] (the name the Sentinels monitor)")
+        raise ValueError(f"{path!r} is not /DB (a database number)")
+    master = where.group(1) if kind == "sentinel" else ""
+    db = int(where.groups()[-1] or 0)  # the last group is the database in every kind
+    if kind == "cluster" and db != 0:
+        raise ValueError("a Redis Cluster has database 0 only")
+    user, colon, password = creds.partition(":")
+    return RedisUrl(
+        kind,
+        tuple(hosts),
+        tls=scheme == "rediss",
+        username=unquote(user) if user else None,
+        password=unquote(password) if colon else None,
+        db=db,
+        master=master,
+    )
 
 
 def check_url(v: str) -> str | None:
@@ -172,6 +254,61 @@ def check_url(v: str) -> str | None:
         _check_authority(m.group(1), userinfo=False)
     except ValueError as exc:
         return f"{what}: {exc}"
+    return None
+
+
+def url_host(url: str) -> str:
+    """The host of a backend URL that :func:`check_url` accepted, without IPv6 brackets."""
+    hostport = url.split("://", 1)[1].rstrip("/")
+    if hostport.startswith("["):
+        return hostport[1:].partition("]")[0]
+    return hostport.partition(":")[0]
+
+
+def check_discoverable(url: str) -> str | None:
+    """What keeps a backend URL (valid for :func:`check_url`) from ``discover = "dns"``: an
+    ``https`` URL (each address is connected to by its IP, which the server's certificate does
+    not name) or a host that is an IP literal (there is nothing to resolve)."""
+    if url.startswith("https:"):
+        return (
+            'discover = "dns" needs an http:// URL (each address is connected to by its IP, '
+            "which a TLS certificate does not name)"
+        )
+    host = url_host(url)
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    return f'discover = "dns" needs a host name to resolve, not the address {host!r}'
+
+
+def parse_nameserver(v: str) -> tuple[str, int]:
+    """``ADDRESS`` or ``ADDRESS:PORT`` (``[IPv6]:PORT``; a bare IPv6 address takes port 53)
+    as ``(address, port)``; raises ValueError."""
+    if v.startswith("["):
+        address, bracket, rest = v[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{v!r} is not ADDRESS[:PORT]")
+        port = parse_port(rest[1:], lo=1) if rest else 53
+    elif v.count(":") == 1:
+        address, _, port_s = v.partition(":")
+        port = parse_port(port_s, lo=1)
+    else:
+        address, port = v, 53
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"{address!r} is not an IP address") from None
+    return address, port
+
+
+def check_nameservers(v: tuple[str, ...]) -> str | None:
+    """Each an IP address with an optional port (``127.0.0.1:5353``, ``[::1]:53``)."""
+    for item in v:
+        try:
+            parse_nameserver(item)
+        except ValueError as exc:
+            return f'{exc} (expected ADDRESS or ADDRESS:PORT, e.g. "10.96.0.10:53")'
     return None
 
 

@@ -23,6 +23,7 @@ from chatd.config_checks import (
     check_keep_alive,
     check_level,
     check_mode,
+    check_nameservers,
     check_networks,
     check_secret,
     check_socket_path,
@@ -74,6 +75,15 @@ class ServerConfig:
     compression: bool = field(
         default=False,
         metadata=_doc("permessage-deflate: ~47 KB per idle connection instead of ~14 KB"),
+    )
+    handoff: bool = field(
+        default=True,
+        metadata=_doc(
+            "a reload, an RSS recycle or a scale-down moves each open WebSocket to a worker of "
+            "the new generation (its TCP socket and chat state) instead of closing it with "
+            "1001; never with compression or TLS (their state cannot move): those drain as "
+            "with false"
+        ),
     )
     metrics_token: str = field(
         default="",
@@ -169,6 +179,19 @@ class BackendConfig:
             "and at every reload; exclusive with api_key"
         ),
     )
+    discover: str = field(
+        default="static",
+        metadata=_doc(
+            '"static": url is one backend; "dns": every address (A and AAAA) of url\'s host '
+            "name is a backend of its own, with this table's settings, re-resolved every "
+            "discover_interval seconds (a headless Service's pods)",
+            one_of("static", "dns"),
+        ),
+    )
+    discover_interval: float = field(
+        default=5.0,
+        metadata=_doc('seconds between two resolutions of the name (discover = "dns")', positive),
+    )
 
     @property
     def base_url(self) -> str:
@@ -208,6 +231,15 @@ class LLMConfig:
     )
     total_timeout: float = field(default=300.0, metadata=_doc("longest whole generation", positive))
     keep_alive: str = field(default="5m", metadata=_doc("passed to Ollama", check_keep_alive))
+    nameservers: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            'DNS servers (ADDRESS or ADDRESS:PORT) that resolve the discover = "dns" backends, '
+            "asked for A and AAAA records of the name as given; empty = the system's resolver "
+            "(getaddrinfo: /etc/hosts, resolv.conf and its search list)",
+            check_nameservers,
+        ),
+    )
     backends: tuple[BackendConfig, ...] = field(
         default=(BackendConfig(),), metadata=_doc("one table per backend")
     )
@@ -224,7 +256,12 @@ class SessionsConfig:
 
     store: str = field(
         default="sqlite:///var/lib/chatd/sessions.db",
-        metadata=_doc('"sqlite:///ABSOLUTE/PATH" or "redis://HOST:PORT/DB"', check_store),
+        metadata=_doc(
+            '"sqlite:///ABSOLUTE/PATH", "redis://HOST:PORT/DB" (one Redis), '
+            '"redis+sentinel://HOST:PORT,HOST:PORT/MASTER[/DB]" (Sentinel failover) or '
+            '"redis+cluster://HOST:PORT,HOST:PORT" (a Redis Cluster)',
+            check_store,
+        ),
     )
     history_turns: int = field(
         default=20, metadata=_doc("past turns sent to the model as context", at_least(0))
@@ -232,6 +269,22 @@ class SessionsConfig:
     ttl: int = field(
         default=604800,
         metadata=_doc("seconds a session is kept after its last activity", at_least(1)),
+    )
+    min_replicas_acks: int = field(
+        default=0,
+        metadata=_doc(
+            "Redis only: replicas that must hold each write before it is acknowledged (WAIT), "
+            "so an acknowledged message survives the loss of the master; 0 = the master alone",
+            at_least(0),
+        ),
+    )
+    min_replicas_timeout: float = field(
+        default=1.0,
+        metadata=_doc(
+            "seconds a write waits for min_replicas_acks replicas; past it the message is not "
+            "acknowledged (store_unavailable: the client sends it again)",
+            positive,
+        ),
     )
 
     @property

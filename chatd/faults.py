@@ -8,6 +8,12 @@ chatd's environment). Values:
 
 Anything else is ignored. Production never sets it; a worker that obeys it says so on stderr.
 
+``CHATD_TEST_HANDOFF_STALL`` names a file; when it holds ``POINT SECONDS``, the workers stall
+that long at that point of each connection handoff (:mod:`chatd.worker.mover`: ``offer``, before
+an offer is sent, and ``commit``, before the commit; :mod:`chatd.worker.adopter`: ``answer``,
+before the answer, and ``adopt``, between the commit and the adoption), saying so on stderr, so
+a test can kill a worker right there. Read at each handoff: a test changes it between reloads.
+
 ``CHATD_TEST_LEASE`` (seconds, a float) shortens the owner lease of unanswered messages
 (:data:`chatd.store.base.LEASE_S`), so tests see takeovers within their time; read when
 :mod:`chatd.store.base` is imported. Production never sets it.
@@ -15,11 +21,13 @@ Anything else is ignored. Production never sets it; a worker that obeys it says 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 
 ENV = "CHATD_FAULT"
 LEASE_ENV = "CHATD_TEST_LEASE"
+HANDOFF_ENV = "CHATD_TEST_HANDOFF_STALL"
 
 
 def at_worker_start() -> None:
@@ -42,3 +50,24 @@ def lease_seconds(default: float) -> float:
             sys.stderr.write(f"{LEASE_ENV}={value:g}: message leases shortened (tests only)\n")
             return value
     return default
+
+
+async def handoff_stall(point: str) -> None:
+    """Stall at ``point`` of a handoff when ``CHATD_TEST_HANDOFF_STALL`` says so (tests only)."""
+    path = os.environ.get(HANDOFF_ENV)
+    if not path:
+        return
+    try:
+        words = _words(path)  # a tiny file, tests only: no need for a thread
+        seconds = float(words[1]) if len(words) == 2 and words[0] == point else 0.0
+    except (OSError, ValueError):
+        return
+    if seconds > 0:
+        sys.stderr.write(f"{HANDOFF_ENV}: pid {os.getpid()} stalls {seconds:g}s at {point}\n")
+        sys.stderr.flush()
+        await asyncio.sleep(seconds)
+
+
+def _words(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return f.read().split()

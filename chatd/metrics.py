@@ -33,6 +33,7 @@ from typing import Any
 from chatd import metrics_http, metrics_stages
 from chatd.metrics_http import HttpFigures
 from chatd.metrics_stages import StageFigures
+from chatd.proto.control import HANDOFF_KEYS, HANDOFF_RESULTS
 from chatd.stats import EXACT_EDGES_MS, GranterStats, Histogram, backend_keys
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -52,6 +53,7 @@ FINAL_ERROR_CODES = (
 _COUNTERS = (
     *("messages_total", "replies_total", "connections_total", "bad_frames_total"),
     *("slow_closes_total", "store_failures_total"),
+    *HANDOFF_KEYS,
 )
 _HISTOGRAMS = ("latency", "ttft")
 
@@ -304,6 +306,16 @@ def render(data: Mapping[str, Any]) -> str:
     ):
         out.single(f"chatd_{key}", "counter", help_text, n(data.get(key)))
     out.family(
+        "chatd_ws_handoffs_total",
+        "counter",
+        "Open WebSockets handed between workers at reloads, recycles and scale-downs: moved "
+        "(by the old worker), adopted (by the new one), fell_back (closed with 1001 instead), "
+        "deferred (not idle when offered: tried again), aborted, refused (by the new one).",
+    )
+    for result in HANDOFF_RESULTS:
+        count = n(data.get(f"handoff_{result}_total"))
+        out.sample("chatd_ws_handoffs_total", count, {"result": result})
+    out.family(
         "chatd_errors_total",
         "counter",
         "Messages answered with an error, by code (store_unavailable: not stored, resent).",
@@ -370,6 +382,7 @@ def render(data: Mapping[str, Any]) -> str:
         out.sample(
             "chatd_slot_refusals_total", n(slots.get(f"refused_{reason}_total")), {"reason": reason}
         )
+    _discovery(out, data.get("discovery"))
     embed = data.get("embed")
     _embed(out, embed if isinstance(embed, Mapping) else {})
     out.family(
@@ -394,6 +407,32 @@ def render(data: Mapping[str, Any]) -> str:
     metrics_http.render(out, data.get("http"))
     metrics_stages.render(out, data.get("stages"))
     return "\n".join(out.lines) + "\n"
+
+
+def _discovery(out: _Text, tables: Any) -> None:
+    """The dns tables' series (``discovery``: :meth:`chatd.master.discovery.Discovery.status`,
+    added by the master), labelled by the table's URL; none without a dns table."""
+    rows = [d for d in tables or () if isinstance(d, Mapping) and isinstance(d.get("url"), str)]
+    if not rows:
+        return
+    out.family(
+        "chatd_backend_addresses",
+        "gauge",
+        'Addresses of a discover = "dns" backend table, each a backend (absent before the '
+        "first answer).",
+    )
+    for d in rows:
+        if isinstance(d.get("addresses"), list):
+            out.sample("chatd_backend_addresses", len(d["addresses"]), {"table": d["url"]})
+    out.family(
+        "chatd_backend_resolution_failing",
+        "gauge",
+        '1 while the name of a discover = "dns" backend table cannot be resolved (its last '
+        "addresses are kept), else 0.",
+    )
+    for d in rows:
+        failing = int(bool(d.get("error")))
+        out.sample("chatd_backend_resolution_failing", failing, {"table": d["url"]})
 
 
 def _embed(out: _Text, data: Mapping[str, Any]) -> None:

@@ -191,6 +191,29 @@ class Chatd:
             self.proc.wait()
 
 
+def chatctl(d: Chatd, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real ``chatctl`` on ``d``'s control socket."""
+    return subprocess.run(
+        [str(BIN / "chatctl"), "--socket", d.socket, *args],
+        capture_output=True,
+        text=True,
+        timeout=t(60),
+    )
+
+
+def client_frame(payload: bytes) -> bytes:
+    """A masked client text frame, built by hand (a zero masking key: legal, and the payload
+    stays as is): for tests that split a frame where they want."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x81, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -7,6 +7,7 @@
     chatd-bench run fairness [--duration S] [--flood N] [--light N] [--reply-s S] [--phase P]
     chatd-bench run http [--duration S] [--paths ws ollama openai] [TARGET | --target URL]
     chatd-bench run max [--step R] [--start R] [--conns N] [--duration S] [TARGET]
+    chatd-bench run reload [--conns N] [--reloads K] [--duration BEFORE_S] [TARGET]
     chatd-bench run capacity [--conns USERS] [--msgs-per-min M] [--headroom H]
                              [--real-result PATH] [--duration S] [TARGET]
     chatd-bench seed-report [--duration S] [--out DIR] [--procs P] [--plots] [TARGET]
@@ -42,6 +43,7 @@ from chatd.bench import (
     longrun,
     pyspy,
     realmodel,
+    reloads,
     report,
     scenarios,
 )
@@ -63,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = sub.add_parser("run", help="run one scenario and print its table")
     run.add_argument(
         "scenario",
-        choices=[*scenarios.SCENARIOS, "real", *longrun.NAMES, capacity.NAME, "fairness", "http"],
+        choices=[
+            *scenarios.SCENARIOS,
+            *("real", *longrun.NAMES, capacity.NAME, "fairness", "http", reloads.NAME),
+        ],
     )
     run.add_argument("--json", action="store_true", help="print the figures as JSON")
     run.add_argument("--out", type=Path, help="also write NAME.json and NAME.md into DIR")
@@ -71,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--profile", type=Path, metavar="DIR", help="py-spy one worker into DIR")
     realmodel.add_arguments(run)
     fairness.add_arguments(run)
+    reloads.add_arguments(run)
     run.add_argument(
         "--target",
         metavar="URL",
@@ -112,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             raise SystemExit("chatd-bench: run fairness starts its own chatd, or --target URL")
         res = fairness.run(fairness.params_from(args), args.target, args.fake_url, progress)
+        return _emit(args, res)
+    if args.command == "run" and args.scenario == reloads.NAME:
+        target = Target(args.url, args.control_socket) if args.url else None
+        res = reloads.run_reload(target, reloads.params_from(args), args.workers)
         return _emit(args, res)
     if args.command == "run" and args.scenario == "http" and args.target:
         return _emit(args, httpapi.run_http(None, _http_params(args), args.target, progress))

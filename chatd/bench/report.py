@@ -128,6 +128,10 @@ def scenario_markdown(r: dict[str, Any]) -> str:
         from chatd.bench.httpapi import markdown as http_markdown
 
         return http_markdown(r)
+    if r["name"] == "reload":
+        from chatd.bench.reloads import markdown as reload_markdown
+
+        return reload_markdown(r)
     if r["name"] == "capacity":
         from chatd.bench.capacity import markdown as capacity_markdown
 

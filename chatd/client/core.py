@@ -139,8 +139,16 @@ class ChatClient(SessionState):
 
     @property
     def worker(self) -> str:
-        """``"SLOT/PID"`` from the last welcome ("" before the first)."""
+        """``"SLOT/PID"`` from the last welcome ("" before the first). A reload that moves the
+        connection to a new worker does not change it: the client is not told."""
         return self._worker
+
+    @property
+    def local_address(self) -> Any:
+        """The local (address, port) of the current connection, None without one: the same
+        value before and after a reload means the connection survived it."""
+        ws = self._ws
+        return ws.transport.get_extra_info("sockname") if ws is not None else None
 
     def statistics(self) -> Statistics:
         """A copy of the counters."""

@@ -44,6 +44,9 @@ def problems(data: Mapping[str, Any]) -> list[str]:
     for b in data.get("backends") or []:
         if b.get("healthy") is False:
             out.append(f"backend {b.get('url')} unhealthy")
+    for d in data.get("discovery") or []:
+        if isinstance(d, Mapping) and d.get("addresses") == []:
+            out.append(f"backend {d.get('url')} resolves to no address")
     store = data.get("store") or {}
     if store.get("healthy") is False:
         out.append(f"session store unavailable ({store.get('error') or 'no detail'})")
@@ -51,7 +54,9 @@ def problems(data: Mapping[str, Any]) -> list[str]:
 
 
 def is_healthy(data: Mapping[str, Any]) -> bool:
-    """Running, every worker ready, and no backend that is known to be unhealthy."""
+    """Running, every worker ready, no backend that is known to be unhealthy, and no dns
+    table that resolves to no address (one whose resolution fails keeps its last addresses:
+    shown, not a problem as long as it has some)."""
     return not problems(data)
 
 
@@ -158,11 +163,29 @@ def _master_lines(data: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _discovery(d: Mapping[str, Any]) -> str:
+    """One dns table: ``dns http://ollama:11434: 2 addresses (10.0.0.5, 10.0.0.6), resolved
+    1.2s ago``; a failing resolution says so, and that the last addresses are kept."""
+    addresses = d.get("addresses")
+    line = f"dns {d.get('url')}: "
+    if addresses is None:
+        line += "not resolved yet"
+    else:
+        listed = f" ({', '.join(map(str, addresses))})" if addresses else ""
+        line += f"{len(addresses)} address{'es' if len(addresses) != 1 else ''}{listed}"
+        line += f", resolved {duration(d.get('resolved_s_ago'))} ago"
+    if d.get("error"):
+        line += f"; CANNOT RESOLVE {d.get('host')}: {d['error']}"
+        line += " (the last addresses are kept)" if addresses else ""
+    return line
+
+
 def format_status(data: Mapping[str, Any]) -> str:
     """The human-readable ``chatctl status``: master lines, the worker table, backends, queue,
-    totals, and what is wrong when something is. The embed class (embeddings: slots and a
-    queue of their own) is shown after the chat figures when the document has it: ``;
-    embed ...`` on each backend line, and an ``embed queue`` line."""
+    totals, and what is wrong when something is. A dns table's addresses are backends of
+    their own (``from`` the table), and each table has a ``dns`` line. The embed class
+    (embeddings: slots and a queue of their own) is shown after the chat figures when the
+    document has it: ``; embed ...`` on each backend line, and an ``embed queue`` line."""
     lines = _master_lines(data)
     rows = [list(_COLUMNS)]
     rows += [_cells(w, False) for w in data.get("workers") or []]
@@ -172,11 +195,13 @@ def format_status(data: Mapping[str, Any]) -> str:
         health = {True: "healthy", False: "UNHEALTHY", None: "health unknown"}.get(
             b.get("healthy"), "?"
         )
-        line = f"backend {b.get('url')} ({b.get('api')}): {health}, {_slots(b)}"
+        origin = f", from {b['discovered_from']}" if b.get("discovered_from") else ""
+        line = f"backend {b.get('url')} ({b.get('api')}{origin}): {health}, {_slots(b)}"
         embed = b.get("embed")
         if isinstance(embed, Mapping):
             line += f"; embed {_slots(embed)}"
         lines.append(line)
+    lines += [_discovery(d) for d in data.get("discovery") or [] if isinstance(d, Mapping)]
     store = data.get("store") or {}
     if store.get("healthy") is False:
         slots = ", ".join(str(s) for s in store.get("failing_workers") or [])
@@ -201,6 +226,14 @@ def format_status(data: Mapping[str, Any]) -> str:
         f"{t.get('worker_restarts_total', 0)} worker restarts, latency p50/p95/p99 "
         f"{_ms(lat.get('p50'))}/{_ms(lat.get('p95'))}/{_ms(lat.get('p99'))} ms"
     )
+    moves = t.get("handoff")
+    if isinstance(moves, Mapping) and any(moves.values()):
+        lines.append(
+            f"handoffs: {moves.get('moved', 0)} open WebSockets moved to a new worker, "
+            f"{moves.get('fell_back', 0)} closed with 1001 instead, "
+            f"{moves.get('deferred', 0)} deferred, {moves.get('aborted', 0)} aborted, "
+            f"{moves.get('refused', 0)} refused"
+        )
     wrong = problems(data)
     if wrong:
         lines.append("DEGRADED: " + "; ".join(wrong))

@@ -8,7 +8,8 @@ Single-threaded, and its own code never touches asyncio: it is one ``selectors``
 * one link per worker, the master's end of a socketpair (:mod:`chatd.master.workers`),
 
 with a short tick for timers (respawn backoff, stop deadlines, CPU and RSS samples, heartbeat
-timeouts, the systemd watchdog), and one change to the workers at a time: a rolling reload
+timeouts, the systemd watchdog, the dns tables' resolution: :mod:`chatd.master.discovery`),
+and one change to the workers at a time: a rolling reload
 (:mod:`chatd.master.reload`), an RSS recycle, a scale (:mod:`chatd.master.operations`,
 :mod:`chatd.master.scale`).
 What chatctl may ask is in :mod:`chatd.master.commands`; systemd is told how things go
@@ -42,6 +43,7 @@ from chatd.errors import ControlError, ExitCode
 from chatd.logs import setup_logging
 from chatd.master import commands
 from chatd.master.control import ControlServer
+from chatd.master.discovery import Discovery
 from chatd.master.listeners import BindError, bind_slots, tcp_migrate_req
 from chatd.master.operations import Operations
 from chatd.master.reload import worker_count
@@ -86,6 +88,7 @@ class Master:
         self.bind = cfg.server.bind
         self.workers: Workers | None = None
         self.services: Services | None = None  # LLM slots and metrics for the workers
+        self.discovery: Discovery | None = None  # the dns tables' addresses
         self.ops: Operations | None = None  # reloads and RSS recycles
         self.notifier = Notifier()
         self.tcp_migrate_req = tcp_migrate_req()
@@ -135,6 +138,7 @@ class Master:
         )
         self.workers.on_all_ready = self._all_ready
         self.services = Services(self.cfg, self.workers)
+        self.discovery = Discovery(self.cfg, self.workers, self.services)
         self.ops = Operations(self.workers, self.load_config, self.notifier, self._apply)
         self._shutdown = Shutdown(self.workers)
         self._wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -226,6 +230,8 @@ class Master:
             self._control.set_mode(cfg.control.mode_bits)
         if self.services is not None:
             self.services.configure(cfg)
+        if self.discovery is not None:
+            self.discovery.configure(cfg)
 
     @property
     def stopping(self) -> bool:

@@ -45,6 +45,7 @@ class Channel:
         self.closed = False
         self._sel = sel
         self._decoder = proto.Decoder(max_frame)
+        self._decoder_fed = 0  # bytes read so far
         self._max_frame = max_frame
         self._out = bytearray()
         self._on_message = on_message
@@ -118,6 +119,16 @@ class Channel:
         if not self._out:
             self._sel.modify(self.sock, selectors.EVENT_READ, self._on_event)
 
+    def read_remaining(self) -> None:
+        """Handle what the peer wrote before it went away (its process has exited: its last
+        messages, a final ``stats`` or ``handoff_done``, may still be in the socket), then
+        stop at the end of the data."""
+        while not self.closed:
+            before = self._decoder_fed
+            self._read()
+            if self._decoder_fed == before:
+                return
+
     def _read(self) -> None:
         try:
             data = self.sock.recv(65536)
@@ -130,6 +141,7 @@ class Channel:
         if not data:
             self.close()
             return
+        self._decoder_fed += len(data)
         try:
             messages = self._decoder.feed(data)
         except ControlError as exc:

@@ -107,6 +107,8 @@ def status_document(master: Master) -> dict[str, Any]:
         retired=workers.retired,
         slots=None if master.services is None else master.services.granter.statistics(),
         embed_slots=None if master.services is None else master.services.embed_granter.statistics(),
+        table=None if master.services is None else master.services.current,
+        discovery=() if master.services is None else master.services.discovery(),
     )
 
 

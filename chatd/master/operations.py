@@ -143,11 +143,14 @@ class Operations:
         if isinstance(op, Roll):
             if op.failure is not None:
                 log.error("%s failed: %s; the old worker keeps serving", op.what, op.failure)
+            elif moved := op.handoff_summary():
+                log.info("%s done: %s", op.what, moved)
             return
         if op.failure is None:
             self.apply(op.cfg)
             text = f"reloaded: generation {op.generation}, {len(self.workers.slots)} workers ready"
-            log.info("%s", text)
+            moved = op.handoff_summary()
+            log.info("%s%s", text, f"; {moved}" if moved else "")
             self._record(True, text)
             self._answer(True, text)
             return

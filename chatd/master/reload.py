@@ -178,6 +178,10 @@ class Reload:
             self.failure = self.failure or "the daemon is stopping"
             self.done = True
 
+    def handoff_summary(self) -> str:
+        """What moved during this reload (:meth:`chatd.master.roll.Roll.handoff_summary`)."""
+        return self._roll.handoff_summary() if self._roll is not None else ""
+
     def _succeed(self) -> None:
         workers = self.workers
         while len(workers.slots) > self.count:

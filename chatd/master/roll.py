@@ -8,14 +8,17 @@ recycle (same configuration). For each slot, in order:
    for nobody;
 2. wait for its ``ready`` (at most ``ready_timeout``); meanwhile the old worker keeps
    serving;
-3. make it the slot's worker, and tell the old one to drain: it stops accepting, finishes
-   the replies in flight (up to its ``graceful_timeout``), closes its clients with 1001 and
-   exits (:meth:`chatd.master.workers.Workers.retire`).
+3. make it the slot's worker, and tell the old one to drain: it stops accepting, moves its
+   open WebSockets to the new worker as each becomes idle (``[server] handoff``:
+   :mod:`chatd.worker.mover`), or, without handoff, finishes the replies in flight (up to its
+   ``graceful_timeout``) and closes its clients with 1001; then it exits
+   (:meth:`chatd.master.workers.Workers.retire`).
 
 The roll is done once every slot is done *and* every old worker has stopped accepting: it
-acknowledged the drain (a worker acknowledges in the same step as it closes its listener),
-or exited, or was sent SIGTERM (no acknowledgement within a second). Old workers may still be
-draining their connections then.
+acknowledged the drain (a worker acknowledges in the same step as it closes its listener) and,
+when it moves its connections, said ``handoff_done`` (so the next roll never retires a worker
+still adopting them, and the roll's log line says what moved), or exited, or was sent SIGTERM
+(no acknowledgement within a second). Old workers may still be draining their replies then.
 
 A new worker that exits, hangs (no heartbeat), cannot be forked, or is not ready in time fails
 the roll at that slot: it is killed, the slot keeps (or gets back) a worker of its old
@@ -119,13 +122,30 @@ class Roll:
         slot.cfg, slot.generation = new.cfg, new.generation
         slot.boot_failures = 0
         if old is not None:
-            self.workers.retire(old, f"{self.what}: replaced by pid {new.pid}")
+            self.workers.retire(old, f"{self.what}: replaced by pid {new.pid}", successor=new)
             self._retired.append(old)
         self._current = None
 
     def _still_accepting(self, old: Worker) -> bool:
+        """Whether ``old`` may still take connections: it neither acknowledged its drain nor
+        finished moving its connections to its successor (nor exited, nor was signalled)."""
         gone = self.workers.by_pid.get(old.pid) is not old
-        return not (gone or old.drain_acked or old.signalled)
+        return not (gone or old.signalled or (old.drain_acked and not old.handing_off))
+
+    def handoff_summary(self) -> str:
+        """What the old workers' handoffs did, for the roll's log line ("" when none moved)."""
+        reports = [w.handoff for w in self._retired if w.handoff]
+        if not reports:
+            return ""
+
+        def total(key: str) -> int:
+            return sum(int(r.get(key) or 0) for r in reports)
+
+        slowest = max(float(r.get("ms") or 0) for r in reports)
+        return (
+            f"{total('moved')} open WebSockets moved to the new workers, "
+            f"{total('fell_back')} closed with 1001 instead, in {slowest:.0f} ms"
+        )
 
     def _fail(self, target: Target, why: str) -> None:
         slot = target.slot

@@ -50,7 +50,8 @@ def remove_last_slot(workers: Workers, why: str) -> None:
     if slot.incoming is not None:
         workers.abandon(slot.incoming)
     if slot.worker is not None:
-        workers.retire(slot.worker, why)
+        # Its open WebSockets move to the least loaded worker left (when handoff is on).
+        workers.retire(slot.worker, why, successor=workers.least_loaded())
     slot.listener.close()
     log.info("slot %d closed (%s)", slot.id, why)
 

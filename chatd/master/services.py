@@ -32,12 +32,15 @@
   forwarded to every other worker watching the session (and dropped when none does). The
   watches of a worker that exits go with it.
 
-On the wire a backend is an index into the worker's own ``[[llm.backends]]`` list (its
-``cfg``); the granter names backends by :func:`chatd.stats.backend_keys` (their base
-URL), so that workers of two generations with different lists can share the slots during a
-reload. The slot limits (``max_parallel``, ``max_parallel_embed``, ``max_queue``, ``[limits]
-max_queued_per_key`` and ``max_in_flight_per_key``) are those last given to
-:meth:`Services.configure`: the master calls it when a new configuration takes effect.
+On the wire a backend is an index into the worker's own table of backends: its static
+``[[llm.backends]]`` (its ``cfg``), then the addresses of its dns tables, which the master
+keeps a replica of per worker (:mod:`chatd.backendtable`); the granter names backends by their
+key (their base URL: :func:`chatd.stats.backend_keys`, an address's URL), so that workers of
+two generations with different lists can share the slots during a reload. The dns tables'
+addresses are those last given to :meth:`Services.set_addresses` (by
+:mod:`chatd.master.discovery`). The slot limits (``max_parallel``, ``max_parallel_embed``,
+``max_queue``, ``[limits] max_queued_per_key`` and ``max_in_flight_per_key``) are those last
+given to :meth:`Services.configure`: the master calls it when a new configuration takes effect.
 
 Runs in the master's single-threaded selector loop; every handler returns at once.
 
@@ -50,16 +53,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from chatd.backendtable import BackendTable
 from chatd.config import Config
 from chatd.master.requests import Clock
 from chatd.master.slotgrant import Grant, Granter, Output, Queued, Recall, Refused
 from chatd.master.workers import Worker, Workers
 from chatd.metrics import Retired, aggregate
 from chatd.proto import control as proto
-from chatd.stats import backend_keys
 
 log = logging.getLogger("chatd.master")
 
@@ -81,8 +84,13 @@ class Services:
             proto.SLOT_CLASS_EMBED: self.embed_granter,
         }
         self.retired = Retired()
-        # pid -> the worker's backend keys, and key -> index (its cfg never changes).
-        self._maps: dict[int, tuple[tuple[str, ...], dict[str, int]]] = {}
+        self.cfg = cfg
+        self.sets: dict[str, tuple[str, ...]] = {}  # dns tables' addresses (set_addresses)
+        self.current = BackendTable(cfg.llm.backends)  # the current generation's backends
+        # pid -> the worker's table of backends, as the worker keeps it (chatd.backendtable).
+        self._tables: dict[int, BackendTable] = {}
+        # The dns tables' state for status and /metrics (chatd.master.discovery sets it).
+        self.discovery: Callable[[], list[dict[str, Any]]] = list
         # session -> the pids watching it, and pid -> the sessions it watches.
         self.watchers: dict[str, set[int]] = {}
         self._watched: dict[int, set[str]] = {}
@@ -101,20 +109,67 @@ class Services:
             }
         )
         workers.on_exit.append(self._exited)
+        workers.on_spawn.append(self._spawned)
 
     def configure(self, cfg: Config) -> None:
         """Apply ``cfg``'s backends (``max_parallel`` for chat, ``max_parallel_embed`` for
         embed), ``max_queue`` and per-key bounds to the slots of both classes from now on.
         Backends kept by URL keep their slots in flight and their health; a lower limit takes
-        effect as slots come back; dropped backends get no new slots."""
-        keys = backend_keys(b.url for b in cfg.llm.backends)
-        limits = cfg.limits
-        for kind, granter in self.granters.items():
-            pairs = [(k, b.capacity(kind)) for k, b in zip(keys, cfg.llm.backends, strict=True)]
-            outputs = granter.reconfigure(
-                pairs, cfg.llm.max_queue, limits.max_queued_per_key, limits.max_in_flight_per_key
+        effect as slots come back; dropped backends get no new slots. A dns table's backends
+        are its addresses of :meth:`set_addresses`."""
+        self.cfg = cfg
+        self._reconfigure()
+
+    def set_addresses(self, sets: Mapping[str, tuple[str, ...]]) -> None:
+        """The addresses of the dns tables (by table URL; from :mod:`chatd.master.discovery`)
+        are now ``sets``. Each worker whose table changes is told (``backends``) before
+        anything that could name a new backend, and its waiters may use the new ones; the
+        slots are reconfigured: a new address gets its slots, one gone gets no new slot and
+        is drained (its requests in flight finish)."""
+        before = {e.key: e for e in self.current.entries}
+        self.sets = dict(sets)
+        msg = {proto.T: proto.BACKENDS, "sets": {url: list(a) for url, a in self.sets.items()}}
+        for worker in list(self.workers.by_pid.values()):
+            table = self._tables.get(worker.pid)
+            change = table.apply(self.sets) if table is not None else None
+            if table is None or not change:
+                continue
+            self.workers.tell(worker, msg)
+            new = [table.entries[n].key for n in (*change.added, *change.revived)]
+            for kind, granter in self.granters.items():
+                self._send(granter.allow(worker.pid, new), kind)
+        self._reconfigure()
+        after = {e.key: e for e in self.current.entries}
+        held = {b.key: b.in_flight for b in self.granter.statistics().backends}
+        for key in after.keys() - before.keys():
+            e = after[key]
+            log.info(
+                "backend %s appeared (an address of %s): %d slots, %d embed slots",
+                *(key, e.origin, e.config.max_parallel, e.config.max_parallel_embed),
             )
-            self._send(outputs, kind)
+        for key in before.keys() - after.keys():
+            log.info(
+                "backend %s disappeared (no longer an address of %s): no new requests; "
+                "its %d in flight finish",
+                *(key, before[key].origin, held.get(key, 0)),
+            )
+
+    def _reconfigure(self) -> None:
+        """The granters' backends from the current configuration and addresses: the live
+        entries of a fresh table (the current generation's, for status and new keys)."""
+        table = BackendTable(self.cfg.llm.backends)
+        for url, origin in table.apply(self.sets).skipped:
+            log.warning(
+                "%s (an address of %s) is already another backend's: it keeps that one's "
+                "slots, this table's settings do not apply to it",
+                *(url, origin),
+            )
+        self.current = table
+        limits, llm = self.cfg.limits, self.cfg.llm
+        bounds = (llm.max_queue, limits.max_queued_per_key, limits.max_in_flight_per_key)
+        for kind, granter in self.granters.items():
+            pairs = [(e.key, e.config.capacity(kind)) for e in table.entries if e.live]
+            self._send(granter.reconfigure(pairs, *bounds), kind)
 
     # -- the master loop's hooks ---------------------------------------------------------------
 
@@ -147,8 +202,8 @@ class Services:
             return
         exclude = msg.get("exclude")
         excluded = set(exclude) if isinstance(exclude, list) else set()
-        keys = self._keys_of(worker)
-        allowed = [key for i, key in enumerate(keys) if i not in excluded]
+        entries = self._table_of(worker).entries
+        allowed = [e.key for i, e in enumerate(entries) if i not in excluded and e.live]
         client = msg.get("key")
         client = client if isinstance(client, str) else ""  # a worker that sends none: ""
         granter = self.granters[kind]
@@ -203,6 +258,7 @@ class Services:
             if w.rss
         ]
         data["memory_limit"] = worker.cfg.server.max_worker_rss_mb * 1024 * 1024
+        data["discovery"] = self.discovery()  # the dns tables (chatd.master.discovery)
         self.workers.tell(worker, {proto.T: proto.METRICS, "rid": msg.get("rid"), "data": data})
 
     def _watch(self, worker: Worker, msg: dict[str, Any]) -> None:
@@ -242,8 +298,16 @@ class Services:
             if watcher is not None and pid != worker.pid:
                 self.workers.tell(watcher, notice)
 
+    def _spawned(self, worker: Worker) -> None:
+        """A new worker: its table starts as it does (its static tables), then gets the
+        current addresses, told first thing over its link."""
+        table = self._tables[worker.pid] = BackendTable(worker.cfg.llm.backends)
+        if table.apply(self.sets):
+            sets = {url: list(a) for url, a in self.sets.items()}
+            self.workers.tell(worker, {proto.T: proto.BACKENDS, "sets": sets})
+
     def _exited(self, worker: Worker) -> None:
-        self._maps.pop(worker.pid, None)
+        self._tables.pop(worker.pid, None)
         for session in list(self._watched.get(worker.pid, ())):
             self._drop_watch(worker.pid, session)
         self.retired.fold(worker.stats)
@@ -268,20 +332,17 @@ class Services:
             )
         return kind
 
-    def _keys_of(self, worker: Worker) -> tuple[str, ...]:
-        return self._map_of(worker)[0]
-
-    def _map_of(self, worker: Worker) -> tuple[tuple[str, ...], dict[str, int]]:
-        found = self._maps.get(worker.pid)
-        if found is None:
-            keys = backend_keys(b.url for b in worker.cfg.llm.backends)
-            found = self._maps[worker.pid] = (keys, {k: i for i, k in enumerate(keys)})
-        return found
+    def _table_of(self, worker: Worker) -> BackendTable:
+        """The worker's table of backends (one never announced by a spawn: its static ones)."""
+        table = self._tables.get(worker.pid)
+        if table is None:
+            table = self._tables[worker.pid] = BackendTable(worker.cfg.llm.backends)
+        return table
 
     def _key(self, worker: Worker, index: Any) -> str | None:
-        keys = self._keys_of(worker)
-        if isinstance(index, int) and 0 <= index < len(keys):
-            return keys[index]
+        entries = self._table_of(worker).entries
+        if isinstance(index, int) and 0 <= index < len(entries):
+            return entries[index].key
         log.warning("worker %d: no backend %r in its configuration", worker.slot, index)
         return None
 
@@ -294,7 +355,8 @@ class Services:
             if worker is None:
                 continue
             if isinstance(out, Grant):
-                index = self._map_of(worker)[1][out.backend]
+                # Granted keys are those of the worker's table (its acquire, allow): found.
+                index = self._table_of(worker).find(out.backend)
                 msg = {proto.T: proto.SLOT_GRANT, "rid": out.rid, "backend": index}
                 if out.lease:
                     msg["lease"] = True

@@ -74,7 +74,10 @@ every lease too. With ``max_queue = 0`` nobody leases (an idle lease elsewhere w
 
 *Configuration.* Backends are named by their base URL, so :meth:`Granter.reconfigure`
 can keep the counts of the backends a new configuration keeps; a dropped backend gets no
-new slots and is forgotten once its last slot comes back.
+new slots and is forgotten once its last slot comes back. The backends of a dns table
+(:mod:`chatd.backendtable`) come and go the same way, each address its own backend: one that
+disappears is *drained* (its requests in flight finish, it gets no new one), and the waiters
+of the workers that learn of a new one may use it (:meth:`Granter.allow`).
 """
 
 from __future__ import annotations
@@ -208,6 +211,16 @@ class Granter:
             self._dirty = True
             # The queue is shorter, but a slot is not freer: nothing to grant.
         return []
+
+    def allow(self, owner: int, keys: Iterable[str]) -> list[Output]:
+        """``owner``'s waiters may use ``keys`` too (backends it just learnt of: addresses a
+        dns table gained), and are granted them where free. Call it before :meth:`reconfigure`
+        adds them, so no waiter of a replaced address is refused as stranded meanwhile."""
+        new = frozenset(keys)
+        for _, w in self._queue.items():
+            if w.owner == owner:
+                w.allowed |= new
+        return self._serve_queue() if new else []
 
     def owner_gone(self, owner: int) -> list[Output]:
         """``owner`` died: its waiters are dropped, its slots taken back and granted anew."""

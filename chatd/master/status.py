@@ -12,9 +12,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatd.backendtable import BackendTable, Entry
 from chatd.config import Config
 from chatd.proto import control as proto
-from chatd.stats import GranterStats, Histogram, backend_keys
+from chatd.stats import GranterStats, Histogram
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,8 +66,9 @@ def _worker_row(w: WorkerSnapshot) -> dict[str, Any]:
     return row
 
 
-def _backends(cfg: Config, workers: Sequence[WorkerSnapshot]) -> list[dict[str, Any]]:
-    """The configured backends, with health and load as the workers last reported them.
+def _backends(entries: Sequence[Entry], workers: Sequence[WorkerSnapshot]) -> list[dict[str, Any]]:
+    """The backends (the static tables, and each address of the dns tables, which says the
+    table as ``discovered_from``), with health and load as the workers last reported them.
 
     ``healthy`` is None until a worker reports the backend, then True only while every worker
     that reports it says so (one worker that cannot reach a backend is worth showing).
@@ -77,24 +79,26 @@ def _backends(cfg: Config, workers: Sequence[WorkerSnapshot]) -> list[dict[str, 
             if isinstance(b, Mapping) and isinstance(b.get("url"), str):
                 reports.setdefault(b["url"].rstrip("/"), []).append(b)
     out = []
-    for b in cfg.llm.backends:
+    for e in entries:
+        b = e.config
         seen = reports.get(b.base_url, [])
         health = [r["healthy"] for r in seen if isinstance(r.get("healthy"), bool)]
-        out.append(
-            {
-                "url": b.url,
-                "api": b.api,
-                "healthy": all(health) if health else None,
-                "in_flight": sum(_number(r.get("in_flight", 0)) for r in seen),
-                "max_parallel": b.max_parallel,
-            }
-        )
+        row = {
+            "url": b.url,
+            "api": b.api,
+            "healthy": all(health) if health else None,
+            "in_flight": sum(_number(r.get("in_flight", 0)) for r in seen),
+            "max_parallel": b.max_parallel,
+        }
+        if e.origin is not None:
+            row["discovered_from"] = e.origin
+        out.append(row)
     return out
 
 
 def _with_slots(
     backends: list[dict[str, Any]],
-    cfg: Config,
+    entries: Sequence[Entry],
     slots: GranterStats,
     workers: Sequence[WorkerSnapshot],
 ) -> None:
@@ -109,7 +113,7 @@ def _with_slots(
     granted = {b.key: b for b in slots.backends}
     reports = {w.pid: w.stats.get("backends") for w in workers if w.pid is not None}
     usage = slots.usage(reports)
-    for row, key in zip(backends, backend_keys(b.url for b in cfg.llm.backends), strict=True):
+    for row, key in zip(backends, (e.key for e in entries), strict=True):
         b = granted.get(key)
         if b is not None:
             row["in_flight"] = b.in_flight
@@ -121,7 +125,7 @@ def _with_slots(
 
 def _with_embed(
     backends: list[dict[str, Any]],
-    cfg: Config,
+    entries: Sequence[Entry],
     slots: GranterStats,
     workers: Sequence[WorkerSnapshot],
 ) -> None:
@@ -132,8 +136,8 @@ def _with_embed(
     granted = {b.key: b for b in slots.backends}
     reports = {w.pid: w.stats.get("embed_backends") for w in workers if w.pid is not None}
     usage = slots.usage(reports)
-    keys = backend_keys(b.url for b in cfg.llm.backends)
-    for row, key, conf in zip(backends, keys, cfg.llm.backends, strict=True):
+    for row, e in zip(backends, entries, strict=True):
+        key, conf = e.key, e.config
         b = granted.get(key)
         in_use, idle = usage.get(key, (0, 0))
         row["embed"] = {
@@ -196,6 +200,8 @@ def aggregate_status(
     slots: GranterStats | None = None,
     others: Sequence[WorkerSnapshot] = (),
     embed_slots: GranterStats | None = None,
+    table: BackendTable | None = None,
+    discovery: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The ``chatctl status --json`` document (``spec/interfaces.md``), plus extra fields.
 
@@ -219,6 +225,11 @@ def aggregate_status(
             leased_idle, max_parallel}`` and the document ``embed_queue {depth, max, keys}``,
             shaped as the chat ones; ``backends[].in_flight`` and friends and ``queue`` stay
             the chat class's, as they were.
+        table: the backends of the current generation, a dns table's addresses included
+            (:mod:`chatd.backendtable`); None: ``cfg``'s static tables. Its live entries are
+            the ``backends`` rows.
+        discovery: the dns tables' state (:meth:`chatd.master.discovery.Discovery.status`),
+            shown as ``discovery`` when there is any.
     """
     rows = [_worker_row(w) for w in workers]
     other_rows = [_worker_row(w) for w in others]
@@ -230,8 +241,18 @@ def aggregate_status(
             for code, count in codes.items():
                 errors_by_code[str(code)] = errors_by_code.get(str(code), 0) + _number(count)
     totals: dict[str, Any] = {k: sum(row[k] for row in rows + other_rows) for k in _COUNTERS}
+    handoff = {
+        key.removeprefix("handoff_").removesuffix("_total"): sum(
+            _number(w.stats.get(key, 0)) for w in everyone
+        )
+        for key in proto.HANDOFF_KEYS
+    }
     for key, value in (retired or {}).items():
-        totals[key] = totals.get(key, 0) + value
+        if key in proto.HANDOFF_KEYS:
+            handoff[key.removeprefix("handoff_").removesuffix("_total")] += value
+        else:
+            totals[key] = totals.get(key, 0) + value
+    totals["handoff"] = handoff
     totals.update(
         errors_by_code=errors_by_code,
         worker_restarts_total=restarts_total,
@@ -239,10 +260,12 @@ def aggregate_status(
         latency_ms=_merge_latency(everyone, "latency"),
         ttft_ms=_merge_latency(everyone, "ttft"),
     )
-    backends = _backends(cfg, everyone)
+    table = table if table is not None else BackendTable(cfg.llm.backends)
+    entries = [e for e in table.entries if e.live]
+    backends = _backends(entries, everyone)
     queue: dict[str, Any] = {"depth": 0, "max": cfg.llm.max_queue}
     if slots is not None:
-        _with_slots(backends, cfg, slots, everyone)
+        _with_slots(backends, entries, slots, everyone)
         queue = _queue(slots)
     doc: dict[str, Any] = {
         "master": dict(master),
@@ -254,8 +277,10 @@ def aggregate_status(
         "store": _store(everyone),
     }
     if embed_slots is not None:
-        _with_embed(backends, cfg, embed_slots, everyone)
+        _with_embed(backends, entries, embed_slots, everyone)
         doc["embed_queue"] = _queue(embed_slots)
+    if discovery:  # absent without a dns table: the document stays as it was
+        doc["discovery"] = [dict(d) for d in discovery]
     return doc
 
 

@@ -28,8 +28,9 @@ RETIRE_GRACE = 5.0  # seconds past its graceful_timeout before a retired worker 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a hung or abandoned worker
 
 
-def retire(worker: Worker, slot: Slot | None, why: str) -> None:
-    """Detach ``worker`` from its slot and make it drain (escalating, see the docstring)."""
+def retire(worker: Worker, slot: Slot | None, why: str, successor: Worker | None = None) -> None:
+    """Detach ``worker`` from its slot and make it drain (escalating, see the docstring);
+    ``successor``: the worker its open WebSockets move to (``[server] handoff``)."""
     detach(worker, slot)
     now = time.monotonic()
     timeout = worker.cfg.server.graceful_timeout
@@ -41,7 +42,10 @@ def retire(worker: Worker, slot: Slot | None, why: str) -> None:
         *(worker.slot, worker.pid, worker.generation, why, timeout),
     )
     # handover: other workers go on serving, so the drainer sends late hellos there.
-    drain = {proto.T: proto.DRAIN, "timeout": timeout, "handover": True}
+    drain: dict[str, Any] = {proto.T: proto.DRAIN, "timeout": timeout, "handover": True}
+    if successor is not None:
+        drain["successor"] = successor.pid
+        worker.handing_off = True  # until its handoff_done (a roll waits for it)
     if not tell(worker, drain):
         kill(worker, signal.SIGTERM)
 

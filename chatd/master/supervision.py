@@ -59,6 +59,10 @@ class Worker:
     last_heard: float | None = None  # monotonic time of its last message
     drain_sent: float | None = None
     drain_acked: bool = False
+    # Retired with a successor: moving its open WebSockets there until it says handoff_done
+    # (then ``handoff`` holds what it reported: moved, fell_back, deferred, aborted, ms).
+    handing_off: bool = False
+    handoff: dict[str, Any] = field(default_factory=dict)
     signalled: bool = False  # a stop signal (fallback or escalation) was sent
     detached: bool = False  # no longer its slot's worker: draining, or being killed
     kill_at: float | None = None  # when a detached worker still alive gets SIGKILL

@@ -84,7 +84,11 @@ class Workers:
         ]
         self.by_pid: dict[int, Worker] = {}
         self.restarts_total = 0
-        self.retired: dict[str, float] = {"messages_total": 0, "errors_total": 0}
+        self.retired: dict[str, float] = {
+            "messages_total": 0,
+            "errors_total": 0,
+            **dict.fromkeys(proto.HANDOFF_KEYS, 0),
+        }
         """Counters of exited workers (their last report), so daemon totals never go down."""
         self.replacing = True  # False once the master stops: exits are then final
         self.on_all_ready: Callable[[], None] = lambda: None
@@ -93,6 +97,9 @@ class Workers:
         chatd.master.services)."""
         self.on_exit: list[Callable[[Worker], None]] = []
         """Called with each worker reaped (chatd.master.services takes its LLM slots back)."""
+        self.on_spawn: list[Callable[[Worker], None]] = []
+        """Called with each worker forked, its link open (chatd.master.services sends it the
+        addresses of the dns tables before any other message)."""
         self._worker_main = worker_main
         self._sel = sel
         self._close_master_fds = close_master_fds
@@ -182,6 +189,8 @@ class Workers:
             slot.worker = worker
         self.by_pid[pid] = worker
         log.info("worker %d (pid %d) started, generation %d", slot.id, pid, generation)
+        for hook in self.on_spawn:
+            hook(worker)
         return worker
 
     def _close_in_child(self, spec: WorkerSpec, master_end: socket.socket) -> None:
@@ -215,6 +224,8 @@ class Workers:
     def _exited(self, worker: Worker, status: int) -> None:
         slot = self.slot_of(worker)
         if worker.link is not None:
+            worker.link.read_remaining()  # its last report, written just before it exited
+        if worker.link is not None:  # (reading to the end may have closed it)
             worker.link.close()
         for hook in self.on_exit:
             hook(worker)
@@ -301,6 +312,13 @@ class Workers:
         elif kind == proto.DRAINING:
             worker.state = "draining"
             worker.drain_acked = True
+        elif kind == proto.HANDOFF_DONE:
+            worker.handing_off = False
+            worker.handoff = msg
+            # Its final counts, in case its last stats report is not read before it exits.
+            for result in ("moved", "fell_back", "deferred"):
+                key = f"handoff_{result}_total"
+                worker.stats[key] = max(worker.stats.get(key) or 0, msg.get(result) or 0)
         elif kind == proto.HELLO:
             if msg.get("pid") != worker.pid or msg.get("slot") != worker.slot:
                 log.warning("worker %d (pid %d): unexpected hello %r", worker.slot, worker.pid, msg)
@@ -330,9 +348,15 @@ class Workers:
 
     # -- orders --------------------------------------------------------------------------------
 
-    def retire(self, worker: Worker, why: str) -> None:
-        """Detach ``worker`` from its slot and make it drain (:func:`stopping.retire`)."""
-        stopping.retire(worker, self.slot_of(worker), why)
+    def retire(self, worker: Worker, why: str, successor: Worker | None = None) -> None:
+        """Detach ``worker`` from its slot and make it drain (:func:`stopping.retire`), its
+        open WebSockets moving to ``successor`` when given."""
+        stopping.retire(worker, self.slot_of(worker), why, successor)
+
+    def least_loaded(self) -> Worker | None:
+        """The ready worker with the fewest open connections (its last report), or None."""
+        ready = [s.worker for s in self.slots if s.worker is not None and s.worker.state == "ready"]
+        return min(ready, key=lambda w: w.stats.get("connections") or 0, default=None)
 
     def abandon(self, worker: Worker) -> None:
         """Detach ``worker`` and stop it now (:func:`stopping.abandon`)."""

@@ -214,6 +214,7 @@ class ChatConnection:
         self.state = State.AWAITING_HELLO
         self.session: str | None = None
         self.bad_in_a_row = 0
+        self.opened = now  # carried on when the connection moves to another worker
         # Token bucket: messages_per_minute tokens, refilled continuously.
         self._tokens = float(limits.messages_per_minute)
         self._refilled = now
@@ -277,6 +278,23 @@ class ChatConnection:
             self.state = State.CLOSED
             actions.append(Close(CLOSE_POLICY, f"{MAX_BAD_FRAMES} bad frames in a row"))
         return actions
+
+    def limiter_state(self, now: float) -> tuple[float, float]:
+        """The rate limiter as it stands at ``now``: its tokens and the seconds since their
+        last refill (a connection that moves carries them: :mod:`chatd.proto.adoption`)."""
+        return self._tokens, max(0.0, now - self._refilled)
+
+    def adopted(
+        self, session: str, tokens: float, refill_age: float, bad: int, age: float, now: float
+    ) -> None:
+        """Open on ``session`` as moved from another worker: no hello; the limiter, the
+        bad-frame count and the connection's age carried on (the tokens clamped to this
+        connection's limit)."""
+        self.welcomed(session)
+        self.opened = now - age
+        self._tokens = min(float(self.limits.messages_per_minute), tokens)
+        self._refilled = now - refill_age
+        self.bad_in_a_row = bad
 
     def welcomed(self, session: str) -> None:
         """The store resolved the hello: the connection is open on ``session``."""

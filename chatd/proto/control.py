@@ -18,7 +18,8 @@ Messages
 worker -> master
     ``hello {slot, pid, gen}`` first; ``ready`` once it serves; ``stats {...}`` every second from
     the worker's event loop (it doubles as the heartbeat, so a blocked loop goes silent);
-    ``draining`` to acknowledge a drain order. LLM slots: ``slot_acquire {rid, exclude, key}``,
+    ``draining`` to acknowledge a drain order; ``resolved {rid, ok, addresses, error}``.
+    LLM slots: ``slot_acquire {rid, exclude, key}``,
     ``slot_release {backend, count, key}``, ``slot_cancel {rid}`` (each with an optional
     ``class``, below), ``health {backend, healthy}``; and ``metrics_request {rid}``; live handoff:
     ``watch {rid, session}``, ``unwatch {session}``, ``stored {session, seq}`` (see the
@@ -28,7 +29,8 @@ master -> worker
     exit 0. ``stop``: exit now. LLM slots: ``slot_grant {rid, backend, lease}``,
     ``slot_queued {rid, position}``, ``slot_refused {rid, reason}``, ``slot_recall`` (each with
     an optional ``class``); ``metrics {rid, data}``; ``watching {rid, session}``,
-    ``stored {session, seq}``.
+    ``stored {session, seq}``; backends from DNS: ``resolve {rid, host, nameservers}``,
+    ``backends {sets}``.
 chatctl -> master
     ``{"t": "status"}``; the master answers ``{"t": "status", "ok": true, "data": {...}}`` or
     ``{"t": ..., "ok": false, "error": "one sentence"}``. A request may carry an ``id``, which the
@@ -70,6 +72,14 @@ HELLO = "hello"
 READY = "ready"
 STATS = "stats"
 DRAINING = "draining"
+# A drain with a successor is over moving connections: {moved, fell_back, deferred, aborted,
+# ms} (chatd.worker.mover.MoveStats); a roll is done only once its old workers said it.
+HANDOFF_DONE = "handoff_done"
+# The counters of open WebSockets moved between workers (chatd.worker.mover), in ``stats`` as
+# ``handoff_<result>_total``: chatctl status (totals.handoff) and /metrics
+# (chatd_ws_handoffs_total{result}).
+HANDOFF_RESULTS = ("moved", "adopted", "fell_back", "deferred", "aborted", "refused")
+HANDOFF_KEYS = tuple(f"handoff_{result}_total" for result in HANDOFF_RESULTS)
 # master -> worker
 DRAIN = "drain"
 STOP = "stop"
@@ -82,7 +92,8 @@ RELOAD = "reload"
 SCALE = "scale"
 # ``stop`` from chatctl reuses STOP (above): there, a graceful stop of the whole daemon
 # LLM slots (chatd.worker.slots.MasterSlots <-> chatd.master.services.Services); backends are
-# indices into the worker's own [[llm.backends]] list, ``rid`` is unique per worker and class.
+# indices into the worker's own table of backends (its static [[llm.backends]], then what
+# ``backends`` below added: chatd.backendtable), ``rid`` is unique per worker and class.
 # ``key`` names the client a request is for (a hash of its token, or its address): the master
 # serves the keys round robin. Optional: a worker that sends none asks for the key "".
 SLOT_ACQUIRE = "slot_acquire"  # worker -> master {rid, exclude: [backend], key}
@@ -105,6 +116,16 @@ SLOT_CLASS = "class"  # the field
 SLOT_CLASS_CHAT = "chat"  # generations (/ws, /api/chat, /v1/chat/completions)
 SLOT_CLASS_EMBED = "embed"  # embeddings (/api/embed, /api/embeddings, /v1/embeddings)
 SLOT_CLASSES = (SLOT_CLASS_CHAT, SLOT_CLASS_EMBED)
+# Backends from DNS (chatd.master.discovery <-> chatd.worker.discovered): the master has a
+# worker resolve a dns table's host name for it (A and AAAA records; with ``nameservers``,
+# ["ADDRESS[:PORT]"], those servers, else the system's resolver). ``ok`` false: the resolution
+# failed (``error`` says why); true with no address: the name has none (NXDOMAIN, no record).
+RESOLVE = "resolve"  # master -> worker {rid, host, nameservers}
+RESOLVED = "resolved"  # worker -> master {rid, ok, addresses: [IP], error}
+# The addresses of each dns table, by the table's URL as configured (chatd.backendtable): sent
+# to a new worker first, and to every worker when they change; indices of the backends above
+# are then into the worker's table of backends, which this message extends.
+BACKENDS = "backends"  # master -> worker {sets: {table URL: [IP]}}
 # Daemon-wide metrics for /metrics (chatd.metrics): request and answer, matched by ``rid``.
 METRICS_REQUEST = "metrics_request"  # worker -> master {rid}
 METRICS = "metrics"  # master -> worker {rid, data}

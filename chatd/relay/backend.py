@@ -77,6 +77,7 @@ class Backend:
     in_flight: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     loaded: dict[str, float] = field(default_factory=dict)  # model -> monotonic() it stays till
+    live: bool = True  # False: retired (an address no longer discovered: Relay.retire)
 
     @property
     def headers(self) -> dict[str, str]:

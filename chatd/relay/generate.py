@@ -38,20 +38,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aiohttp
 import orjson
 
-from chatd.config import LLMConfig
+from chatd.config import BackendConfig, LLMConfig
 from chatd.errors import UpstreamError
 from chatd.relay.backend import Backend, BackendStats, RelayStats, Reply
+from chatd.relay.backends import Backends
 from chatd.relay.conn import drain, read_capped
 from chatd.relay.deadlines import Guard
 from chatd.relay.failures import broken, http_error
-from chatd.relay.pool import Pool
 from chatd.relay.wire import (
     LineSplitter,
     OllamaDecoder,
@@ -68,82 +67,28 @@ _KEEP_ALIVE_MARGIN = 5.0
 _ERROR_BODY_MAX = 64 * 1024
 _DRAIN_AFTER_DONE = 0.1
 _PS_MAX = 1 << 20  # /api/ps lists the loaded models: a few KB
-# aiohttp warns that enable_cleanup_closed is useless where CPython fixed the SSL leak.
-_CLEANUP_CLOSED = sys.version_info < (3, 12, 7) or (3, 13) <= sys.version_info < (3, 13, 1)
 _JSON = {"Content-Type": "application/json"}
-# The Accept header of a generation, per api (Ollama's own client sends application/x-ndjson).
-_ACCEPT = {"ollama": "application/x-ndjson", "openai": "text/event-stream"}
 
 
-class Relay:
+class Relay(Backends):
     """Streams chat generations from the configured LLM backends.
 
-    ``backend`` arguments are indexes into ``llm.backends``. Use from one event loop,
-    between :meth:`start` and :meth:`close`.
+    ``backend`` arguments are indexes into ``backends`` (default: ``llm.backends``), a list
+    that may grow (:class:`~chatd.relay.backends.Backends`: discovered addresses come and go;
+    indexes never change meaning). Use from one event loop, between :meth:`start` and
+    :meth:`close`.
     """
 
-    def __init__(self, llm: LLMConfig) -> None:
-        self._llm = llm
-        self._backends = [Backend.of(b) for b in llm.backends]
+    def __init__(self, llm: LLMConfig, backends: Sequence[BackendConfig] | None = None) -> None:
+        super().__init__(llm, llm.backends if backends is None else backends)
         hold = parse_keep_alive(llm.keep_alive)
         self._ollama_hold = math.inf if hold is None else max(0.0, hold - _KEEP_ALIVE_MARGIN)
         self._keep_alive = keep_alive_value(llm.keep_alive)
-
-    async def start(self) -> None:
-        """Create one keep-alive HTTP session and one generation pool per backend; call
-        inside the running loop.
-
-        No connection limit: the master's LLM slots already bound the in-flight requests,
-        and a limit would add a second, hidden queue without a deadline. aiohttp connects
-        with Happy Eyeballs (its default 250 ms delay), like the pool.
-        """
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=self._llm.connect_timeout,  # covers DNS too
-            sock_connect=self._llm.connect_timeout,
-            sock_read=None,  # the read deadlines are the Guard's (relay_guard)
-        )
-        for b in self._backends:
-            if b.session is None:
-                b.session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=_CLEANUP_CLOSED),
-                    timeout=timeout,
-                    cookie_jar=aiohttp.DummyCookieJar(),
-                    headers=b.headers,
-                )
-            if b.pool is None:
-                b.pool = Pool(b.url, connect_timeout=self._llm.connect_timeout, headers=b.headers)
-                path = b.chat_url[len(b.url) :]
-                b.chat_head = b.pool.head("POST", path, _ACCEPT.get(b.api, "*/*"))
-
-    async def close(self) -> None:
-        """Close every session and pool (generations still running fail with
-        UpstreamUnavailable)."""
-        for b in self._backends:
-            if b.pool is not None:
-                pool, b.pool = b.pool, None
-                pool.close()
-            if b.session is not None:
-                session, b.session = b.session, None
-                await session.close()
 
     @property
     def llm(self) -> LLMConfig:
         """The ``[llm]`` settings this relay was built from."""
         return self._llm
-
-    @property
-    def count(self) -> int:
-        """How many backends there are (indexes 0 .. count - 1)."""
-        return len(self._backends)
-
-    def backend(self, index: int) -> Backend:
-        """The state of one backend (:mod:`chatd.relay.passthrough` streams through it)."""
-        return self._backends[index]
-
-    def pool(self, index: int) -> Pool:
-        """The generation pool of one backend (after :meth:`start`)."""
-        return self._pool(self._backends[index])
 
     async def first_limit(
         self, backend: int, model: str, on_notice: Callable[[str, str], None] | None = None
@@ -333,16 +278,6 @@ class Relay:
             )
 
     # -- helpers ----------------------------------------------------------------------
-
-    def _session(self, b: Backend) -> aiohttp.ClientSession:
-        if b.session is None:
-            raise RuntimeError("Relay.start() must be awaited before use")
-        return b.session
-
-    def _pool(self, b: Backend) -> Pool:
-        if b.pool is None:
-            raise RuntimeError("Relay.start() must be awaited before use")
-        return b.pool
 
     def _mark_loaded(self, b: Backend, model: str) -> None:
         hold = self._ollama_hold if b.api == "ollama" else math.inf

@@ -1,42 +1,55 @@
-"""The Redis session store: one Redis shared by every worker of every host (``redis://``).
+"""The Redis session store: one Redis deployment shared by every worker of every host.
 
-Each session is a few keys under one hash tag, changed only by Lua scripts, atomically: the key
-layout and the scripts are :mod:`chatd.store.redis_lua`, the connection, its retries and the
-script loading :mod:`chatd.store.redis_conn`. This module is the
-:class:`~chatd.store.base.Store` on top of them: what each call sends, the group commit, and
-what the replies mean.
+``[sessions] store`` names it (:mod:`chatd.store.redis_topology`): ``redis://`` one server,
+``redis+sentinel://`` a master that Sentinels fail over to a replica, ``redis+cluster://`` a
+Redis Cluster. Each session is a few keys under one hash tag (one Cluster slot), changed only
+by Lua scripts that declare every key they touch, atomically: the key layout and the scripts
+are :mod:`chatd.store.redis_lua`, the connection, retries, script loading and WAIT
+:mod:`chatd.store.redis_conn`, the group commit :mod:`chatd.store.redis_batch`. This module is
+the :class:`~chatd.store.base.Store` on top of them: what each call sends and reads.
 
 Appends: ONE Lua script per append (Centrifugo's ``broker_history_add_stream.lua`` pattern) checks
 the session, dedupes, takes the seq with HINCRBY, XADDs, keeps ``ids`` and ``pending`` and
 refreshes the TTL of every key, atomically: hosts appending to one session get distinct,
 contiguous seqs (contracts 1, 2). Scripts are loaded once and called by EVALSHA (NOSCRIPT after a
-restart or SCRIPT FLUSH reloads them). Group commit: one writer task per store sends all queued
-appends as ONE pipeline, one round trip; the next batch gathers while it is in flight.
+restart, a failover or SCRIPT FLUSH reloads them). Group commit: one writer task per store sends
+all queued writes as ONE pipeline, one round trip (one per master in a Cluster).
 
-Retries (in :class:`~chatd.store.redis_conn.RedisConn`): transient connection errors are
-retried with jittered backoff, then raise StoreError naming the URL. Retrying is safe for reads
-and for both write scripts: an append is idempotent per msg_id and carries a per-request token,
-so a retry after a lost reply finds its own write and answers as the first attempt would have
-(``duplicate=False``); a retried create finds its key.
+Retries (in :class:`~chatd.store.redis_conn.RedisConn`): transient errors are retried with
+jittered backoff, then raise StoreError naming the URL (a retryable error: the client resends).
+Retrying is safe for reads and for the write scripts: an append is idempotent per msg_id and
+carries a per-request token, so a retry after a lost reply finds its own write and answers as the
+first attempt would have (``duplicate=False``); a retried create finds its key. The store also
+keeps the token of an append that raised StoreError, and a resend of that message through this
+store (the client's, after ``store_unavailable``) reuses it: if the failed attempt was stored
+after all (its reply lost, or its WAIT short of replicas), the resend answers ``duplicate=False``
+as the first attempt would have, and the worker generates the reply at once instead of after the
+lease the first attempt took lapsed.
 
 Expiry is Redis's: each new append (not a duplicate) sets every key's TTL to ``ttl``. An expired
 session vanishes at once (``get_session`` gives None, appends fail, reads give ``[]``), so
 :meth:`RedisStore.expire` has nothing left to delete and returns 0.
 
-Durability is Redis's persistence: with ``appendonly yes`` and ``appendfsync everysec`` (usual)
-acknowledged appends survive a crash of Redis, but a host crash or power loss can lose about the
-last second of them; ``appendfsync always`` loses none and is slower; RDB snapshots alone can lose
-minutes. A script's writes reach the AOF as one MULTI/EXEC: a replay never holds half an append.
-Redis must not evict keys (``maxmemory-policy noeviction``; :meth:`RedisStore.open` warns).
-Needs Redis >= 5 (streams); one node (the hash tags only prepare for a Cluster).
+Durability: an append is acknowledged once the master has it, or, with ``min_replicas_acks``
+N > 0, once N replicas confirmed it too (``WAIT``; fewer within ``min_replicas_timeout``: a
+StoreError, not acknowledged). Replication is asynchronous, so with N = 0 a failover (Sentinel,
+Cluster) loses the acknowledged appends the replica had not received yet; with N >= 1 it loses
+none as long as the promoted replica is one that confirmed: Sentinel promotes the most
+up-to-date replica (for equal ``replica-priority``), which has them; a Cluster's election only
+favours it (N = every replica of a master makes it certain). Fewer than N live replicas: no
+write is acknowledged (unavailable rather than unsafe). Persistence on each node is Redis's:
+with ``appendonly yes`` and ``appendfsync everysec`` (usual) a Redis process crash loses
+nothing, a host crash or power loss about the last second; ``appendfsync always`` none, slower;
+RDB snapshots alone minutes. A script's writes reach the AOF and the replicas as one MULTI/EXEC:
+a replay never holds half an append. Redis must not evict keys (``maxmemory-policy noeviction``;
+:meth:`RedisStore.open` warns). Needs Redis >= 5 (streams); tested with Redis 7.0 (one server,
+Sentinel, Cluster) and redis-py 8.2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import random
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -44,7 +57,6 @@ from typing import Any
 
 import orjson
 from redis import exceptions as rx
-from redis.asyncio import Redis
 
 from chatd.errors import SessionGone, StoreError
 from chatd.store import redis_lua as lua
@@ -58,18 +70,11 @@ from chatd.store.base import (
     StoreStats,
     new_owner_id,
 )
+from chatd.store.redis_batch import Batcher, short
 from chatd.store.redis_conn import RedisConn
+from chatd.store.redis_topology import Client
 
-# (script name: "append", "create", "claim", "claim_any" or "renew", KEYS, ARGV, the
-# caller's future, the session id)
-_Request = tuple[str, list[str], list[str | int], asyncio.Future[Any], str]
-_RESERVOIR = 4096  # commit latency samples kept (uniform over all commits since open)
-_SESSION = re.compile(r"[A-Za-z0-9_-]{1,64}")  # anything else was not made by create_session
-
-
-def _short(session: str) -> str:
-    # A session id is a capability (it resumes the session): errors and logs show a prefix only.
-    return session[:6] + "…"
+_REMEMBERED = 4096  # tokens of failed appends kept for a resend (oldest dropped first)
 
 
 def _event(entry_id: str, f: Mapping[str, Any], session: str = "") -> Event:
@@ -83,11 +88,12 @@ def _fields(flat: Sequence[str]) -> dict[str, str]:
 
 
 class RedisStore:
-    """The :class:`~chatd.store.base.Store` on a Redis server (see the module docstring).
+    """The :class:`~chatd.store.base.Store` on Redis (see the module docstring).
 
-    ``max_batch`` caps the appends per pipeline; ``backoff`` are the pauses (s) between attempts
-    on a transient connection error (its length is the number of retries); ``timeout`` bounds
-    one connect or one reply (s); ``max_connections`` is the pool size (callers beyond it wait).
+    ``max_batch`` caps the writes per pipeline; ``backoff`` are the pauses (s) between attempts
+    on a transient error (its length is the number of retries); ``timeout`` bounds one connect
+    or one reply (s); ``max_connections`` bounds the operations at once (callers beyond wait);
+    ``min_replicas_acks``/``min_replicas_timeout`` as in ``[sessions]``.
     """
 
     def __init__(
@@ -100,19 +106,24 @@ class RedisStore:
         timeout: float = 5.0,
         max_connections: int = 16,
         owner: str | None = None,
+        min_replicas_acks: int = 0,
+        min_replicas_timeout: float = 1.0,
     ) -> None:
         self.url, self.ttl = url, ttl
         self.owner = owner or new_owner_id()
-        self._max_batch = max_batch
         self._conn = RedisConn(
-            url, backoff=backoff, timeout=timeout, max_connections=max_connections
+            url,
+            backoff=backoff,
+            timeout=timeout,
+            max_connections=max_connections,
+            acks=min_replicas_acks,
+            acks_timeout=min_replicas_timeout,
         )
-        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
+        self._layout = lua.Layout(cluster=self._conn.cluster)
+        self._batch = Batcher(self._conn, max_batch)
         self._closed = False
         self._tokens = (f"{secrets.token_hex(8)}.{n:x}" for n in itertools.count())
-        self._commits = self._rows = self._n_samples = 0
-        self._samples: list[float] = []
+        self._failed: dict[tuple[str, str, bool], str] = {}  # (session, msg_id, user): token
         self.health = Health()
 
     async def open(self) -> None:
@@ -124,27 +135,23 @@ class RedisStore:
         except StoreError:
             self._closed = True
             raise
-        self._writer = asyncio.create_task(self._write_loop(), name="chatd-store-write")
+        self._batch.start()
 
     async def close(self) -> None:
-        """Send every append queued so far, then stop the writer and close the connections."""
+        """Send every write queued so far, then stop the writer and close the connections."""
         if self._closed:
             return
         self._closed = True  # new requests are refused from here on, so the sentinel is last
-        if self._writer is not None:
-            self._queue.put_nowait(None)
-            await self._writer
+        await self._batch.stop()
         await self._conn.close()
 
     # -- writes ---------------------------------------------------------------------------
 
     async def _write(self, script: str, keys: list[str], args: list[Any], session: str) -> Any:
-        if self._writer is None or self._closed:
+        if not self._batch.running or self._closed:
             raise StoreError("the session store is not open")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((script, keys, args, fut, session))
         try:
-            result = await fut
+            result = await self._batch.write(script, keys, args, session)
         except StoreError as exc:
             self.health.failed(exc)
             raise
@@ -152,10 +159,10 @@ class RedisStore:
         return result
 
     async def create_session(self, owner: str) -> str:
-        """Create an empty session with a new id of 128 random bits (22 URL-safe characters)."""
+        """Create an empty session with a new id of 128 random bits or more (URL-safe)."""
         if "\0" in owner:  # as the SQLite store: an owner is a token hash, never binary
             raise ValueError("a session owner cannot contain NUL")
-        session = secrets.token_urlsafe(16)
+        session = self._layout.new_session()
         await self._write("create", lua.keys(session)[:1], [owner, self.ttl], session)
         return session
 
@@ -183,52 +190,101 @@ class RedisStore:
         meta: Mapping[str, Any],
         lease_s: float,
     ) -> Appended:
-        if not _SESSION.fullmatch(session):
-            raise SessionGone(f"unknown or expired session {_short(session)}")
+        if not self._layout.valid(session):
+            raise SessionGone(f"unknown or expired session {short(session)}")
         # Serialized here, so a bad meta fails its caller at once rather than in the batch.
         blob = orjson.dumps(meta if isinstance(meta, dict) else dict(meta)).decode()
-        args = [msg_id, kind, text, blob, self.ttl, next(self._tokens)]
-        args += [self.owner, int(lease_s * 1000), session]
-        keys = [*lua.keys(session), lua.INDEX]
-        result: Appended = await self._write("append", keys, args, session)
+        failed = (session, msg_id, kind == "user")
+        token = self._failed.pop(failed, None) or next(self._tokens)  # see the module doc
+        args = [msg_id, kind, text, blob, self.ttl, token, self.owner, int(lease_s * 1000)]
+        keys = [*lua.keys(session), self._layout.index(session)]
+        try:
+            result: Appended = await self._write("append", keys, [*args, session], session)
+        except SessionGone:
+            raise
+        except StoreError:
+            if len(self._failed) >= _REMEMBERED:
+                del self._failed[next(iter(self._failed))]
+            self._failed[failed] = token
+            raise
         return result
 
     async def claim(self, session: str | None, lease_s: float, limit: int) -> list[Event]:
-        """Take up to ``limit`` lapsed leases, in ``session`` or (None) across sessions through
-        ``chatd:leases``; one script, so atomic (contract 6)."""
+        """Take up to ``limit`` lapsed leases, in ``session`` or (None) across sessions: the
+        lapsed members of every lease index (``due``, read only), then one ``claim`` per
+        session found; each claim is one script, so atomic (contract 6)."""
         if limit <= 0:
             return []
         lease_ms = int(lease_s * 1000)
-        if session is None:
-            got = await self._write("claim_any", [lua.INDEX], [self.owner, lease_ms, limit], "")
-            events = [_event(i, _fields(f), s) for s, (i, f) in got]
-        else:
-            if not _SESSION.fullmatch(session):
+        if session is not None:
+            if not self._layout.valid(session):
                 return []
-            k = lua.keys(session)
-            keys = [k[0], k[1], k[3], k[4], lua.INDEX]
-            got = await self._write("claim", keys, [self.owner, lease_ms, limit, session], session)
+            args = [self.owner, lease_ms, limit, session]
+            got = await self._write("claim", self._claim_keys(session), args, session)
             events = [_event(i, _fields(f), session) for i, f in got]
+        else:
+            events = await self._sweep(lease_ms, limit)
         events.sort(key=lambda e: (e.session, e.seq))
         return events
+
+    def _claim_keys(self, session: str) -> list[str]:
+        k = lua.keys(session)
+        return [k[0], k[1], k[3], k[4], self._layout.index(session)]
+
+    async def _sweep(self, lease_ms: int, limit: int) -> list[Event]:
+        calls = [("due", [index], [limit]) for index in self._layout.indexes()]
+        dues = await self._read(lambda _r: self._conn.pipeline(calls))
+        wanted: dict[str, list[str]] = {}  # session: its candidates, `limit` at most in all
+        room = limit
+        for due in dues:
+            if isinstance(due, Exception):  # one master refused: the others are swept still
+                continue
+            for member in due[:room]:
+                s, _, m = member.partition(" ")  # (only appends of valid sessions index)
+                wanted.setdefault(s, []).append(m)
+                room -= 1
+        claims = [
+            self._write("claim", self._claim_keys(s), [self.owner, lease_ms, len(ms), s, *ms], s)
+            for s, ms in wanted.items()
+        ]
+        got = await asyncio.gather(*claims)
+        return [
+            _event(i, _fields(f), s)
+            for s, entries in zip(wanted, got, strict=True)
+            for i, f in entries
+        ]
 
     async def renew(self, session: str, msg_ids: Sequence[str], lease_s: float) -> set[str]:
         """Extend this store's leases (contract 6); renewals queued together share the writer's
         pipeline, one round trip."""
-        if not msg_ids or not _SESSION.fullmatch(session):
+        if not msg_ids or not self._layout.valid(session):
             return set()
-        keys = [lua.keys(session)[4], lua.INDEX]
+        keys = [lua.keys(session)[4], self._layout.index(session)]
         args = [self.owner, int(lease_s * 1000), session, *msg_ids]
         got = await self._write("renew", keys, args, session)
         return set(got)
 
     async def probe(self) -> None:
-        """See :meth:`chatd.store.base.Store.probe`: a key of this store's own, with a TTL, so
-        a Redis that refuses writes (down, read-only replica, out of memory, a failed AOF
-        write) fails it."""
-        key = f"chatd:probe:{self.owner}"
-        await self._read(lambda r: r.set(key, str(time.time()), ex=60))
+        """See :meth:`chatd.store.base.Store.probe`: a key of this store's own on every master
+        that holds sessions, with a TTL, through the writer (so WAIT too), so a Redis that
+        refuses writes (down, read-only replica, out of memory, a failed AOF write, replicas
+        short of ``min_replicas_acks``) fails it."""
+        if self._closed:
+            raise StoreError("the session store is not open")
+        keys = self._layout.probes(self.owner)
+        if self._conn.cluster:
+            keys = self._one_per_master(keys)
+        value = str(time.time())
+        await asyncio.gather(*(self._write("probe", [k], [value], "") for k in keys))
         self.health.recovered()
+
+    def _one_per_master(self, keys: list[str]) -> list[str]:
+        cluster: Any = self._conn.client()
+        try:
+            nodes = {cluster.get_node_from_key(k).name: k for k in reversed(keys)}
+        except (rx.RedisError, rx.RedisClusterException):  # no slot map: the writes will say
+            return keys
+        return list(nodes.values())
 
     async def expire(self) -> int:
         """Redis deletes idle sessions itself (key TTLs): nothing is left to delete; returns 0."""
@@ -236,57 +292,9 @@ class RedisStore:
             raise StoreError("the session store is not open")
         return 0
 
-    async def _write_loop(self) -> None:
-        """The writer task: take every queued request (up to ``max_batch``), send them as one
-        pipeline, resolve their futures; until the sentinel. A lone request goes at once."""
-        running = True
-        while running:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                if (item := self._queue.get_nowait()) is None:
-                    running = False
-                    break
-                batch.append(item)
-            await self._run_batch(batch)
-
-    async def _run_batch(self, batch: list[_Request]) -> None:
-        start = time.monotonic()
-        try:
-            calls = [(script, keys, args) for script, keys, args, _, _ in batch]
-            replies = await self._conn.retrying(lambda: self._conn.pipeline(calls))
-        except Exception as exc:  # StoreError, or a bug: fail the batch, never the writer
-            replies = [exc] * len(batch)
-        rows = wrote = 0
-        where = self._conn.where
-        for (script, _, _, fut, session), reply in zip(batch, replies, strict=True):
-            result: Any
-            if isinstance(reply, BaseException):  # one instance per caller: tracebacks differ
-                why = reply if isinstance(reply, StoreError) else f"{where} failed: {reply}"
-                result = StoreError(f"{why}")
-                result.__cause__ = reply
-            elif script == "create":
-                result, wrote = session, 1
-            elif script != "append":  # claim, claim_any, renew: the script's reply as it is
-                result = reply
-            elif reply[0] == 0:
-                result = SessionGone(f"unknown or expired session {_short(session)}")
-            else:
-                result = Appended(int(reply[0]), bool(reply[1]))
-                rows += not result.duplicate
-            if fut.done():  # the caller was cancelled; its write may still have committed
-                continue
-            if isinstance(result, BaseException):
-                fut.set_exception(result)
-            else:
-                fut.set_result(result)
-        self._record((time.monotonic() - start) * 1000.0, rows, bool(rows or wrote))
-
     # -- reads ----------------------------------------------------------------------------
 
-    async def _read(self, fn: Callable[[Redis], Awaitable[Any]]) -> Any:
+    async def _read(self, fn: Callable[[Client], Awaitable[Any]]) -> Any:
         """``fn(client)``, one round trip, retried on transient errors. Any: redis-py's reply
         types are loose (``bytes | str | None``...); each caller knows its command's reply."""
         if self._closed:
@@ -302,7 +310,7 @@ class RedisStore:
 
     async def get_session(self, session: str) -> SessionInfo | None:
         """The session, or None if it never existed or its keys expired (idle > ``ttl`` s)."""
-        if not _SESSION.fullmatch(session):
+        if not self._layout.valid(session):
             return None
         meta, fields = lua.keys(session)[0], ["owner", "seq", "updated_at"]
         owner, seq, updated = await self._read(lambda r: r.hmget(meta, fields))
@@ -310,7 +318,7 @@ class RedisStore:
 
     async def events_after(self, session: str, after_seq: int) -> list[Event]:
         """Every event with ``seq > after_seq``, in seq order (one XRANGE from the seq id)."""
-        if not _SESSION.fullmatch(session):
+        if not self._layout.valid(session):
             return []
         key, start = lua.keys(session)[1], f"{max(after_seq, 0) + 1}-0"
         return [_event(i, f) for i, f in await self._read(lambda r: r.xrange(key, start, "+"))]
@@ -324,12 +332,12 @@ class RedisStore:
         ``turns`` turns plus the errored and unanswered messages among them. A final stored
         before its user event (``early``) makes it scan the whole log, to pair as SQLite does.
         """
-        if turns <= 0 or not _SESSION.fullmatch(session):
+        if turns <= 0 or not self._layout.valid(session):
             return []
         meta, key = lua.keys(session)[:2]
         count, top = 4 * turns, "+"
 
-        async def first(r: Redis) -> Any:  # the flag and the first page: one round trip
+        async def first(r: Client) -> Any:  # the flag and the first page: one round trip
             async with r.pipeline(transaction=False) as pipe:
                 pipe.hget(meta, "early")
                 pipe.xrevrange(key, top, "-", count)
@@ -361,37 +369,18 @@ class RedisStore:
 
     async def unanswered(self, session: str) -> list[Event]:
         """The user events that have neither a reply nor a final error yet, in seq order."""
-        if not _SESSION.fullmatch(session):
+        if not self._layout.valid(session):
             return []
         keys = lua.keys(session)
 
-        async def call(r: Redis) -> Any:
-            try:
-                return await r.evalsha(self._conn.sha("unanswered"), 2, keys[3], keys[1])
-            except rx.NoScriptError:  # Redis restarted or flushed its scripts: it did not run
-                await self._conn.load_scripts()
-                return await r.evalsha(self._conn.sha("unanswered"), 2, keys[3], keys[1])
+        async def call(_r: Client) -> Any:
+            [entries] = await self._conn.pipeline([("unanswered", [keys[3], keys[1]], [])])
+            if isinstance(entries, Exception):  # in the retry, so it ends as a StoreError
+                raise entries
+            return entries
 
-        entries = await self._read(call)
-        return [_event(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in entries]
-
-    # -- statistics -----------------------------------------------------------------------
-
-    def _record(self, elapsed_ms: float, rows: int, wrote: bool) -> None:
-        self._rows += rows
-        self._commits += wrote
-        self._n_samples += 1
-        if len(self._samples) < _RESERVOIR:
-            self._samples.append(elapsed_ms)
-        elif (j := random.randrange(self._n_samples)) < _RESERVOIR:  # reservoir sampling (R)
-            self._samples[j] = elapsed_ms
+        return [_event(i, _fields(f)) for i, f in await self._read(call)]
 
     def statistics(self) -> StoreStats:
-        """Write round trips that stored something, event rows stored (duplicates excluded),
-        round-trip latency (retries included), and ``busy_retries`` 0 (Redis has no lock)."""
-        samples = sorted(self._samples)
-
-        def pct(q: float) -> float:
-            return samples[min(len(samples) - 1, int(q * len(samples)))] if samples else 0.0
-
-        return StoreStats(self._commits, self._rows, pct(0.50), pct(0.99), 0)
+        """See :meth:`chatd.store.redis_batch.Batcher.statistics`."""
+        return self._batch.statistics()

@@ -4,30 +4,43 @@ Kept apart from the store's connection and batching so each reads on its own: th
 what Redis holds and how it changes, each script atomically. :data:`SCRIPTS` maps a name to a
 script's body; each body starts with a comment naming its KEYS, its ARGV and what it returns,
 which is the contract its caller in :mod:`chatd.store.redis` follows. :func:`keys` gives a
-session's keys, :data:`INDEX` the one global key.
+session's keys, :class:`Layout` where its lease index lives and which session ids are valid.
 
-A session is four keys sharing the hash tag ``{S}`` (S = the session id), so in a Redis Cluster
+A session is five keys sharing the hash tag ``{S}`` (S = the session id), so in a Redis Cluster
 they sit on one slot and one Lua script may touch them all:
 
 - ``chatd:s:{S}:meta`` hash: ``owner``, ``seq`` (the last seq given), ``created_at``,
   ``updated_at`` (Redis server time: one clock for all hosts), ``early`` (finals stored before
-  their user event: never by the worker; when set, ``history`` scans the whole log);
+  their user event: never by the worker; when set, ``history`` scans the whole log), ``again``
+  (requests answered "done already": a retried create, a duplicate append);
 - ``chatd:s:{S}:log`` stream: one entry per event, its id ``<seq>-0``; fields ``k`` kind,
   ``m`` msg_id, ``t`` text, ``x`` meta (JSON), ``ts``;
 - ``chatd:s:{S}:ids`` hash: ``u:<msg_id>`` / ``f:<msg_id>`` -> ``<seq>:<token>`` (the dedupe);
 - ``chatd:s:{S}:pending`` sorted set: the unanswered user msg_ids, scored by seq;
 - ``chatd:s:{S}:lease`` hash: msg_id -> ``owner:until_ms:fence``, the owner lease of each
   unanswered message (contract 6; ``owner`` is the store's id, ``until_ms`` Redis server time,
-  ``fence`` counts the claims). Plus one global key, ``chatd:leases``, a sorted set of
-  ``"S msg_id"`` scored by ``until_ms``: the sweep finds lapsed leases across sessions in one
-  ZRANGEBYSCORE instead of visiting every session.
+  ``fence`` counts the claims).
 
-Leases: the append script leases a new user message to the appending store and, for a final,
-deletes the lease (both key and index, atomically with the append). ``claim`` and ``renew`` are
-scripts too, so a lease changes hands atomically. The sweep's claim script reaches the session
-keys it finds in ``chatd:leases`` without declaring them: fine on one node (what this store
-supports), a Cluster would need one index per slot. Index members of expired or answered
-sessions are dropped by the claim that meets them.
+Plus the **lease index**: sorted sets of ``"S msg_id"`` scored by ``until_ms``, so the sweep
+finds lapsed leases across sessions with a ZRANGEBYSCORE instead of visiting every session.
+Every script that changes a lease changes its index member in the same script, so the index
+must sit on the session's slot. On one node (a single server, or Sentinel's master) there is
+one index, ``chatd:leases``, and any session id. In a Cluster there are :data:`BUCKETS` index
+keys ``chatd:leases:{k}`` (k = 0..BUCKETS-1, each on the slot of the string ``k``), and
+``create`` only makes session ids whose slot is one of theirs (drawn again until it is: 136
+random bits, ~128 draws, ~0.2 ms), so each session's index is on its slot; the sweep asks
+every bucket. The sessions then use at most BUCKETS of the 16384 slots: enough to spread over
+dozens of masters, and resharding moves whole buckets.
+
+Every script declares every key it touches (Cluster-safe): the sweep is two steps, ``due``
+(read only: the lapsed members of one index) then ``claim`` of the sessions it found, with
+their keys. Index members of expired or answered sessions are dropped by the claim that meets
+them.
+
+Every write script that answers "done already" (a retried ``create``, a duplicate append)
+still writes (it counts ``again``; the TTLs stay: a duplicate is no activity), so a ``WAIT``
+after it covers the original write, which is earlier in the replication stream: a resend is
+never acknowledged on the strength of a write no replica has seen (``min_replicas_acks``).
 
 A stream, not a list: XADD with an explicit id refuses one not above the top, so Redis itself
 guards the seq order (as the SQLite trigger does), and XRANGE finds "seq > N" by id in
@@ -36,8 +49,16 @@ O(log n + m) where LRANGE walks an index, O(n), which a trim of the log would al
 
 from __future__ import annotations
 
+import re
+import secrets
+
+from redis.crc import key_slot
+
 INDEX = "chatd:leases"
-"""The one global key: the lease index, ``"S msg_id"`` scored by the lease's ``until_ms``."""
+"""The lease index on one node: ``"S msg_id"`` scored by the lease's ``until_ms``."""
+BUCKETS = 128
+"""Lease index keys of a Cluster (see the module docstring)."""
+_SESSION = re.compile(r"[A-Za-z0-9_-]{1,64}")  # anything else was not made by a create
 
 _NOW_MS = "local t = redis.call('TIME') local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)"
 _LEASE_OF = """local function lease_of(v)  -- owner, until_ms, fence of a lease value (or nil)
@@ -46,13 +67,16 @@ _LEASE_OF = """local function lease_of(v)  -- owner, until_ms, fence of a lease 
   return o, tonumber(u), tonumber(f)
 end"""
 _NOW = "local t = redis.call('TIME') local now = t[1] .. '.' .. string.format('%06d', t[2])"
-_CREATE = f"""-- KEYS: meta. ARGV: owner, ttl
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end  -- a retried create: already done
+_CREATE = f"""-- KEYS: meta. ARGV: owner, ttl. Returns 1, or 0 for a retry (created already).
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'again', 1)  -- a write: a WAIT after it covers the create
+  return 0
+end
 {_NOW}
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'seq', 0, 'created_at', now, 'updated_at', now)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1"""
-_APPEND = f"""-- KEYS: meta, log, ids, pending, lease, the lease index.
+_APPEND = f"""-- KEYS: meta, log, ids, pending, lease, the session's lease index.
 -- ARGV: msg_id, kind, text, meta, ttl, token, owner, lease_ms, session.
 -- Returns {{seq, duplicate}}; seq 0: the session is unknown or expired.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {{0, 0}} end
@@ -60,6 +84,7 @@ local user = ARGV[2] == 'user'
 local field = (user and 'u:' or 'f:') .. ARGV[1]
 local old = redis.call('HGET', KEYS[3], field)
 if old then  -- stored already; by this very request if the token matches (a retry)
+  redis.call('HINCRBY', KEYS[1], 'again', 1)  -- a write: a WAIT after it covers the stored one
   local sep = string.find(old, ':', 1, true)
   return {{tonumber(string.sub(old, 1, sep - 1)), string.sub(old, sep + 1) == ARGV[6] and 0 or 1}}
 end
@@ -95,59 +120,52 @@ for i = 2, #pending, 2 do
   if got[1] then out[#out + 1] = got[1] end
 end
 return out"""
-_CLAIM = f"""-- KEYS: meta, log, pending, lease, the lease index.
--- ARGV: owner, lease_ms, limit, session.
--- Claims the lapsed (or missing) leases of the session's unanswered messages; returns their
--- user events as XRANGE entries.
+_CLAIM = f"""-- KEYS: meta, log, pending, lease, the session's lease index.
+-- ARGV: owner, lease_ms, limit, session, then the msg_ids to look at (the sweep's candidates
+-- from the index), or none: every unanswered message of the session (a resume).
+-- Claims the lapsed (or missing) leases among them; returns their user events as XRANGE
+-- entries. A candidate no longer pending (answered, or the session expired) leaves the index;
+-- a held one is scored at its lease's end (the index lagged a renewal).
 {_LEASE_OF}
-if redis.call('EXISTS', KEYS[1]) == 0 then return {{}} end
 {_NOW_MS}
-local out, limit = {{}}, tonumber(ARGV[3])
-local pending = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
-for i = 1, #pending, 2 do
+local out, limit, prefix = {{}}, tonumber(ARGV[3]), ARGV[4] .. ' '
+local alive = redis.call('EXISTS', KEYS[1]) == 1
+local todo = {{}}
+if #ARGV > 4 then
+  for i = 5, #ARGV do
+    local seq = alive and redis.call('ZSCORE', KEYS[3], ARGV[i])
+    if seq then
+      todo[#todo + 1] = {{ARGV[i], seq}}
+    else
+      redis.call('ZREM', KEYS[5], prefix .. ARGV[i])
+    end
+  end
+elseif alive then
+  local pending = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+  for i = 1, #pending, 2 do todo[#todo + 1] = {{pending[i], pending[i + 1]}} end
+end
+for _, t in ipairs(todo) do
   if #out >= limit then break end
-  local m = pending[i]
+  local m, seq = t[1], t[2]
   local _, untl, fence = lease_of(redis.call('HGET', KEYS[4], m))
   if untl < now_ms then
-    local got = redis.call('XRANGE', KEYS[2], pending[i + 1] .. '-0', pending[i + 1] .. '-0')
+    local got = redis.call('XRANGE', KEYS[2], seq .. '-0', seq .. '-0')
     if got[1] then
       local new = now_ms + tonumber(ARGV[2])
       redis.call('HSET', KEYS[4], m, ARGV[1] .. ':' .. new .. ':' .. (fence + 1))
-      redis.call('ZADD', KEYS[5], new, ARGV[4] .. ' ' .. m)
+      redis.call('ZADD', KEYS[5], new, prefix .. m)
       out[#out + 1] = got[1]
     end
+  elseif #ARGV > 4 then
+    redis.call('ZADD', KEYS[5], untl, prefix .. m)
   end
 end
 return out"""
-_CLAIM_ANY = f"""-- KEYS: the lease index. ARGV: owner, lease_ms, limit.
--- The sweep: claims lapsed leases across sessions; returns {{session, XRANGE entry}} pairs.
-{_LEASE_OF}
+_DUE = f"""-- KEYS: a lease index. ARGV: limit. Reads only.
+-- Returns up to limit members ("S msg_id") whose lease lapsed, the earliest first.
 {_NOW_MS}
-local out, limit = {{}}, tonumber(ARGV[3])
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms - 1, 'LIMIT', 0, 4 * limit)
-for _, member in ipairs(due) do
-  if #out >= limit then break end
-  local sp = string.find(member, ' ', 1, true)
-  local s, m = string.sub(member, 1, sp - 1), string.sub(member, sp + 1)
-  local prefix = 'chatd:s:{{' .. s .. '}}:'
-  local seq = redis.call('ZSCORE', prefix .. 'pending', m)
-  local got = seq and redis.call('XRANGE', prefix .. 'log', seq .. '-0', seq .. '-0') or {{}}
-  if not got[1] then
-    redis.call('ZREM', KEYS[1], member)  -- answered, or the session expired
-  else
-    local _, untl, fence = lease_of(redis.call('HGET', prefix .. 'lease', m))
-    if untl < now_ms then
-      local new = now_ms + tonumber(ARGV[2])
-      redis.call('HSET', prefix .. 'lease', m, ARGV[1] .. ':' .. new .. ':' .. (fence + 1))
-      redis.call('ZADD', KEYS[1], new, member)
-      out[#out + 1] = {{s, got[1]}}
-    else
-      redis.call('ZADD', KEYS[1], untl, member)  -- the index lagged a renewal: repair it
-    end
-  end
-end
-return out"""
-_RENEW = f"""-- KEYS: lease, the lease index. ARGV: owner, lease_ms, session, msg_id...
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms - 1, 'LIMIT', 0, tonumber(ARGV[1]))"""
+_RENEW = f"""-- KEYS: lease, the session's lease index. ARGV: owner, lease_ms, session, msg_id...
 -- Extends the caller's leases; returns the msg_ids it still held.
 {_LEASE_OF}
 {_NOW_MS}
@@ -161,18 +179,73 @@ for i = 4, #ARGV do
   end
 end
 return out"""
+_PROBE = """-- KEYS: a probe key. ARGV: a value. A write that changes no session, gone after 60 s.
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 60)
+return 1"""
 
 SCRIPTS = {
     "create": _CREATE,
     "append": _APPEND,
     "unanswered": _UNANSWERED,
     "claim": _CLAIM,
-    "claim_any": _CLAIM_ANY,
+    "due": _DUE,
     "renew": _RENEW,
+    "probe": _PROBE,
 }
+READS = frozenset({"unanswered", "due"})
+"""The scripts that write nothing (no WAIT after them)."""
 
 
 def keys(session: str) -> list[str]:
     """meta, log, ids, pending, lease: one hash tag, so one Cluster slot."""
     prefix = f"chatd:s:{{{session}}}:"
     return [prefix + k for k in ("meta", "log", "ids", "pending", "lease")]
+
+
+class Layout:
+    """Where the lease index of a session lives, and which session ids are valid: on one node
+    (``cluster`` False: one index, any id) or in a Cluster (:data:`BUCKETS` indexes, each on
+    the slot of its sessions; see the module docstring)."""
+
+    __slots__ = ("_bucket_of_slot", "cluster")
+
+    def __init__(self, cluster: bool) -> None:
+        self.cluster = cluster
+        self._bucket_of_slot: dict[int, int] = {}
+        if cluster:  # two buckets whose names share a slot: the first serves it
+            for k in range(BUCKETS):
+                self._bucket_of_slot.setdefault(key_slot(str(k).encode()), k)
+
+    def valid(self, session: str) -> bool:
+        """Whether ``session`` can name a session here (else it is unknown, not an error)."""
+        if not _SESSION.fullmatch(session):
+            return False
+        return not self.cluster or key_slot(session.encode()) in self._bucket_of_slot
+
+    def new_session(self) -> str:
+        """A new session id: 128 random bits or more, URL-safe; in a Cluster, on a bucket's
+        slot (136 random bits drawn until it is: what is left is still over 128 bits)."""
+        if not self.cluster:
+            return secrets.token_urlsafe(16)
+        while True:
+            session = secrets.token_urlsafe(17)
+            if key_slot(session.encode()) in self._bucket_of_slot:
+                return session
+
+    def index(self, session: str) -> str:
+        """The lease index key of ``session`` (a valid one): on its slot in a Cluster."""
+        if not self.cluster:
+            return INDEX
+        return f"{INDEX}:{{{self._bucket_of_slot[key_slot(session.encode())]}}}"
+
+    def indexes(self) -> list[str]:
+        """Every lease index key, for the sweep."""
+        if not self.cluster:
+            return [INDEX]
+        return [f"{INDEX}:{{{k}}}" for k in sorted(set(self._bucket_of_slot.values()))]
+
+    def probes(self, owner: str) -> list[str]:
+        """Keys a probe may write, one per index (the caller keeps one per node)."""
+        if not self.cluster:
+            return [f"chatd:probe:{owner}"]
+        return [f"chatd:probe:{{{k}}}:{owner}" for k in sorted(set(self._bucket_of_slot.values()))]

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from typing import ClassVar, cast
 
 from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame
+from websockets.protocol import Event
 
 from chatd.proto.httpapi import ApiError, ollama_error, openai_error
 from chatd.worker.httpconn import MAX_BODY, Handler, HttpConnection, Refuser
@@ -185,6 +187,12 @@ class FrontConnection(ServerConnection):
     front: ClassVar[Front]
     """Set on a subclass per worker (:func:`connection_class`)."""
 
+    # Bytes of WebSocket frames fed to websockets, and of frames it parsed: equal exactly at a
+    # frame boundary, where the connection may move to another worker
+    # (:func:`chatd.worker.wsadopt.movable`). Class defaults: no memory until the first frame.
+    fed: int = 0
+    parsed: int = 0
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Not websockets' yet: its handshake task starts only for an upgrade.
         # cast: uvloop's TCPTransport has Transport's methods without subclassing it.
@@ -195,6 +203,7 @@ class FrontConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         sniff = self.front.sniffing.get(self)
         if sniff is None:
+            self.fed += len(data)
             super().data_received(data)  # a WebSocket: websockets' from the first byte on
             return
         if sniff.refused:
@@ -212,6 +221,7 @@ class FrontConnection(ServerConnection):
         transport = sniff.transport
         if _is_upgrade(buffered[:end]):
             super().connection_made(transport)
+            self.fed = len(buffered) - end - 4  # what follows the head: frames, if any
             super().data_received(buffered)
             return
         front = self.front
@@ -242,6 +252,11 @@ class FrontConnection(ServerConnection):
         else:
             transport.close()
 
+    def process_event(self, event: Event) -> None:
+        if isinstance(event, Frame):
+            self.parsed += wire_size(event)
+        super().process_event(event)
+
     def eof_received(self) -> None:
         if self not in self.front.sniffing:
             super().eof_received()
@@ -264,6 +279,14 @@ class FrontConnection(ServerConnection):
 
 
 _TOO_LARGE = _raw_response(431, "Request Header Fields Too Large", "request headers over the limit")
+
+
+def wire_size(frame: Frame) -> int:
+    """The bytes a client's frame took on the wire: 2 header bytes, 0, 2 or 8 of extended
+    length, 4 of mask, the payload (exact with no extension, the only case that moves; a
+    client's needlessly long length encoding only makes a boundary look further away)."""
+    n = len(frame.data)
+    return 6 + n + (0 if n < 126 else 2 if n < 65536 else 8)
 
 
 def connection_class(front: Front) -> type[FrontConnection]:

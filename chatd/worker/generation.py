@@ -343,7 +343,9 @@ class Hub(Listeners):
         queueing)."""
         failed: set[int] = set()
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            exclude = frozenset(failed) if len(failed) < len(self.cfg.llm.backends) else frozenset()
+            # Every backend failed (retired ones aside): any of them may be tried again.
+            live = set(self.relay.live)
+            exclude = frozenset(failed) if not live <= failed else frozenset()
             backend = await self.slots.acquire(on_position, exclude, client)
             if clock is not None:
                 clock.granted = time.monotonic()
@@ -354,7 +356,7 @@ class Hub(Listeners):
                     raise
                 # Health is the health checks' call; one failure only steers the retry elsewhere.
                 failed.add(backend)
-                if exc.code == "llm_timeout" and len(failed) >= len(self.cfg.llm.backends):
+                if exc.code == "llm_timeout" and set(self.relay.live) <= failed:
                     # A backend that let a deadline pass is busy or stuck: asking it again
                     # would make the client wait the deadline twice. Only another one may.
                     raise

@@ -169,9 +169,7 @@ class Listeners:
         if not subs:
             return
         events = await self.store.events_after(session, min(o.floor for o in subs))
-        for ev in events:
-            if ev.kind == "user":
-                continue  # acknowledged to the connection that sent it, or replayed
+        for ev in events:  # user messages too: each connection gets every seq, in order
             frame = chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta)
             reply_to = ev.msg_id if ev.kind == "reply" else None
             self._publish(session, frame, ev.seq, reply_to)

@@ -13,7 +13,8 @@ What the worker must do with what arrives (``on_command`` gets each message as a
 * ``{"t": "drain", "timeout": s, "handover": bool}``: call :meth:`MasterLink.send_draining`,
   stop accepting, finish the replies in flight, close clients with 1001, exit 0 within
   ``timeout``; ``handover`` (reload, recycle, scale: other workers go on serving) closes a
-  late hello with a bare 1001 instead of a ``shutting_down`` error;
+  late hello with a bare 1001 instead of a ``shutting_down`` error; ``successor`` (a pid, with
+  ``handover``): move the open WebSockets to that worker instead (:mod:`chatd.worker.mover`);
 * ``{"t": "stop"}``: exit now;
 * the LLM slot messages (``MasterSlots.MESSAGES``: ``slot_grant``, ``slot_queued``,
   ``slot_refused``, ``slot_recall``): hand them to its :class:`chatd.worker.slots.MasterSlots`

@@ -33,6 +33,7 @@ from setproctitle import setproctitle
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from chatd import faults, tls
+from chatd.backendtable import BackendTable
 from chatd.config import Config
 from chatd.errors import ExitCode, StoreError
 from chatd.logs import set_role
@@ -43,11 +44,14 @@ from chatd.relay.generate import Relay
 from chatd.spec import WorkerSpec
 from chatd.store import open_store
 from chatd.worker.api.setup import api_router
+from chatd.worker.closing import Closing
+from chatd.worker.discovered import Discovered
 from chatd.worker.front import Front, connection_class
 from chatd.worker.generation import Hub
 from chatd.worker.http import HttpEndpoints, frame_limit, limit_headers
 from chatd.worker.link import MasterLink
-from chatd.worker.outbox import OutboundBudget, Outbox
+from chatd.worker.moves import Moves
+from chatd.worker.outbox import OutboundBudget
 from chatd.worker.report import stats_message
 from chatd.worker.session import WorkerState, serve_connection
 from chatd.worker.slots import MasterSlots, dispatch
@@ -69,18 +73,27 @@ class Worker:
         self.cfg: Config = spec.cfg
         self.name = f"{spec.slot}/{os.getpid()}"
         self.store = open_store(self.cfg.sessions)
-        self.relay = Relay(self.cfg.llm)
+        # The backends: the static tables, then the dns tables' addresses as the master tells
+        # them (chatd.backendtable: the relay and the slots index backends alike).
+        self.table = BackendTable(self.cfg.llm.backends)
+        self.relay = Relay(self.cfg.llm, self.table.configs)
         self.link = MasterLink.from_spec(spec)
         # The master grants the LLM slots of every worker: the cap is daemon-wide.
-        self.slots = MasterSlots(self.cfg.llm.backends, self.link.send)
+        self.slots = MasterSlots(self.table.configs, self.link.send)
         # Embeddings take slots of their own class (max_parallel_embed, their own queue), so a
         # burst of them never delays a chat generation: acquire/release like self.slots.
         embed = proto.SLOT_CLASS_EMBED
-        self.embed_slots = MasterSlots(self.cfg.llm.backends, self.link.send, embed)
+        self.embed_slots = MasterSlots(self.table.configs, self.link.send, embed)
+        self.discovered = Discovered(
+            self.table,
+            self.relay,
+            (self.slots, self.embed_slots),
+            self.link.send,
+            lambda i: self.relay.prewarm(i, self.cfg.llm.model),
+        )
         self.slot_classes = {proto.SLOT_CLASS_CHAT: self.slots, embed: self.embed_slots}
         self.hub = Hub(self.cfg, self.store, self.relay, self.slots, self.link)
         self.api = api_router(self.cfg, self.relay, self.slots, self.embed_slots)
-        self._closers: set[asyncio.Task[None]] = set()  # a drain's 1001 closes in progress
         self.state = WorkerState(
             hub=self.hub,
             store=self.store,
@@ -96,6 +109,9 @@ class Worker:
             ),
             auth_on=bool(self.cfg.auth.tokens),
         )
+        self.moves = Moves(self.cfg, self.state)  # open WebSockets moving between workers
+        self.closing = Closing(self.state, self.hub)  # how a drain lets them go
+        self._successor = 0  # the pid a drain moves the connections to (0: none)
         self.server: Server | None = None
         self.front: Front | None = None  # the plain HTTP side of the port
         self._stop = asyncio.Event()
@@ -160,9 +176,12 @@ class Worker:
             ssl=ssl_context,
             create_connection=connection_class(self.front),
         )
+        self.moves.server, self.moves.front = self.server, self.front
+        self.moves.listen()
         self._tasks.append(asyncio.create_task(self._health_loop()))
         self._tasks.append(asyncio.create_task(self._store_probe_loop()))
         self._tasks.append(asyncio.create_task(self._prewarm()))
+        self._tasks.append(asyncio.create_task(self.discovered.sweep()))
         self._tasks.append(asyncio.create_task(self.hub.run_leases()))
         self._tasks.append(asyncio.create_task(self.hub.run_sweeps()))
         self._tasks.append(asyncio.create_task(self.hub.stages.watch_loop()))
@@ -186,16 +205,14 @@ class Worker:
         health = self.store.health
         if not health.healthy:
             return False, f"the session store is unavailable: {health.last_error}"
-        if any(self.slots.healthy):
+        if self.slots.any_healthy():
             return True, ""
-        urls = ", ".join(b.url for b in self.cfg.llm.backends)
-        return False, f"no LLM backend is healthy ({urls})"
+        urls = ", ".join(self.relay.backend(i).url for i in self.relay.live)
+        return False, f"no LLM backend is healthy ({urls or 'none: no address discovered'})"
 
     async def _prewarm(self) -> None:
         """Load the default model on every backend, so the first message is not a cold start."""
-        await asyncio.gather(
-            *(self.relay.prewarm(i, self.cfg.llm.model) for i in range(len(self.cfg.llm.backends)))
-        )
+        await asyncio.gather(*(self.relay.prewarm(i, self.cfg.llm.model) for i in self.relay.live))
 
     async def _store_probe_loop(self) -> None:
         """Probe the store (a write that changes no session) every STORE_PROBE_S while it is
@@ -213,15 +230,17 @@ class Worker:
 
     async def _health_loop(self) -> None:
         while True:
-            for i in range(len(self.cfg.llm.backends)):
+            live = self.relay.live  # the discovered addresses change: each round's own
+            for i in live:
                 ok = await self.relay.check_health(i)
                 if ok != self.slots.healthy[i]:
                     level = logging.INFO if ok else logging.WARNING
-                    url = self.cfg.llm.backends[i].url
+                    url = self.relay.backend(i).url
                     log.log(level, "backend %s is %s", url, "healthy" if ok else "unhealthy")
                 self.slots.set_healthy(i, ok)  # reported to the master, for every class
                 self.embed_slots.set_healthy(i, ok)
-            await asyncio.sleep(HEALTH_INTERVAL if all(self.slots.healthy) else 1.0)
+            down = any(not self.slots.healthy[i] for i in live)
+            await asyncio.sleep(1.0 if down else HEALTH_INTERVAL)
 
     async def _alive(self) -> tuple[bool, str]:
         """For ``/livez``: this worker's loop answers (it runs this) and so does the master's:
@@ -254,6 +273,7 @@ class Worker:
         )
         msg["http"] = self.api.stats.report()  # the Ollama/OpenAI APIs' (chatd.metrics_http)
         msg["stages"] = self.hub.stages.report()  # where the time goes (chatd.metrics_stages)
+        msg.update(self.moves.report())  # open WebSockets moved between workers
         return msg
 
     # -- 4-6: stop ------------------------------------------------------------------------
@@ -267,6 +287,8 @@ class Worker:
         kind = msg.get("t")
         if kind in MasterSlots.MESSAGES:
             dispatch(msg, self.slot_classes)
+        elif kind in Discovered.MESSAGES:
+            self.discovered.on_message(msg)
         elif kind == proto.STORED:
             session = msg.get("session")
             if isinstance(session, str):
@@ -277,6 +299,8 @@ class Worker:
             self.predrain = True
         elif kind == "drain":
             self.state.handover = bool(msg.get("handover", False))
+            successor = msg.get("successor")
+            self._successor = successor if isinstance(successor, int) else 0
             self.request_stop(False)
         elif kind == "stop":
             self.request_stop(True)
@@ -292,8 +316,10 @@ class Worker:
 
         1. refuse new sessions (``hello`` gets ``shutting_down``), stop accepting connections
            and claiming messages; open connections still get their messages acknowledged;
-        2. let the replies in flight finish, up to ``graceful_timeout``;
-        3. write what is queued to the clients, then close them with 1001 (resume elsewhere);
+        2. let the replies in flight finish, up to ``graceful_timeout``, and each connection go
+           as soon as it is idle: moved to the successor the master named (``handoff``), else
+           closed with 1001 once its frames are written (:mod:`chatd.worker.closing`);
+        3. close what is left with 1001 (resume elsewhere);
         4. stop the generations still running and hand their leases back, so another worker
            takes them over at once; flush the store and close the pools.
         """
@@ -305,7 +331,25 @@ class Worker:
         if self.front is not None:
             self.front.close_http()
         deadline = time.monotonic() + self.cfg.server.graceful_timeout
-        await self._wait_replies(deadline)
+        mover = None
+        if self.state.handover and self._successor:
+            fallback = self.closing.fallback
+            mover = await self.moves.start_moving(self._successor, deadline, fallback)
+            if mover is None:  # handoff off or impossible: the master need not wait for it
+                self.link.send({proto.T: proto.HANDOFF_DONE})
+        else:
+            self.moves.adopter.close()
+        await self.closing.wait_replies(deadline, mover)
+        if mover is not None:
+            await mover.finish()
+            stats = mover.stats
+            log.info(
+                "handoff to pid %d: %d connections moved, %d closed with 1001 instead, "
+                "%d deferrals, in %.1f ms",
+                *(self._successor, stats.moved, stats.fell_back, stats.deferred),
+                (stats.finished - stats.started) * 1000,
+            )
+            self.link.send({proto.T: proto.HANDOFF_DONE, **stats.to_wire()})
         with contextlib.suppress(TimeoutError):  # the API requests being answered, too
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await self.api.wait_idle()
@@ -316,50 +360,9 @@ class Worker:
         # Before the 1001: a client resuming elsewhere then finds its unanswered messages'
         # leases handed back, and its new worker claims them at the hello.
         self.state.closing = True
-        await self._stop_generations()
-        await self._close_clients(max(1.0, deadline - time.monotonic()))
+        await self.closing.stop_generations()
+        await self.closing.close_all(max(1.0, deadline - time.monotonic()))
         await self._shutdown()
-
-    async def _wait_replies(self, deadline: float) -> None:
-        """Step 2 of a drain: until the hub is idle or ``deadline``, close (1001) each
-        connection as soon as none of its session's replies is in flight and its frames are
-        written: those idle now at once, the others when their reply is out (the hub's
-        ``on_session_done``). Without this, clients chatting without pause kept a drain
-        waiting its whole graceful time (the hub is never idle while they send), and their
-        reconnection to the new generation with it."""
-        closing: set[ServerConnection] = set()
-
-        def close(ws: ServerConnection, outbox: Outbox) -> None:
-            closing.add(ws)
-            self._closers.add(task := asyncio.create_task(self._close_one(ws, outbox)))
-            task.add_done_callback(self._closers.discard)
-
-        def session_done(session: str) -> None:
-            for ws, (conn, outbox) in list(self.state.connections.items()):
-                if conn.session == session and ws not in closing:
-                    close(ws, outbox)
-
-        self.hub.on_session_done = session_done
-        try:
-            busy = {session for session, _ in self.hub.running}
-            for ws, (conn, outbox) in list(self.state.connections.items()):
-                if conn.session not in busy:
-                    close(ws, outbox)
-            # No connection is accepted any more: every other one is closed by session_done.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    await self.hub.wait_idle()
-        finally:
-            self.hub.on_session_done = None
-
-    @staticmethod
-    async def _close_one(ws: ServerConnection, outbox: Outbox) -> None:
-        """Write what is queued for the client (its reply), then close with 1001."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                await outbox.wait_empty()
-        with contextlib.suppress(Exception):
-            await ws.close(chat.CLOSE_GOING_AWAY, "server going away: resume elsewhere")
 
     async def stop_now(self) -> None:
         """Fast stop: close the clients with 1001 at once; replies in flight stay unanswered."""
@@ -368,40 +371,14 @@ class Worker:
             self.server.close(close_connections=False)
         if self.front is not None:
             self.front.close_http()
-        await self._stop_generations()
-        await self._close_clients(1.0)
+        await self.closing.stop_generations()
+        await self.closing.close_all(1.0)
         await self._shutdown()
-
-    async def _close_clients(self, within: float) -> None:
-        clients = list(self.state.connections)  # those the drain did not close yet
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                await asyncio.gather(
-                    *(
-                        ws.close(chat.CLOSE_GOING_AWAY, "server going away: resume elsewhere")
-                        for ws in clients
-                    ),
-                    return_exceptions=True,
-                )
-
-    async def _stop_generations(self) -> None:
-        """Stop claiming, cancel the generations still running, hand their leases back."""
-        self.hub.sweeping = False
-        unanswered = list(self.hub.running)
-        tasks = list(self.hub.running.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if unanswered:
-            # Stopped before their reply was stored: acknowledged, so another worker must
-            # generate them; handing the leases back spares it the wait for them to lapse.
-            log.warning("%d acknowledged messages left unanswered: handed over", len(unanswered))
-            await self.hub.hand_back(unanswered)
 
     async def _shutdown(self) -> None:
         if self.front is not None:
             self.front.abort_http()
-        await self._stop_generations()
+        await self.closing.stop_generations()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -411,6 +388,8 @@ class Worker:
                     await self.server.wait_closed()
         await self.relay.close()
         await self.store.close()
+        with contextlib.suppress(Exception):  # the last counters (a drain's handoff): kept
+            self.link.send(self.statistics())  # by the master once this worker has exited
         self.link.close()
 
 

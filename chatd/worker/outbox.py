@@ -21,8 +21,10 @@ A stored event (a frame queued with its ``seq``) reaches a connection at most on
 replay, live from the generation on this worker, or forwarded from the log when another
 worker stored it (live handoff, :meth:`chatd.worker.generation.Hub.on_stored`). The outbox remembers
 a *floor* (every stored event up to it was sent or replayed) and the seqs sent above it, and
-drops a stored event it already sent. The floor only rises: at the replay, and when a forward
-delivered every final of the log up to some seq (:meth:`Outbox.advance`). Not a plain
+drops a stored event it already sent. The floor only rises: at the replay, when a forward
+delivered every final of the log up to some seq (:meth:`Outbox.advance`), and over the seqs sent
+right above it (a connection alone on its session sends every seq, its acks included: its floor
+follows the log and nothing is remembered above it). Not a plain
 "highest seq sent": finals of one session stored by two workers may reach a connection out
 of seq order (a local reply with seq 6 published before the forwarded one with seq 5).
 
@@ -121,8 +123,8 @@ class Outbox:
     """
 
     __slots__ = (
-        *("_budget", "_bytes", "_floor", "_held", "_on_overflow", "_queue", "_scheduled"),
-        *("_sent", "_sink", "_waiters", "_writer", "closed"),
+        *("_budget", "_bytes", "_floor", "_held", "_on_gap", "_on_overflow", "_queue"),
+        *("_scheduled", "_sent", "_sink", "_waiters", "_writer", "closed"),
     )
 
     def __init__(
@@ -130,14 +132,17 @@ class Outbox:
         sink: FrameSink,
         budget: OutboundBudget | None = None,
         on_overflow: Callable[[int, int], None] | None = None,
+        on_gap: Callable[[int], None] | None = None,
     ) -> None:
         self._sink = sink
         self._budget = budget or _UNBOUNDED
         self._on_overflow = on_overflow
+        self._on_gap = on_gap
         self._bytes = 0  # queued in _queue (held frames are not)
         # Lists, not a deque and a set: they are empty nearly always, and every open
         # connection has them (an empty deque costs ~600 bytes, an empty set ~200).
         self._queue: list[bytes | _Tokens] = []
+        # Frames held back, with their seq (negative: put ``again``).
         self._held: list[tuple[bytes | _Tokens, int]] | None = None
         self._floor = 0
         self._sent: set[int] | None = None  # created at the first stored event above floor
@@ -146,8 +151,11 @@ class Outbox:
         self._waiters: list[asyncio.Future[None]] = []  # wait_empty() callers
         self.closed = False
 
-    def put(self, frame: bytes, seq: int = 0, reply_to: str | None = None) -> None:
-        """Queue a frame; ``seq`` > 0 marks a stored event, dropped if already sent or replayed.
+    def put(
+        self, frame: bytes, seq: int = 0, reply_to: str | None = None, *, again: bool = False
+    ) -> None:
+        """Queue a frame; ``seq`` > 0 marks a stored event, dropped if already sent or replayed
+        (unless ``again``: an ``ack``, which a resent message gets once more, protocol.md).
 
         ``reply_to`` marks the frame as the whole reply to that message: token text of it
         still queued right before is dropped, since the reply carries it all (the protocol
@@ -156,10 +164,18 @@ class Outbox:
         if self.closed:
             return
         if self._held is not None:
-            self._held.append((frame, seq))
+            self._held.append((frame, -seq if again else seq))  # negative: again
             return
-        if seq and not self._first(seq):
-            return
+        if seq:
+            if seq > self._floor + 1 and self._on_gap is not None and not self.was_sent(seq):
+                # A stored event below this one has not reached the client (another worker
+                # stored it, or another connection of the session sent it): the client gets
+                # them in seq order, so this waits, with all that follows, for the log.
+                self._held = [(frame, -seq if again else seq)]
+                self._on_gap(self._floor)
+                return
+            if not self._first(seq) and not again:
+                return
         queue = self._queue
         if reply_to is not None and queue:
             last = queue[-1]
@@ -194,20 +210,33 @@ class Outbox:
         """Hold live frames back until :meth:`release` (used while replaying the log)."""
         self._held = []
 
-    def release(self, replayed_upto: int, replay: Sequence[bytes] = ()) -> None:
-        """Queue ``replay`` (every stored event up to ``replayed_upto``), then the held frames
-        but the stored events already sent or replayed."""
+    def release(
+        self, replayed_upto: int, replay: Sequence[bytes] = (), *, gaps: bool = True
+    ) -> None:
+        """Queue ``replay`` (every stored event up to ``replayed_upto``, minus those sent
+        already), then the held frames but the stored events already sent or replayed. A held
+        one that leaves a gap below it starts holding again (``on_gap``), unless ``gaps`` is
+        false (the log could not be read: what is held goes out as it is)."""
         held, self._held = self._held or [], None
         self.advance(replayed_upto)
         if self.closed:
             return
         self._queue.extend(replay)
-        added = sum(map(len, replay))
-        for item, seq in held:
-            if isinstance(item, _Tokens) or not seq or self._first(seq):
-                self._queue.append(item)
-                added += _size(item)
-        self._count(added)
+        self._count(sum(map(len, replay)))
+        on_gap = self._on_gap
+        if not gaps:
+            self._on_gap = None
+        try:
+            for item, seq in held:
+                if self._held is not None:  # a gap again: the rest waits behind it
+                    self._held.append((item, seq))
+                elif isinstance(item, _Tokens):
+                    self._queue.append(item)
+                    self._count(_size(item))
+                else:
+                    self.put(item, abs(seq), again=seq < 0)
+        finally:
+            self._on_gap = on_gap
         if self._queue:
             self._kick()
 
@@ -233,16 +262,62 @@ class Outbox:
             self._floor = upto
             if self._sent:
                 self._sent = {seq for seq in self._sent if seq > upto}
+                self._compact()
+
+    def _compact(self) -> None:
+        """Raise the floor over the seqs sent right above it (a gap is then ``floor + 1``)."""
+        sent, floor = self._sent, self._floor
+        if sent:
+            while floor + 1 in sent:
+                floor += 1
+                sent.discard(floor)
+            self._floor = floor
+
+    def sent_state(self, limit: int) -> tuple[int, tuple[int, ...]]:
+        """What was sent, compactly, for a connection that moves to another worker
+        (:mod:`chatd.proto.adoption`): the floor raised over the seqs sent contiguously above
+        it, and at most ``limit`` seqs sent above that (beyond, the oldest are given up, as
+        past MAX_SENT: never resent)."""
+        floor, rest = self._floor, sorted(self._sent or ())  # compact: floor + 1 is not sent
+        if len(rest) > limit:
+            floor, rest = rest[-limit - 1], rest[-limit:]
+        return floor, tuple(rest)
+
+    def restore(self, floor: int, sent: Sequence[int]) -> None:
+        """Start from another worker's record of what was sent (a moved connection)."""
+        self._floor = floor
+        self._sent = {seq for seq in sent if seq > floor} or None
+        self._compact()
+
+    def flush(self) -> None:
+        """Write what is queued now rather than at the end of the tick (a connection about
+        to move: its reply, just queued, goes out before it leaves)."""
+        if self._queue and self._writer is None and self._held is None:
+            self._flush()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, held or being written: a connection may move now."""
+        return not (self._queue or self._held is not None or self._writer or self._scheduled)
+
+    def was_sent(self, seq: int) -> bool:
+        """Whether the stored event ``seq`` was sent (or replayed) on this connection."""
+        return seq <= self._floor or (self._sent is not None and seq in self._sent)
 
     def _first(self, seq: int) -> bool:
         """True (and remember it) unless the stored event ``seq`` was sent already."""
-        if seq <= self._floor:
+        floor = self._floor
+        if seq <= floor:
             return False
         sent = self._sent
+        if sent is not None and seq in sent:
+            return False
+        if seq == floor + 1:  # the usual case (one connection on its session): the floor rises
+            self._floor = seq
+            self._compact()
+            return True
         if sent is None:
             sent = self._sent = set()
-        elif seq in sent:
-            return False
         sent.add(seq)
         if len(sent) > MAX_SENT:  # a long connection: forget the oldest (never resent)
             self.advance(min(sent))

@@ -27,9 +27,16 @@ def stats_message(
     """The ``stats`` message a worker sends to the master every second: its counters, latency
     histograms, store and backends as it sees them (read by ``chatctl status`` and /metrics).
     ``slots`` are the chat class's (``queue_depth``, ``backends``); ``embed_slots``, the embed
-    class's, add ``embed_queue_depth`` and ``embed_backends`` (``{url, in_flight, held}``)."""
+    class's, add ``embed_queue_depth`` and ``embed_backends`` (``{url, in_flight, held}``).
+    The backends are the slots' (a dns table's addresses: :mod:`chatd.backendtable`): the live
+    ones, and the retired ones still holding slots (draining)."""
     stats = hub.stats
     figures = store.statistics()
+    shown = [
+        i
+        for i in range(len(slots.backends))
+        if slots.live[i] or slots.held[i] or (embed_slots is not None and embed_slots.held[i])
+    ]
     report: dict[str, Any] = {
         "t": "stats",
         "connections": len(state.connections),
@@ -62,19 +69,23 @@ def stats_message(
         "store_error": store.health.last_error,
         "backends": [
             {
-                "url": b.url,
+                "url": slots.backends[i].url,
                 "healthy": slots.healthy[i],
                 "in_flight": slots.in_flight[i],
                 "held": slots.held[i],  # in use, or leased and kept unused
             }
-            for i, b in enumerate(cfg.llm.backends)
+            for i in shown
         ],
         "draining": state.draining,
     }
     if embed_slots is not None:
         report["embed_queue_depth"] = embed_slots.queue_depth
         report["embed_backends"] = [
-            {"url": b.url, "in_flight": embed_slots.in_flight[i], "held": embed_slots.held[i]}
-            for i, b in enumerate(cfg.llm.backends)
+            {
+                "url": embed_slots.backends[i].url,
+                "in_flight": embed_slots.in_flight[i],
+                "held": embed_slots.held[i],
+            }
+            for i in shown
         ]
     return report

@@ -24,7 +24,7 @@ from websockets.protocol import State
 
 from chatd.errors import StoreError
 from chatd.logs import about
-from chatd.proto import chat
+from chatd.proto import adoption, chat
 from chatd.store.base import Store
 from chatd.worker.generation import Hub
 from chatd.worker.http import token_of
@@ -61,6 +61,8 @@ class WorkerState:
     per_ip: dict[str, int] = field(default_factory=dict)
     # Tasks closing the connections of slow readers (kept referenced until done).
     closers: set[asyncio.Task[None]] = field(default_factory=set)
+    # Connections handed over to another worker (chatd.worker.mover): they end quietly here.
+    handed_off: set[ServerConnection] = field(default_factory=set)
 
 
 class WsSink:
@@ -102,11 +104,20 @@ class WsSink:
 
 
 def owner_of(ws: ServerConnection, auth_on: bool) -> str:
-    """A hash of the auth token the connection presented ("" when auth is off)."""
+    """A hash of the auth token the connection presented ("" when auth is off); for a
+    connection moved from another worker, the hash it carried (the token never travels)."""
+    carried: str | None = getattr(ws, "carried_owner", None)
+    if carried is not None:
+        return carried if auth_on else ""
     if not auth_on or ws.request is None:
         return ""
     token = token_of(ws.request)
-    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
+    return token_hash(token) if token else ""
+
+
+def token_hash(token: str) -> str:
+    """The owner of the sessions a token creates: its SHA-256, 32 hex digits."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def client_key(ws: ServerConnection, auth_on: bool) -> str:
@@ -117,11 +128,23 @@ def client_key(ws: ServerConnection, auth_on: bool) -> str:
     return ws.remote_address[0] if ws.remote_address else ""
 
 
-async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
-    """Serve one client until it leaves, breaks the protocol, or the worker drains."""
+async def serve_connection(
+    ws: ServerConnection, state: WorkerState, moved: adoption.Moved | None = None
+) -> None:
+    """Serve one client until it leaves, breaks the protocol, the worker drains, or the
+    connection moves to another worker. ``moved``: a connection adopted from another worker
+    (:mod:`chatd.worker.adopter`), open on its session already."""
     loop = asyncio.get_running_loop()
     conn = chat.ChatConnection(state.limits, time.monotonic())
-    outbox = Outbox(WsSink(ws), state.budget, lambda n, total: _too_slow(ws, state, n, total))
+
+    def fill_gap(floor: int) -> None:
+        task = loop.create_task(_fill_gap(state, conn, outbox, floor))
+        state.closers.add(task)
+        task.add_done_callback(state.closers.discard)
+
+    outbox = Outbox(
+        WsSink(ws), state.budget, lambda n, total: _too_slow(ws, state, n, total), fill_gap
+    )
 
     def hello_deadline() -> asyncio.TimerHandle:
         return loop.call_later(
@@ -131,12 +154,25 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
 
     hello_timer = hello_deadline()
     state.connections[ws] = (conn, outbox)
-    state.connections_total += 1
-    opened = time.monotonic()
     peer = ws.remote_address[0] if ws.remote_address else "?"
     state.per_ip[peer] = state.per_ip.get(peer, 0) + 1
-    log.info("connection open from %s", peer)
+    if moved is None:
+        state.connections_total += 1
+        log.info("connection open from %s", peer)
+    else:
+        hello_timer.cancel()
+        conn.adopted(
+            moved.session,
+            *(moved.tokens, moved.refill_age, moved.bad_in_a_row, moved.age, time.monotonic()),
+        )
+        log.debug("connection from %s adopted on session %s", peer, moved.session[:12])
     try:
+        if moved is not None:
+            try:
+                await _catch_up(moved, state, outbox)
+            except StoreError as exc:
+                log.warning("adopted connection: session store failed: %s", exc)
+                await ws.close(chat.CLOSE_GOING_AWAY, "session store unavailable: resume")
         async for data in ws:
             if isinstance(data, str):
                 actions = conn.receive_text(data, time.monotonic())
@@ -162,14 +198,18 @@ async def serve_connection(ws: ServerConnection, state: WorkerState) -> None:
         left = state.per_ip.pop(peer, 1) - 1
         if left:
             state.per_ip[peer] = left
-        log.info(
-            "connection closed from %s session %s code %s after %.1fs",
-            peer,
-            (conn.session or "-")[:12],
-            ws.close_code,
-            time.monotonic() - opened,
-            extra=about(conn.session),
-        )
+        if ws in state.handed_off:
+            state.handed_off.discard(ws)
+            log.debug("connection from %s moved to another worker", peer)
+        else:
+            log.info(
+                "connection closed from %s session %s code %s after %.1fs",
+                peer,
+                (conn.session or "-")[:12],
+                ws.close_code,
+                time.monotonic() - conn.opened,
+                extra=about(conn.session),
+            )
 
 
 def _store_unavailable(
@@ -274,10 +314,61 @@ async def _run(
                 # (the id makes a resend of a message that was stored after all harmless).
                 outbox.put(_store_unavailable(state, exc, conn.session, action.id))
                 continue
-            outbox.put(chat.ack_frame(action.id, appended.seq))
+            # With its seq: a moved connection is not sent it again from the log, and a reply
+            # stored meanwhile by another worker (seq below it) reaches the client first.
+            outbox.put(chat.ack_frame(action.id, appended.seq), appended.seq, again=True)
         elif isinstance(action, chat.Cancel):
             assert conn.session is not None
             state.hub.cancel(conn.session, action.id)
+
+
+async def _fill_gap(
+    state: WorkerState, conn: chat.ChatConnection, outbox: Outbox, floor: int
+) -> None:
+    """A stored event reached the outbox with an event below it the client has not seen
+    (stored by another worker, or sent by another connection of the session): what the log
+    holds after ``floor`` goes out first, in seq order, then what the outbox held back."""
+    session = conn.session
+    if session is None:
+        outbox.release(floor, gaps=False)
+        return
+    try:
+        events = await state.store.events_after(session, floor)
+    except StoreError as exc:  # what is held goes out as it is; the client's resume fixes it
+        log.warning("reading the log of %s failed: %s", session[:8], exc, extra=about(session))
+        outbox.release(floor, gaps=False)
+        return
+    frames = [
+        chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta)
+        for ev in events
+        if not outbox.was_sent(ev.seq)
+    ]
+    outbox.release(max([floor, *(ev.seq for ev in events)]), frames)
+
+
+async def _catch_up(moved: adoption.Moved, state: WorkerState, outbox: Outbox) -> None:
+    """A moved connection's resume, run server-side: what its session stored since the old
+    worker's last frame (from the floor it carried, minus the seqs it sent above that) is
+    sent, then live events, each once; the replies generated elsewhere come as on a resume."""
+    session = moved.session
+    outbox.restore(moved.floor, moved.sent)
+    outbox.hold()
+    state.hub.subscribe(session, outbox)
+    try:
+        events = await state.store.events_after(session, moved.floor)
+    except StoreError:
+        outbox.discard_held()
+        raise
+    frames = [
+        chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta)
+        for ev in events
+        if not outbox.was_sent(ev.seq)
+    ]
+    outbox.release(max([moved.floor, *(ev.seq for ev in events)]), frames)
+    with contextlib.suppress(StoreError):  # as on a resume: the sweep and fallback cover it
+        await state.hub.take_over(session)
+    with contextlib.suppress(StoreError):
+        await state.hub.watch(session)
 
 
 async def _hello(

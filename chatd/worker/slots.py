@@ -236,6 +236,11 @@ class MasterSlots:
 
     ``in_flight`` counts the slots in use here, ``held`` those the master granted us (in use
     or kept); ``healthy`` is this worker's own view from its checks (for ``/readyz``).
+
+    *Discovered backends.* The list of backends grows as the master discovers addresses
+    (:mod:`chatd.backendtable`): :meth:`add` appends one, :meth:`retire` marks one gone
+    (``live`` False: the slots kept unused on it go back at once, and every slot released on
+    it later, so the master can forget it once drained), :meth:`revive` brings it back.
     """
 
     MESSAGES = frozenset(
@@ -252,11 +257,12 @@ class MasterSlots:
         if kind not in proto.SLOT_CLASSES:
             raise ValueError(f"unknown slot class {kind!r} (known: {proto.SLOT_CLASSES})")
         self.kind = kind
-        self.backends = tuple(backends)
+        self.backends = list(backends)
         self.capacity = [b.capacity(kind) for b in self.backends]  # slots of our class
         self.in_flight = [0] * len(self.backends)
         self.held = [0] * len(self.backends)
         self.healthy = [True] * len(self.backends)
+        self.live = [True] * len(self.backends)  # False: retired (an address gone)
         self.leasing = False
         self._reported: list[bool | None] = [None] * len(self.backends)
         self._send = send
@@ -270,6 +276,36 @@ class MasterSlots:
     def queue_depth(self) -> int:
         """Requests of this worker waiting for the master's answer."""
         return len(self._requests)
+
+    def any_healthy(self) -> bool:
+        """Whether some live backend passed its last check (``/readyz``)."""
+        return any(h and up for h, up in zip(self.healthy, self.live, strict=True))
+
+    def add(self, config: BackendConfig) -> None:
+        """A backend appended to the worker's table (a discovered address), healthy until
+        its first check says otherwise."""
+        self.backends.append(config)
+        self.capacity.append(config.capacity(self.kind))
+        self.in_flight.append(0)
+        self.held.append(0)
+        self._low.append(0)
+        self.healthy.append(True)
+        self.live.append(True)
+        self._reported.append(None)
+        self._keyed.append({})
+
+    def retire(self, backend: int) -> None:
+        """The backend's address is gone: no request goes to it from now on; its slots kept
+        unused go back now, those in use when their requests end."""
+        self.live[backend] = False
+        self._give_back(backend, self._kept(backend))
+
+    def revive(self, backend: int) -> None:
+        """A retired backend's address is back: as a new backend (healthy until checked,
+        and its next check reported to the master whatever it says)."""
+        self.live[backend] = True
+        self.healthy[backend] = True
+        self._reported[backend] = None
 
     async def acquire(
         self,
@@ -310,7 +346,7 @@ class MasterSlots:
             if not keyed[key]:
                 del keyed[key]
             self._give_back(backend, 1, key)
-        elif self.leasing and not self._requests:
+        elif self.leasing and not self._requests and self.live[backend]:
             self._schedule_trim()
         else:  # nobody may keep it, or one of ours waits at the master: FIFO goes through it
             self._give_back(backend, 1)
@@ -393,7 +429,7 @@ class MasterSlots:
         """The allowed backend with a kept slot and the fewest requests in use here."""
         best: int | None = None
         for i, cap in enumerate(self.capacity):
-            if i in exclude or self._kept(i) <= 0:
+            if i in exclude or self._kept(i) <= 0 or not self.live[i]:
                 continue
             if best is None or self.in_flight[i] / cap < (
                 self.in_flight[best] / self.capacity[best]

@@ -79,3 +79,20 @@ def test_two_scenarios_and_the_seed_report(tmp_path: Path) -> None:
     data = json.loads(paths[1].read_text())
     assert set(data["scenarios"]) == {"baseline", "low"}
     assert len(data["requirements"]) == 8
+
+
+def test_the_reload_scenario_counts_what_clients_see() -> None:
+    """``chatd-bench run reload``, both modes side by side: with handoff no client sees a
+    disconnect and the daemon counts every connection moved; with the old drain every client
+    is closed at least once (1001) and resumes, and nothing goes unanswered in either."""
+    from chatd.bench import reloads
+
+    params = reloads.ReloadParams(clients=20, reloads=2, before=1.0, think=(0.05, 0.3))
+    r = reloads.run_reload(None, params, workers=1)
+    handoff, drain = r["runs"]["handoff"], r["runs"]["drain (handoff = false)"]
+    assert (handoff["disconnects"], handoff["connections_changed"], handoff["errors"]) == (0, 0, 0)
+    assert handoff["handoff"]["moved"] == 40 and handoff["handoff"]["fell_back"] == 0
+    assert handoff["replies"]["during"] > 0
+    assert drain["clients_disconnected"] == 20 and drain["connections_changed"] == 20
+    assert drain["errors"] == 0 and drain["handoff"]["moved"] == 0
+    assert "| handoff | 0 | 0 | 0 | 0 |" in reloads.markdown(r)

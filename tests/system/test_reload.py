@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -21,7 +20,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread, expected_reply
-from tests.support import BIN, Chatd, Client, running_chatd, t, wait_for
+from tests.support import Chatd, Client, chatctl, running_chatd, t, wait_for
 
 pytestmark = pytest.mark.system
 TOKENS = 5
@@ -31,15 +30,6 @@ TOKENS = 5
 def fake() -> Iterator[FakeOllama]:
     with FakeOllamaThread(FakeOllama(tokens=TOKENS, token_ms=20)) as f:
         yield f
-
-
-def chatctl(d: Chatd, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "chatctl"), "--socket", d.socket, *args],
-        capture_output=True,
-        text=True,
-        timeout=t(60),
-    )
 
 
 def gone(pid: int) -> bool:
@@ -155,8 +145,10 @@ def test_reload_under_load_loses_nothing(tmp_path: Path, fake: FakeOllama) -> No
     """Two `chatctl reload`s while six clients chat without pause: exit 0 with generations 2
     then 3, every worker pid replaced each time, no client error, and every acknowledged
     message answered exactly once (clients resume after the 1001 of a draining worker). Then
-    SIGKILL the master: the workers see their link end and exit by themselves."""
-    with running_chatd(tmp_path, fake.url, workers=2) as d:
+    SIGKILL the master: the workers see their link end and exit by themselves. The drain of
+    old, without handoff (what compression, TLS or ``handoff = false`` get; the handoff's own
+    tests are in test_zero_disconnect.py)."""
+    with running_chatd(tmp_path, fake.url, workers=2, server={"handoff": False}) as d:
         chatters = [Chatter(d.url, f"c{i}") for i in range(6)]
         for c in chatters:
             c.start()

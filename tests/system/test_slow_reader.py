@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread, expected_reply
-from tests.support import Chatd, Client, http_get, running_chatd, t, wait_for
+from tests.support import Chatd, Client, client_frame, http_get, running_chatd, t, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -37,16 +37,7 @@ def fake() -> Iterator[FakeOllama]:
         yield f
 
 
-def frame(payload: bytes) -> bytes:
-    """A masked client text frame (a zero masking key: legal, and the payload stays as is)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x81, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
-    return head + b"\0\0\0\0" + payload
+frame = client_frame
 
 
 def never_reading_client(d: Chatd) -> tuple[socket.socket, str]:

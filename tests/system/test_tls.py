@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread, expected_reply
-from tests.support import BIN, Chatd, Client, running_chatd, t, wait_for
+from tests.support import BIN, Chatd, Client, chatctl, running_chatd, t, wait_for
 
 trustme = pytest.importorskip("trustme", reason="NOT TESTED: pip install trustme (make test)")
 pytestmark = pytest.mark.system
@@ -81,12 +81,7 @@ def test_wss_https_and_a_renewed_certificate_at_reload(tmp_path: Path, fake: Fak
         issue(ca, tmp_path, "second")
         Path(tmp_path / "second.pem").replace(cert)
         Path(tmp_path / "second.key").replace(key)
-        r = subprocess.run(
-            [str(BIN / "chatctl"), "--socket", d.socket, "reload"],
-            capture_output=True,
-            text=True,
-            timeout=t(60),
-        )
+        r = chatctl(d, "reload")
         assert r.returncode == 0, r.stdout + r.stderr
         wait_for(lambda: served_name(d, ctx) == "second", 10, "the renewed certificate")
         c.close()

@@ -69,13 +69,15 @@ store = "mysql://db"
         "/x/chatd.toml:3: server.workers: must be >= 0, got -2",
         "/x/chatd.toml:4: server.colour: unknown key (expected one of bind, workers, "
         "graceful_timeout, shutdown_delay, worker_timeout, max_worker_rss_mb, compression, "
-        "metrics_token, metrics_token_file, tls_cert, tls_key)",
+        "handoff, metrics_token, metrics_token_file, tls_cert, tls_key)",
         "/x/chatd.toml:7: llm.max_queue: expected an integer, got 'many'",
         "/x/chatd.toml:8: llm.models: expected a list of strings, got ['a', 3]",
         "/x/chatd.toml:11: llm.backends[0].url: must be \"http://HOST:PORT\", got 'ftp://x'",
         "/x/chatd.toml:12: llm.backends[0].api: must be one of 'ollama', 'openai', got 'grpc'",
         '/x/chatd.toml:15: sessions.store: must be "sqlite:///ABSOLUTE/PATH", '
-        '"sqlite:relative/path" or "redis://HOST:PORT/DB", got \'mysql://db\'',
+        '"sqlite:relative/path", "redis://HOST:PORT/DB", '
+        '"redis+sentinel://HOST:PORT,HOST:PORT/MASTER[/DB]" or "redis+cluster://HOST:PORT,...", '
+        "got 'mysql://db'",
         "/x/chatd.toml:17: bogus: unknown section (expected one of server, control, llm, "
         "sessions, limits, auth, api, log)",
     ]

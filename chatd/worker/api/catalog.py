@@ -82,22 +82,24 @@ class Catalog:
         timeout: float,
     ) -> None:
         self._pt = passthrough
-        self._apis = tuple(apis)
+        self._apis = apis  # a view: it grows as addresses are discovered
         self._healthy = healthy
         self._ttl = ttl
         self._timeout = timeout
         self._models: list[dict[str, Any]] | None = None
-        self._by_backend: list[set[str]] = [set() for _ in self._apis]
+        self._by_backend: dict[int, set[str]] = {}
         self._version = ""
         self._until = 0.0
         self._refresh: asyncio.Task[None] | None = None
         self._shown: dict[bytes, tuple[float, bytes]] = {}  # /api/show answers, kept ttl
 
     def backends(self) -> list[int]:
-        """The healthy backends' indexes (all of them when none is healthy: let them say)."""
+        """The healthy backends' indexes (all of them when none is healthy: let them say),
+        retired ones (an address no longer discovered) aside."""
         healthy = self._healthy()
-        up = [i for i in range(len(self._apis)) if healthy[i]]
-        return up or list(range(len(self._apis)))
+        live = self._pt.relay.live
+        up = [i for i in live if healthy[i]]
+        return up or live
 
     def lacks(self, backend: int, model: str) -> bool:
         """Whether a model list of less than ``ttl`` ago showed ``backend`` without ``model``
@@ -106,7 +108,7 @@ class Catalog:
         if time.monotonic() >= self._until:
             self._kick()
             return False
-        names = self._by_backend[backend]
+        names = self._by_backend.get(backend, set())
         return bool(names) and model not in names and f"{model}:latest" not in names
 
     async def models(self) -> list[dict[str, Any]]:
@@ -147,8 +149,7 @@ class Catalog:
         versions = [v for v in answers[len(backends) :] if isinstance(v, str)]
         merged: dict[str, dict[str, Any]] = {}
         answered = False
-        for i in range(len(self._apis)):
-            self._by_backend[i] = set()  # no evidence from a backend that did not answer
+        self._by_backend = {}  # no evidence from a backend that did not answer
         for i, entries in zip(backends, lists, strict=True):
             if not isinstance(entries, list):
                 continue

@@ -93,11 +93,11 @@ class Relaying:
         self._max_queued_per_key = max_queued_per_key
 
     def _exclude(self, model: str, failed: set[int]) -> frozenset[int]:
-        count = self.pt.relay.count
-        lacking = {i for i in range(count) if self._catalog.lacks(i, model)}
-        if len(failed | lacking) < count:
+        live = set(self.pt.relay.live)  # retired backends (addresses gone) never count
+        lacking = {i for i in live if self._catalog.lacks(i, model)}
+        if not live <= failed | lacking:
             return frozenset(failed | lacking)
-        return frozenset(failed) if len(failed) < count else frozenset()
+        return frozenset(failed) if not live <= failed else frozenset()
 
     async def stream(self, key: str, model: str, prepare: Prepare, timing: Timing) -> None:
         """Relay a streamed request (see the module); raises ApiError, or lets the client's
@@ -153,7 +153,8 @@ class Relaying:
                 continue
             finally:
                 slots.release(backend, key)
-            if status == 404 and attempt < MAX_ATTEMPTS and len(failed) + 1 < self.pt.relay.count:
+            others = set(self.pt.relay.live) - failed - {backend}
+            if status == 404 and attempt < MAX_ATTEMPTS and others:
                 failed.add(backend)
                 continue
             return status, answer, backend
@@ -177,13 +178,13 @@ class Relaying:
         it twice)."""
         if exc.first_token_sent or attempt >= MAX_ATTEMPTS:
             return False
-        count = self.pt.relay.count
-        if not (exc.retryable or (exc.status == 404 and count > 1)):
+        live = set(self.pt.relay.live)
+        if not (exc.retryable or (exc.status == 404 and len(live) > 1)):
             return False
         failed.add(backend)
         # Every backend failed: a transient failure may be tried again, not a deadline (the
         # client would wait it twice) nor a 404 (each said it lacks the model).
-        return len(failed) < count or not (isinstance(exc, UpstreamTimeout) or exc.status == 404)
+        return not live <= failed or not (isinstance(exc, UpstreamTimeout) or exc.status == 404)
 
 
 def _no_position(_position: int) -> None:

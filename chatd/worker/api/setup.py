@@ -19,7 +19,7 @@ def api_router(
     cfg: Config, relay: Relay, slots: MasterSlots, embed_slots: MasterSlots
 ) -> ApiRouter:
     """The router of the Ollama/OpenAI APIs over ``relay`` (started later, in the loop)."""
-    apis = [b.api for b in cfg.llm.backends]
+    apis = relay.apis  # grows as addresses are discovered (chatd.backendtable)
     passthrough = Passthrough(relay)
     catalog = Catalog(
         passthrough, apis, lambda: slots.healthy, cfg.api.models_cache, CATALOG_TIMEOUT

@@ -3,8 +3,10 @@
 The contract tests use only the ``Store`` protocol, through two fixtures: ``make_store`` builds
 unopened stores that share one backing storage (several instances = several worker processes,
 or several hosts on one Redis), ``store`` is one of them. Both run every contract test on each
-``backend``: "sqlite" (a file in the test's tmp dir) and "redis" (the run's shared redis-server
-from tests/conftest.py; tests keep apart by their random session ids). Every test runs its own
+``backend``: "sqlite" (a file in the test's tmp dir), "redis" (the run's shared redis-server
+from tests/conftest.py; tests keep apart by their random session ids), "redis-cluster" (the
+run's 3-master Redis Cluster) and "redis-sentinel" (the run's master + replica + 3 Sentinels,
+with ``min_replicas_acks = 1``: every write waits for the replica). Every test runs its own
 event loop with ``asyncio.run`` (no pytest-asyncio).
 """
 
@@ -32,6 +34,7 @@ from chatd.config import SessionsConfig
 from chatd.errors import StoreError
 from chatd.store import Appended, Event, SqliteStore, Store, open_store
 from chatd.store.redis import RedisStore
+from tests.conftest import flush_redis
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +43,7 @@ MakeStore = Callable[..., Store]
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster", "redis-sentinel"])
 def backend(request: pytest.FixtureRequest) -> str:
     """Which store the contract tests run on."""
     return str(request.param)
@@ -48,10 +51,16 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def make_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
-    """``make_store(ttl=3600)``: a new unopened store on the test's shared storage."""
-    if backend == "redis":
-        url = request.getfixturevalue("redis_url")  # skips, loudly, without redis-server
-        return lambda ttl=3600: RedisStore(url, ttl)
+    """``make_store(ttl=3600)``: a new unopened store on the test's shared storage (emptied
+    first for the tests marked ``sweeps``: they claim across every session)."""
+    if backend.startswith("redis"):
+        # Each skips, loudly, without redis-server.
+        fixture = {"redis": "redis_url", "redis-cluster": "redis_cluster_url"}
+        url = request.getfixturevalue(fixture.get(backend, "redis_sentinel_url"))
+        if request.node.get_closest_marker("sweeps"):
+            flush_redis(url)
+        acks = int(backend == "redis-sentinel")
+        return lambda ttl=3600: RedisStore(url, ttl, min_replicas_acks=acks)
     # A missing parent directory on purpose: the store must create it.
     path = str(tmp_path / "var" / "sessions.db")
 
@@ -291,6 +300,7 @@ def test_unanswered(store: Store) -> None:
     run(main())
 
 
+@pytest.mark.sweeps
 def test_lease_held_by_the_appender_until_it_lapses(make_store: MakeStore) -> None:
     """Contract 6: a new message is leased to its appender; nobody claims it before it lapses,
     then exactly one claimer does; the final releases it; a duplicate changes nothing."""
@@ -341,6 +351,7 @@ def test_renew_keeps_only_the_owners_leases(make_store: MakeStore) -> None:
     run(main())
 
 
+@pytest.mark.sweeps
 def test_sweep_claims_across_sessions_with_a_limit(make_store: MakeStore) -> None:
     """``claim(None, ...)``: lapsed messages of every session, up to ``limit`` per call, each
     once; answered ones never."""

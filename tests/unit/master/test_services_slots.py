@@ -56,6 +56,7 @@ class FakeWorkers:
         self.generation = 1
         self.handlers: dict[str, Callable[[Any, dict[str, Any]], None]] = {}
         self.on_exit: list[Callable[[Any], None]] = []
+        self.on_spawn: list[Callable[[Any], None]] = []
         self.by_pid: dict[int, FakeWorker] = {}
         self.restarts_total = 0
         self.sent: list[dict[str, Any]] = []  # master -> workers

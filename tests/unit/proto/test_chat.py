@@ -188,6 +188,34 @@ def test_rate_limit_is_per_connection_and_refills() -> None:
     assert frames(conn.receive_text(msg % 5, 20.0))[0]["code"] == "rate_limited"
 
 
+def test_a_moved_connection_carries_its_limiter_bad_count_and_age() -> None:
+    """What travels when a connection moves to another worker (chatd.proto.adoption): the
+    tokens left and their refill age; the adopting side goes on from there, clamped to its
+    own limit, without a hello."""
+    old = opened(100.0)
+    msg = '{"type":"message","id":"%d","text":"hi"}'
+    for i in range(2):
+        old.receive_text(msg % i, 100.0)
+    old.receive_text("{", 101.0)
+    tokens, age = old.limiter_state(104.0)
+    assert (tokens, age, old.bad_in_a_row) == (1.0, 4.0, 1)
+    new = chat.ChatConnection(LIMITS, 500.0)
+    new.adopted("S", tokens, age, old.bad_in_a_row, age=4.0, now=500.0)
+    assert (new.state, new.session, new.bad_in_a_row, new.opened) == (
+        chat.State.OPEN,
+        "S",
+        1,
+        496.0,
+    )
+    assert new.receive_text(msg % 2, 500.0) == [chat.Message("2", "hi", None)]  # the one left
+    assert frames(new.receive_text(msg % 3, 500.0))[0]["code"] == "rate_limited"
+    # 4 s of refill already counted on the old side: 16 s more make the next token.
+    assert new.receive_text(msg % 4, 516.0) == [chat.Message("4", "hi", None)]
+    clamped = chat.ChatConnection(LIMITS, 0.0)
+    clamped.adopted("S", 50.0, 0.0, 0, age=0.0, now=0.0)
+    assert clamped.limiter_state(0.0) == (3.0, 0.0)
+
+
 def test_hello_timeout_closes_only_before_hello() -> None:
     """The hello timer closes 1008 while waiting for hello, and does nothing after it."""
     conn = chat.ChatConnection(LIMITS, 0.0)

@@ -19,7 +19,7 @@ class FakePassthrough:
     """Fails each stream as told (an exception to raise, or None: a clean end)."""
 
     def __init__(self, count: int, outcomes: list[BaseException | None]) -> None:
-        self.relay = SimpleNamespace(count=count)
+        self.relay = SimpleNamespace(count=count, live=list(range(count)))
         self.outcomes = outcomes
         self.tried: list[int] = []
 

@@ -70,7 +70,7 @@ def test_stored_events_reach_a_connection_once_in_any_order() -> None:
         outbox.put(b"next-7", 7)
 
     assert written(outbox, sink, fill) == [b"live-6", b"fwd-5", b"ack", b"ack", b"next-7"]
-    assert outbox.floor == 6
+    assert outbox.floor == 7  # 7 sent right above the floor: it rises
     assert len(sink.batches) == 1  # one tick, one write
 
 
@@ -85,9 +85,9 @@ def test_replay_floor_drops_held_events_already_replayed() -> None:
         outbox.put(b"held-5", 5)
         outbox.put(b"held-5-twice", 5)
         outbox.release(4, [b"welcome", b"replay-3"])
-        assert not outbox.holding and outbox.floor == 4
+        assert not outbox.holding and outbox.floor == 5  # 4 replayed, then 5 sent
         outbox.release(0)  # a failed hello releases with 0: the floor never goes down
-        assert outbox.floor == 4
+        assert outbox.floor == 5
 
     assert written(outbox, sink, fill) == [b"welcome", b"replay-3", b"held-5"]
 
@@ -319,3 +319,94 @@ def test_a_failed_resume_drops_the_frames_it_held() -> None:
 
     assert written(outbox, sink, fill) == [b"error"]
     assert outbox.floor == 0
+
+
+def test_what_was_sent_travels_compactly_and_is_not_sent_twice() -> None:
+    """A moving connection carries what it was sent (chatd.proto.adoption): the floor follows
+    a connection alone on its session (acks noted too), the gaps (events of another
+    connection) are remembered above it, at most ``limit`` of them; the adopting outbox drops
+    what the old one sent."""
+    sink = Sink()
+    old = Outbox(sink)
+
+    def fill() -> None:
+        old.put(b"ack-1", 1)
+        old.put(b"reply-2", 2)
+        old.put(b"reply-4", 4)  # 3 went to another connection of the session
+        old.put(b"reply-6", 6)
+        old.put(b"ack-7", 7)
+
+    written(old, sink, fill)
+    assert old.floor == 2
+    assert old.sent_state(10) == (2, (4, 6, 7))
+    assert old.sent_state(2) == (4, (6, 7))  # the oldest gap given up, as past MAX_SENT
+    new_sink = Sink()
+    new = Outbox(new_sink)
+
+    def replay() -> None:
+        new.restore(*old.sent_state(10))
+        assert new.floor == 2
+        new.put(b"replay-3", 3)
+        new.put(b"replay-4", 4)  # sent by the old worker already: dropped
+        new.put(b"replay-8", 8)
+
+    assert written(new, new_sink, replay) == [b"replay-3", b"replay-8"]
+    assert new.floor == 4 and new.sent_state(10) == (4, (6, 7, 8))
+    compact = Outbox(Sink())
+    compact.restore(2, (3, 5))  # the floor rises over what was sent right above it
+    assert compact.sent_state(10) == (3, (5,))
+    compact.advance(4)
+    assert compact.sent_state(10) == (5, ())
+
+
+def test_an_outbox_is_idle_once_written_and_flush_writes_at_once() -> None:
+    async def main() -> None:
+        sink = Sink()
+        outbox = Outbox(sink)
+        assert outbox.idle
+        outbox.put(b"reply")
+        assert not outbox.idle  # queued, its write due at the end of the tick
+        outbox.flush()  # a connection about to move: written now
+        assert sink.frames == [b"reply"] and outbox.idle
+        outbox.hold()
+        assert not outbox.idle
+        outbox.put(b"held")
+        outbox.flush()  # held frames wait for release
+        assert sink.frames == [b"reply"]
+
+    asyncio.run(main())
+
+
+def test_a_connection_gets_stored_events_in_seq_order_with_the_gaps_filled_from_the_log() -> None:
+    """An event whose predecessor has not reached the client (stored by another worker, whose
+    forward is late) waits, with everything after it, while the log is read (``on_gap``); the
+    log's events then go out in order, and what was held without those already sent."""
+    sink = Sink()
+    gaps: list[int] = []
+    outbox = Outbox(sink, on_gap=gaps.append)
+
+    async def main() -> None:
+        outbox.put(b"ack-1", 1)
+        outbox.put(b"reply-2", 2)
+        outbox.put(b"ack-4", 4)  # 3 (another worker's reply) has not come: held
+        outbox.token("m4", "tok")  # held behind it, in order
+        outbox.put(b"fwd-3", 3)  # the late forward: held too
+        assert gaps == [2] and outbox.holding
+        outbox.release(4, [b"log-3", b"log-4"])  # what the log read found after seq 2
+        outbox.put(b"reply-5", 5)
+        outbox.put(b"reply-7", 7)  # a gap again
+        assert gaps == [2, 5]
+        outbox.release(5, [], gaps=False)  # the log could not be read: it goes out as it is
+        await outbox.wait_empty()
+
+    asyncio.run(main())
+    assert [f for f in sink.frames if not f.startswith(b'{"type":"token"')] == [
+        b"ack-1",
+        b"reply-2",
+        b"log-3",
+        b"log-4",
+        b"reply-5",
+        b"reply-7",
+    ]
+    assert sink.frames[4].startswith(b'{"type":"token"')  # after the ack it followed
+    assert outbox.floor == 5 and outbox.was_sent(7) and not outbox.was_sent(6)
