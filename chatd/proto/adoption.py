@@ -68,6 +68,9 @@ class Moved:
         peer: the client's address and port, as the old worker saw them.
         origin: the ``Origin`` header of the upgrade request, or None.
         age: seconds since the connection opened (its duration carries on).
+        watched: the old worker watched the session (a reply of it is generated elsewhere):
+            the new one claims what lapsed and watches it too; else neither is needed (the
+            session was idle there), which spares the store a write per moved connection.
     """
 
     id: int
@@ -81,6 +84,7 @@ class Moved:
     peer: tuple[str, int]
     origin: str | None
     age: float
+    watched: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -95,6 +99,7 @@ class Moved:
             "peer": list(self.peer),
             "origin": self.origin,
             "age": self.age,
+            "watched": self.watched,
         }
 
 
@@ -142,6 +147,9 @@ def moved_from_wire(raw: object) -> Moved:
     origin = raw.get("origin")
     if origin is not None:
         origin = _text(raw, "origin")
+    watched = raw.get("watched", False)
+    if not isinstance(watched, bool):
+        raise AdoptionError(f"'watched' must be true or false, got {watched!r}")
     return Moved(
         id=_count(raw, "id"),
         session=_text(raw, "session", empty=False),
@@ -154,6 +162,7 @@ def moved_from_wire(raw: object) -> Moved:
         peer=(peer[0], peer[1]),
         origin=origin,
         age=_seconds(raw, "age"),
+        watched=watched,
     )
 
 

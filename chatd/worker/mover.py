@@ -247,6 +247,7 @@ class Mover:
                         peer=(str(peer[0]), int(peer[1])) if peer else ("", 0),
                         origin=origin,
                         age=max(0.0, now - conn.opened),
+                        watched=conn.session in self._state.hub.watching,
                     ),
                 )
             )

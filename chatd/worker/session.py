@@ -365,10 +365,11 @@ async def _catch_up(moved: adoption.Moved, state: WorkerState, outbox: Outbox) -
         if not outbox.was_sent(ev.seq)
     ]
     outbox.release(max([moved.floor, *(ev.seq for ev in events)]), frames)
-    with contextlib.suppress(StoreError):  # as on a resume: the sweep and fallback cover it
-        await state.hub.take_over(session)
-    with contextlib.suppress(StoreError):
-        await state.hub.watch(session)
+    if moved.watched:  # a reply of it is generated elsewhere: as on a resume
+        with contextlib.suppress(StoreError):  # (the sweep and the client's fallback cover it)
+            await state.hub.take_over(session)
+        with contextlib.suppress(StoreError):
+            await state.hub.watch(session)
 
 
 async def _hello(

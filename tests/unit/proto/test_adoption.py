@@ -23,6 +23,7 @@ MOVED = Moved(
     peer=("127.0.0.1", 50123),
     origin="https://chat.example",
     age=12.0,
+    watched=True,
 )
 
 
@@ -38,7 +39,7 @@ def packed(obj: Any) -> bytes:
 
 
 def test_an_offer_round_trips_with_its_fd_count() -> None:
-    other = replace(MOVED, id=8, origin=None, sent=())
+    other = replace(MOVED, id=8, origin=None, sent=(), watched=False)
     msg = adoption.decode(adoption.offer([MOVED, other]), fds=2)
     assert msg.kind == adoption.OFFER
     assert msg.conns == (MOVED, other)
@@ -120,6 +121,7 @@ def test_bad_messages_name_what_is_wrong(data: bytes, fds: int, named: str) -> N
         ({"bad": 1.5}, "'bad' must be a non-negative integer"),
         ({"age": 1e10}, "'age' must be a non-negative number"),
         ({"id": None}, "'id' must be a non-negative integer"),
+        ({"watched": 1}, "'watched' must be true or false"),
     ],
 )
 def test_a_bad_connection_names_its_field(changes: dict[str, Any], named: str) -> None:
