@@ -393,32 +393,69 @@ def test_bytes_in_flight_during_a_handoff_arrive_once(fake: FakeOllama, workdir:
         c.close()
 
 
-def test_a_client_whose_token_the_reload_removes_is_closed_with_the_reason(
+def test_clients_the_new_configuration_refuses_are_closed_with_the_reason(
     fake: FakeOllama, workdir: Path
 ) -> None:
-    """The new generation would refuse it: it is not moved but closed with 1001 and why (its
-    reconnect then meets the new rule: 401); the client whose token stays moves."""
-    auth = {"tokens": ["token-kept-0123456789", "token-gone-0123456789"]}
+    """The new generation would refuse them (a token removed, an origin no longer allowed):
+    they are not moved but closed with 1001 and why (their reconnect then meets the new
+    rule); the client the new rules still accept moves."""
+    tokens = ["token-kept-0123456789", "token-gone-0123456789"]
+    origins = ["https://kept.example", "https://gone.example"]
+    auth = {"tokens": tokens, "allowed_origins": origins}
     with running_chatd(workdir, fake.url, workers=1, auth=auth) as d:
-        kept, gone = (
-            Client(d.url, additional_headers={"Authorization": f"Bearer {tok}"})
-            for tok in auth["tokens"]
+        kept, gone, elsewhere = (
+            Client(d.url, additional_headers={"Authorization": f"Bearer {tok}"}, origin=origin)
+            for tok, origin in (
+                (tokens[0], origins[0]),
+                (tokens[1], origins[0]),
+                (tokens[0], origins[1]),
+            )
         )
-        frames: list[list[dict[str, Any]]] = [[], []]
-        for c in (kept, gone):
+        clients = (kept, gone, elsewhere)
+        frames: list[list[dict[str, Any]]] = [[], [], []]
+        for c in clients:
             assert c.hello()["type"] == "welcome"
-        readers = [Reader(c, f) for c, f in zip((kept, gone), frames, strict=True)]
-        d.config.write_text(d.config.read_text().replace(', "token-gone-0123456789"', ""))
+        readers = [Reader(c, f) for c, f in zip(clients, frames, strict=True)]
+        text = d.config.read_text()
+        d.config.write_text(
+            text.replace(', "token-gone-0123456789"', "").replace(', "https://gone.example"', "")
+        )
         reload(d)
-        assert readers[1].closed(10) == 1001
+        assert [r.closed(10) for r in readers[1:]] == [1001, 1001]
         assert (
             gone.ws.close_reason
             == "the new configuration no longer accepts this connection's token"
+        )
+        assert (
+            elsewhere.ws.close_reason
+            == "the new configuration no longer allows this connection's origin"
         )
         kept.send({"type": "message", "id": "m", "text": "still here"})
         readers[0].wait(lambda f: f["type"] == "reply", 10, "the reply on the moved connection")
         assert readers[0].is_alive()
         wait_for(lambda: handoff(d)["adopted"] == 1, t(5), "the new worker's report")
         moved = handoff(d)
-        assert (moved["moved"], moved["refused"], moved["fell_back"]) == (1, 1, 1), moved
+        assert (moved["moved"], moved["refused"], moved["fell_back"]) == (1, 2, 2), moved
         kept.close()
+
+
+def test_a_scale_down_moves_the_closed_slots_connections(fake: FakeOllama, workdir: Path) -> None:
+    """``chatctl scale 1``: the second slot's worker moves its connections to the worker
+    left, instead of closing them; the clients chat on, on their connections."""
+    with running_chatd(workdir, fake.url, workers=2) as d:
+        clients = [Client(d.url) for _ in range(8)]
+        welcomes = [c.hello() for c in clients]
+        assert len({w["worker"] for w in welcomes}) == 2  # some on each worker
+        locals_ = [c.ws.socket.getsockname() for c in clients]
+        r = chatctl(d, "scale", "1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: len(d.worker_pids()) == 1, t(10), "one worker left")
+        for i, c in enumerate(clients):
+            frames = c.ask(f"m{i}", "after the scale")
+            assert [f["type"] for f in frames if "seq" in f] == ["ack", "reply"]
+            assert c.ws.socket.getsockname() == locals_[i] and c.ws.close_code is None
+            c.close()
+        on_slot_2 = sum(w["worker"].startswith("2/") for w in welcomes)  # "SLOT/PID"
+        wait_for(lambda: handoff(d)["adopted"] == on_slot_2, t(5), "the adopting worker's report")
+        moved = handoff(d)
+        assert (moved["moved"], moved["fell_back"]) == (on_slot_2, 0), moved
