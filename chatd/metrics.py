@@ -50,10 +50,15 @@ FINAL_ERROR_CODES = (
 """Codes of the errors answering a message: always exported, 0 until they happen. All but
 ``store_unavailable`` end the message; that one says it was not stored (the client resends)."""
 
+NOTICE_RESULTS = ("published", "received", "lost")
+NOTICE_KEYS = tuple(f"notices_{result}_total" for result in NOTICE_RESULTS)
+"""The workers' counters of the cross-host notices of stored replies (Redis pub/sub)."""
+
 _COUNTERS = (
     *("messages_total", "replies_total", "connections_total", "bad_frames_total"),
     *("slow_closes_total", "store_failures_total"),
     *HANDOFF_KEYS,
+    *NOTICE_KEYS,
 )
 _HISTOGRAMS = ("latency", "ttft")
 
@@ -315,6 +320,17 @@ def render(data: Mapping[str, Any]) -> str:
     for result in HANDOFF_RESULTS:
         count = n(data.get(f"handoff_{result}_total"))
         out.sample("chatd_ws_handoffs_total", count, {"result": result})
+    out.family(
+        "chatd_stored_notices_total",
+        "counter",
+        "Notices of replies stored with no client of their session on the worker that stored "
+        "them, through Redis to the workers of every host watching the session (the cross-host "
+        "live handoff): published, received (by a watcher), lost (not published: the client "
+        "gets the reply at its next resume). 0 with SQLite.",
+    )
+    for result in NOTICE_RESULTS:
+        count = n(data.get(f"notices_{result}_total"))
+        out.sample("chatd_stored_notices_total", count, {"result": result})
     out.family(
         "chatd_errors_total",
         "counter",

@@ -51,6 +51,7 @@ from chatd.master.scale import MAX_WORKERS, scale_to
 from chatd.master.services import Services
 from chatd.master.shutdown import KILL_WAIT, Shutdown
 from chatd.master.systemd import Notifier
+from chatd.master.takeover import Takeover
 from chatd.master.workers import MASTER_SIGNALS, Workers
 from chatd.spec import WorkerMain, WorkerSpec
 
@@ -138,6 +139,7 @@ class Master:
         )
         self.workers.on_all_ready = self._all_ready
         self.services = Services(self.cfg, self.workers)
+        Takeover(self.workers)  # kept by its hooks in self.workers
         self.discovery = Discovery(self.cfg, self.workers, self.services)
         self.ops = Operations(self.workers, self.load_config, self.notifier, self._apply)
         self._shutdown = Shutdown(self.workers)

@@ -186,7 +186,9 @@ class Reload:
         workers = self.workers
         while len(workers.slots) > self.count:
             remove_last_slot(
-                workers, f"reload to generation {self.generation}: {self.count} wanted"
+                workers,
+                f"reload to generation {self.generation}: {self.count} wanted",
+                keep=self.count,
             )
         workers.cfg = self.cfg
         workers.generation = self.generation

@@ -29,6 +29,7 @@ done; :attr:`Roll.switched` lists them with their previous configuration, for a 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from chatd.config import Config
@@ -36,6 +37,8 @@ from chatd.master.supervision import Slot, Worker
 from chatd.master.workers import Workers
 
 log = logging.getLogger("chatd.master")
+
+HANDOFF_WAIT = 5.0  # seconds a roll waits at most for an old worker's handoff_done
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +131,12 @@ class Roll:
 
     def _still_accepting(self, old: Worker) -> bool:
         """Whether ``old`` may still take connections: it neither acknowledged its drain nor
-        finished moving its connections to its successor (nor exited, nor was signalled)."""
+        finished moving its connections to its successor (nor exited, nor was signalled). A
+        handoff counts as finished after HANDOFF_WAIT at most: a client that never becomes
+        movable (half a frame sent, then silence) must not hold every reload up."""
         gone = self.workers.by_pid.get(old.pid) is not old
-        return not (gone or old.signalled or (old.drain_acked and not old.handing_off))
+        moving = old.handing_off and time.monotonic() - (old.drain_sent or 0.0) < HANDOFF_WAIT
+        return not (gone or old.signalled or (old.drain_acked and not moving))
 
     def handoff_summary(self) -> str:
         """What the old workers' handoffs did, for the roll's log line ("" when none moved)."""

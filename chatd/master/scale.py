@@ -43,15 +43,17 @@ def add_slots(workers: Workers, count: int, cfg: Config, generation: int) -> lis
     return new
 
 
-def remove_last_slot(workers: Workers, why: str) -> None:
-    """Retire the highest slot: its workers stop, the master's copy of its socket closes."""
+def remove_last_slot(workers: Workers, why: str, keep: int | None = None) -> None:
+    """Retire the highest slot: its workers stop, the master's copy of its socket closes.
+    Its open WebSockets move (when handoff is on) to the least loaded worker of the first
+    ``keep`` slots (default: all those left): never to a slot the same scale-down closes."""
     slot = workers.slots.pop()
     slot.respawn_at = None
     if slot.incoming is not None:
         workers.abandon(slot.incoming)
     if slot.worker is not None:
-        # Its open WebSockets move to the least loaded worker left (when handoff is on).
-        workers.retire(slot.worker, why, successor=workers.least_loaded())
+        successor = workers.least_loaded(len(workers.slots) if keep is None else keep)
+        workers.retire(slot.worker, why, successor=successor)
     slot.listener.close()
     log.info("slot %d closed (%s)", slot.id, why)
 
@@ -70,7 +72,7 @@ def scale_to(workers: Workers, count: int) -> str:
         for slot in add_slots(workers, count - before, workers.cfg, workers.generation):
             workers.spawn(slot)
     while len(workers.slots) > count:
-        remove_last_slot(workers, f"scaled down to {count}")
+        remove_last_slot(workers, f"scaled down to {count}", keep=count)
     if count != before:
         log.info("scaled from %d to %d workers (until the next reload or restart)", before, count)
     return f"{count} workers (was {before}); until the next reload or restart"

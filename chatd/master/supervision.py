@@ -69,6 +69,7 @@ class Worker:
     rss_over: int = 0  # consecutive samples over max_worker_rss_mb
     rss_warned: bool = False
     rate: deque[tuple[float, float]] = field(default_factory=deque)  # (time, messages_total)
+    exit_code: int | None = None  # once reaped: its code, or -N when killed by signal N
 
 
 @dataclass(eq=False)

@@ -96,7 +96,8 @@ class Workers:
         """Handlers of further message types from workers (LLM slots, metrics:
         chatd.master.services)."""
         self.on_exit: list[Callable[[Worker], None]] = []
-        """Called with each worker reaped (chatd.master.services takes its LLM slots back)."""
+        """Called with each worker reaped, its ``exit_code`` set (chatd.master.services takes
+        its LLM slots back, chatd.master.takeover has its leases released)."""
         self.on_spawn: list[Callable[[Worker], None]] = []
         """Called with each worker forked, its link open (chatd.master.services sends it the
         addresses of the dns tables before any other message)."""
@@ -223,6 +224,7 @@ class Workers:
 
     def _exited(self, worker: Worker, status: int) -> None:
         slot = self.slot_of(worker)
+        worker.exit_code = os.waitstatus_to_exitcode(status)  # for the on_exit hooks
         if worker.link is not None:
             worker.link.read_remaining()  # its last report, written just before it exited
         if worker.link is not None:  # (reading to the end may have closed it)
@@ -308,17 +310,19 @@ class Workers:
         if kind == proto.STATS:
             worker.stats = msg
         elif kind == proto.READY:
-            self._ready(worker)
+            if self.by_pid.get(worker.pid) is worker:  # not the last words of a dead one
+                self._ready(worker)
         elif kind == proto.DRAINING:
             worker.state = "draining"
             worker.drain_acked = True
         elif kind == proto.HANDOFF_DONE:
             worker.handing_off = False
-            worker.handoff = msg
-            # Its final counts, in case its last stats report is not read before it exits.
-            for result in ("moved", "fell_back", "deferred"):
+            # Numbers only (a bad report must not break the master's loop or its log line).
+            worker.handoff = {k: v for k, v in msg.items() if _is_number(v)}
+            for result in ("moved", "fell_back", "deferred"):  # its final counts
                 key = f"handoff_{result}_total"
-                worker.stats[key] = max(worker.stats.get(key) or 0, msg.get(result) or 0)
+                value = _number_or_0(worker.handoff.get(result))
+                worker.stats[key] = max(_number_or_0(worker.stats.get(key)), value)
         elif kind == proto.HELLO:
             if msg.get("pid") != worker.pid or msg.get("slot") != worker.slot:
                 log.warning("worker %d (pid %d): unexpected hello %r", worker.slot, worker.pid, msg)
@@ -353,9 +357,11 @@ class Workers:
         open WebSockets moving to ``successor`` when given."""
         stopping.retire(worker, self.slot_of(worker), why, successor)
 
-    def least_loaded(self) -> Worker | None:
-        """The ready worker with the fewest open connections (its last report), or None."""
-        ready = [s.worker for s in self.slots if s.worker is not None and s.worker.state == "ready"]
+    def least_loaded(self, among: int | None = None) -> Worker | None:
+        """The ready worker of the first ``among`` slots (default all) with the fewest open
+        connections (its last report), or None."""
+        slots = self.slots[:among] if among is not None else self.slots
+        ready = [s.worker for s in slots if s.worker is not None and s.worker.state == "ready"]
         return min(ready, key=lambda w: w.stats.get("connections") or 0, default=None)
 
     def abandon(self, worker: Worker) -> None:
@@ -399,3 +405,11 @@ class Workers:
     def snapshots(self, now: float) -> tuple[list[WorkerSnapshot], list[WorkerSnapshot]]:
         """Status rows: one per slot (its serving worker), then the other workers."""
         return status_rows(self.slots, self.by_pid.values(), now)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number_or_0(value: Any) -> float:
+    return float(value) if _is_number(value) else 0.0

@@ -23,14 +23,14 @@ worker -> master
     ``slot_release {backend, count, key}``, ``slot_cancel {rid}`` (each with an optional
     ``class``, below), ``health {backend, healthy}``; and ``metrics_request {rid}``; live handoff:
     ``watch {rid, session}``, ``unwatch {session}``, ``stored {session, seq}`` (see the
-    constants below).
+    constants below); ``owner {owner}`` right after ``ready``.
 master -> worker
     ``drain {timeout}``: stop accepting, finish the replies in flight, close clients with 1001,
     exit 0. ``stop``: exit now. LLM slots: ``slot_grant {rid, backend, lease}``,
     ``slot_queued {rid, position}``, ``slot_refused {rid, reason}``, ``slot_recall`` (each with
     an optional ``class``); ``metrics {rid, data}``; ``watching {rid, session}``,
     ``stored {session, seq}``; backends from DNS: ``resolve {rid, host, nameservers}``,
-    ``backends {sets}``.
+    ``backends {sets}``; ``owner_gone {owner}``.
 chatctl -> master
     ``{"t": "status"}``; the master answers ``{"t": "status", "ok": true, "data": {...}}`` or
     ``{"t": ..., "ok": false, "error": "one sentence"}``. A request may carry an ``id``, which the
@@ -136,6 +136,12 @@ WATCH = "watch"  # worker -> master {rid, session}: send me the stored{} of this
 WATCHING = "watching"  # master -> worker {rid, session}: the watch is registered
 UNWATCH = "unwatch"  # worker -> master {session}: its last subscriber here left
 STORED = "stored"  # worker -> master, master -> watchers {session, seq}: a final was stored
+# Fast takeover (chatd.master.takeover, chatd.worker.leases): a worker names the store owner id
+# its leases are held under, right after ``ready``; when the master reaps a worker that did
+# not exit cleanly, it tells one ready worker (or, with none, the next to be ready) to release
+# that owner's leases and claim the messages at once, instead of a lease later.
+OWNER = "owner"  # worker -> master {owner}
+OWNER_GONE = "owner_gone"  # master -> worker {owner}: that store's process is dead (reaped)
 
 
 def encode(msg: Mapping[str, Any], *, max_frame: int = MAX_FRAME) -> bytes:

@@ -1,15 +1,21 @@
 """Session stores behind one interface (:class:`~chatd.store.base.Store`).
 
 :func:`open_store` picks the implementation from ``[sessions] store``. It only builds the object:
-the worker calls ``await store.open()`` after the fork, in its own event loop.
+the worker calls ``await store.open()`` after the fork, in its own event loop. With a Redis
+store, :func:`open_notices` gives the notices of stored replies across hosts (pub/sub).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from chatd.config import SessionsConfig
 from chatd.errors import StoreError
 from chatd.store.base import Appended, Event, EventKind, SessionInfo, Store, StoreStats
 from chatd.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from chatd.store.redis_notify import StoredNotices
 
 __all__ = [
     "Appended",
@@ -20,8 +26,11 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreStats",
+    "open_notices",
     "open_store",
 ]
+
+_REDIS = ("redis://", "rediss://", "redis+", "rediss+")
 
 
 def open_store(cfg: SessionsConfig) -> Store:
@@ -43,7 +52,7 @@ def open_store(cfg: SessionsConfig) -> Store:
         if cfg.min_replicas_acks:  # the config check says it too; --store may bypass it
             raise StoreError("sessions.min_replicas_acks needs a Redis store")
         return SqliteStore(path, cfg.ttl)
-    if cfg.store.startswith(("redis://", "rediss://", "redis+", "rediss+")):
+    if cfg.store.startswith(_REDIS):
         # Imported here, lazily: the ``redis`` client library is needed only by those using it.
         try:
             from chatd.store.redis import RedisStore
@@ -59,3 +68,15 @@ def open_store(cfg: SessionsConfig) -> Store:
             min_replicas_timeout=cfg.min_replicas_timeout,
         )
     raise StoreError(f"sessions.store: unsupported store URL {cfg.store!r}")
+
+
+def open_notices(cfg: SessionsConfig) -> StoredNotices | None:
+    """The (unstarted) notices of stored replies across hosts for ``cfg.store``
+    (:class:`~chatd.store.redis_notify.StoredNotices`), or None when the store is not Redis
+    (SQLite serves one host: its master forwards the notices). Call it after
+    :func:`open_store` accepted the URL."""
+    if not cfg.store.startswith(_REDIS):
+        return None
+    from chatd.store.redis_notify import StoredNotices  # lazily, as RedisStore
+
+    return StoredNotices(cfg.store)

@@ -25,7 +25,9 @@ Contracts every implementation keeps (the store tests check them on each):
    store for ``lease_s`` seconds, atomically with the append; ``renew`` extends it; the final
    event releases it; once it lapsed, ``claim`` hands it to exactly one claimer (atomic: two
    stores never both claim one message). So two live workers never generate one message, and
-   a message whose worker died is generated again within about one lease.
+   a message whose worker died is generated again within about one lease. ``release(owner)``
+   makes every lease of a store whose process is known to be dead lapse at once, so a worker
+   death seen by the master costs no wait for the lease at all.
 """
 
 from __future__ import annotations
@@ -42,16 +44,24 @@ from typing import Any, Literal, Protocol
 from chatd import faults
 from chatd.errors import SessionGone
 
-LEASE_S = faults.lease_seconds(10.0)
+LEASE_S = faults.lease_seconds(2.0)
 """Seconds a worker owns an unanswered message it acknowledged or claimed (contract 6).
 
 A generation renews its lease every :data:`RENEW_S`; a worker that died (or stalled for a
 whole lease) lets it lapse, and the message is claimed by the worker its session resumes on,
-or by some worker's periodic sweep. Long enough to ride out a few missed renewals (a store
-hiccup, a busy loop), short enough that a takeover happens within seconds. Tests shorten it
-with ``CHATD_TEST_LEASE`` (:func:`chatd.faults.lease_seconds`)."""
-RENEW_S = LEASE_S / 3.0
-"""Seconds between two lease renewals of a worker's generations (a third of the lease)."""
+or by some worker's periodic sweep. A worker that dies on a live host does not make anyone
+wait for it: its master reaps it and has another worker :meth:`Store.release` its leases at
+once. The lease is for what no master sees: a whole host dying (its master with it), a
+network split. So it bounds the takeover after a host death (issue #14: regeneration within
+3 s: the lease, then a sweep, ``chatd.worker.generation.SWEEP_S``), against the cost of
+renewing every running message's lease every :data:`RENEW_S` (Redis: a script call per
+session with a running generation, two writes per message; SQLite: one UPDATE per worker),
+measured in docs/benchmarks.md. Three renewals in a row may fail (a store
+hiccup, a busy loop) before it lapses; a worker stalled longer loses its generations to
+another worker, which answers them instead (never both: contract 2). Tests may change it with
+``CHATD_TEST_LEASE`` (:func:`chatd.faults.lease_seconds`)."""
+RENEW_S = LEASE_S / 4.0
+"""Seconds between two lease renewals of a worker's generations (a quarter of the lease)."""
 
 
 def new_owner_id() -> str:
@@ -230,6 +240,17 @@ class Store(Protocol):
         generation here should stop. ``lease_s`` 0 hands the leases over at once (a worker
         that stops before answering: the next claim takes them). Calls made in the same
         event-loop tick share one store round trip.
+        """
+
+    async def release(self, owner: str) -> int:
+        """Make every lease ``owner`` (another store's id) holds lapse now; return how many.
+
+        For the leases of a store whose process is known to be dead (the master reaped it):
+        the next ``claim`` takes them, instead of one a lease later. Only leases still held
+        by ``owner`` change (one it lost to a claim since is the claimer's, untouched); the
+        messages stay unanswered and leased to nobody until claimed. Never call it for a
+        store that may still be alive: its generations would be claimed by another while
+        they run, two workers generating one message (the very thing leases prevent).
         """
 
     async def expire(self) -> int:

@@ -75,6 +75,7 @@ from chatd.store.redis_conn import RedisConn
 from chatd.store.redis_topology import Client
 
 _REMEMBERED = 4096  # tokens of failed appends kept for a resend (oldest dropped first)
+_HELD_MAX = 1_000_000  # leased messages one release reads per index, at most (~40 MB)
 
 
 def _event(entry_id: str, f: Mapping[str, Any], session: str = "") -> Event:
@@ -263,6 +264,26 @@ class RedisStore:
         args = [self.owner, int(lease_s * 1000), session, *msg_ids]
         got = await self._write("renew", keys, args, session)
         return set(got)
+
+    async def release(self, owner: str) -> int:
+        """Make ``owner``'s held leases lapse now (:meth:`chatd.store.base.Store.release`): the
+        held members of every lease index (``held``, read only: the index names no owners),
+        then one ``release`` per session found, which changes only ``owner``'s leases. Costs
+        a call per session with a leased message, whoever's: for a death, not a routine."""
+        calls = [("held", [index], [_HELD_MAX]) for index in self._layout.indexes()]
+        helds = await self._read(lambda _r: self._conn.pipeline(calls))
+        found: dict[str, list[str]] = {}
+        for held in helds:
+            if isinstance(held, Exception):  # a master refused: the lease there just lapses
+                continue
+            for member in held:
+                s, _, m = member.partition(" ")
+                found.setdefault(s, []).append(m)
+        releases = [
+            self._write("release", [lua.keys(s)[4], self._layout.index(s)], [owner, s, *ms], s)
+            for s, ms in found.items()
+        ]
+        return sum(int(n) for n in await asyncio.gather(*releases))
 
     async def probe(self) -> None:
         """See :meth:`chatd.store.base.Store.probe`: a key of this store's own on every master

@@ -34,8 +34,10 @@ dozens of masters, and resharding moves whole buckets.
 
 Every script declares every key it touches (Cluster-safe): the sweep is two steps, ``due``
 (read only: the lapsed members of one index) then ``claim`` of the sessions it found, with
-their keys. Index members of expired or answered sessions are dropped by the claim that meets
-them.
+their keys; so is a ``release`` of a dead store's leases: ``held`` (read only: the members
+still leased, by anyone, since the index does not name owners) then ``release`` of the
+sessions found, which changes only the dead owner's leases. Index members of expired or
+answered sessions are dropped by the claim that meets them.
 
 Every write script that answers "done already" (a retried ``create``, a duplicate append)
 still writes (it counts ``again``; the TTLs stay: a duplicate is no activity), so a ``WAIT``
@@ -179,6 +181,24 @@ for i = 4, #ARGV do
   end
 end
 return out"""
+_HELD = f"""-- KEYS: a lease index. ARGV: limit. Reads only.
+-- Returns up to limit members ("S msg_id") whose lease is still held, whoever holds it.
+{_NOW_MS}
+return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms, '+inf', 'LIMIT', 0, tonumber(ARGV[1]))"""
+_RELEASE = f"""-- KEYS: lease, the session's lease index. ARGV: owner, session, msg_id...
+-- The owner's leases among them lapse now (the owner's process is dead); returns how many.
+{_LEASE_OF}
+{_NOW_MS}
+local n = 0
+for i = 3, #ARGV do
+  local owner, untl, fence = lease_of(redis.call('HGET', KEYS[1], ARGV[i]))
+  if owner == ARGV[1] and untl >= now_ms then
+    redis.call('HSET', KEYS[1], ARGV[i], owner .. ':' .. (now_ms - 1) .. ':' .. fence)
+    redis.call('ZADD', KEYS[2], now_ms - 1, ARGV[2] .. ' ' .. ARGV[i])
+    n = n + 1
+  end
+end
+return n"""
 _PROBE = """-- KEYS: a probe key. ARGV: a value. A write that changes no session, gone after 60 s.
 redis.call('SET', KEYS[1], ARGV[1], 'EX', 60)
 return 1"""
@@ -190,9 +210,11 @@ SCRIPTS = {
     "claim": _CLAIM,
     "due": _DUE,
     "renew": _RENEW,
+    "held": _HELD,
+    "release": _RELEASE,
     "probe": _PROBE,
 }
-READS = frozenset({"unanswered", "due"})
+READS = frozenset({"unanswered", "due", "held"})
 """The scripts that write nothing (no WAIT after them)."""
 
 

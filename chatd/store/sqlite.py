@@ -298,6 +298,11 @@ class SqliteStore(LoopWrites):
             return set()
         return cast(set[str], await self._write("renew", session, tuple(msg_ids), lease_s))
 
+    async def release(self, owner: str) -> int:
+        """Make ``owner``'s held leases lapse now (see :meth:`chatd.store.base.Store.release`):
+        one UPDATE, so atomic against every process's claims and renewals."""
+        return cast(int, await self._write("release", owner))
+
     async def probe(self) -> None:
         """See :meth:`chatd.store.base.Store.probe`: page 1 written again, through the batch,
         and at least PROBE_MIN_FREE bytes free on the file's disk: a WAL with room to reuse

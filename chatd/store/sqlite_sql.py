@@ -114,6 +114,12 @@ RETURNING session, msg_id"""
 SQL_RENEW_ONE = """
 UPDATE events SET lease_until = ?1 WHERE kind = 'user' AND lease_owner = ?2
 AND lease_until > 0 AND session = ?3 AND msg_id = ?4 RETURNING session, msg_id"""
+# Release (a dead store's leases lapse now): ?1 owner, ?2 now. Only leases still held (a
+# lapsed one is claimable already); lapsed "since 1", as migration 2 leaves unanswered
+# messages, so the next claim (ORDER BY lease_until) takes them first. Walks events_lease.
+SQL_RELEASE = """
+UPDATE events SET lease_until = 1 WHERE kind = 'user' AND lease_until > 0
+AND lease_until >= ?2 AND lease_owner = ?1"""
 NUL = b"\\u0000"  # how orjson writes a NUL (a literal backslash-u0000 also matches: harmless)
 
 

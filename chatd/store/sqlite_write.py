@@ -107,6 +107,7 @@ class LoopWrites:
             "create": (self._create, True),
             "append": (self._append, True),
             "expire": (self._expire, True),
+            "release": (self._release, False),  # before the claims: they may take them
             "claim": (self._claim, False),  # one UPDATE each: a claim done is never lost
             "renew": (self._renew, True),
             "probe": (self._probe, True),
@@ -288,6 +289,13 @@ class LoopWrites:
         n = self._wdb.execute(sql.SQL_EXPIRE, (time.time() - self.ttl,)).rowcount
         self._commits += 1
         return [n] + [0] * (len(reqs) - 1)
+
+    def _release(self, reqs: list[tuple[str]]) -> list[int]:
+        """Each release: one UPDATE (its own transaction); the leases it made lapse."""
+        assert self._wdb is not None
+        counts = [self._wdb.execute(sql.SQL_RELEASE, (o, time.time())).rowcount for (o,) in reqs]
+        self._commits += sum(map(bool, counts))
+        return counts
 
     def _claim(self, reqs: list[tuple[str | None, float, int]]) -> list[list[Event]]:
         """Each claim: one UPDATE ... RETURNING (its own transaction)."""

@@ -3,7 +3,10 @@
 Every acknowledged message is leased to the worker generating it for ``LEASE_S``; one task per
 worker renews the leases of all its running generations every ``RENEW_S`` (one batched store
 call per worker, not a task per message) and stops a generation whose lease another worker
-took. A worker that stops generations unanswered hands their leases back at once.
+took. A worker that stops generations unanswered hands their leases back at once. A worker
+that died is not waited for either: the master, which reaped it, tells a live worker
+``owner_gone {owner}`` (:mod:`chatd.master.takeover`), and that worker releases the dead
+store's leases and claims the messages at once (:func:`owner_gone`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Container, Mapping
+from typing import Protocol
 
 from chatd.logs import about
 from chatd.store.base import LEASE_S, RENEW_S, Store
@@ -68,3 +72,57 @@ async def hand_back(store: Store, keys: list[tuple[str, str]]) -> None:
         *(store.renew(s, ids, 0.0) for s, ids in by_session.items()),
         return_exceptions=True,
     )
+
+
+class Claimer(Protocol):
+    """What :func:`owner_gone` needs of the hub (:class:`chatd.worker.generation.Hub`)."""
+
+    store: Store
+    sweeping: bool
+
+    async def take_over(self, session: str | None) -> int: ...
+
+
+# The owner_gone tasks running (the loop keeps only a weak reference to a task).
+_gone: set[asyncio.Task[tuple[int, int]]] = set()
+
+
+def on_owner_gone(hub: Claimer, owner: object) -> None:
+    """The master's ``owner_gone {owner}``: :func:`owner_gone` in a task of its own (the
+    link's handler must not wait); a message without an owner id is ignored."""
+    if isinstance(owner, str) and owner:
+        task = asyncio.get_running_loop().create_task(owner_gone(hub, owner))
+        _gone.add(task)
+        task.add_done_callback(_gone.discard)
+
+
+async def owner_gone(hub: Claimer, owner: str) -> tuple[int, int]:
+    """Release the leases of the dead store ``owner`` and claim them here; returns (leases
+    released, messages taken over here).
+
+    Only the master calls for it, once it reaped the process (:mod:`chatd.master.takeover`):
+    a live store's leases must never be released. Claims as a sweep does (any lapsed message,
+    a batch at a time) until the released ones are taken (by this worker, or before it by a
+    resume or another worker's sweep: then fewer are taken here); a draining worker claims
+    nothing, the release alone lets the others' sweeps take them. A store error (or a bug) is
+    logged: the leases then lapse by themselves, within LEASE_S, and the sweeps take them.
+    """
+    try:
+        released = await hub.store.release(owner)
+    except Exception as exc:
+        log.warning(
+            "worker died: its leases were not released (%s); they lapse within %.0fs",
+            *(exc, LEASE_S),
+        )
+        return 0, 0
+    taken = 0
+    try:
+        while hub.sweeping and taken < released:
+            started = await hub.take_over(None)
+            if not started:
+                break
+            taken += started
+    except Exception as exc:  # released: the next sweep (of any worker) claims them
+        log.warning("worker died: its messages were not claimed here (%s)", exc)
+    log.info("worker died: its %d leases released, %d messages taken over here", released, taken)
+    return released, taken

@@ -42,7 +42,8 @@ from chatd.proto import chat
 from chatd.proto import control as proto
 from chatd.relay.generate import Relay
 from chatd.spec import WorkerSpec
-from chatd.store import open_store
+from chatd.store import open_notices, open_store
+from chatd.worker import leases
 from chatd.worker.api.setup import api_router
 from chatd.worker.closing import Closing
 from chatd.worker.discovered import Discovered
@@ -50,6 +51,7 @@ from chatd.worker.front import Front, connection_class
 from chatd.worker.generation import Hub
 from chatd.worker.http import HttpEndpoints, frame_limit, limit_headers
 from chatd.worker.link import MasterLink
+from chatd.worker.mover import Mover
 from chatd.worker.moves import Moves
 from chatd.worker.outbox import OutboundBudget
 from chatd.worker.report import stats_message
@@ -73,6 +75,8 @@ class Worker:
         self.cfg: Config = spec.cfg
         self.name = f"{spec.slot}/{os.getpid()}"
         self.store = open_store(self.cfg.sessions)
+        # Notices of stored replies across hosts (Redis pub/sub; None with SQLite: one host).
+        self.notices = open_notices(self.cfg.sessions)
         # The backends: the static tables, then the dns tables' addresses as the master tells
         # them (chatd.backendtable: the relay and the slots index backends alike).
         self.table = BackendTable(self.cfg.llm.backends)
@@ -92,7 +96,7 @@ class Worker:
             lambda i: self.relay.prewarm(i, self.cfg.llm.model),
         )
         self.slot_classes = {proto.SLOT_CLASS_CHAT: self.slots, embed: self.embed_slots}
-        self.hub = Hub(self.cfg, self.store, self.relay, self.slots, self.link)
+        self.hub = Hub(self.cfg, self.store, self.relay, self.slots, self.link, self.notices)
         self.api = api_router(self.cfg, self.relay, self.slots, self.embed_slots)
         self.state = WorkerState(
             hub=self.hub,
@@ -130,6 +134,8 @@ class Worker:
         loop.add_signal_handler(signal.SIGINT, self.request_stop, True)
         loop.add_signal_handler(signal.SIGQUIT, self.request_stop, True)
         await self.store.open()
+        if self.notices is not None:
+            self.notices.start(self.hub.on_stored)
         await self.relay.start()
         endpoints = HttpEndpoints(
             self.cfg,
@@ -187,6 +193,7 @@ class Worker:
         self._tasks.append(asyncio.create_task(self.hub.stages.watch_loop()))
         self.hub.stages.watch_gc()
         self.link.send_ready()
+        self.link.send({proto.T: proto.OWNER, "owner": self.store.owner})  # chatd.master.takeover
         self.link.start_reporting(self.statistics, 1.0)
         log.info("worker %s serving (generation %d)", self.name, self.spec.generation)
         await self._stop.wait()
@@ -290,9 +297,11 @@ class Worker:
         elif kind in Discovered.MESSAGES:
             self.discovered.on_message(msg)
         elif kind == proto.STORED:
-            session = msg.get("session")
+            session, seq = msg.get("session"), msg.get("seq")
             if isinstance(session, str):
-                self.hub.on_stored(session)
+                self.hub.on_stored(session, seq if isinstance(seq, int) else 0)
+        elif kind == proto.OWNER_GONE:  # a worker of this host died: take its messages over
+            leases.on_owner_gone(self.hub, msg.get("owner"))
         elif kind == proto.PREDRAIN:
             if not self.predrain:
                 log.info("the daemon stops soon (shutdown_delay): /healthz and /readyz answer 503")
@@ -339,9 +348,13 @@ class Worker:
                 self.link.send({proto.T: proto.HANDOFF_DONE})
         else:
             self.moves.adopter.close()
+        placed = None
+        if mover is not None:  # the master's roll waits for this, not for the replies
+            placed = asyncio.create_task(self._when_placed(mover, deadline))
         await self.closing.wait_replies(deadline, mover)
-        if mover is not None:
+        if mover is not None and placed is not None:
             await mover.finish()
+            await placed
             stats = mover.stats
             log.info(
                 "handoff to pid %d: %d connections moved, %d closed with 1001 instead, "
@@ -349,7 +362,6 @@ class Worker:
                 *(self._successor, stats.moved, stats.fell_back, stats.deferred),
                 (stats.finished - stats.started) * 1000,
             )
-            self.link.send({proto.T: proto.HANDOFF_DONE, **stats.to_wire()})
         with contextlib.suppress(TimeoutError):  # the API requests being answered, too
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await self.api.wait_idle()
@@ -363,6 +375,14 @@ class Worker:
         await self.closing.stop_generations()
         await self.closing.close_all(max(1.0, deadline - time.monotonic()))
         await self._shutdown()
+
+    async def _when_placed(self, mover: Mover, deadline: float) -> None:
+        """Tell the master ``handoff_done`` once every connection moved or is falling back
+        (or at the deadline), with the counts then."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await mover.placed()
+        self.link.send({proto.T: proto.HANDOFF_DONE, **mover.stats.to_wire()})
 
     async def stop_now(self) -> None:
         """Fast stop: close the clients with 1001 at once; replies in flight stay unanswered."""
@@ -388,6 +408,8 @@ class Worker:
                     await self.server.wait_closed()
         await self.relay.close()
         await self.store.close()
+        if self.notices is not None:  # after the store: the notices of the last finals
+            await self.notices.close()
         with contextlib.suppress(Exception):  # the last counters (a drain's handoff): kept
             self.link.send(self.statistics())  # by the master once this worker has exited
         self.link.close()

@@ -16,8 +16,8 @@ later, until the drain's graceful time is over; then it closes with 1001 as with
 (*fell back*). Batches of up to 64 go out as one offer (:mod:`chatd.proto.adoption`); from
 the offer to the decision the connection's live frames are held (what was sent travels with
 the offer: anything stored after it reaches the client from the log, through the new worker).
-Accepted: this worker aborts its transport (``close()`` of its copy: no FIN, the new worker
-holds the other), then sends ``commit``; nothing was written or read in between. Refused, or
+Accepted: this worker sends ``commit``, then aborts its transport (``close()`` of its copy:
+no FIN, the new worker holds the other); nothing was written or read in between. Refused, or
 the channel fails: ``abort`` (when it can still be sent), the held frames are released, reading
 resumes, and the connection falls back to 1001 (its client resumes elsewhere, as today).
 """
@@ -37,6 +37,7 @@ from websockets.asyncio.server import ServerConnection
 
 from chatd import faults
 from chatd.proto import adoption, chat
+from chatd.worker.outbox import Outbox
 from chatd.worker.seqpacket import Channel, ChannelClosed, peer_pid
 from chatd.worker.session import WorkerState, owner_of
 from chatd.worker.wsadopt import movable
@@ -47,6 +48,7 @@ _Offered = tuple[ServerConnection, adoption.Moved]
 
 ANSWER_WITHIN = 2.0  # seconds the new worker has to answer an offer
 RETRY_S = 0.02  # a connection not idle is offered again after this
+PLACED_POLL_S = 0.05  # how often placed() looks (only during a drain)
 
 
 @dataclass(slots=True)
@@ -108,14 +110,17 @@ class Mover:
         sock.setblocking(False)
         try:
             await asyncio.get_running_loop().sock_connect(sock, name)
-            pid, _uid = peer_pid(sock)
+            pid, uid = peer_pid(sock)
         except OSError as exc:
             sock.close()
             log.warning("handoff to pid %d impossible (%s): closing with 1001", target_pid, exc)
             return False
-        if pid != target_pid:
+        if pid != target_pid or uid != os.getuid():
             sock.close()
-            log.warning("handoff socket of pid %d is held by pid %d: not used", target_pid, pid)
+            log.warning(
+                "handoff socket of pid %d is held by pid %d (uid %d): not used",
+                *(target_pid, pid, uid),
+            )
             return False
         self._channel = Channel(sock, adoption.MAX_MESSAGE)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -137,6 +142,18 @@ class Mover:
         while (self._waiting or self._moving) and self._channel is not None:
             self._progress.clear()
             await self._progress.wait()
+
+    async def placed(self) -> None:
+        """Until every connection of the worker has moved or is falling back (those left wait
+        for their reply to end, or never become movable: bound this with a timeout)."""
+        state = self._state
+        while self._channel is not None and any(
+            ws not in state.handed_off and ws not in self._given_up for ws in state.connections
+        ):
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):  # a busy one comes back by session_done
+                async with asyncio.timeout(PLACED_POLL_S):
+                    await self._progress.wait()
 
     async def finish(self) -> None:
         """The graceful time is over: whatever waits falls back to 1001; the channel closes."""
@@ -188,7 +205,7 @@ class Mover:
 
     def _prepare(self) -> tuple[list[_Offered], list[ServerConnection]]:
         """Take up to a batch of idle connections off the waiting list, paused and held; the
-        others come back later."""
+        others come back later. One connection's trouble is its own: it falls back alone."""
         batch: list[_Offered] = []
         later: list[ServerConnection] = []
         busy = {session for session, _ in self._state.hub.running}
@@ -198,60 +215,77 @@ class Mover:
             entry = self._state.connections.get(ws)
             if entry is None:
                 continue  # gone meanwhile
-            conn, outbox = entry
+            # Resumed only if paused here: websockets pauses a reader whose queue is full.
+            reading = ws.transport.is_reading()
             ws.transport.pause_reading()
-            outbox.flush()  # a reply just queued goes out now, from here
-            why = movable(ws)
-            if why is None and (conn.state is not chat.State.OPEN or conn.session is None):
-                why = "no session yet"
-            if why is None and conn.session in busy:
+            try:
+                verdict = self._examine(ws, *entry, busy)
+            except Exception as exc:  # a bug or an odd client: this one stays, falls back
+                log.warning("handoff: a connection cannot move (%r): it closes with 1001", exc)
+                verdict = "give up"
+            if isinstance(verdict, adoption.Moved):
+                batch.append((ws, verdict))
+                continue
+            if reading:
+                ws.transport.resume_reading()
+            if verdict == "give up":
+                self._give_up(ws, "server going away: resume elsewhere")
+            elif verdict == "busy":
                 # Offered again by the drain when the session's last reply here is out
                 # (Hub.on_session_done): nothing to poll meanwhile.
-                ws.transport.resume_reading()
                 self.stats.deferred += 1
-                continue
-            if why is None and not outbox.idle:
-                why = "frames being written"
-            if why == "compression":
-                ws.transport.resume_reading()
-                self._give_up(ws, "server going away: resume elsewhere")
-                continue
-            if why is not None:
-                ws.transport.resume_reading()
+            else:
                 self.stats.deferred += 1
                 later.append(ws)
-                continue
-            assert conn.session is not None
-            if ws.keepalive_task is not None:
-                ws.keepalive_task.cancel()
-                ws.keepalive_task = None
-            floor, sent = outbox.sent_state(adoption.MAX_SENT)
-            outbox.hold()
-            now = time.monotonic()
-            tokens, refill_age = conn.limiter_state(now)
-            peer = ws.remote_address
-            origin = ws.request.headers.get("Origin") if ws.request is not None else None
-            self._next_id += 1
-            batch.append(
-                (
-                    ws,
-                    adoption.Moved(
-                        id=self._next_id,
-                        session=conn.session,
-                        owner=owner_of(ws, self._state.auth_on),
-                        floor=floor,
-                        sent=sent,
-                        tokens=tokens,
-                        refill_age=refill_age,
-                        bad_in_a_row=conn.bad_in_a_row,
-                        peer=(str(peer[0]), int(peer[1])) if peer else ("", 0),
-                        origin=origin,
-                        age=max(0.0, now - conn.opened),
-                        watched=conn.session in self._state.hub.watching,
-                    ),
-                )
-            )
         return batch, later
+
+    def _examine(
+        self, ws: ServerConnection, conn: chat.ChatConnection, outbox: Outbox, busy: set[str]
+    ) -> adoption.Moved | str:
+        """With reading paused: the connection's state, ready to travel (then it is held), or
+        why not now (``busy``: its reply runs; ``give up``: it never will; else a reason to
+        try again in a moment)."""
+        outbox.flush()  # a reply just queued goes out now, from here
+        why = movable(ws)
+        if why == "compression":
+            return "give up"
+        if why is None and (conn.state is not chat.State.OPEN or conn.session is None):
+            why = "no session yet"
+        if why is None and conn.session in busy:
+            return "busy"
+        if why is None and not outbox.idle:
+            why = "frames being written"
+        if why is not None:
+            return why
+        assert conn.session is not None
+        now = time.monotonic()
+        tokens, refill_age = conn.limiter_state(now)
+        floor, sent = outbox.sent_state(adoption.MAX_SENT)
+        peer = ws.remote_address
+        request = ws.request
+        # As the handshake read it (worker/http.py): every Origin header, joined.
+        origin = ",".join(request.headers.get_all("Origin")) or None if request else None
+        self._next_id += 1
+        moved = adoption.Moved(
+            id=self._next_id,
+            session=conn.session,
+            owner=owner_of(ws, self._state.auth_on),
+            floor=floor,
+            sent=sent,
+            tokens=tokens,
+            refill_age=refill_age,
+            bad_in_a_row=conn.bad_in_a_row,
+            peer=(str(peer[0]), int(peer[1])) if peer else ("", 0),
+            origin=origin,
+            age=max(0.0, now - conn.opened),
+            watched=conn.session in self._state.hub.watching,
+        )
+        adoption.moved_from_wire(moved.to_wire())  # what the new worker would refuse: here
+        if ws.keepalive_task is not None:
+            ws.keepalive_task.cancel()
+            ws.keepalive_task = None
+        outbox.hold()
+        return moved
 
     async def _move(self, batch: list[_Offered]) -> None:
         try:
@@ -271,8 +305,8 @@ class Mover:
         accepted: set[int] = set()
         try:
             await faults.handoff_stall("offer")
-            await channel.send(adoption.offer([m for _, m in batch]), fds)
-            async with asyncio.timeout(ANSWER_WITHIN):
+            async with asyncio.timeout(ANSWER_WITHIN):  # the successor must keep up
+                await channel.send(adoption.offer([m for _, m in batch]), fds)
                 data, extra = await channel.recv()
             for fd in extra:  # an answer carries none
                 os.close(fd)
@@ -283,8 +317,9 @@ class Mover:
             refused = dict(msg.refused or {})
         except (TimeoutError, ChannelClosed, adoption.AdoptionError) as exc:
             self._undo(batch, f"handoff failed ({exc or 'no answer'})")
-            with contextlib.suppress(ChannelClosed):
-                await channel.send(adoption.abort([m.id for _, m in batch]))
+            with contextlib.suppress(ChannelClosed, TimeoutError):
+                async with asyncio.timeout(ANSWER_WITHIN):
+                    await channel.send(adoption.abort([m.id for _, m in batch]))
             raise ChannelClosed(str(exc) or "no answer in time") from None
         ids = self._state.connections
         give = [(ws, m) for ws, m in batch if m.id in accepted and ws in ids]
@@ -294,11 +329,13 @@ class Mover:
                 self.stats.aborted += 1
                 for ws, moved in keep:
                     self._undo([(ws, moved)], refused.get(moved.id, "server going away: resume"))
-                await channel.send(adoption.abort([m.id for _, m in keep]))
+                async with asyncio.timeout(ANSWER_WITHIN):
+                    await channel.send(adoption.abort([m.id for _, m in keep]))
             if give:
                 await faults.handoff_stall("commit")
-                await channel.send(adoption.commit([m.id for _, m in give]))
-        except ChannelClosed:
+                async with asyncio.timeout(ANSWER_WITHIN):
+                    await channel.send(adoption.commit([m.id for _, m in give]))
+        except (ChannelClosed, TimeoutError):
             self._undo(give, "handoff failed: the new worker is gone")
             raise
         # Committed: from here this worker does no I/O on them. Its copy of each socket closes

@@ -11,6 +11,7 @@ cannot move) and with TLS (its state lives in the process): drains close with 10
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ from websockets.asyncio.server import Server, ServerConnection
 
 from chatd.config import Config
 from chatd.proto import adoption
+from chatd.proto.chat import CLOSE_GOING_AWAY
 from chatd.worker.adopter import Adopter
 from chatd.worker.front import Front
 from chatd.worker.http import frame_limit
@@ -86,7 +88,7 @@ class Moves:
     async def _adopt(self, sock: socket.socket, moved: adoption.Moved) -> None:
         assert self.server is not None and self.front is not None
         state, limits = self.state, self.cfg.limits
-        await adopt(
+        ws = await adopt(
             self.server,
             adopted_class(self.front),
             sock,
@@ -97,6 +99,13 @@ class Moves:
             ping_timeout=limits.ping_timeout,
             handler=lambda ws: serve_connection(ws, state, moved),
         )
+        if state.draining:  # committed after this worker's own drain began: passed on
+            if self.mover is not None:
+                self.mover.offer(ws)
+            else:
+                task = asyncio.create_task(ws.close(CLOSE_GOING_AWAY, "server going away"))
+                state.closers.add(task)
+                task.add_done_callback(state.closers.discard)
 
     async def start_moving(
         self, target_pid: int, deadline: float, fallback: Callable[[ServerConnection, str], None]

@@ -257,8 +257,9 @@ class Outbox:
 
     def advance(self, upto: int) -> None:
         """Record that every stored event up to ``upto`` was queued (a replay, or a forward
-        from the log); a lower ``upto`` changes nothing."""
-        if upto > self._floor:
+        from the log); a lower ``upto`` changes nothing, and so does any while holding (the
+        held frames were not sent: the release that ends the hold says what was)."""
+        if upto > self._floor and self._held is None:
             self._floor = upto
             if self._sent:
                 self._sent = {seq for seq in self._sent if seq > upto}

@@ -29,7 +29,9 @@ def stats_message(
     ``slots`` are the chat class's (``queue_depth``, ``backends``); ``embed_slots``, the embed
     class's, add ``embed_queue_depth`` and ``embed_backends`` (``{url, in_flight, held}``).
     The backends are the slots' (a dns table's addresses: :mod:`chatd.backendtable`): the live
-    ones, and the retired ones still holding slots (draining)."""
+    ones, and the retired ones still holding slots (draining). With a Redis store, the
+    cross-host notices of stored replies: ``notices_published_total``,
+    ``notices_received_total``, ``notices_lost_total``."""
     stats = hub.stats
     figures = store.statistics()
     shown = [
@@ -78,6 +80,11 @@ def stats_message(
         ],
         "draining": state.draining,
     }
+    notices = hub.notices  # across hosts (a Redis store): chatd.store.redis_notify
+    if notices is not None:
+        report["notices_published_total"] = notices.published_total
+        report["notices_received_total"] = notices.received_total
+        report["notices_lost_total"] = notices.lost_total
     if embed_slots is not None:
         report["embed_queue_depth"] = embed_slots.queue_depth
         report["embed_backends"] = [

@@ -316,7 +316,9 @@ async def _run(
                 continue
             # With its seq: a moved connection is not sent it again from the log, and a reply
             # stored meanwhile by another worker (seq below it) reaches the client first.
-            outbox.put(chat.ack_frame(action.id, appended.seq), appended.seq, again=True)
+            # A resent id is acknowledged again (protocol.md); a new one once.
+            ack = chat.ack_frame(action.id, appended.seq)
+            outbox.put(ack, appended.seq, again=appended.duplicate)
         elif isinstance(action, chat.Cancel):
             assert conn.session is not None
             state.hub.cancel(conn.session, action.id)
@@ -334,7 +336,7 @@ async def _fill_gap(
         return
     try:
         events = await state.store.events_after(session, floor)
-    except StoreError as exc:  # what is held goes out as it is; the client's resume fixes it
+    except Exception as exc:  # what is held goes out as it is; the client's resume fixes it
         log.warning("reading the log of %s failed: %s", session[:8], exc, extra=about(session))
         outbox.release(floor, gaps=False)
         return
@@ -343,7 +345,8 @@ async def _fill_gap(
         for ev in events
         if not outbox.was_sent(ev.seq)
     ]
-    outbox.release(max([floor, *(ev.seq for ev in events)]), frames)
+    # gaps=False when the log holds nothing new (an expired session): no read loop.
+    outbox.release(max([floor, *(ev.seq for ev in events)]), frames, gaps=bool(events))
 
 
 async def _catch_up(moved: adoption.Moved, state: WorkerState, outbox: Outbox) -> None:

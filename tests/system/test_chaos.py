@@ -16,9 +16,10 @@ and from what the clients received:
 4. every acknowledged message got exactly one answer (reply or final error);
 5. every message the client sent was acknowledged (none lost before the ack either);
 
-and 6. the master's pid never changed. The lease is shortened (``CHATD_TEST_LEASE``) so the
-messages of a killed worker are taken over within the test: the figures (acknowledged,
-replies, takeovers, duplicates, lost) are printed per store (``pytest -s`` shows them).
+and 6. the master's pid never changed; 7. the messages of the killed workers were released at
+once (the master's ``owner_gone``, ``chatd.master.takeover``), not only after their lease.
+The figures (acknowledged, replies, takeovers, leases released, duplicates, lost) are printed
+per store (``pytest -s`` shows them).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ SEND_PAUSE = (0.1, 0.4)  # seconds between two sends of a client
 KILL_EVERY = 2.0
 CHAOS_S = 20.0  # 10 kills: each test kept under ~30 s of the suite's 10 minutes
 QUIET_S = 90.0  # bound on the wait for every answer after the chaos
-LEASE = "2"  # seconds (CHATD_TEST_LEASE): renewed every 0.67 s, lapses 2 s after a kill
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,7 @@ def _chaos(d: Chatd, store: str, redis_url: str | None) -> dict[str, Any]:
         takeovers[w["pid"]] = max(takeovers.get(w["pid"], 0), w.get("takeovers_total", 0))
     # The log counts every takeover, also of workers killed before a status poll saw it.
     logged = sum(int(n) for n in re.findall(r"takeover: (\d+) unanswered", d.log()))
+    released = sum(int(n) for n in re.findall(r"worker died: its (\d+) leases released", d.log()))
 
     sessions = [c.session for c in clients if c.session]
     assert len(sessions) == CLIENTS
@@ -170,6 +171,7 @@ def _chaos(d: Chatd, store: str, redis_url: str | None) -> dict[str, Any]:
         "stored_finals": finals,
         "takeovers_status": sum(takeovers.values()),
         "takeovers_logged": logged,
+        "leases_released_at_once": released,
         "duplicates": duplicates,
         "lost": lost + unsent,
     }
@@ -180,6 +182,7 @@ def _chaos(d: Chatd, store: str, redis_url: str | None) -> dict[str, Any]:
     assert duplicates == 0 and lost == 0 and unsent == 0, figures
     assert acked == stored_users == replies == finals, figures
     assert logged > 0, "no message was taken over: the kills never hit a generation?"
+    assert released > 0, "no lease of a killed worker was released: all waited to lapse"
     return figures
 
 
@@ -188,7 +191,6 @@ def test_chaos_sqlite(fake: FakeOllama, tmp_path: Path) -> None:
         tmp_path,
         fake.url,
         workers=2,
-        env={"CHATD_TEST_LEASE": LEASE},
         limits={"messages_per_minute": 600},
     ) as d:
         _chaos(d, "sqlite", None)
@@ -199,7 +201,6 @@ def test_chaos_redis(fake: FakeOllama, tmp_path: Path, redis_url: str) -> None:
         tmp_path,
         fake.url,
         workers=2,
-        env={"CHATD_TEST_LEASE": LEASE},
         sessions={"store": redis_url},
         limits={"messages_per_minute": 600},
     ) as d:
@@ -209,10 +210,11 @@ def test_chaos_redis(fake: FakeOllama, tmp_path: Path, redis_url: str) -> None:
 def test_takeover_after_sigkill_reaches_the_resumed_client(
     fake: FakeOllama, tmp_path: Path
 ) -> None:
-    """One worker, SIGKILLed mid-reply: the client resumes on its replacement, and once the
-    lease lapsed the message is generated again there and answered live, exactly once; the
-    replacement counts the takeover in ``chatctl status --json`` (``takeovers_total``)."""
-    with running_chatd(tmp_path, fake.url, workers=1, env={"CHATD_TEST_LEASE": LEASE}) as d:
+    """One worker, SIGKILLed mid-reply: the client resumes on its replacement, which the master
+    has release the dead worker's lease as soon as it is ready; the message is generated again
+    there and answered live, exactly once; the replacement counts the takeover in ``chatctl
+    status --json`` (``takeovers_total``)."""
+    with running_chatd(tmp_path, fake.url, workers=1) as d:
         fake_config(fake.url, token_ms=200, tokens=20)
         tally = Tally()
 

@@ -169,7 +169,8 @@ def test_counters_survive_a_worker_restart(chatd: Chatd) -> None:
     )
     fams = scrape(chatd)[1]
     assert fams["chatd_worker_restarts_total"].value() == 1
-    assert fams["chatd_messages_total"].value() == before
+    # Its last report is read after its death: it may count what it did since ``before``.
+    assert fams["chatd_messages_total"].value() >= before
 
 
 def test_metrics_answer_503_when_the_master_does_not_answer(chatd: Chatd) -> None:

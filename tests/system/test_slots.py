@@ -161,7 +161,9 @@ def test_full_queue_answers_busy_at_once(tmp_path: Path, fake: FakeOllama) -> No
 
 def test_killed_worker_slots_are_taken_back(tmp_path: Path, fake: FakeOllama) -> None:
     """SIGKILL a worker holding slots: the master takes them back and grants them to the
-    other worker's waiters; once idle, in_flight is 0 again and messages still flow."""
+    waiters left; the dead worker's acknowledged messages are taken over at once by the other
+    worker (its leases released: owner_gone), so they wait in the queue too; once idle,
+    in_flight is 0 again and messages still flow."""
     fake_config(fake.url, hang=True)
     with start(tmp_path, fake, max_queue=64) as d:
         clients: list[tuple[Client, str]] = []
@@ -188,13 +190,17 @@ def test_killed_worker_slots_are_taken_back(tmp_path: Path, fake: FakeOllama) ->
             assert backend_row(d)["queue"]["depth"] == 8 - MAX_PARALLEL
             os.kill(pid, signal.SIGKILL)
             survivors = [c for c, name in clients if not name.endswith(f"/{pid}")]
-            # Its slots come back and go to the survivors' waiters; its own waiters are gone.
+            # Its slots come back; its messages are taken over by the other worker at once, so
+            # every one of the 8 is generating or waiting again.
             wait_for(
-                lambda: backend_row(d)["in_flight"] == min(MAX_PARALLEL, len(survivors)),
+                lambda: (
+                    backend_row(d)["in_flight"] == MAX_PARALLEL
+                    and backend_row(d)["queue"]["depth"] == len(clients) - MAX_PARALLEL
+                ),
                 10,
-                "the dead worker's slots granted again",
+                "the dead worker's slots granted again and its messages queued again",
             )
-            assert backend_row(d)["queue"]["depth"] == max(0, len(survivors) - MAX_PARALLEL)
+            assert "leases released" in d.log()
             fake_config(fake.url, hang=False)
             for c in survivors:
                 final = c.until(lambda f: f["type"] in ("reply", "error") and "seq" in f)[-1]

@@ -92,6 +92,19 @@ def test_slots_queue_and_backends_come_from_the_granter() -> None:
     assert fams["chatd_slot_refusals_total"].value(reason="busy") == 0
 
 
+def test_cross_host_notices_are_summed_with_the_retired_workers() -> None:
+    retired = Retired()
+    retired.fold(report(0, [], notices_published_total=2, notices_lost_total=1))
+    live = [("ready", report(0, [], notices_published_total=3, notices_received_total=4))]
+    fams = parse(render(aggregate(live, retired, granter().statistics(), restarts_total=0)))
+    notices = fams["chatd_stored_notices_total"]
+    assert notices.type == "counter"
+    assert notices.value(result="published") == 5
+    assert notices.value(result="received") == 4
+    assert notices.value(result="lost") == 1
+    assert parse(render({}))["chatd_stored_notices_total"].value(result="lost") == 0  # SQLite
+
+
 def test_malformed_reports_count_as_zero_and_still_render() -> None:
     live = [("ready", {"messages_total": "x", "latency_buckets": "junk", "errors_by_code": 3})]
     data = aggregate(live, Retired(), Granter([], 0).statistics(), restarts_total=0)

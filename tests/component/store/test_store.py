@@ -352,6 +352,35 @@ def test_renew_keeps_only_the_owners_leases(make_store: MakeStore) -> None:
 
 
 @pytest.mark.sweeps
+def test_release_lapses_only_the_dead_owners_held_leases(make_store: MakeStore) -> None:
+    """``release(owner)``: that owner's held leases lapse at once (the next claim, anyone's,
+    takes them); other owners' leases, answered messages and leases claimed since are left."""
+    a, b, c = make_store(), make_store(), make_store()
+
+    async def main() -> None:
+        async with opened(a, b, c):
+            s1, s2 = await a.create_session(""), await b.create_session("")
+            await a.append_user(s1, "x", "x", "m", lease_s=30)
+            await a.append_user(s1, "v", "v", "m", lease_s=0.01)  # lapsed already: not counted
+            await a.append_user(s2, "y", "y", "m", lease_s=30)
+            await a.append_user(s2, "z", "z", "m", lease_s=30)
+            await a.append_final(s2, "z", "reply", "r", {})  # answered: no lease left
+            await b.append_user(s2, "w", "w", "m", lease_s=30)  # b's: untouched
+            await asyncio.sleep(0.05)
+            assert await c.release(a.owner) == 2
+            got = await c.claim(None, 30, 100)
+            assert sorted((e.session, e.msg_id) for e in got) == sorted(
+                [(s1, "x"), (s1, "v"), (s2, "y")]
+            )
+            assert await c.release(a.owner) == 0  # c's leases now
+            assert await a.renew(s1, ["x"], 30) == set()  # a (were it alive) must stop
+            assert await b.renew(s2, ["w"], 30) == {"w"}
+            assert await c.release("nobody") == 0
+
+    run(main())
+
+
+@pytest.mark.sweeps
 def test_sweep_claims_across_sessions_with_a_limit(make_store: MakeStore) -> None:
     """``claim(None, ...)``: lapsed messages of every session, up to ``limit`` per call, each
     once; answered ones never."""
