@@ -65,6 +65,9 @@ class Adopter:
         self.adopted = 0  # connections committed to this worker
         self.refused = 0  # offered connections this worker refused
         self.aborted = 0  # accepted, then kept by the old worker (or its channel ended)
+        # Accepted and not yet committed or aborted, on every channel: they count against
+        # the connection limit as if already here (``check`` sees them).
+        self.in_transit = 0
 
     def listen(self, name: str) -> bool:
         """Listen on the abstract socket ``name``; False (logged) if it cannot be bound: this
@@ -122,16 +125,19 @@ class Adopter:
                     await faults.handoff_stall("adopt")
                     for cid in msg.ids:
                         if (entry := pending.pop(cid, None)) is not None:
+                            self.in_transit -= 1
                             await self._commit(*entry)
                 elif msg.kind == adoption.ABORT:
                     for cid in msg.ids:
                         if (entry := pending.pop(cid, None)) is not None:
+                            self.in_transit -= 1
                             self.aborted += 1
                             entry[0].close()
         except ChannelClosed:
             pass
         finally:
             self.aborted += len(pending)
+            self.in_transit -= len(pending)
             for left, _ in pending.values():
                 left.close()  # never committed: the old worker owned them (if it lives)
             channel.close()
@@ -154,6 +160,7 @@ class Adopter:
             why = self._check(sock, moved) if moved.id not in pending else "a duplicate id"
             if why is None:
                 pending[moved.id] = (sock, moved)
+                self.in_transit += 1
                 accepted.append(moved.id)
             else:
                 sock.close()

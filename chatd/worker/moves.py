@@ -70,7 +70,8 @@ class Moves:
             return "the socket's peer is not the one announced"
         limits = cfg.limits
         if limits.max_connections and (
-            len(state.connections) + len(front.http) >= limits.max_connections
+            len(state.connections) + len(front.http) + self.adopter.in_transit
+            >= limits.max_connections
         ):
             return "the new worker is at its connection limit: resume elsewhere"
         ip = moved.peer[0]

@@ -100,7 +100,7 @@ state_pid() { cat "$1/systemd.pid" 2>/dev/null || true; }
 
 cmd_boot() {
   local T=$1; shift
-  local binds=() cgroot cg upid sd p state
+  local binds=() cgroot cg upid sd p state self
   while (($#)); do
     case $1 in
       --bind) [[ $# -ge 2 ]] || die "--bind needs a path"; binds+=("$(readlink -f "$2")"); shift ;;
@@ -118,18 +118,25 @@ cmd_boot() {
   echo "$cg" >"$T/cgroup"
   # In its own cgroup (so that its systemd finds an empty, delegated subtree), with a clean
   # environment; every fd to the log so that no caller's pipe stays open behind it.
+  # Resolved here, not in the subshell: a command substitution there is a child of $upid
+  # too, and the loop below must find only unshare's child (systemd), never that one.
+  self=$(readlink -f "${BASH_SOURCE[0]}")
   (
     echo "$BASHPID" >"$cg/cgroup.procs"
     exec env -i container=sdharness PATH=/usr/sbin:/usr/bin:/sbin:/bin \
       unshare --cgroup --pid --fork --mount --propagation private \
-      "$(readlink -f "${BASH_SOURCE[0]}")" __inner "$T" "${binds[@]}"
+      "$self" __inner "$T" "${binds[@]}"
   ) </dev/null >>"$T/boot.log" 2>&1 &
   upid=$!
   echo "$upid" >"$T/unshare.pid"
   sd=""
   for _ in $(seq 100); do
-    sd=$(cut -d' ' -f1 "/proc/$upid/task/$upid/children" 2>/dev/null || true)
-    [[ -n $sd ]] && break
+    # Only once $upid is unshare itself (not yet the subshell or env, whose children are
+    # not systemd): its one child is the namespace's PID 1.
+    if [[ $(cat "/proc/$upid/comm" 2>/dev/null) == unshare ]]; then
+      sd=$(cut -d' ' -f1 "/proc/$upid/task/$upid/children" 2>/dev/null || true)
+      [[ -n $sd ]] && break
+    fi
     sleep 0.05
   done
   [[ -n $sd ]] || { cat "$T/boot.log" >&2; die "systemd did not start"; }

@@ -460,3 +460,30 @@ def test_a_scale_down_moves_the_closed_slots_connections(fake: FakeOllama, workd
         wait_for(lambda: handoff(d)["adopted"] == closed, t(5), "the adopting worker's report")
         moved = handoff(d)
         assert (moved["moved"], moved["fell_back"]) == (closed, 0), moved
+
+
+def test_a_new_worker_adopts_no_more_than_its_connection_limit(
+    fake: FakeOllama, workdir: Path
+) -> None:
+    """3 connections move in one batch to a generation whose max_connections is 2: two are
+    adopted, the third is refused (counted with the two in transit) and closes with why."""
+    with running_chatd(workdir, fake.url, workers=1, limits={"max_connections": 3}) as d:
+        clients = [Client(d.url) for _ in range(3)]
+        frames: list[list[dict[str, Any]]] = [[], [], []]
+        for c in clients:
+            assert c.hello()["type"] == "welcome"
+        readers = [Reader(c, f) for c, f in zip(clients, frames, strict=True)]
+        d.config.write_text(
+            d.config.read_text().replace("max_connections = 3", "max_connections = 2")
+        )
+        reload(d)
+        wait_for(lambda: sum(not r.is_alive() for r in readers) == 1, t(10), "one closed")
+        (closed,) = [c for c, r in zip(clients, readers, strict=True) if not r.is_alive()]
+        assert closed.ws.close_code == 1001
+        assert (
+            closed.ws.close_reason == "the new worker is at its connection limit: resume elsewhere"
+        )
+        wait_for(lambda: handoff(d)["adopted"] == 2, t(5), "the new worker's report")
+        assert (handoff(d)["moved"], handoff(d)["refused"]) == (2, 1)
+        for c in clients:
+            c.close()
