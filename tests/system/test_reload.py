@@ -24,6 +24,7 @@ from tests.support import Chatd, Client, chatctl, running_chatd, t, wait_for
 
 pytestmark = pytest.mark.system
 TOKENS = 5
+STALL_S = 10.0  # a Chatter waiting this long for a frame resumes (as chatd.client does)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,7 @@ class Chatter(threading.Thread):
         self.errors: list[dict[str, Any]] = []
         self.bad_replies: list[dict[str, Any]] = []
         self.reconnects = 0
+        self.stalls = 0  # resumes after STALL_S without a frame
         self.halt = threading.Event()
         self.failure: BaseException | None = None
 
@@ -115,16 +117,19 @@ class Chatter(threading.Thread):
                     pending = f"{self.name}-{count}"
                     self.sent[pending] = f"{self.name} says hello number {count}"
                     client.send({"type": "message", "id": pending, "text": self.sent[pending]})
-                frame = client.recv(timeout=20)
-            except ConnectionClosed:
+                frame = client.recv(timeout=STALL_S)
+            except (ConnectionClosed, TimeoutError) as exc:
+                # A silence of STALL_S: resume, as a real client's stall timeout does
+                # (chatd.client: stall_timeout); counted, so a test can tell.
+                self.stalls += isinstance(exc, TimeoutError)
                 self.reconnects += 1
                 client.close()
                 try:
                     client = self._connect()
-                except ConnectionClosed:
+                    if pending is not None and pending not in self.acked:
+                        client.send({"type": "message", "id": pending, "text": self.sent[pending]})
+                except ConnectionClosed:  # closed again at once (a worker that drains)
                     continue
-                if pending is not None and pending not in self.acked:
-                    client.send({"type": "message", "id": pending, "text": self.sent[pending]})
                 continue
             self._record(frame)
             if frame.get("id") == pending and frame["type"] in ("reply", "error"):
