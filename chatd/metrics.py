@@ -310,27 +310,29 @@ def render(data: Mapping[str, Any]) -> str:
         ("store_failures_total", "Session store operations that failed (reads and writes)."),
     ):
         out.single(f"chatd_{key}", "counter", help_text, n(data.get(key)))
-    out.family(
-        "chatd_ws_handoffs_total",
-        "counter",
-        "Open WebSockets handed between workers at reloads, recycles and scale-downs: moved "
-        "(by the old worker), adopted (by the new one), fell_back (closed with 1001 instead), "
-        "deferred (not idle when offered: tried again), aborted, refused (by the new one).",
-    )
-    for result in HANDOFF_RESULTS:
-        count = n(data.get(f"handoff_{result}_total"))
-        out.sample("chatd_ws_handoffs_total", count, {"result": result})
-    out.family(
-        "chatd_stored_notices_total",
-        "counter",
-        "Notices of replies stored with no client of their session on the worker that stored "
-        "them, through Redis to the workers of every host watching the session (the cross-host "
-        "live handoff): published, received (by a watcher), lost (not published: the client "
-        "gets the reply at its next resume). 0 with SQLite.",
-    )
-    for result in NOTICE_RESULTS:
-        count = n(data.get(f"notices_{result}_total"))
-        out.sample("chatd_stored_notices_total", count, {"result": result})
+    for name, key, results, help_text in (
+        (
+            "chatd_ws_handoffs_total",
+            "handoff",
+            HANDOFF_RESULTS,
+            "Open WebSockets handed between workers at reloads, recycles and scale-downs: "
+            "moved (by the old worker), adopted (by the new one), fell_back (closed with 1001 "
+            "instead), deferred (not idle when offered: tried again), aborted, refused (by the "
+            "new one).",
+        ),
+        (
+            "chatd_stored_notices_total",
+            "notices",
+            NOTICE_RESULTS,
+            "Notices of replies stored with no client of their session on the worker that "
+            "stored them, through Redis to the workers of every host watching the session (the "
+            "cross-host live handoff): published, received (by a watcher), lost (not "
+            "published: the client gets the reply at its next resume). 0 with SQLite.",
+        ),
+    ):  # counters by result, reported by workers as ``<key>_<result>_total``
+        out.family(name, "counter", help_text)
+        for result in results:
+            out.sample(name, n(data.get(f"{key}_{result}_total")), {"result": result})
     out.family(
         "chatd_errors_total",
         "counter",

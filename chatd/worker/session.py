@@ -25,7 +25,7 @@ from websockets.protocol import State
 from chatd.errors import StoreError
 from chatd.logs import about
 from chatd.proto import adoption, chat
-from chatd.store.base import Store
+from chatd.store.base import Event, Store
 from chatd.worker.generation import Hub
 from chatd.worker.http import token_of
 from chatd.worker.outbox import OutboundBudget, Outbox
@@ -324,6 +324,16 @@ async def _run(
             state.hub.cancel(conn.session, action.id)
 
 
+def _unsent(events: Sequence[Event], outbox: Outbox) -> list[bytes]:
+    """The replay frames of ``events`` the connection was not sent yet (a resume, a moved
+    connection's catch-up, a gap filled from the log), in seq order."""
+    return [
+        chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta)
+        for ev in events
+        if not outbox.was_sent(ev.seq)
+    ]
+
+
 async def _fill_gap(
     state: WorkerState, conn: chat.ChatConnection, outbox: Outbox, floor: int
 ) -> None:
@@ -340,11 +350,7 @@ async def _fill_gap(
         log.warning("reading the log of %s failed: %s", session[:8], exc, extra=about(session))
         outbox.release(floor, gaps=False)
         return
-    frames = [
-        chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta)
-        for ev in events
-        if not outbox.was_sent(ev.seq)
-    ]
+    frames = _unsent(events, outbox)
     # gaps=False when the log holds nothing new (an expired session): no read loop.
     outbox.release(max([floor, *(ev.seq for ev in events)]), frames, gaps=bool(events))
 
@@ -362,11 +368,7 @@ async def _catch_up(moved: adoption.Moved, state: WorkerState, outbox: Outbox) -
     except StoreError:
         outbox.discard_held()
         raise
-    frames = [
-        chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta)
-        for ev in events
-        if not outbox.was_sent(ev.seq)
-    ]
+    frames = _unsent(events, outbox)
     outbox.release(max([moved.floor, *(ev.seq for ev in events)]), frames)
     if moved.watched:  # a reply of it is generated elsewhere: as on a resume
         with contextlib.suppress(StoreError):  # (the sweep and the client's fallback cover it)
@@ -437,9 +439,7 @@ async def _hello(
     events = await state.store.events_after(info.session, hello.last_seq)
     last_seq = max([info.last_seq, *(ev.seq for ev in events)])
     frames = [chat.welcome_frame(info.session, last_seq, True, state.worker_name)]
-    frames.extend(
-        chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta) for ev in events
-    )
+    frames.extend(_unsent(events, outbox))
     outbox.release(max([hello.last_seq, *(ev.seq for ev in events)]), frames)
     # Messages whose worker died (lease lapsed) are generated here, after the replay: the
     # client sees their ack replayed, then tokens and the reply live.

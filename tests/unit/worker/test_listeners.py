@@ -201,15 +201,17 @@ def test_a_forward_during_a_gap_fill_loses_nothing() -> None:
             ]
             outbox.release(max([floor, *(e.seq for e in events)]), frames)
 
-        outbox = Outbox(sink, on_gap=lambda floor: asyncio.ensure_future(fill(floor)))
+        fills: list[asyncio.Future[None]] = []
+        outbox = Outbox(sink, on_gap=lambda floor: fills.append(asyncio.ensure_future(fill(floor))))
         outbox.advance(2)
         hub.subscribe(S, outbox)
         store.events.append(Event(3, "reply", "m1", "hello", {"done_reason": "stop"}))
-        hub.on_stored(S, 3)  # the forward's read begins
-        await asyncio.sleep(0.005)
+        hub.on_stored(S, 3)
+        await asyncio.sleep(0)  # the forward's task starts: its read (20 ms) is under way
         store.events.append(Event(4, "user", "m4", "again"))
         outbox.put(b'{"type":"ack","id":"m4","seq":4}', 4)  # a gap: 3 not sent yet
-        await asyncio.sleep(0.1)
+        await asyncio.gather(*fills, *hub._forwarding.values())  # both reads done
+        assert not outbox.holding
         await outbox.wait_empty()
 
     asyncio.run(main())
