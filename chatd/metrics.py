@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatd import metrics_http, metrics_stages
+from chatd import metrics_fleet, metrics_http, metrics_stages
 from chatd.metrics_http import HttpFigures
 from chatd.metrics_stages import StageFigures
 from chatd.proto.control import HANDOFF_KEYS, HANDOFF_RESULTS
@@ -424,6 +424,7 @@ def render(data: Mapping[str, Any]) -> str:
     )
     metrics_http.render(out, data.get("http"))
     metrics_stages.render(out, data.get("stages"))
+    metrics_fleet.render(out, data.get("fleet"))
     return "\n".join(out.lines) + "\n"
 
 

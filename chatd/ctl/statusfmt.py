@@ -50,6 +50,9 @@ def problems(data: Mapping[str, Any]) -> list[str]:
     store = data.get("store") or {}
     if store.get("healthy") is False:
         out.append(f"session store unavailable ({store.get('error') or 'no detail'})")
+    fleet = data.get("fleet")
+    if isinstance(fleet, Mapping) and fleet.get("error"):
+        out.append(f"fleet LLM slots not renewed ({fleet['error']})")
     return out
 
 
@@ -110,6 +113,17 @@ def _slots(b: Mapping[str, Any]) -> str:
     if isinstance(in_use, int) and isinstance(idle, int):
         return f"{in_use}/{limit} in use, {idle} leased (idle)"
     return f"{b.get('in_flight', 0)}/{limit} in flight"
+
+
+def _fleet(b: Mapping[str, Any]) -> str:
+    """`` (fleet: 4/4 in flight over 2 hosts, 2 held here)``, or "" when not shared."""
+    f = b.get("fleet")
+    if not isinstance(f, Mapping):
+        return ""
+    return (
+        f" (fleet: {f.get('in_flight', 0)}/{b.get('max_parallel', '?')} in flight over "
+        f"{f.get('hosts', 0)} hosts, {f.get('here_held', 0)} held here)"
+    )
 
 
 def _keys(keys: Any, label: str = "busiest clients") -> str:
@@ -197,10 +211,16 @@ def format_status(data: Mapping[str, Any]) -> str:
         )
         origin = f", from {b['discovered_from']}" if b.get("discovered_from") else ""
         line = f"backend {b.get('url')} ({b.get('api')}{origin}): {health}, {_slots(b)}"
+        line += _fleet(b)
         embed = b.get("embed")
         if isinstance(embed, Mapping):
-            line += f"; embed {_slots(embed)}"
+            line += f"; embed {_slots(embed)}{_fleet(embed)}"
         lines.append(line)
+    fleet = data.get("fleet")
+    if isinstance(fleet, Mapping):
+        lines.append(
+            f"LLM slots shared with the other hosts of the Redis store, as {fleet.get('host')}"
+        )
     lines += [_discovery(d) for d in data.get("discovery") or [] if isinstance(d, Mapping)]
     store = data.get("store") or {}
     if store.get("healthy") is False:

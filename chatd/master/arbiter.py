@@ -44,6 +44,7 @@ from chatd.logs import setup_logging
 from chatd.master import commands
 from chatd.master.control import ControlServer
 from chatd.master.discovery import Discovery
+from chatd.master.fleet import Fleet
 from chatd.master.listeners import BindError, bind_slots, tcp_migrate_req
 from chatd.master.operations import Operations
 from chatd.master.reload import worker_count
@@ -90,6 +91,7 @@ class Master:
         self.workers: Workers | None = None
         self.services: Services | None = None  # LLM slots and metrics for the workers
         self.discovery: Discovery | None = None  # the dns tables' addresses
+        self.fleet: Fleet | None = None  # the fleet's LLM slots (a Redis store)
         self.ops: Operations | None = None  # reloads and RSS recycles
         self.notifier = Notifier()
         self.tcp_migrate_req = tcp_migrate_req()
@@ -141,6 +143,7 @@ class Master:
         self.services = Services(self.cfg, self.workers)
         Takeover(self.workers)  # kept by its hooks in self.workers
         self.discovery = Discovery(self.cfg, self.workers, self.services)
+        self.fleet = Fleet.attach(self.cfg.sessions.store, self.workers, self.services)
         self.ops = Operations(self.workers, self.load_config, self.notifier, self._apply)
         self._shutdown = Shutdown(self.workers)
         self._wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -234,6 +237,8 @@ class Master:
             self.services.configure(cfg)
         if self.discovery is not None:
             self.discovery.configure(cfg)
+        if self.fleet is not None:
+            self.fleet.configure(cfg.sessions.store)
 
     @property
     def stopping(self) -> bool:

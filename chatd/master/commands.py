@@ -109,6 +109,7 @@ def status_document(master: Master) -> dict[str, Any]:
         embed_slots=None if master.services is None else master.services.embed_granter.statistics(),
         table=None if master.services is None else master.services.current,
         discovery=() if master.services is None else master.services.discovery(),
+        fleet=None if master.services is None else master.services.fleet(),
     )
 
 

@@ -186,7 +186,8 @@ class Discovery:
     # -- the workers -----------------------------------------------------------------------------
 
     def _ask(self, name: Name, now: float) -> None:
-        worker = self._pick()
+        self._turn += 1
+        worker = self.workers.helper(self._turn)
         self._rid += 1
         msg = {
             proto.T: proto.RESOLVE,
@@ -198,20 +199,6 @@ class Discovery:
             name.asked = (self._rid, worker.pid, now + ANSWER_TIMEOUT)
         else:
             name.due = now + NO_WORKER_RETRY  # nobody to ask: the set stays as it is
-
-    def _pick(self) -> Worker | None:
-        """The next ready worker in turn (one still starting when none is ready: the first
-        answer at start), or None."""
-        alive = [
-            w
-            for w in self.workers.by_pid.values()
-            if w.link is not None and not w.detached and w.state in ("ready", "starting")
-        ]
-        ready = [w for w in alive if w.state == "ready"] or alive
-        if not ready:
-            return None
-        self._turn += 1
-        return sorted(ready, key=lambda w: w.pid)[self._turn % len(ready)]
 
     def _resolved(self, worker: Worker, msg: dict[str, Any]) -> None:
         rid = msg.get("rid")

@@ -91,6 +91,8 @@ class Services:
         self._tables: dict[int, BackendTable] = {}
         # The dns tables' state for status and /metrics (chatd.master.discovery sets it).
         self.discovery: Callable[[], list[dict[str, Any]]] = list
+        # The fleet's slots for status (chatd.master.fleet sets it; None: not shared).
+        self.fleet: Callable[[], dict[str, Any] | None] = lambda: None
         # session -> the pids watching it, and pid -> the sessions it watches.
         self.watchers: dict[str, set[int]] = {}
         self._watched: dict[int, set[str]] = {}
@@ -137,7 +139,7 @@ class Services:
             self.workers.tell(worker, msg)
             new = [table.entries[n].key for n in (*change.added, *change.revived)]
             for kind, granter in self.granters.items():
-                self._send(granter.allow(worker.pid, new), kind)
+                self.deliver(granter.allow(worker.pid, new), kind)
         self._reconfigure()
         after = {e.key: e for e in self.current.entries}
         held = {b.key: b.in_flight for b in self.granter.statistics().backends}
@@ -169,7 +171,7 @@ class Services:
         bounds = (llm.max_queue, limits.max_queued_per_key, limits.max_in_flight_per_key)
         for kind, granter in self.granters.items():
             pairs = [(e.key, e.config.capacity(kind)) for e in table.entries if e.live]
-            self._send(granter.reconfigure(pairs, *bounds), kind)
+            self.deliver(granter.reconfigure(pairs, *bounds), kind)
 
     # -- the master loop's hooks ---------------------------------------------------------------
 
@@ -186,7 +188,7 @@ class Services:
     def tick(self, now: float) -> None:
         """Send the queue position updates that are due (both classes); tick ``clocks``."""
         for kind, granter in self.granters.items():
-            self._send(granter.tick(now), kind)
+            self.deliver(granter.tick(now), kind)
         for clock in self.clocks:
             clock.tick(now)
 
@@ -207,7 +209,7 @@ class Services:
         client = msg.get("key")
         client = client if isinstance(client, str) else ""  # a worker that sends none: ""
         granter = self.granters[kind]
-        self._send(granter.acquire(worker.pid, rid, allowed, time.monotonic(), client), kind)
+        self.deliver(granter.acquire(worker.pid, rid, allowed, time.monotonic(), client), kind)
 
     def _release(self, worker: Worker, msg: dict[str, Any]) -> None:
         kind = self._class_of(worker, msg)
@@ -217,13 +219,13 @@ class Services:
         client = msg.get("key")  # the client the slots were counted for; none: leased ones
         if key is not None and isinstance(count, int):
             client = client if isinstance(client, str) else None
-            self._send(self.granters[kind].release(worker.pid, key, count, client), kind)
+            self.deliver(self.granters[kind].release(worker.pid, key, count, client), kind)
 
     def _cancel(self, worker: Worker, msg: dict[str, Any]) -> None:
         kind = self._class_of(worker, msg)
         rid = msg.get("rid")
         if kind is not None and isinstance(rid, int):
-            self._send(self.granters[kind].cancel(worker.pid, rid), kind)
+            self.deliver(self.granters[kind].cancel(worker.pid, rid), kind)
 
     def _health(self, worker: Worker, msg: dict[str, Any]) -> None:
         key, healthy = self._key(worker, msg.get("backend")), msg.get("healthy")
@@ -240,7 +242,7 @@ class Services:
             )
         # One report for every class: the backend is the same server whatever it is asked.
         for kind, granter in self.granters.items():
-            self._send(granter.report_health(key, healthy), kind)
+            self.deliver(granter.report_health(key, healthy), kind)
 
     def _metrics(self, worker: Worker, msg: dict[str, Any]) -> None:
         live = [(w.state, w.stats) for w in self.workers.by_pid.values()]
@@ -259,6 +261,7 @@ class Services:
         ]
         data["memory_limit"] = worker.cfg.server.max_worker_rss_mb * 1024 * 1024
         data["discovery"] = self.discovery()  # the dns tables (chatd.master.discovery)
+        data["fleet"] = self.fleet()  # the fleet's slots (chatd.master.fleet), None: not shared
         self.workers.tell(worker, {proto.T: proto.METRICS, "rid": msg.get("rid"), "data": data})
 
     def _watch(self, worker: Worker, msg: dict[str, Any]) -> None:
@@ -319,7 +322,7 @@ class Services:
                 *(held[proto.SLOT_CLASS_CHAT], held[proto.SLOT_CLASS_EMBED]),
             )
         for kind, granter in self.granters.items():
-            self._send(granter.owner_gone(worker.pid), kind)
+            self.deliver(granter.owner_gone(worker.pid), kind)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -346,7 +349,7 @@ class Services:
         log.warning("worker %d: no backend %r in its configuration", worker.slot, index)
         return None
 
-    def _send(self, outputs: Iterable[Output], kind: str) -> None:
+    def deliver(self, outputs: Iterable[Output], kind: str) -> None:
         """Deliver the answers of the granter of class ``kind``, naming it (chat: unnamed); a
         worker without a link gets nothing (the slots it was granted come back when it is
         reaped)."""

@@ -103,12 +103,14 @@ class _Backend:
     in_flight: int = 0
     healthy: bool | None = None
     configured: bool = True
+    limit: int | None = None  # the fleet's share of this host (Granter.limit); None: no share
 
     def usable(self) -> bool:
         return self.configured and self.healthy is not False
 
     def free(self) -> bool:
-        return self.usable() and self.in_flight < self.max_parallel
+        cap = self.max_parallel if self.limit is None else min(self.limit, self.max_parallel)
+        return self.usable() and self.in_flight < cap
 
 
 @dataclass(slots=True, eq=False)
@@ -155,6 +157,7 @@ class Granter:
         self._due: float | None = None  # earliest postponed position update
         self._scanned = float("-inf")  # when tick last scanned the queue (O(queue) each)
         self._counts = dict.fromkeys(("granted", "queued", "busy", "key_busy", "unavailable"), 0)
+        self.new_limit: int | None = None  # a new backend's limit (see limit())
         self.reconfigure(backends, max_queue, max_queued_per_key, max_in_flight_per_key)
 
     # -- events ------------------------------------------------------------------------------
@@ -263,7 +266,7 @@ class Granter:
         old = self.backends
         self.backends = {}
         for key, max_parallel in backends:
-            b = old.pop(key, None) or _Backend(key, max_parallel)
+            b = old.pop(key, None) or _Backend(key, max_parallel, limit=self.new_limit)
             b.max_parallel, b.configured = max_parallel, True
             self.backends[key] = b
         for key, b in old.items():
@@ -274,6 +277,25 @@ class Granter:
         self.max_queued_per_key = max_queued_per_key
         self.max_in_flight_per_key = max_in_flight_per_key
         return self._recall_leases() + self._serve_queue() + self._refuse_stranded()
+
+    def limit(self, key: str, capacity: int | None) -> list[Output]:
+        """At most ``capacity`` slots of ``key`` may be in flight from now on (never more than
+        its ``max_parallel``; None: ``max_parallel``): the share of the fleet's slots this host
+        holds (:mod:`chatd.master.fleet`). A higher one grants to waiters at once; a lower one
+        takes effect as slots come back (nothing is revoked), and recalls the leases when more
+        than ``capacity`` are out, so the idle ones come back now."""
+        b = self.backends.get(key)
+        if b is None or b.limit == capacity:
+            return []
+        old, b.limit = b.limit, capacity
+        if capacity is None or (old is not None and capacity > old):
+            return self._serve_queue()
+        return self._recall_leases() if b.in_flight > capacity else []
+
+    def recall(self) -> list[Output]:
+        """Recall every lease: the owners give back the slots they keep unused (another host
+        needs them: :mod:`chatd.master.fleet`)."""
+        return self._recall_leases()
 
     def tick(self, now: float) -> list[Output]:
         """Position updates that are due: changed, and not sent within ``position_interval``."""
@@ -305,9 +327,23 @@ class Granter:
         """The slots ``owner`` holds (in use or leased), by backend."""
         return {k: n for k, n in self._held.get(owner, {}).items() if n}
 
+    def leasing_any(self) -> bool:
+        """Whether some owner may keep the slots it is done with."""
+        return bool(self._leasing)
+
     def leasing(self, owner: int) -> bool:
         """Whether ``owner`` may keep the slots it is done with (its last grant leased)."""
         return owner in self._leasing
+
+    def need(self, key: str) -> tuple[int, int, int]:
+        """``key``'s ``max_parallel``, slots in flight, and waiters that may use it (0s for an
+        unknown backend): what this host needs of the fleet's slots (:mod:`chatd.master.fleet`).
+        O(queue)."""
+        b = self.backends.get(key)
+        if b is None:
+            return 0, 0, 0
+        waiting = sum(1 for _, w in self._queue.items() if key in w.allowed)
+        return b.max_parallel, b.in_flight, waiting
 
     def key_in_flight(self, key: str) -> int:
         """The slots counted against ``key`` (granted to its requests, not leased)."""

@@ -202,6 +202,7 @@ def aggregate_status(
     embed_slots: GranterStats | None = None,
     table: BackendTable | None = None,
     discovery: Sequence[Mapping[str, Any]] = (),
+    fleet: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``chatctl status --json`` document (``spec/interfaces.md``), plus extra fields.
 
@@ -230,6 +231,11 @@ def aggregate_status(
             the ``backends`` rows.
         discovery: the dns tables' state (:meth:`chatd.master.discovery.Discovery.status`),
             shown as ``discovery`` when there is any.
+        fleet: the fleet's slots (:meth:`chatd.master.fleet.Fleet.status`; None: not shared,
+            the store is not Redis): ``fleet {host, ttl_s, error}``, and on each backend (and
+            its ``embed``) ``fleet {in_flight, held, hosts, here_held, here_allowed}``: the
+            slots in flight and held over every host (as of each host's last renewal), and
+            those this host holds and may use.
     """
     rows = [_worker_row(w) for w in workers]
     other_rows = [_worker_row(w) for w in others]
@@ -281,7 +287,34 @@ def aggregate_status(
         doc["embed_queue"] = _queue(embed_slots)
     if discovery:  # absent without a dns table: the document stays as it was
         doc["discovery"] = [dict(d) for d in discovery]
+    if fleet is not None:  # absent unless the slots are shared (a Redis store)
+        _with_fleet(doc, backends, entries, fleet)
     return doc
+
+
+def _with_fleet(
+    doc: dict[str, Any],
+    backends: list[dict[str, Any]],
+    entries: Sequence[Entry],
+    fleet: Mapping[str, Any],
+) -> None:
+    """The fleet's figures on each backend row (see :func:`aggregate_status`)."""
+    doc["fleet"] = {k: fleet.get(k) for k in ("host", "ttl_s", "error")}
+    pools = {(p["class"], p["backend"]): p for p in fleet.get("pools") or ()}
+    for row, e in zip(backends, entries, strict=True):
+        for kind, target in (
+            (proto.SLOT_CLASS_CHAT, row),
+            (proto.SLOT_CLASS_EMBED, row.get("embed")),
+        ):
+            p = pools.get((kind, e.key))
+            if p is not None and isinstance(target, dict):
+                target["fleet"] = {
+                    "in_flight": p["fleet_in_flight"],
+                    "held": p["fleet_held"],
+                    "hosts": p["hosts"],
+                    "here_held": p["held"],
+                    "here_allowed": p["allowed"],
+                }
 
 
 def _store(workers: Sequence[WorkerSnapshot]) -> dict[str, Any]:

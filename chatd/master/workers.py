@@ -364,6 +364,20 @@ class Workers:
         ready = [s.worker for s in slots if s.worker is not None and s.worker.state == "ready"]
         return min(ready, key=lambda w: w.stats.get("connections") or 0, default=None)
 
+    def helper(self, turn: int) -> Worker | None:
+        """A worker to do some I/O for the master (resolve a name, renew the fleet's slots):
+        the ``turn``-th ready one in pid order (one still starting when none is ready, for the
+        first answer at start), or None."""
+        alive = [
+            w
+            for w in self.by_pid.values()
+            if w.link is not None and not w.detached and w.state in ("ready", "starting")
+        ]
+        ready = [w for w in alive if w.state == "ready"] or alive
+        if not ready:
+            return None
+        return sorted(ready, key=lambda w: w.pid)[turn % len(ready)]
+
     def abandon(self, worker: Worker) -> None:
         """Detach ``worker`` and stop it now (:func:`stopping.abandon`)."""
         stopping.abandon(worker, self.slot_of(worker))

@@ -126,6 +126,11 @@ RESOLVED = "resolved"  # worker -> master {rid, ok, addresses: [IP], error}
 # to a new worker first, and to every worker when they change; indices of the backends above
 # are then into the worker's table of backends, which this message extends.
 BACKENDS = "backends"  # master -> worker {sets: {table URL: [IP]}}
+# The fleet's LLM slots (a Redis store: chatd.master.fleet): a worker talks to Redis for the
+# master. Asked: per pool [class, backend, max, want, hold, busy]; answered: per pool, in the
+# same order, [count, allowed, fleet_held, fleet_busy, hosts, hungry] (chatd.store.redis_slots).
+FLEET_SYNC = "fleet_sync"  # master -> worker {rid, host, ttl, pools}
+FLEET_SYNCED = "fleet_synced"  # worker -> master {rid, ok, pools, error}
 # Daemon-wide metrics for /metrics (chatd.metrics): request and answer, matched by ``rid``.
 METRICS_REQUEST = "metrics_request"  # worker -> master {rid}
 METRICS = "metrics"  # master -> worker {rid, data}

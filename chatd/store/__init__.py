@@ -2,7 +2,8 @@
 
 :func:`open_store` picks the implementation from ``[sessions] store``. It only builds the object:
 the worker calls ``await store.open()`` after the fork, in its own event loop. With a Redis
-store, :func:`open_notices` gives the notices of stored replies across hosts (pub/sub).
+store, :func:`open_notices` gives the notices of stored replies across hosts (pub/sub), and
+:func:`open_slot_leases` the client of the fleet's LLM slot pools.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from chatd.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from chatd.store.redis_notify import StoredNotices
+    from chatd.store.redis_slots import SlotLeases
 
 __all__ = [
     "Appended",
@@ -27,6 +29,7 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "open_notices",
+    "open_slot_leases",
     "open_store",
 ]
 
@@ -80,3 +83,14 @@ def open_notices(cfg: SessionsConfig) -> StoredNotices | None:
     from chatd.store.redis_notify import StoredNotices  # lazily, as RedisStore
 
     return StoredNotices(cfg.store)
+
+
+def open_slot_leases(cfg: SessionsConfig) -> SlotLeases | None:
+    """The (unopened) client of the fleet's LLM slot pools for ``cfg.store``
+    (:class:`~chatd.store.redis_slots.SlotLeases`), or None when the store is not Redis (one
+    host: its master's cap is the cap). Call it after :func:`open_store` accepted the URL."""
+    if not cfg.store.startswith(_REDIS):
+        return None
+    from chatd.store.redis_slots import SlotLeases  # lazily, as RedisStore
+
+    return SlotLeases(cfg.store)

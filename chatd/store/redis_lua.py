@@ -199,6 +199,65 @@ for i = 3, #ARGV do
   end
 end
 return n"""
+_SLOTS = f"""-- KEYS: a slot pool's hash, its lease set. ARGV: host, ttl_ms, max, want, hold, busy.
+-- The fleet's LLM slots of one backend and class (chatd.store.redis_slots). The hash has per
+-- host 'h:HOST' the slots it holds, 'w:HOST' those its requests need, 'b:HOST' those in use;
+-- the lease set each host's lease end (Redis time, ms). A host whose lease lapsed holds none.
+-- The slots are shared max-min fairly over the hosts' needs (one at a time in host-name
+-- order), plus one spare for a host while some are left that no host needs nor holds; a host
+-- keeps what it cannot give back (min(hold, held)), never takes more than max minus the
+-- others' holdings.
+-- Returns {{count (held now), allowed (may use), fleet held, fleet busy, hosts, hungry}}.
+{_NOW_MS}
+local host, ttl, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local want, hold, busy = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms - 1)) do
+  redis.call('HDEL', KEYS[1], 'h:' .. gone, 'w:' .. gone, 'b:' .. gone)
+  redis.call('ZREM', KEYS[2], gone)
+end
+local held, wants, names, mine, others, fleet_busy = {{}}, {{}}, {{host}}, 0, 0, busy
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  local kind, who, v = string.sub(flat[i], 1, 1), string.sub(flat[i], 3), tonumber(flat[i + 1])
+  if who == host then
+    if kind == 'h' then mine = v end
+  elseif kind == 'h' then
+    held[who] = v
+    others = others + v
+  elseif kind == 'w' then
+    wants[who] = v
+    names[#names + 1] = who
+  elseif kind == 'b' then
+    fleet_busy = fleet_busy + v
+  end
+end
+wants[host] = want
+table.sort(names)
+local alloc, left, more = {{}}, max, true
+for _, n in ipairs(names) do alloc[n] = 0 end
+while left > 0 and more do  -- water-filling, one slot per host per round
+  more = false
+  for _, n in ipairs(names) do
+    if left > 0 and alloc[n] < wants[n] then
+      alloc[n], left, more = alloc[n] + 1, left - 1, true
+    end
+  end
+end
+local hungry, spares = 0, 0  -- hosts short of their share; slots held beyond a share
+for _, n in ipairs(names) do
+  local h = held[n] or 0
+  if n ~= host and h < alloc[n] then hungry = hungry + 1 end
+  if n ~= host and h > alloc[n] then spares = spares + h - alloc[n] end
+end
+local target = alloc[host]
+-- A spare (a new request starts without a round trip) from what nobody needs nor holds.
+if left > spares then target = target + 1 end
+local allowed = math.max(0, math.min(target, max - others))
+local count = math.max(allowed, math.min(hold, mine))
+redis.call('HSET', KEYS[1], 'h:' .. host, count, 'w:' .. host, want, 'b:' .. host, busy)
+redis.call('ZADD', KEYS[2], now_ms + ttl, host)
+for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ttl + 1000) end
+return {{count, allowed, others + count, fleet_busy, #names, hungry}}"""
 _PROBE = """-- KEYS: a probe key. ARGV: a value. A write that changes no session, gone after 60 s.
 redis.call('SET', KEYS[1], ARGV[1], 'EX', 60)
 return 1"""
@@ -213,6 +272,7 @@ SCRIPTS = {
     "held": _HELD,
     "release": _RELEASE,
     "probe": _PROBE,
+    "slots": _SLOTS,
 }
 READS = frozenset({"unanswered", "due", "held"})
 """The scripts that write nothing (no WAIT after them)."""

@@ -42,11 +42,12 @@ from chatd.proto import chat
 from chatd.proto import control as proto
 from chatd.relay.generate import Relay
 from chatd.spec import WorkerSpec
-from chatd.store import open_notices, open_store
+from chatd.store import open_notices, open_slot_leases, open_store
 from chatd.worker import leases
 from chatd.worker.api.setup import api_router
 from chatd.worker.closing import Closing
 from chatd.worker.discovered import Discovered
+from chatd.worker.fleetsync import FleetSync
 from chatd.worker.front import Front, connection_class
 from chatd.worker.generation import Hub
 from chatd.worker.http import HttpEndpoints, frame_limit, limit_headers
@@ -96,6 +97,9 @@ class Worker:
             lambda i: self.relay.prewarm(i, self.cfg.llm.model),
         )
         self.slot_classes = {proto.SLOT_CLASS_CHAT: self.slots, embed: self.embed_slots}
+        # With Redis the hosts share each backend's cap: this worker syncs it when its master
+        # asks (chatd.master.fleet; the connection is made at the first sync).
+        self.fleet = FleetSync(open_slot_leases(self.cfg.sessions), self.link.send)
         self.hub = Hub(self.cfg, self.store, self.relay, self.slots, self.link, self.notices)
         self.api = api_router(self.cfg, self.relay, self.slots, self.embed_slots)
         self.state = WorkerState(
@@ -296,6 +300,8 @@ class Worker:
             dispatch(msg, self.slot_classes)
         elif kind in Discovered.MESSAGES:
             self.discovered.on_message(msg)
+        elif kind in FleetSync.MESSAGES:
+            self.fleet.on_message(msg)
         elif kind == proto.STORED:
             session, seq = msg.get("session"), msg.get("seq")
             if isinstance(session, str):
@@ -410,6 +416,7 @@ class Worker:
         await self.store.close()
         if self.notices is not None:  # after the store: the notices of the last finals
             await self.notices.close()
+        await self.fleet.close()
         with contextlib.suppress(Exception):  # the last counters (a drain's handoff): kept
             self.link.send(self.statistics())  # by the master once this worker has exited
         self.link.close()

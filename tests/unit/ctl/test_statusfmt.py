@@ -113,3 +113,22 @@ def test_backend_line_shows_in_use_and_leased_idle_apart() -> None:
     assert "in flight" not in text
     old = format_status(doc(backends=[{**backend, "in_flight": 1}]))
     assert "backend http://o:11434 (ollama): healthy, 1/2 in flight" in old
+
+
+def test_fleet_slots_are_shown_and_a_failing_renewal_is_a_problem() -> None:
+    """With a Redis store each backend line says the fleet's figures next to this host's; a
+    host that cannot renew its share grants nothing: degraded, with the reason."""
+    fleet = {"in_flight": 4, "held": 4, "hosts": 2, "here_held": 1, "here_allowed": 1}
+    backend = {**doc()["backends"][0], "fleet": fleet}
+    backend["embed"] = {"in_flight": 0, "max_parallel": 1, "fleet": {**fleet, "in_flight": 0}}
+    master_fleet = {"host": "h1:42:abcdef", "ttl_s": 2.0, "error": ""}
+    data = doc(backends=[backend], fleet=master_fleet)
+    text = format_status(data)
+    line = next(x for x in text.splitlines() if x.startswith("backend "))
+    assert "2/4 in flight (fleet: 4/4 in flight over 2 hosts, 1 held here)" in line
+    assert line.endswith("; embed 0/1 in flight (fleet: 0/1 in flight over 2 hosts, 1 held here)")
+    assert "LLM slots shared with the other hosts of the Redis store, as h1:42:abcdef" in text
+    assert is_healthy(data)
+    data["fleet"]["error"] = "no answer from the worker within 1s"
+    assert problems(data) == ["fleet LLM slots not renewed (no answer from the worker within 1s)"]
+    assert "(fleet:" not in format_status(doc())

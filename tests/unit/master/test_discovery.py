@@ -14,6 +14,7 @@ import pytest
 from chatd.config import BackendConfig, Config, LLMConfig
 from chatd.master import discovery as discovery_module
 from chatd.master.discovery import ANSWER_TIMEOUT, Discovery, Name
+from chatd.master.workers import Workers
 from chatd.proto import control as proto
 
 URL = "http://ollama-headless:11434"
@@ -85,6 +86,8 @@ class FakeWorkers:
         self.by_pid = {w.pid: w for w in workers}
         self.handlers: dict[str, Callable[[Any, dict[str, Any]], None]] = {}
         self.on_exit: list[Callable[[Any], None]] = []
+
+    helper = Workers.helper  # the real choice: it reads by_pid only
 
     def tell(self, worker: FakeWorker, msg: dict[str, Any]) -> bool:
         worker.inbox.append(msg)
