@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,11 +94,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-def flush_redis(url: str) -> None:
-    """Empty the shared Redis behind ``url`` (``redis://``, ``redis+cluster://``,
-    ``redis+sentinel://``): for a test that sweeps across every session, which another test's
-    leftovers would crowd (test files on one server run one after the other, never at once:
-    ``pytest -n 2 --dist loadfile`` gives each worker process its own servers)."""
+def redis_client(url: str) -> Any:
+    """A synchronous redis-py client of the Redis behind ``url`` (``redis://``,
+    ``redis+cluster://``: a RedisCluster, ``redis+sentinel://``: the Sentinels' master),
+    for a test to read or change what chatd stores. The caller closes it."""
     import redis
     from redis.cluster import RedisCluster
     from redis.sentinel import Sentinel
@@ -106,14 +106,26 @@ def flush_redis(url: str) -> None:
     hosts, _, path = rest.partition("/")
     nodes = [(h, int(p)) for h, _, p in (x.rpartition(":") for x in hosts.split(","))]
     if scheme == "redis+cluster":
-        cluster = RedisCluster(host=nodes[0][0], port=nodes[0][1])
-        cluster.flushall(target_nodes=RedisCluster.PRIMARIES)
-        cluster.close()
-    elif scheme == "redis+sentinel":
-        Sentinel(nodes).master_for(path.split("/")[0]).flushall()
-    else:
-        client = redis.Redis.from_url(url)
-        client.flushall()
+        return RedisCluster(host=nodes[0][0], port=nodes[0][1], decode_responses=True)
+    if scheme == "redis+sentinel":
+        return Sentinel(nodes).master_for(path.split("/")[0], decode_responses=True)
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def flush_redis(url: str) -> None:
+    """Empty the shared Redis behind ``url`` (``redis://``, ``redis+cluster://``,
+    ``redis+sentinel://``): for a test that sweeps across every session, which another test's
+    leftovers would crowd (test files on one server run one after the other, never at once:
+    ``pytest -n 2 --dist loadfile`` gives each worker process its own servers)."""
+    from redis.cluster import RedisCluster
+
+    client = redis_client(url)
+    try:
+        if isinstance(client, RedisCluster):
+            client.flushall(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            client.flushall()
+    finally:
         client.close()
 
 

@@ -158,6 +158,7 @@ class Granter:
         self._scanned = float("-inf")  # when tick last scanned the queue (O(queue) each)
         self._counts = dict.fromkeys(("granted", "queued", "busy", "key_busy", "unavailable"), 0)
         self.new_limit: int | None = None  # a new backend's limit (see limit())
+        self.version = 0  # counts the events: what needs() answers changes only with it
         self.reconfigure(backends, max_queue, max_queued_per_key, max_in_flight_per_key)
 
     # -- events ------------------------------------------------------------------------------
@@ -172,6 +173,7 @@ class Granter:
         queue is full), or the first position (then a grant or a refusal follows later,
         unless the owner cancels or dies).
         """
+        self.version += 1
         allowed = frozenset(allowed)
         if not self._any_usable(allowed):
             return [self._refuse(owner, rid, "unavailable")]
@@ -199,6 +201,7 @@ class Granter:
         ``key``: the slots were granted (not leased) to that client's requests; None: leased.
         Slots the owner does not hold are ignored (a release of none returns nothing).
         """
+        self.version += 1
         count = min(count, self._held.get(owner, {}).get(backend, 0))
         if count <= 0:
             return []
@@ -210,6 +213,7 @@ class Granter:
     def cancel(self, owner: int, rid: int) -> list[Output]:
         """``owner`` no longer waits for ``rid``. Unknown rids are ignored: when the grant
         raced the cancellation, the owner gives the slot back with :meth:`release`."""
+        self.version += 1
         if self._queue.remove((owner, rid)) is not None:
             self._dirty = True
             # The queue is shorter, but a slot is not freer: nothing to grant.
@@ -219,6 +223,7 @@ class Granter:
         """``owner``'s waiters may use ``keys`` too (backends it just learnt of: addresses a
         dns table gained), and are granted them where free. Call it before :meth:`reconfigure`
         adds them, so no waiter of a replaced address is refused as stranded meanwhile."""
+        self.version += 1
         new = frozenset(keys)
         for _, w in self._queue.items():
             if w.owner == owner:
@@ -227,6 +232,7 @@ class Granter:
 
     def owner_gone(self, owner: int) -> list[Output]:
         """``owner`` died: its waiters are dropped, its slots taken back and granted anew."""
+        self.version += 1
         if self._queue.remove_if(lambda w: w.owner == owner):
             self._dirty = True
         self._keyed.drop_owner(owner)
@@ -238,6 +244,7 @@ class Granter:
 
     def report_health(self, backend: str, healthy: bool) -> list[Output]:
         """A worker's latest health check of ``backend``: the latest report wins."""
+        self.version += 1
         b = self.backends.get(backend)
         if b is None or b.healthy is healthy:
             return []
@@ -260,6 +267,7 @@ class Granter:
         Dropped backends get no new slots. Waiters beyond a lower ``max_queue`` or
         ``max_queued_per_key`` keep waiting: they were promised a place.
         """
+        self.version += 1
         keys = [key for key, _ in backends]
         if len(set(keys)) != len(keys):
             raise ValueError(f"backend keys must be unique, got {keys}")
@@ -284,6 +292,7 @@ class Granter:
         holds (:mod:`chatd.master.fleet`). A higher one grants to waiters at once; a lower one
         takes effect as slots come back (nothing is revoked), and recalls the leases when more
         than ``capacity`` are out, so the idle ones come back now."""
+        self.version += 1
         b = self.backends.get(key)
         if b is None or b.limit == capacity:
             return []
@@ -335,15 +344,27 @@ class Granter:
         """Whether ``owner`` may keep the slots it is done with (its last grant leased)."""
         return owner in self._leasing
 
-    def need(self, key: str) -> tuple[int, int, int]:
-        """``key``'s ``max_parallel``, slots in flight, and waiters that may use it (0s for an
-        unknown backend): what this host needs of the fleet's slots (:mod:`chatd.master.fleet`).
-        O(queue)."""
-        b = self.backends.get(key)
-        if b is None:
-            return 0, 0, 0
-        waiting = sum(1 for _, w in self._queue.items() if key in w.allowed)
-        return b.max_parallel, b.in_flight, waiting
+    def needs(self) -> dict[str, tuple[int, int, int, bool]]:
+        """Per backend: its ``max_parallel``, slots in flight, waiters that could use it (its
+        key under ``max_in_flight_per_key``; a waiter allowing k backends counts for each),
+        and whether it is usable (healthy, configured): what this host needs of the fleet's
+        slots (:mod:`chatd.master.fleet`). One pass over the queue."""
+        waiting = dict.fromkeys(self.backends, 0)
+        for _, w in self._queue.items():
+            if self._key_may_grow(w.key):
+                for key in w.allowed:
+                    if key in waiting:
+                        waiting[key] += 1
+        return {
+            k: (b.max_parallel, b.in_flight, waiting[k] if b.usable() else 0, b.usable())
+            for k, b in self.backends.items()
+        }
+
+    @property
+    def refused_busy(self) -> int:
+        """Requests refused ``busy`` so far (the queue full, or ``max_queue = 0``): need the
+        queue did not show."""
+        return self._counts["busy"]
 
     def key_in_flight(self, key: str) -> int:
         """The slots counted against ``key`` (granted to its requests, not leased)."""

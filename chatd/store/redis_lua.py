@@ -199,65 +199,75 @@ for i = 3, #ARGV do
   end
 end
 return n"""
-_SLOTS = f"""-- KEYS: a slot pool's hash, its lease set. ARGV: host, ttl_ms, max, want, hold, busy.
+_SLOTS = f"""-- KEYS: a slot pool's hash. ARGV: host, ttl_ms, max, want, hold, busy, seq, rotate_ms.
 -- The fleet's LLM slots of one backend and class (chatd.store.redis_slots). The hash has per
--- host 'h:HOST' the slots it holds, 'w:HOST' those its requests need, 'b:HOST' those in use;
--- the lease set each host's lease end (Redis time, ms). A host whose lease lapsed holds none.
--- The slots are shared max-min fairly over the hosts' needs (one at a time in host-name
--- order), plus one spare for a host while some are left that no host needs nor holds; a host
--- keeps what it cannot give back (min(hold, held)), never takes more than max minus the
+-- host 'h:HOST' the slots it holds, 'w:HOST' those its requests need, 'b:HOST' those in use,
+-- 'l:HOST' its lease end (Redis time, ms), 's:HOST' the seq of its last sync. A host whose
+-- lease lapsed (or that has none) is dropped: it holds nothing. A sync older than the host's
+-- last one changes nothing (its master sent a newer one: it answers allowed -1).
+-- The slots are shared max-min fairly over the hosts' needs, one at a time per host in turn
+-- (the turn starts at another host every rotate_ms, so a remainder rotates), plus one spare
+-- for a host while some are left that no host needs nor holds. A host keeps what it cannot
+-- give back (min(hold, held), and what is in use), and never takes more than max minus the
 -- others' holdings.
 -- Returns {{count (held now), allowed (may use), fleet held, fleet busy, hosts, hungry}}.
 {_NOW_MS}
 local host, ttl, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local want, hold, busy = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms - 1)) do
-  redis.call('HDEL', KEYS[1], 'h:' .. gone, 'w:' .. gone, 'b:' .. gone)
-  redis.call('ZREM', KEYS[2], gone)
-end
-local held, wants, names, mine, others, fleet_busy = {{}}, {{}}, {{host}}, 0, 0, busy
+local seq, rotate = tonumber(ARGV[7]), tonumber(ARGV[8])
+local f = {{}}  -- host -> {{h =, w =, b =, l =, s =}}
 local flat = redis.call('HGETALL', KEYS[1])
 for i = 1, #flat, 2 do
-  local kind, who, v = string.sub(flat[i], 1, 1), string.sub(flat[i], 3), tonumber(flat[i + 1])
-  if who == host then
-    if kind == 'h' then mine = v end
-  elseif kind == 'h' then
-    held[who] = v
-    others = others + v
-  elseif kind == 'w' then
-    wants[who] = v
-    names[#names + 1] = who
-  elseif kind == 'b' then
-    fleet_busy = fleet_busy + v
+  local kind, who = string.sub(flat[i], 1, 1), string.sub(flat[i], 3)
+  f[who] = f[who] or {{}}
+  f[who][kind] = tonumber(flat[i + 1])
+end
+local me = f[host] or {{}}
+if (me.s or 0) > seq then return {{me.h or 0, -1, 0, 0, 0, 0}} end
+local mine = (me.l or 0) >= now_ms and (me.h or 0) or 0
+local names, others, fleet_busy = {{host}}, 0, busy
+for who, v in pairs(f) do
+  if who ~= host then
+    if (v.l or 0) < now_ms then
+      redis.call('HDEL', KEYS[1], 'h:' .. who, 'w:' .. who, 'b:' .. who, 'l:' .. who, 's:' .. who)
+      f[who] = nil
+    else
+      names[#names + 1] = who
+      others = others + (v.h or 0)
+      fleet_busy = fleet_busy + (v.b or 0)
+    end
   end
 end
-wants[host] = want
 table.sort(names)
-local alloc, left, more = {{}}, max, true
+local function need(n) if n == host then return want end return f[n].w or 0 end
+local alloc, left, more, k = {{}}, max, true, #names
 for _, n in ipairs(names) do alloc[n] = 0 end
+local first = math.floor(now_ms / rotate) % k
 while left > 0 and more do  -- water-filling, one slot per host per round
   more = false
-  for _, n in ipairs(names) do
-    if left > 0 and alloc[n] < wants[n] then
+  for j = 0, k - 1 do
+    local n = names[(first + j) % k + 1]
+    if left > 0 and alloc[n] < need(n) then
       alloc[n], left, more = alloc[n] + 1, left - 1, true
     end
   end
 end
 local hungry, spares = 0, 0  -- hosts short of their share; slots held beyond a share
 for _, n in ipairs(names) do
-  local h = held[n] or 0
-  if n ~= host and h < alloc[n] then hungry = hungry + 1 end
-  if n ~= host and h > alloc[n] then spares = spares + h - alloc[n] end
+  if n ~= host then
+    local h = f[n].h or 0
+    if h < alloc[n] then hungry = hungry + 1 end
+    if h > alloc[n] then spares = spares + h - alloc[n] end
+  end
 end
 local target = alloc[host]
--- A spare (a new request starts without a round trip) from what nobody needs nor holds.
-if left > spares then target = target + 1 end
+if left > spares then target = target + 1 end  -- a spare: a new request starts at once
 local allowed = math.max(0, math.min(target, max - others))
-local count = math.max(allowed, math.min(hold, mine))
-redis.call('HSET', KEYS[1], 'h:' .. host, count, 'w:' .. host, want, 'b:' .. host, busy)
-redis.call('ZADD', KEYS[2], now_ms + ttl, host)
-for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ttl + 1000) end
-return {{count, allowed, others + count, fleet_busy, #names, hungry}}"""
+local count = math.max(allowed, math.min(hold, mine), busy)
+redis.call('HSET', KEYS[1], 'h:' .. host, count, 'w:' .. host, want, 'b:' .. host, busy,
+           'l:' .. host, now_ms + ttl, 's:' .. host, seq)
+redis.call('PEXPIRE', KEYS[1], ttl + 1000)
+return {{count, allowed, others + count, fleet_busy, k, hungry}}"""
 _PROBE = """-- KEYS: a probe key. ARGV: a value. A write that changes no session, gone after 60 s.
 redis.call('SET', KEYS[1], ARGV[1], 'EX', 60)
 return 1"""

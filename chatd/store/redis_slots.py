@@ -3,18 +3,22 @@
 Each master grants the slots of its own host (:mod:`chatd.master.slotgrant`); with a Redis store
 the hosts' masters share each backend's ``max_parallel`` through Redis (issue #14): a host may
 grant only the slots it holds there. A *pool* is one backend (its key, the base URL every host
-names it by) and one slot class (chat, embed); in Redis it is two keys with one hash tag
-(:func:`pool_keys`, so one Cluster slot): a hash of each host's holding, need and use, and a
-sorted set of each host's lease end. One script (``slots`` in :mod:`chatd.store.redis_lua`),
-run atomically per pool, renews the host's lease, drops the hosts whose lease lapsed (a dead
-host's slots come back within the lease), and answers how many slots the host holds and may
-use: the pool's ``max_parallel`` shared max-min fairly over the hosts' needs, never more in all.
+names it by) and one slot class (chat, embed); in Redis it is one hash (:func:`pool_key`, a
+hash tag of its own, so any Cluster node) of each host's holding, need, use, lease end and
+last sync's seq. One script (``slots`` in :mod:`chatd.store.redis_lua`), run atomically per
+pool, renews the host's lease, drops the hosts whose lease lapsed (a dead host's slots come
+back within the lease), and answers how many slots the host holds and may use: the pool's
+``max_parallel`` shared max-min fairly over the hosts' needs, never more in all.
+
+A sync carries its master's *seq* (growing): one that reaches Redis after a newer one of the
+same host (a slow worker, a retry) changes nothing, so a host's holding never goes back to
+what an older sync said while the newer answer is in use.
 
 The master cannot do I/O (:mod:`chatd.master.fleet`), so a worker runs the script for it:
 :class:`SlotLeases` is that worker's client, with a connection of its own (not the store's:
-no ``WAIT``, and a short retry, since the master waits for the answer). Its
-:meth:`SlotLeases.sync` sends every pool's call in one round trip (one per master in a
-Cluster).
+no ``WAIT``, and no retry: the master asks again). Its :meth:`SlotLeases.sync` sends every
+pool's call in one round trip (one per master in a Cluster); each pool answers or fails on
+its own.
 """
 
 from __future__ import annotations
@@ -27,15 +31,17 @@ from chatd.errors import StoreError
 from chatd.store.redis_conn import RedisConn
 
 PREFIX = "chatd:slots"
+"""Pools are ``chatd:slots:{DIGEST}`` (the ACL pattern ``~chatd:slots:*``)."""
 
-BACKOFF = (0.05,)
-"""One quick retry: the master gives up on an answer after ``chatd.master.fleet.ANSWER_S``."""
+ROTATE_MS = 1000
+"""Every this many ms the water-filling starts its rounds at another host, so the remainder
+of an uneven share (one slot, two hosts that need it) goes to each host in turn."""
 
 
-def pool_keys(kind: str, backend: str) -> list[str]:
-    """The pool's hash and lease set: one hash tag (a digest: a URL may hold braces)."""
+def pool_key(kind: str, backend: str) -> str:
+    """The pool's hash; its hash tag is a digest (a URL may hold braces)."""
     tag = hashlib.sha1(f"{kind} {backend}".encode()).hexdigest()[:16]
-    return [f"{PREFIX}:{{{tag}}}:hosts", f"{PREFIX}:{{{tag}}}:leases"]
+    return f"{PREFIX}:{{{tag}}}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +76,8 @@ class PoolAnswer:
 class SlotLeases:
     """A worker's client of the fleet's slot pools (see the module) at the Redis of ``url``."""
 
-    def __init__(self, url: str, timeout: float = 1.0) -> None:
-        self._conn = RedisConn(url, backoff=BACKOFF, timeout=timeout, max_connections=2)
+    def __init__(self, url: str, timeout: float = 0.5) -> None:
+        self._conn = RedisConn(url, backoff=(), timeout=timeout, max_connections=2)
 
     async def open(self) -> None:
         """Connect and load the scripts (StoreError when Redis cannot be reached)."""
@@ -80,26 +86,29 @@ class SlotLeases:
     async def close(self) -> None:
         await self._conn.close()
 
-    async def sync(self, host: str, ttl: float, asks: Sequence[PoolAsk]) -> list[PoolAnswer]:
-        """Renew ``host``'s lease on every pool of ``asks`` for ``ttl`` seconds and take the
-        pools' answers, in order. Raises StoreError when any pool did not answer: the caller
-        then keeps what it knew (its leases lapse at their end unless a later sync renews
-        them)."""
+    async def sync(
+        self, host: str, ttl: float, seq: int, asks: Sequence[PoolAsk]
+    ) -> list[PoolAnswer | StoreError]:
+        """Renew ``host``'s lease on every pool of ``asks`` for ``ttl`` seconds and take each
+        pool's answer, in order: a :class:`PoolAnswer`, or the StoreError of that pool alone
+        (a Cluster node down). ``seq``: this sync's, greater than the host's earlier ones.
+        Raises StoreError when Redis cannot be reached at all."""
         if not self._conn.is_open:
             await self._conn.open()
         ttl_ms = max(1, int(ttl * 1000))
         calls = [
             (
                 "slots",
-                pool_keys(a.kind, a.backend),
-                [host, ttl_ms, a.max_parallel, a.want, a.hold, a.busy],
+                [pool_key(a.kind, a.backend)],
+                [host, ttl_ms, a.max_parallel, a.want, a.hold, a.busy, seq, ROTATE_MS],
             )
             for a in asks
         ]
         replies = await self._conn.retrying(lambda: self._conn.pipeline(calls))
-        answers = []
+        out: list[PoolAnswer | StoreError] = []
         for ask, reply in zip(asks, replies, strict=True):
             if isinstance(reply, Exception):
-                raise StoreError(f"slot pool {ask.kind} {ask.backend}: {reply}")
-            answers.append(PoolAnswer(*(int(v) for v in reply)))
-        return answers
+                out.append(StoreError(f"slot pool {ask.kind} {ask.backend}: {reply}"))
+            else:
+                out.append(PoolAnswer(*(int(v) for v in reply)))
+        return out

@@ -5,7 +5,8 @@ continuously (at most OUTSTANDING messages awaiting an answer each), and a servi
 SIGKILLed every KILL_EVERY seconds for CHAOS_S seconds (pids from ``chatctl status --json``).
 Then quiet, until every outbox is empty and every acknowledged message is answered (bounded).
 
-Checked, from the store (the SQLite file or Redis, read directly):
+Checked, from the store (the SQLite file or Redis, read directly; on one Redis server, a
+3-master Cluster and a Sentinel-managed master):
 
 1. every stored user message has exactly one final event (reply or error);
 2. each session's seqs are 1..N, contiguous;
@@ -38,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from chatd.client import ChatClient
 from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
+from tests.conftest import redis_client
 from tests.support import Chatd, fake_config, running_chatd, t
 from tests.tally import Tally, quiet, run_client
 
@@ -91,11 +92,14 @@ def _store_logs_sqlite(db: Path) -> dict[str, list[tuple[int, str, str]]]:
 
 
 def _store_logs_redis(url: str, sessions: list[str]) -> dict[str, list[tuple[int, str, str]]]:
-    raw = redis.Redis.from_url(url, decode_responses=True)
+    raw = redis_client(url)  # one server, a Cluster or the Sentinels' master
     logs = {}
-    for s in sessions:
-        entries = raw.xrange(f"chatd:s:{{{s}}}:log")
-        logs[s] = [(int(i.partition("-")[0]), f["k"], f["m"]) for i, f in entries]
+    try:
+        for s in sessions:
+            entries = raw.xrange(f"chatd:s:{{{s}}}:log")
+            logs[s] = [(int(i.partition("-")[0]), f["k"], f["m"]) for i, f in entries]
+    finally:
+        raw.close()
     return logs
 
 
@@ -196,15 +200,22 @@ def test_chaos_sqlite(fake: FakeOllama, tmp_path: Path) -> None:
         _chaos(d, "sqlite", None)
 
 
-def test_chaos_redis(fake: FakeOllama, tmp_path: Path, redis_url: str) -> None:
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster", "redis-sentinel"])
+def test_chaos_redis(
+    fake: FakeOllama, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The same bars on one Redis server, a 3-master Cluster and a Sentinel-managed master
+    (issue #14: the store's scripts are Cluster-safe, Sentinel is followed)."""
+    fixture = {"redis": "redis_url", "redis-cluster": "redis_cluster_url"}
+    url = request.getfixturevalue(fixture.get(kind, "redis_sentinel_url"))
     with running_chatd(
         tmp_path,
         fake.url,
         workers=2,
-        sessions={"store": redis_url},
+        sessions={"store": url},
         limits={"messages_per_minute": 600},
     ) as d:
-        _chaos(d, "redis", redis_url)
+        _chaos(d, kind, url)
 
 
 def test_takeover_after_sigkill_reaches_the_resumed_client(

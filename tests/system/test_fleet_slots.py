@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread, expected_reply
-from chatd.master.fleet import POLL, TTL
+from chatd.master.fleetpools import POLL, TTL
 from tests.promtext import parse
 from tests.support import (
     Chatd,

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from chatd.store.redis_slots import PoolAnswer, PoolAsk, SlotLeases, pool_keys
+from chatd.errors import StoreError
+from chatd.store import redis_slots
+from chatd.store.redis_slots import PoolAnswer, PoolAsk, SlotLeases, pool_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,6 +35,16 @@ def _backend() -> str:
     return f"http://10.0.0.{random.randint(1, 254)}:11434/{secrets.token_hex(4)}"
 
 
+SEQ = iter(range(1, 1_000_000))  # each sync's seq: growing, as a master's
+
+
+@pytest.fixture(autouse=True)
+def fixed_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The water-filling's rounds start at the first host by name (no rotation within a
+    test, unless it sets ROTATE_MS itself): the shares are then known exactly."""
+    monkeypatch.setattr(redis_slots, "ROTATE_MS", 10**15)  # now / it < 1: the first host
+
+
 async def _sync(
     leases: SlotLeases,
     host: str,
@@ -42,18 +54,19 @@ async def _sync(
     busy: int,
     ttl: float = 5,
     max_parallel: int = MAX,
+    seq: int | None = None,
 ) -> PoolAnswer:
     ask = PoolAsk("chat", backend, max_parallel, want, hold, busy)
-    (answer,) = await leases.sync(host, ttl, [ask])
+    (answer,) = await leases.sync(host, ttl, next(SEQ) if seq is None else seq, [ask])
+    assert isinstance(answer, PoolAnswer), answer
     return answer
 
 
-def test_pool_keys_share_one_hash_tag() -> None:
-    hosts, leases = pool_keys("chat", "http://a:1/{x}")
-    assert hosts.endswith(":hosts") and leases.endswith(":leases")
-    tag = hosts[hosts.index("{") : hosts.index("}") + 1]
-    assert tag in leases and "x" not in tag  # a digest: the URL's own braces do not matter
-    assert pool_keys("embed", "http://a:1/{x}") != [hosts, leases]
+def test_a_pools_key_has_a_hash_tag_of_its_own() -> None:
+    key = pool_key("chat", "http://a:1/{x}")
+    tag = key[key.index("{") : key.index("}") + 1]
+    assert key.startswith("chatd:slots:{") and "x" not in tag  # a digest: the URL's braces
+    assert pool_key("embed", "http://a:1/{x}") != key
 
 
 def test_a_lone_host_gets_its_need_and_a_spare(redis_url: str) -> None:
@@ -106,7 +119,13 @@ def test_two_hosts_share_fairly_and_a_host_gives_back_only_what_is_free(redis_ur
     asyncio.run(main())
 
 
-def test_the_remainder_goes_in_host_name_order_and_nobody_starves(redis_url: str) -> None:
+def test_three_hosts_that_need_everything_share_it_and_the_remainder_rotates(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shares 2, 1, 1 of 4 (the remainder to the first host of the round); the round starts
+    at another host every ROTATE_MS, so with one slot and two hosts that both always need
+    it, each holds it in turn: nobody starves."""
+
     async def main() -> None:
         clients = {h: SlotLeases(redis_url) for h in ("h1", "h2", "h3")}
         backend = _backend()
@@ -117,10 +136,23 @@ def test_the_remainder_goes_in_host_name_order_and_nobody_starves(redis_url: str
             for h in clients:
                 got = await _sync(clients[h], h, backend, want=MAX, hold=0, busy=0)
                 shares[h] = got.allowed
-            assert sum(shares.values()) <= MAX
-            # Each host's share is 2, 1, 1 (the remainder in name order): h1 took its 2,
-            # h2 and h3 one each.
             assert shares == {"h1": 2, "h2": 1, "h3": 1}
+            monkeypatch.setattr(redis_slots, "ROTATE_MS", 50)
+            one = _backend()
+            held = {"h1": 0, "h2": 0}
+            turns = []
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and len(set(turns)) < 2:
+                for h in held:
+                    got = await _sync(
+                        clients[h], h, one, want=1, hold=held[h], busy=held[h], max_parallel=1
+                    )
+                    held[h] = got.allowed  # its request ends; another starts while allowed
+                    assert sum(held.values()) <= 1, held
+                    if got.allowed:
+                        turns.append(h)
+                await asyncio.sleep(0.01)
+            assert set(turns) == {"h1", "h2"}, turns
         finally:
             for c in clients.values():
                 await c.close()
@@ -174,9 +206,9 @@ def test_a_host_that_stops_renewing_loses_its_slots_after_the_ttl(redis_url: str
             got = await _sync(b, "b", backend, want=MAX, hold=0, busy=0)
             assert (got.count, got.allowed, got.hosts) == (MAX, MAX, 1)
             r = redis.Redis.from_url(redis_url)
-            fields = r.hkeys(pool_keys("chat", backend)[0])
+            fields = r.hkeys(pool_key("chat", backend))
             r.close()
-            assert sorted(f.decode() for f in fields) == ["b:b", "h:b", "w:b"]
+            assert sorted(f.decode() for f in fields) == ["b:b", "h:b", "l:b", "s:b", "w:b"]
         finally:
             await a.close()
             await b.close()
@@ -227,7 +259,7 @@ def test_the_cap_holds_under_random_interleavings(redis_url: str) -> None:
                 else:
                     host.step(rng)
                 assert sum(h.busy for h in hosts) <= MAX
-                held = r.hgetall(pool_keys("chat", backend)[0])
+                held = r.hgetall(pool_key("chat", backend))
                 assert sum(int(v) for k, v in held.items() if k.startswith(b"h:")) <= MAX
                 for h in hosts:  # what a host uses, Redis counts for it
                     assert h.busy <= int(held.get(f"h:{h.name}".encode(), 0))
@@ -251,16 +283,50 @@ def test_the_cap_holds_under_random_interleavings(redis_url: str) -> None:
     asyncio.run(main())
 
 
-def test_a_cluster_serves_a_pool(redis_cluster_url: str) -> None:
+def test_a_late_sync_changes_nothing_and_what_is_in_flight_is_always_counted(
+    redis_url: str,
+) -> None:
+    """A sync that reaches Redis after a newer one of its host (a slow worker; a retry)
+    changes nothing: the newer answer stays the host's holding. And a host whose record was
+    lost (a lapse, a Redis failover) is counted at least what it has in flight."""
+
+    async def main() -> None:
+        a, b = SlotLeases(redis_url), SlotLeases(redis_url)
+        backend = _backend()
+        try:
+            got = await _sync(a, "a", backend, want=MAX, hold=0, busy=0, seq=10)
+            assert got.count == MAX
+            late = await _sync(a, "a", backend, want=0, hold=1, busy=0, seq=9)
+            assert (late.count, late.allowed) == (MAX, -1)
+            got = await _sync(b, "b", backend, want=MAX, hold=0, busy=0)
+            assert got.allowed == 0  # A's 4 still count
+            again = await _sync(a, "a", backend, want=MAX, hold=MAX, busy=MAX, seq=10)
+            assert again.count == MAX  # the same seq again (a retry) is fine
+            r = redis.Redis.from_url(redis_url)
+            r.delete(pool_key("chat", backend))  # the pool is lost (a failover)
+            r.close()
+            got = await _sync(b, "b", backend, want=MAX, hold=0, busy=0)
+            assert got.count == MAX  # B sees nobody...
+            got = await _sync(a, "a", backend, want=MAX, hold=MAX, busy=3, seq=11)
+            assert (got.count, got.allowed) == (3, 0)  # ...A's 3 in flight count again
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_cluster_serves_pools_on_every_master(redis_cluster_url: str) -> None:
     async def main() -> None:
         a, b = SlotLeases(redis_cluster_url), SlotLeases(redis_cluster_url)
         backends = [_backend() for _ in range(6)]  # pools on several masters, one round trip
         try:
             asks = [PoolAsk("chat", x, MAX, MAX, 0, 0) for x in backends]
-            got = await a.sync("a", 5, asks)
-            assert [g.count for g in got] == [MAX] * 6
-            got = await b.sync("b", 5, asks)
-            assert [(g.count, g.fleet_held, g.hosts) for g in got] == [(0, MAX, 2)] * 6
+            got = await a.sync("a", 5, 1, asks)
+            assert [g.count for g in got if isinstance(g, PoolAnswer)] == [MAX] * 6
+            got = await b.sync("b", 5, 1, asks)
+            answers = [(g.count, g.fleet_held, g.hosts) for g in got if isinstance(g, PoolAnswer)]
+            assert answers == [(0, MAX, 2)] * 6
         finally:
             await a.close()
             await b.close()
@@ -269,8 +335,6 @@ def test_a_cluster_serves_a_pool(redis_cluster_url: str) -> None:
 
 
 def test_an_unreachable_redis_is_a_store_error() -> None:
-    from chatd.errors import StoreError
-
     async def main() -> None:
         leases = SlotLeases("redis://127.0.0.1:1/0", timeout=0.5)
         started = time.monotonic()

@@ -56,6 +56,7 @@ def test_a_sync_is_answered_with_each_pools_answer_in_order(redis_url: str) -> N
         "rid": 7,
         "ok": True,
         "pools": [[3, 3, 3, 0, 1, 0], [1, 1, 1, 0, 1, 0]],  # need + a spare each
+        "error": "",
     }
 
 
@@ -63,6 +64,7 @@ def test_a_sync_is_answered_with_each_pools_answer_in_order(redis_url: str) -> N
     ("fields", "error"),
     [
         ({"host": ""}, "without a host"),
+        ({"rid": 0}, "without a positive integer rid"),
         ({"ttl": 0}, "without a positive ttl"),
         ({"pools": "x"}, "without its pools"),
         ({"pools": [["chat", "http://b", 4, 1, 0]]}, "a malformed pool"),
@@ -74,7 +76,7 @@ def test_a_malformed_sync_is_answered_with_what_is_wrong(
     redis_url: str, fields: dict[str, Any], error: str
 ) -> None:
     answer = run(SlotLeases(redis_url), sync_msg(**fields))
-    assert answer["ok"] is False and answer["rid"] == 7
+    assert answer["ok"] is False and answer["rid"] == fields.get("rid", 7)
     assert error in answer["error"], answer
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from chatd.master.fleet import MIN_GAP, POLL, RENEW, TTL, FleetPools, _answers
+from chatd.master.fleet import _answers
+from chatd.master.fleetpools import MIN_GAP, POLL, RENEW, TTL, FleetPools
 from chatd.master.slotgrant import Grant, Granter, Queued, Recall
 from chatd.proto import control as proto
 
@@ -36,15 +37,15 @@ def test_nothing_is_granted_before_the_first_answer_and_the_limit_rises_with_it(
     g = granters()
     fleet = FleetPools(g)
     assert g[CHAT].acquire(1, 1, [A], 0.0) == [Queued(1, 1, 1)]
-    assert fleet.due(0.0) == float("-inf")  # never synced: at once
+    assert fleet.due() == float("-inf")  # never synced: at once
     asks = fleet.asks(0.0)
     # chat: max 4, want 1 (a waiter), hold 0, busy 0; embed: nothing needed.
     assert sorted(asks) == [(CHAT, A, 4, 1, 0, 0), (EMBED, A, 2, 0, 0, 0)]
-    assert fleet.due(0.5) == 1.0  # under way: its answer's deadline
+    assert fleet.due() == 1.0  # under way: its answer's deadline
     chat_first = [answer(2, 2) if a[0] == CHAT else answer(1, 1) for a in asks]
     out = fleet.answered(asks, chat_first)
     assert [(o.rid, o.backend) for o in out[CHAT] if isinstance(o, Grant)] == [(1, A)]
-    assert fleet.valid_until == TTL  # from when the sync was sent
+    assert fleet.pools[(CHAT, A)].valid_until == TTL  # from when the sync was sent
     # The granter now grants 2 in all (its limit), then queues.
     assert isinstance(g[CHAT].acquire(1, 2, [A], 0.0)[0], Grant)
     assert g[CHAT].acquire(1, 3, [A], 0.0)[0] == Queued(1, 3, 1)
@@ -65,13 +66,13 @@ def test_when_the_next_sync_is_due() -> None:
     fleet = FleetPools(g)
     asks = fleet.asks(0.0)
     fleet.answered(asks, [answer(1, 1)] * len(asks))
-    assert fleet.due(0.1) == RENEW  # nothing needed: a renewal
+    assert fleet.due() == RENEW  # nothing needed: a renewal
     g[CHAT].acquire(1, 1, [A], 0.1)  # granted: the spare
     g[CHAT].acquire(1, 2, [A], 0.1)  # waits: the need (2) grew past the limit (1)
-    assert fleet.due(0.1) == MIN_GAP
+    assert fleet.due() == MIN_GAP
     asks = fleet.asks(0.1)
     fleet.answered(asks, [answer(1, 1, hungry=0)] * len(asks))  # no more for us: short
-    assert fleet.due(0.2) == pytest.approx(0.1 + POLL)
+    assert fleet.due() == pytest.approx(0.1 + POLL)
 
 
 def test_a_lowered_limit_gives_back_once_its_slots_come_back() -> None:
@@ -81,36 +82,98 @@ def test_a_lowered_limit_gives_back_once_its_slots_come_back() -> None:
     fleet.answered(asks, [answer(4, 4)] * len(asks))
     for rid in range(4):
         g[CHAT].acquire(1, rid, [A], 0.0)
-    assert g[CHAT].need(A) == (4, 4, 0)
+    assert g[CHAT].needs()[A] == (4, 4, 0, True)
     asks = fleet.asks(0.1)
     # Another host needs slots: this host may use 2, still holds its 4 (in use).
     out = fleet.answered(
         asks, [answer(4, 2, hungry=1) if a[0] == CHAT else answer(1, 1) for a in asks]
     )
     assert any(isinstance(o, Recall) for o in out[CHAT])  # the leases: idle ones come back
-    assert fleet.due(0.15) == pytest.approx(0.1 + POLL)  # nothing to give back yet (4 in use)
+    assert fleet.due() == pytest.approx(0.1 + POLL)  # nothing to give back yet (4 in use)
     g[CHAT].release(1, A, 1)
-    assert fleet.due(0.15) == pytest.approx(0.1 + MIN_GAP)  # one to give back: soon
+    assert fleet.due() == pytest.approx(0.1 + MIN_GAP)  # one to give back: soon
     chat = next(a for a in fleet.asks(0.15) if a[0] == CHAT)
     assert chat[4] == 3  # hold: the 3 still in use (above the limit of 2)
     g[CHAT].release(1, A, 1)
     assert g[CHAT].acquire(1, 9, [A], 0.2) == [Queued(1, 9, 1)]  # 2 in use = the limit
 
 
-def test_every_limit_drops_to_zero_when_no_sync_is_answered_for_the_ttl() -> None:
+def test_a_limit_drops_to_zero_when_its_pool_is_not_renewed_for_the_ttl() -> None:
     g = granters()
     fleet = FleetPools(g)
     asks = fleet.asks(0.0)
     fleet.answered(asks, [answer(2, 2)] * len(asks))
     assert fleet.lapsed(TTL - 0.01) == {}
     assert fleet.next_event(0.1) == RENEW
-    fleet.asks(RENEW)
-    fleet.failed()  # Redis down: no answer
-    assert fleet.next_event(RENEW + 0.01) <= TTL
-    assert fleet.lapsed(TTL) != {}
-    assert g[CHAT].acquire(1, 1, [A], TTL) == [Queued(1, 1, 1)]
-    assert fleet.lapsed(TTL + 1) == {}  # once
-    assert fleet.next_event(TTL + 1) < TTL + 2  # no timer left on the lapsed leases
+    asks = fleet.asks(RENEW)
+    # Only the chat pool answers (the embed pool's Cluster node is down, say).
+    fleet.answered(asks, [answer(2, 2) if a[0] == CHAT else None for a in asks])
+    assert fleet.next_event(RENEW + 0.01) == 2 * RENEW  # the renewal first, then TTL
+    out = fleet.lapsed(TTL)
+    assert list(out) == [EMBED]  # the chat pool was renewed at RENEW: it keeps its limit
+    assert g[EMBED].acquire(1, 1, [A], TTL)[0] == Queued(1, 1, 1)
+    assert isinstance(g[CHAT].acquire(1, 2, [A], TTL)[0], Grant)
+    assert fleet.lapsed(TTL + 0.1) == {}  # once
+    fleet.asks(TTL + 0.1)
+    fleet.failed()  # then Redis is down: no answer at all
+    assert list(fleet.lapsed(RENEW + TTL)) == [CHAT]
+    assert fleet.next_event(RENEW + TTL) < RENEW + TTL + 1  # a sync, no lapsed timer left
+
+
+def test_what_is_due_is_worked_out_again_only_after_an_event() -> None:
+    """The master's loop asks every turn: the answer is cached until a granter or the syncs
+    change, and then follows at once (a waiter makes a sync due MIN_GAP after the last)."""
+    g = granters()
+    fleet = FleetPools(g)
+    asks = fleet.asks(0.0)
+    fleet.answered(asks, [answer(1, 1)] * len(asks))
+    assert fleet.next_event(0.001) == RENEW
+    calls = 0
+    needs = g[CHAT].needs
+
+    def counted() -> dict[str, tuple[int, int, int, bool]]:
+        nonlocal calls
+        calls += 1
+        return needs()
+
+    g[CHAT].needs = counted  # type: ignore[method-assign]
+    for _ in range(100):
+        assert fleet.next_event(0.002) == RENEW
+    assert calls == 0
+    g[CHAT].acquire(1, 1, [A], 0.003)  # the spare
+    g[CHAT].acquire(1, 2, [A], 0.003)  # waits: the need grew past the limit
+    assert fleet.next_event(0.003) == MIN_GAP
+    assert calls == 1
+
+
+def test_requests_refused_busy_count_as_need() -> None:
+    """With max_queue = 0 nothing waits: the requests refused busy since the last sync are
+    the need the queue does not show, and make a sync due at once."""
+    g = {CHAT: Granter([(A, 4)], max_queue=0), EMBED: Granter([(A, 2)], max_queue=0)}
+    fleet = FleetPools(g)
+    asks = fleet.asks(0.0)
+    fleet.answered(asks, [answer(1, 1)] * len(asks))
+    assert isinstance(g[CHAT].acquire(1, 1, [A], 0.1)[0], Grant)
+    assert g[CHAT].acquire(1, 2, [A], 0.1)[0].reason == "busy"  # type: ignore[union-attr]
+    assert g[CHAT].acquire(1, 3, [A], 0.1)[0].reason == "busy"  # type: ignore[union-attr]
+    assert fleet.due() == MIN_GAP
+    chat = next(a for a in fleet.asks(0.1) if a[0] == CHAT)
+    assert chat[3] == 3  # want: 1 in flight + 2 refused
+    fleet.answered([chat], [answer(3, 3)])
+    assert next(a for a in fleet.asks(0.7) if a[0] == CHAT)[3] == 1  # counted once
+
+
+def test_a_backend_dropped_and_added_again_gets_its_limit_back() -> None:
+    g = granters()
+    fleet = FleetPools(g)
+    asks = fleet.asks(0.0)
+    fleet.answered(asks, [answer(2, 2)] * len(asks))
+    g[CHAT].reconfigure([], 10)  # A dropped (nothing in flight: forgotten)...
+    g[CHAT].reconfigure([(A, 4)], 10)  # ...and back, at limit 0, before any refresh
+    assert g[CHAT].acquire(1, 1, [A], 0.1)[0] == Queued(1, 1, 1)
+    asks = fleet.asks(0.1)
+    out = fleet.answered(asks, [answer(2, 2)] * len(asks))  # the same answer as before
+    assert [(o.rid, o.backend) for o in out[CHAT] if isinstance(o, Grant)] == [(1, A)]
 
 
 def test_a_dropped_backend_gives_its_holding_back_then_is_forgotten() -> None:
@@ -123,7 +186,7 @@ def test_a_dropped_backend_gives_its_holding_back_then_is_forgotten() -> None:
     asks = fleet.asks(1.0)
     assert (CHAT, A, 0, 0, 0, 0) in asks and (CHAT, B, 4, 0, 0, 0) in asks
     fleet.answered(asks, [answer(0, 0) if a[1] == A else answer(1, 1) for a in asks])
-    fleet.due(1.1)
+    fleet.due()
     assert {key for _, key in fleet.pools} == {B}
 
 
