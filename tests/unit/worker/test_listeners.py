@@ -8,15 +8,18 @@ read once and delivered once."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
+from chatd.proto import chat
 from chatd.proto import control as proto
-from chatd.store.base import Event
+from chatd.store.base import Event, SessionInfo
 from chatd.worker.handoff import Listeners
-from chatd.worker.outbox import Outbox
+from chatd.worker.outbox import OutboundBudget, Outbox
+from chatd.worker.session import WorkerState, _hello
 from tests.unit.worker.test_handoff import Sink
 
 S = "session-1"
@@ -216,3 +219,49 @@ def test_a_forward_during_a_gap_fill_loses_nothing() -> None:
 
     asyncio.run(main())
     assert [seq for _, seq in _types(sink)] == [3, 4]
+
+
+def test_a_reply_stored_elsewhere_between_the_replay_and_the_watch_reaches_the_client() -> None:
+    """In one process (a fake store and master): a client resumes here from seq 1 (the ack
+    of m1, which the old worker still answers). The old worker stores the reply (seq 2) after
+    this resume read the log and before the watch looks for unanswered messages: its
+    ``stored`` reached the master before anyone watched the session, so it is forwarded to
+    nobody; the watch finds nothing unanswered and does not watch. The reply must still
+    reach the client now, not at its next resume after a stall (the flake of
+    tests/system/test_zero_disconnect.py's ``…[commit-new]``: the old worker
+    answered a message it read after the undo of the failed commit)."""
+    session = "session-1"
+    reply = Event(2, "reply", "m1", "hello", {"done_reason": "stop"})
+
+    class Store(FakeStore):
+        async def get_session(self, sid: str) -> SessionInfo:
+            return SessionInfo(sid, "", self.events[-1].seq, 0.0)
+
+    class Hub(Listeners):
+        async def take_over(self, sid: str | None) -> int:
+            store.events.append(reply)  # stored by the old worker, announced to nobody
+            return 0  # its lease was held: nothing claimed here
+
+    store = Store([Event(1, "user", "m1", "hi", {"model": "m"})])
+    master = FakeMaster()
+    hub = Hub(store, master, None)  # type: ignore[arg-type]
+    hub.running = {}  # nothing generated here
+    limits = chat.Limits()
+    budget = OutboundBudget(1 << 20, 1 << 20)
+    state = WorkerState(hub, store, limits, 5.0, "1/1", budget)  # type: ignore[arg-type]
+    sink = Sink()
+
+    async def main() -> None:
+        outbox = Outbox(sink)
+        conn = chat.ChatConnection(limits, time.monotonic())
+        await _hello(chat.Hello(session, 0), object(), state, conn, outbox)  # type: ignore[arg-type]
+        await outbox.wait_empty()
+
+    asyncio.run(main())
+    frames = [orjson.loads(f) for f in sink.frames]
+    assert [(f["type"], f.get("seq")) for f in frames] == [
+        ("welcome", None),
+        ("ack", 1),
+        ("reply", 2),
+    ], frames
+    assert session not in hub.watching  # nothing unanswered: not watched, and not needed
