@@ -72,6 +72,13 @@ recall reached it (one link round trip). A backend going down and a new configur
 every lease too. With ``max_queue = 0`` nobody leases (an idle lease elsewhere would mean
 ``busy``), nor with ``max_in_flight_per_key`` (the bound needs every request seen).
 
+*Fleet limit.* With a Redis store the hosts share each backend's slots
+(:mod:`chatd.master.fleetpools`): :meth:`Granter.limit` caps a backend's slots in flight at
+this host's share (a free slot needs ``in_flight < min(limit, max_parallel)``), a new backend
+starts at ``new_limit`` (0: nothing before the fleet says so), and :meth:`Granter.needs` says
+what the host needs of each. A lower limit takes effect as slots come back, recalling the
+leases so the idle ones come back now; a higher one grants at once.
+
 *Configuration.* Backends are named by their base URL, so :meth:`Granter.reconfigure`
 can keep the counts of the backends a new configuration keeps; a dropped backend gets no
 new slots and is forgotten once its last slot comes back. The backends of a dns table

@@ -366,14 +366,12 @@ class Workers:
 
     def helper(self, turn: int) -> Worker | None:
         """A worker to do some I/O for the master (resolve a name, renew the fleet's slots):
-        the ``turn``-th ready one in pid order (one still starting when none is ready, for the
-        first answer at start), or None."""
-        alive = [
-            w
-            for w in self.by_pid.values()
-            if w.link is not None and not w.detached and w.state in ("ready", "starting")
-        ]
-        ready = [w for w in alive if w.state == "ready"] or alive
+        the ``turn``-th ready one in pid order; else one still starting (the first answer at
+        start); else a draining one (a stop drains them all, and their replies in progress
+        still need the fleet's slots renewed); None when no worker has a link."""
+        linked = [w for w in self.by_pid.values() if w.link is not None]
+        serving = [w for w in linked if not w.detached and w.state in ("ready", "starting")]
+        ready = [w for w in serving if w.state == "ready"] or serving or linked
         if not ready:
             return None
         return sorted(ready, key=lambda w: w.pid)[turn % len(ready)]

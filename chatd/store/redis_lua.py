@@ -206,8 +206,9 @@ _SLOTS = f"""-- KEYS: a slot pool's hash. ARGV: host, ttl_ms, max, want, hold, b
 -- lease lapsed (or that has none) is dropped: it holds nothing. A sync older than the host's
 -- last one changes nothing (its master sent a newer one: it answers allowed -1).
 -- The slots are shared max-min fairly over the hosts' needs, one at a time per host in turn
--- (the turn starts at another host every rotate_ms, so a remainder rotates), plus one spare
--- for a host while some are left that no host needs nor holds. A host keeps what it cannot
+-- (the turn starts at another host every rotate_ms, so a remainder rotates), plus spares
+-- (half its need, at least one) for a host while some are left that no host needs nor holds,
+-- which it gives back as soon as another host needs them. A host keeps what it cannot
 -- give back (min(hold, held), and what is in use), and never takes more than max minus the
 -- others' holdings.
 -- Returns {{count (held now), allowed (may use), fleet held, fleet busy, hosts, hungry}}.
@@ -261,7 +262,9 @@ for _, n in ipairs(names) do
   end
 end
 local target = alloc[host]
-if left > spares then target = target + 1 end  -- a spare: a new request starts at once
+if left > spares then  -- spares: new requests start without waiting for a sync
+  target = target + math.min(left - spares, math.max(1, math.ceil(want / 2)))
+end
 local allowed = math.max(0, math.min(target, max - others))
 local count = math.max(allowed, math.min(hold, mine), busy)
 redis.call('HSET', KEYS[1], 'h:' .. host, count, 'w:' .. host, want, 'b:' .. host, busy,

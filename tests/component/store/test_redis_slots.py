@@ -86,6 +86,33 @@ def test_a_lone_host_gets_its_need_and_a_spare(redis_url: str) -> None:
     asyncio.run(main())
 
 
+def test_spares_are_half_the_need_and_go_to_a_host_that_needs_them(redis_url: str) -> None:
+    """While nobody else needs them, a host may hold half its need again (so a load that
+    grows finds slots without waiting for a sync); another host's need takes them back."""
+
+    async def main() -> None:
+        a, b = SlotLeases(redis_url), SlotLeases(redis_url)
+        backend = _backend()
+
+        async def sync(c: SlotLeases, h: str, want: int, hold: int) -> PoolAnswer:
+            return await _sync(c, h, backend, want, hold, 0, max_parallel=64)
+
+        try:
+            assert (await sync(a, "a", 10, 0)).allowed == 15
+            got = await sync(b, "b", 60, 0)  # needs nearly all: A's 5 spares are in the way
+            assert (got.allowed, got.count) == (49, 49)
+            got = await sync(a, "a", 10, 15)  # A hears it: no spare left for it
+            assert (got.allowed, got.count, got.hungry) == (10, 15, 1)
+            assert (await sync(a, "a", 10, 10)).count == 10  # given back once idle
+            got = await sync(b, "b", 60, 49)
+            assert (got.allowed, got.count) == (54, 54)  # 64 - 10: B's need is 54 of it
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
 def test_two_hosts_share_fairly_and_a_host_gives_back_only_what_is_free(redis_url: str) -> None:
     async def main() -> None:
         a, b = SlotLeases(redis_url), SlotLeases(redis_url)

@@ -206,3 +206,21 @@ def test_no_worker_to_ask_waits_instead_of_spinning() -> None:
     assert d.names[URL].asked is None
     assert d.timeout(0.0, 5.0) == pytest.approx(discovery_module.NO_WORKER_RETRY)
     assert fs.sets == []
+
+
+def test_the_helper_is_a_ready_worker_then_a_starting_one_then_a_draining_one() -> None:
+    """The worker that does the master's I/O (names here, the fleet's slots too): ready ones
+    in turn; one starting when none is ready; during a stop, when every worker drains, a
+    draining one (its replies in progress still need the master's answers); never one
+    without a link."""
+    ready = [FakeWorker(1, 10), FakeWorker(2, 20)]
+    starting = FakeWorker(3, 30, state="starting")
+    draining = FakeWorker(4, 40, state="draining", detached=True)
+    gone = FakeWorker(5, 50, link=None)
+    fw = FakeWorkers(*ready, starting, draining, gone)
+    assert [fw.helper(turn).pid for turn in range(4)] == [10, 20, 10, 20]  # type: ignore[union-attr]
+    fw = FakeWorkers(starting, draining, gone)
+    assert fw.helper(7) is starting
+    fw = FakeWorkers(draining, gone)
+    assert fw.helper(7) is draining
+    assert FakeWorkers(gone).helper(0) is None
