@@ -297,9 +297,11 @@ async def _run(
             # Acknowledged even while draining (protocol.md, shutting_down): the reply is
             # generated here if the graceful timeout allows; otherwise the drain hands its
             # lease back and another worker takes it over (Hub.take_over).
-            if state.closing:
-                # Past the graceful time the connection is about to close with 1001: not
-                # stored, not acknowledged; the client resends it (same id) where it resumes.
+            if state.closing or ws.protocol.state is not State.OPEN:
+                # Past the graceful time the connection is about to close with 1001, or its
+                # close frame is out already (a drain's fallback, a failed handoff): not
+                # stored, not acknowledged (the client would not see the ack); the client
+                # resends it (same id) where it resumes.
                 log.debug(
                     "closing: message %s not accepted; the client will resend",
                     action.id,
