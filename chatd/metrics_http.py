@@ -20,7 +20,7 @@ _HISTOGRAMS = ("queue_wait", "ttft")
 
 
 class Writer(Protocol):
-    """What :func:`render` needs of the exposition writer (:class:`chatd.metrics.Exposition`)."""
+    """What :func:`render` needs of the writer (:class:`chatd.metrics_text.Exposition`)."""
 
     def family(self, name: str, kind: str, help_text: str) -> None: ...
 

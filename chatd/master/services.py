@@ -23,7 +23,7 @@
   class alone, as in :mod:`chatd.master.slotgrant` (an embed waiter recalls embed leases
   only). A backend may thus see ``max_parallel + max_parallel_embed`` requests at once.
 * **Metrics**: ``metrics_request {rid}`` is answered with ``metrics {rid, data}``, the
-  daemon-wide figures of :func:`chatd.metrics.aggregate`, which the worker renders for
+  daemon-wide figures of :func:`chatd.metrics_aggregate.aggregate`, which the worker renders for
   ``GET /metrics``.
 * **Live handoff**: a worker that resumed a session whose reply another worker generates
   sends ``watch {rid, session}`` (answered ``watching {rid, session}`` once registered) and
@@ -61,7 +61,7 @@ from chatd.config import Config
 from chatd.master.requests import Clock
 from chatd.master.slotgrant import Grant, Granter, Output, Queued, Recall, Refused
 from chatd.master.workers import Worker, Workers
-from chatd.metrics import Retired, aggregate
+from chatd.metrics_aggregate import Retired, aggregate
 from chatd.proto import control as proto
 
 log = logging.getLogger("chatd.master")
