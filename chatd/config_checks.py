@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 Check = Callable[[Any], str | None]
 """A value check: returns what is wrong with the value, or None when it is fine."""
@@ -327,3 +327,12 @@ def check_level(v: str) -> str | None:
 def check_keep_alive(v: str) -> str | None:
     ok = re.fullmatch(r"-?\d+(\.\d+)?(ns|us|ms|s|m|h)?", v) or re.fullmatch(r"(\d+[hms])+", v)
     return None if ok else 'must be a duration such as "5m", "30s" or "-1" (forever)'
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, fit for errors and logs (a store URL may carry one)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()

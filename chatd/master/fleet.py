@@ -30,6 +30,7 @@ import socket
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from chatd.config_checks import redacted
 from chatd.master.fleetpools import ANSWER_S, TTL, Answer, Ask, FleetPools
 from chatd.master.services import Services
 from chatd.master.slotgrant import Granter, Output
@@ -90,7 +91,9 @@ class Fleet:
         redis = store.startswith(("redis://", "rediss://", "redis+", "rediss+"))
         if redis and self.state is None:
             self.state = FleetPools(self.granters)
-            log.info("LLM slots are shared with the other hosts of %s as %s", store, self.host)
+            log.info(
+                "LLM slots are shared with the other hosts of %s as %s", redacted(store), self.host
+            )
         elif not redis and self.state is not None:
             self._send(self.state.release_all())
             self.state, self._asked = None, None

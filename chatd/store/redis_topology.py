@@ -25,7 +25,6 @@ Cluster node), as for ``redis://``; Sentinels are asked without credentials (a S
 from __future__ import annotations
 
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -33,20 +32,13 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from chatd.config_checks import RedisUrl, parse_redis_url
+from chatd.config_checks import RedisUrl, parse_redis_url, redacted
 from chatd.errors import StoreError
+
+__all__ = ["Client", "Topology", "parse", "redacted"]
 
 Client: TypeAlias = "Redis | RedisCluster"
 """What a store talks to: one server's (or Sentinel's master's) client, or a Cluster's."""
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, fit for errors and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
 def parse(url: str) -> RedisUrl:

@@ -207,3 +207,28 @@ def test_malformed_answers_are_refused() -> None:
     assert _answers([[1, 1, 1, 0, 1, True]], 1) is None
     assert _answers([], 1) is None
     assert _answers(None, 0) is None
+
+
+def test_the_fleet_is_on_with_a_redis_store_only_and_its_log_line_hides_the_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On with a Redis store (its limits 0 until an answer), its password never in the
+    journal; off again (a reload to SQLite): the granters' own caps, the waiters granted."""
+    from chatd.master.fleet import Fleet
+    from tests.unit.master.test_discovery import FakeWorkers
+
+    g = granters(max_parallel=2)
+    sent: list[tuple[str, list[object]]] = []
+    caplog.set_level("INFO", logger="chatd.master")
+    fleet = Fleet(
+        "redis://:sekrit@10.0.0.5:6379/0",
+        FakeWorkers(),  # type: ignore[arg-type]
+        g,
+        lambda out, kind: sent.append((kind, list(out))),
+    )
+    assert fleet.status() is not None
+    assert "redis://:***@10.0.0.5:6379/0" in caplog.text and "sekrit" not in caplog.text
+    assert g[CHAT].acquire(1, 1, [A], 0.0) == [Queued(1, 1, 1)]  # nothing before an answer
+    fleet.configure("sqlite:///var/lib/chatd/sessions.db")
+    assert fleet.status() is None
+    assert [(k, o.rid) for k, out in sent for o in out if isinstance(o, Grant)] == [(CHAT, 1)]
