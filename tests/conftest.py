@@ -70,7 +70,9 @@ class RedisServer:
             return False
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown, no final fsync: only what the AOF already holds survives."""
+        """SIGKILL: no shutdown, no final fsync: only what the AOF file already holds survives
+        (with ``appendfsync everysec`` on a slow disk, not every acknowledged write: Redis holds
+        AOF writes back while an fsync lags; a test that kills it wants ``always``)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()

@@ -38,10 +38,12 @@ none as long as the promoted replica is one that confirmed: Sentinel promotes th
 up-to-date replica (for equal ``replica-priority``), which has them; a Cluster's election only
 favours it (N = every replica of a master makes it certain). Fewer than N live replicas: no
 write is acknowledged (unavailable rather than unsafe). Persistence on each node is Redis's:
-with ``appendonly yes`` and ``appendfsync everysec`` (usual) a Redis process crash loses
-nothing, a host crash or power loss about the last second; ``appendfsync always`` none, slower;
-RDB snapshots alone minutes. A script's writes reach the AOF and the replicas as one MULTI/EXEC:
-a replay never holds half an append. Redis must not evict keys (``maxmemory-policy noeviction``;
+with ``appendonly yes`` and ``appendfsync everysec`` (usual) a host crash or power loss loses
+about the last second, and so may a Redis process crash (SIGKILL, OOM kill) on a busy disk:
+while the last second's fsync is still running Redis holds its AOF writes back (up to 2 s) and
+answers meanwhile; ``appendfsync always`` loses none, slower; RDB snapshots alone minutes.
+A script's writes reach the AOF and the replicas as one MULTI/EXEC: a replay never holds half
+an append. Redis must not evict keys (``maxmemory-policy noeviction``;
 :meth:`RedisStore.open` warns). Needs Redis >= 5 (streams); tested with Redis 7.0 (one server,
 Sentinel, Cluster) and redis-py 8.2.
 """

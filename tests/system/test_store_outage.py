@@ -112,27 +112,15 @@ def outage(d: Chatd, break_store: Callable[[], None], mend_store: Callable[[], N
     assert sample(text, 'chatd_errors_total{code="store_unavailable"}') >= 1
     assert sample(text, "chatd_store_failures_total") >= 1
 
-    import time as _tm, os as _os, shutil as _sh
-    _t0 = _tm.monotonic()
     mend_store()
-    _t1 = _tm.monotonic()
     # Seen by itself: no client traffic until it is.
     wait_for(lambda: not failing(), 20, "every worker seeing the store back")
     assert http_get(f"{d.http}/readyz")[0] == 200
     wait_for(lambda: sample(metrics(d), "chatd_store_up") == 1, 10, "chatd_store_up 1 again")
-    _t2 = _tm.monotonic()
     wait_for(lambda: chatctl_status(d).returncode == 0, 10, "status healthy again")
-    _t3 = _tm.monotonic()
     # The client sends the refused message again, same id: acknowledged and answered.
     c.send({"type": "message", "id": failed_id, "text": "once more"})
     frames = c.until(lambda f: f.get("id") == failed_id and f["type"] == "reply", timeout=30)
-    _t4 = _tm.monotonic()
-    _line = f"TIMING mend={_t1-_t0:.3f} seen={_t2-_t1:.3f} status={_t3-_t2:.3f} reply={_t4-_t3:.3f} frames={[f['type'] for f in frames]}"
-    print(_line)
-    with open("/tmp/outage_timings.txt", "a") as _f:
-        _f.write(_line + "\n")
-    if _t4 - _t3 > 1.0:
-        _sh.copy(d.log_path, f"/tmp/slow_chatd_{_os.getpid()}_{int(_tm.time())}.log")
     assert any(f["type"] == "ack" for f in frames)
     assert frames[-1]["text"] == expected_reply("once more", TOKENS)
     acked.add(failed_id)
@@ -162,7 +150,12 @@ def test_sqlite_disk_full(tmp_path: Path, small_disk: Path, fake: FakeOllama) ->
 def test_redis_killed_and_restarted(
     tmp_path: Path, start_redis: Callable[..., RedisServer], fake: FakeOllama
 ) -> None:
-    server = start_redis()
+    # appendfsync always: with everysec (the default) Redis postpones its AOF writes while the
+    # last second's fsync is still running (a busy disk: `pytest -n 2`, the whole suite) and
+    # answers meanwhile, so a SIGKILL then loses writes it acknowledged: the session's first
+    # exchange, even its creation. The resend then gets store_unavailable (unknown session), or
+    # seqs the connection was sent already (dropped as duplicates), and never its reply.
+    server = start_redis("--appendfsync", "always")
     with running_chatd(
         tmp_path,
         fake.url,
