@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatd.config import Config
-from chatd.errors import UpstreamError
+from chatd.errors import StoreError, UpstreamError
 from chatd.logs import about
 from chatd.proto import chat
 from chatd.relay.backend import Reply
@@ -100,6 +100,7 @@ class Hub(Listeners):
         # Generations storing their final event: a lost lease no longer stops them (the
         # final is then already being written, and its publication must not be cut).
         self._finishing: set[tuple[str, str]] = set()
+        self._watches: set[asyncio.Future[None]] = set()  # watches after a lost lease
         self.sweeping = True  # False once the worker drains: it claims no more messages
         # Called with a session whose last running generation here just ended (set by a
         # drain, which then closes the session's connections).
@@ -201,7 +202,25 @@ class Hub(Listeners):
     async def run_leases(self) -> None:
         """Renew the leases of every running generation until cancelled
         (:func:`chatd.worker.leases.renew_forever`)."""
-        await leases.renew_forever(self.store, self.running, self._finishing)
+        await leases.renew_forever(self.store, self.running, self._finishing, self._lease_lost)
+
+    def _lease_lost(self, session: str, task: asyncio.Task[None]) -> None:
+        """A generation here lost its lease (this worker stalled a whole lease: another one
+        claimed the message and answers it): once it has stopped, watch the session, so the
+        reply stored there reaches this worker's clients of it live, not at their next
+        resume. (A resume's watch only looks once, when the client resumes.)"""
+        task.add_done_callback(lambda _: self._spawn_watch(session))
+
+    def _spawn_watch(self, session: str) -> None:
+        watching = asyncio.ensure_future(self._watch_quietly(session))
+        self._watches.add(watching)
+        watching.add_done_callback(self._watches.discard)
+
+    async def _watch_quietly(self, session: str) -> None:
+        try:
+            await self.watch(session)
+        except StoreError as exc:  # the clients' stall fallback resumes them later
+            log.warning("watch of %s after a lost lease failed: %s", session[:8], exc)
 
     async def run_sweeps(self) -> None:
         """Every SWEEP_S (jittered: workers do not sweep in step), claim lapsed messages of

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Protocol
 
 from chatd.logs import about
@@ -26,14 +26,16 @@ async def renew_forever(
     store: Store,
     running: Mapping[tuple[str, str], asyncio.Task[None]],
     finishing: Container[tuple[str, str]],
+    on_lost: Callable[[str, asyncio.Task[None]], None] | None = None,
 ) -> None:
     """Renew the leases of the ``running`` generations each RENEW_S, until cancelled.
 
     One store call per session, all issued in the same tick (the store sends them as one
     batch). A generation whose lease is gone was claimed by another worker (this one
     stalled for a whole lease): it is stopped without storing anything, so the message is
-    generated once, there. A failed renewal is retried next round: the lease outlives
-    two missed renewals.
+    generated once, there; ``on_lost(session, task)`` is told (the reply stored there must
+    still reach this worker's clients of the session). A failed renewal is retried next
+    round: the lease outlives two missed renewals.
     """
     while True:
         await asyncio.sleep(RENEW_S)
@@ -60,6 +62,8 @@ async def renew_forever(
                     "lease of %s/%s lost to another worker: stopping", *key, extra=about(*key)
                 )
                 task.cancel()  # not in _cancelled: nothing is stored for it here
+                if on_lost is not None:
+                    on_lost(session, task)
 
 
 async def hand_back(store: Store, keys: list[tuple[str, str]]) -> None:

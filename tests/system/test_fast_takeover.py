@@ -23,7 +23,8 @@ import pytest
 
 from chatd.client import ChatClient
 from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
-from tests.support import Chatd, fake_config, running_chatd, wait_for
+from chatd.dev.fake_ollama.wire import expected_reply
+from tests.support import Chatd, Client, fake_config, running_chatd, wait_for
 from tests.tally import Tally
 
 pytestmark = pytest.mark.system
@@ -80,3 +81,33 @@ def test_a_dead_workers_message_is_taken_over_at_once(
             fake_config(fake.url, hang=False)
         assert list(tally.answers.values()) == [1]
         assert "worker died" in d.log()
+
+
+def test_a_worker_that_lost_its_lease_forwards_the_other_workers_reply_live(
+    fake: FakeOllama, tmp_path: Path
+) -> None:
+    """The worker generating a reply stalls for longer than its lease (SIGSTOP 2.6 s, the
+    lease 2 s): another worker's sweep claims the message and answers it. The stalled worker,
+    back, finds its lease lost and stops its generation; its client, still connected to it,
+    gets the other worker's reply on that same connection, live (the stalled worker watches
+    the session once its generation stopped), not at a resume after its stall timeout."""
+    with running_chatd(tmp_path, fake.url, workers=2) as d:
+        fake_config(fake.url, first_token_ms=4000, token_ms=0, tokens=6)  # ~4 s a reply
+        try:
+            c = Client(d.url)
+            welcome = c.hello()
+            pid = int(str(welcome["worker"]).split("/")[1])
+            c.send({"type": "message", "id": "m1", "text": "outlive the lease"})
+            ack = c.until(lambda f: f["type"] == "ack")[-1]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                wait_for(lambda: "takeover" in d.log(), 10, "the other worker's claim")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            frames = c.until(lambda f: f.get("id") == "m1" and f["type"] == "reply", timeout=15)
+            assert frames[-1]["seq"] == ack["seq"] + 1
+            assert frames[-1]["text"] == expected_reply("outlive the lease", 6)
+            assert re.search(r"lease of \S+ lost to another worker: stopping", d.log())
+            c.close()
+        finally:
+            fake_config(fake.url, first_token_ms=0)
