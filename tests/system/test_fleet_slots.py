@@ -49,6 +49,7 @@ from tests.support import (
 pytestmark = [pytest.mark.system, pytest.mark.timeout(150)]
 
 PROMTOOL = shutil.which("promtool")
+OWN_ADDRESS = "127.0.0.44"
 MAX_PARALLEL = 4
 CLIENTS = 40
 TOKENS = 8
@@ -57,10 +58,16 @@ TOKEN_MS = 40  # a reply takes ~0.3 s: 80 of them, 4 at a time, ~6 s
 
 @pytest.fixture
 def fake() -> Iterator[FakeOllama]:
-    with FakeOllamaThread(
+    """On a loopback address of its own: a chatd of another test (the other xdist process)
+    whose fake once had this port cannot send it requests and spoil the counts."""
+    thread = FakeOllamaThread(
         FakeOllama(["qwen2.5-coder:7b"], tokens=TOKENS, token_ms=TOKEN_MS, first_token_ms=0)
-    ) as f:
-        yield f
+    )
+    thread.start(host=OWN_ADDRESS)
+    try:
+        yield thread.fake
+    finally:
+        thread.stop()
 
 
 @contextlib.contextmanager
