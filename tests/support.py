@@ -250,6 +250,19 @@ def running_chatd(tmp: Path, backend_url: str, **kwargs: Any) -> Iterator[Chatd]
             d.kill_all()
 
 
+@contextlib.contextmanager
+def two_hosts(tmp: Path, backend_url: str, **kwargs: Any) -> Iterator[tuple[Chatd, Chatd]]:
+    """Two started chatd masters ("hosts" a and b, in ``tmp/a`` and ``tmp/b``) built alike
+    (``kwargs`` as :class:`Chatd`'s: give them one Redis ``sessions`` store); both stopped at
+    the end, whatever happens (one the test killed already included)."""
+    with contextlib.ExitStack() as stack:
+        hosts = []
+        for name in ("a", "b"):
+            (tmp / name).mkdir()
+            hosts.append(stack.enter_context(running_chatd(tmp / name, backend_url, **kwargs)))
+        yield hosts[0], hosts[1]
+
+
 class Client:
     """A protocol client from the spec: JSON text frames over a sync WebSocket."""
 

@@ -120,10 +120,10 @@ class Fleet:
     def _ask(self, state: FleetPools, now: float) -> None:
         self._turn += 1
         worker = self.workers.helper(self._turn)
-        asks = state.asks(now)
         if worker is None:
-            state.failed()  # nobody to ask: again after MIN_GAP or POLL
+            state.postpone(now)  # nobody to ask: again after MIN_GAP or POLL
             return
+        asks = state.asks(now)
         self._rid += 1  # the sync's seq in Redis too: a late one there changes nothing
         msg = {
             proto.T: proto.FLEET_SYNC,

@@ -182,6 +182,12 @@ class FleetPools:
                 outputs += granter.recall()  # idle leased slots: another host is short
         return out
 
+    def postpone(self, now: float) -> None:
+        """No sync could be sent now (no worker to ask): the next is due as if one had been,
+        and the need it would have carried stays to be told."""
+        self.sent_at = now
+        self._epoch += 1
+
     def failed(self) -> None:
         """The sync under way will not be answered."""
         self.asked = False

@@ -134,10 +134,13 @@ class Listeners:
 
         The watch is registered (the master answered, Redis confirmed the subscription)
         before the log is read again, so a final stored elsewhere is either in that read or
-        announced after the registration: never missed. Registered by one path only (the
-        other failed or is absent): watched by that one. No path, no subscriber left, or
-        neither registered in WATCH_WITHIN: not watched (the client's stall fallback
-        remains). Raises StoreError (store reads).
+        announced after the registration: never missed. When nothing is left to watch, the
+        log is read once more too: a final stored elsewhere after the caller's read and
+        before this look was announced to nobody (seen when a handoff failed at commit and
+        the old worker answered a message while its client resumed here). Registered by one
+        path only (the other failed or is absent): watched by that one. No path, no
+        subscriber left, or neither registered in WATCH_WITHIN: not watched (the client's
+        stall fallback remains). Raises StoreError (store reads).
         """
         if (self.master is None and self.notices is None) or session not in self.subscribers:
             return False
@@ -145,6 +148,9 @@ class Listeners:
             return True
         pending = await self.store.unanswered(session)
         if all((session, ev.msg_id) in self.running for ev in pending):
+            # Not watched. A final stored elsewhere since the caller read the log (its notice
+            # went to nobody: nobody watched yet) is in neither read: read once more.
+            await self._forward(session)
             return False
         if session not in self.subscribers:  # the client left during the read
             return False

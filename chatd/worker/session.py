@@ -376,28 +376,7 @@ async def _catch_up(moved: adoption.Moved, state: WorkerState, outbox: Outbox) -
         with contextlib.suppress(StoreError):  # (the sweep and the client's fallback cover it)
             await state.hub.take_over(session)
         with contextlib.suppress(StoreError):
-            await _watch(state, outbox, session)
-
-
-async def _watch(state: WorkerState, outbox: Outbox, session: str) -> None:
-    """After a resume's (or a moved connection's catch-up's) read of the log and its
-    takeover: have the finals another worker stores reach ``outbox`` (:meth:`Hub.watch`), and
-    when the session is not watched, read the log once more.
-
-    ``watch`` decides from the messages unanswered *when it looks*, after the caller's read:
-    a reply stored elsewhere in between is in neither read, its ``stored`` went to the master
-    before anyone watched the session (forwarded to nobody), and with nothing left unanswered
-    the session is not watched: the client got that reply only at its next resume, after its
-    stall timeout. (Seen when a handoff failed at commit: the old worker acknowledged and
-    answered a message read after the undo, while its client resumed here.) A watched session
-    needs no second read: the watch reads the log after its registration. Raises StoreError."""
-    hub = state.hub
-    if await hub.watch(session) or (hub.master is None and hub.notices is None):
-        return  # watched; or no other worker's final reaches this one but by a resume
-    events = await state.store.events_after(session, outbox.floor)
-    for ev in events:  # each once, in seq order (the outbox drops what it sent already)
-        frame = chat.stored_event_frame(ev.kind, ev.msg_id, ev.seq, ev.text, ev.meta)
-        outbox.put(frame, ev.seq, ev.msg_id if ev.kind == "reply" else None)
+            await state.hub.watch(session)
 
 
 async def _hello(
@@ -474,9 +453,9 @@ async def _hello(
         )
     # Messages another worker is still generating (it lives, or a sweep took them): the
     # master forwards the notice of their stored reply here, and it is published live (or,
-    # stored since the replay, it is read now: _watch).
+    # stored since the replay, it is read now: Hub.watch).
     try:
-        await _watch(state, outbox, info.session)
+        await state.hub.watch(info.session)
     except StoreError as exc:  # not fatal: the client's stall fallback resumes it later
         log.warning(
             "watch on resume of %s failed: %s", info.session[:8], exc, extra=about(info.session)

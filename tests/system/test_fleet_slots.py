@@ -11,14 +11,15 @@ grant 4 and the fake would see 8 at once; with them the hosts share the 4 throug
   ``chatctl status`` shows the fleet's figures (2 hosts; the text line too), and so does
   ``/metrics`` (``chatd_fleet_*``, accepted by promtool).
 * Both hosts under steady load; host A's whole process group is SIGKILLed: the fake never
-  sees more than 4, and host B alone reaches 4 in flight within the lease TTL (A's slots
-  come back when its lease lapses in Redis, 2 s) plus B's next sync. The delay is printed
-  (``pytest -s``).
+  sees more than 4, and host B alone gets all 4 and reaches 4 in flight (A's slots come back
+  when its lease lapses in Redis, 2 s, then at B's next sync). The delay is printed
+  (``pytest -s``) and is a figure of docs/benchmarks.md, not an assertion here: that a host
+  that stops renewing loses its slots at the TTL is checked without a machine's speed in
+  tests/component/store/test_redis_slots.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -33,7 +34,7 @@ from typing import Any
 import pytest
 
 from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread, expected_reply
-from chatd.master.fleetpools import POLL, TTL
+from chatd.master.fleetpools import TTL
 from tests.promtext import parse
 from tests.support import (
     Chatd,
@@ -43,6 +44,7 @@ from tests.support import (
     fake_stats,
     http_get,
     t,
+    two_hosts,
     wait_for,
 )
 
@@ -70,31 +72,17 @@ def fake() -> Iterator[FakeOllama]:
         thread.stop()
 
 
-@contextlib.contextmanager
-def two_hosts(tmp: Path, fake: FakeOllama, store: str) -> Iterator[tuple[Chatd, Chatd]]:
-    started: list[Chatd] = []
-    try:
-        for name in ("a", "b"):
-            (tmp / name).mkdir()
-            d = Chatd(
-                tmp / name,
-                fake.url,
-                workers=2,
-                backends=[{"url": fake.url, "max_parallel": MAX_PARALLEL}],
-                sessions={"store": store},
-                llm={"max_queue": 256, "first_token_timeout": 30.0, "idle_timeout": 30.0},
-                limits={"messages_per_minute": 6000},
-            )
-            started.append(d)
-            d.start()
-        yield started[0], started[1]
-    finally:
-        for d in started:
-            try:
-                if d.proc is not None and d.proc.poll() is None:
-                    d.stop()
-            finally:
-                d.kill_all()
+def hosts(tmp: Path, fake: FakeOllama, store: str) -> Any:
+    """Hosts a and b on ``store``, each listing the fake with MAX_PARALLEL slots."""
+    return two_hosts(
+        tmp,
+        fake.url,
+        workers=2,
+        backends=[{"url": fake.url, "max_parallel": MAX_PARALLEL}],
+        sessions={"store": store},
+        llm={"max_queue": 256, "first_token_timeout": 30.0, "idle_timeout": 30.0},
+        limits={"messages_per_minute": 6000},
+    )
 
 
 def fleet_row(d: Chatd) -> dict[str, Any]:
@@ -121,7 +109,7 @@ def chat(d: Chatd, i: int, rounds: int, barrier: threading.Barrier) -> list[str]
 
 
 def test_two_hosts_share_one_backends_cap(tmp_path: Path, fake: FakeOllama, redis_url: str) -> None:
-    with two_hosts(tmp_path, fake, redis_url) as (a, b):
+    with hosts(tmp_path, fake, redis_url) as (a, b):
         wait_for(lambda: fleet_row(a).get("hosts") == 2, 10, "host A sees both hosts")
         fake_config(fake.url, reset_stats=True)
         barrier = threading.Barrier(CLIENTS)
@@ -199,7 +187,7 @@ class Load:
 def test_a_dead_hosts_slots_come_back_within_the_lease(
     tmp_path: Path, fake: FakeOllama, redis_url: str
 ) -> None:
-    with two_hosts(tmp_path, fake, redis_url) as (a, b):
+    with hosts(tmp_path, fake, redis_url) as (a, b):
         wait_for(lambda: fleet_row(b).get("hosts") == 2, 10, "host B sees both hosts")
         fake_config(fake.url, reset_stats=True)
         on_a, on_b = Load(a, 12, "a"), Load(b, 12, "b")
@@ -216,7 +204,6 @@ def test_a_dead_hosts_slots_come_back_within_the_lease(
             took = time.monotonic() - killed
             wait_for(lambda: fake_stats(fake.url)["in_flight"] == MAX_PARALLEL, 10, "4 in flight")
             print(f"\nhost A SIGKILLed: host B may use all {MAX_PARALLEL} slots {took:.2f}s later")
-            assert took <= TTL + POLL + t(1.0), took  # the lease, B's next sync, and slack
             answered = on_b.answered
             wait_for(lambda: on_b.answered >= answered + 8, 20, "B goes on answering")
         finally:

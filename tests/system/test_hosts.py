@@ -29,7 +29,6 @@ upstream pointed at loopback ports and its paths in a temp dir), when nginx is i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -48,7 +47,7 @@ import redis
 
 from chatd.dev.fake_ollama.main import FakeOllama, FakeOllamaThread
 from chatd.dev.fake_ollama.wire import expected_reply
-from tests.support import FACTOR, Chatd, Client, free_port, t, wait_for
+from tests.support import FACTOR, Chatd, Client, free_port, t, two_hosts, wait_for
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 
@@ -68,26 +67,6 @@ def fake() -> Iterator[FakeOllama]:
         FakeOllama(["qwen2.5-coder:7b"], tokens=TOKENS, token_ms=TOKEN_MS, first_token_ms=20)
     ) as f:
         yield f
-
-
-@contextlib.contextmanager
-def _hosts(tmp: Path, backend: str, store: str) -> Iterator[tuple[Chatd, Chatd]]:
-    """Two started masters (2 workers each) on one store; both cleaned up whatever happens."""
-    started: list[Chatd] = []
-    try:
-        for name in ("a", "b"):
-            (tmp / name).mkdir()
-            d = Chatd(tmp / name, backend, workers=2, sessions={"store": store})
-            started.append(d)
-            d.start()
-        yield started[0], started[1]
-    finally:
-        for d in started:
-            try:
-                if d.proc is not None and d.proc.poll() is None:
-                    d.stop()
-            finally:
-                d.kill_all()
 
 
 def _utc(stamp: str) -> float:
@@ -147,7 +126,7 @@ def test_host_killed_mid_reply_client_resumes_on_other_host(
     # A Redis of its own: the shared one holds other tests' unanswered messages, which host
     # B's sweeps would rightly take over too.
     redis_url = start_redis().url
-    with _hosts(tmp_path, fake.url, redis_url) as (a, b):
+    with two_hosts(tmp_path, fake.url, workers=2, sessions={"store": redis_url}) as (a, b):
         rx = Received()
         c = Client(a.url)
         welcome = c.hello()
@@ -248,7 +227,7 @@ def test_client_moved_to_other_host_mid_reply_gets_the_reply_live(
     fake: FakeOllama, tmp_path: Path, start_redis: Callable[..., Any]
 ) -> None:
     redis_url = start_redis().url  # a Redis of its own: no other test's messages to sweep
-    with _hosts(tmp_path, fake.url, redis_url) as (a, b):
+    with two_hosts(tmp_path, fake.url, workers=2, sessions={"store": redis_url}) as (a, b):
         c = Client(a.url)
         session = c.hello()["session"]
         sent = time.monotonic()

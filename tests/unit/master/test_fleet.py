@@ -157,7 +157,9 @@ def test_requests_refused_busy_count_as_need() -> None:
     assert g[CHAT].acquire(1, 2, [A], 0.1)[0].reason == "busy"  # type: ignore[union-attr]
     assert g[CHAT].acquire(1, 3, [A], 0.1)[0].reason == "busy"  # type: ignore[union-attr]
     assert fleet.due() == MIN_GAP
-    chat = next(a for a in fleet.asks(0.1) if a[0] == CHAT)
+    fleet.postpone(0.1)  # no worker to ask: the need waits for the next sync
+    assert fleet.due() == 0.1 + MIN_GAP
+    chat = next(a for a in fleet.asks(0.12) if a[0] == CHAT)
     assert chat[3] == 3  # want: 1 in flight + 2 refused
     fleet.answered([chat], [answer(3, 3)])
     assert next(a for a in fleet.asks(0.7) if a[0] == CHAT)[3] == 1  # counted once

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +20,7 @@ from chatd.master import takeover
 from chatd.master.takeover import MAX_WAITING, Takeover
 from chatd.proto import control as proto
 from chatd.worker import leases
-
-
-def wire(msg: Mapping[str, Any]) -> dict[str, Any]:
-    (decoded,) = proto.Decoder().feed(proto.encode(msg))
-    return decoded
+from tests.unit.master.test_services_slots import wire
 
 
 @dataclass(eq=False)

@@ -18,9 +18,10 @@ from chatd.proto import chat
 from chatd.proto import control as proto
 from chatd.store.base import Event, SessionInfo
 from chatd.worker.handoff import Listeners
-from chatd.worker.outbox import OutboundBudget, Outbox
-from chatd.worker.session import WorkerState, _hello
+from chatd.worker.outbox import Outbox
+from chatd.worker.session import _hello
 from tests.unit.worker.test_handoff import Sink
+from tests.unit.worker.test_session_closing import worker_state
 
 S = "session-1"
 
@@ -246,14 +247,12 @@ def test_a_reply_stored_elsewhere_between_the_replay_and_the_watch_reaches_the_c
     master = FakeMaster()
     hub = Hub(store, master, None)  # type: ignore[arg-type]
     hub.running = {}  # nothing generated here
-    limits = chat.Limits()
-    budget = OutboundBudget(1 << 20, 1 << 20)
-    state = WorkerState(hub, store, limits, 5.0, "1/1", budget)  # type: ignore[arg-type]
+    state = worker_state(hub, store)
     sink = Sink()
 
     async def main() -> None:
         outbox = Outbox(sink)
-        conn = chat.ChatConnection(limits, time.monotonic())
+        conn = chat.ChatConnection(state.limits, time.monotonic())
         await _hello(chat.Hello(session, 0), object(), state, conn, outbox)  # type: ignore[arg-type]
         await outbox.wait_empty()
 

@@ -39,16 +39,19 @@ class Ws:
         self.protocol = type("P", (), {"state": state})()
 
 
+def worker_state(hub: Any, store: Any) -> WorkerState:
+    """A worker's shared state around stand-ins for its hub and store (default limits)."""
+    return WorkerState(hub, store, chat.Limits(), 5.0, "1/1", OutboundBudget(1 << 20, 1 << 20))
+
+
 def run(ws_state: State) -> tuple[list[str], list[dict[str, Any]]]:
     hub = Hub()
-    limits = chat.Limits()
-    budget = OutboundBudget(1 << 20, 1 << 20)
-    state = WorkerState(hub, None, limits, 5.0, "1/1", budget)  # type: ignore[arg-type]
+    state = worker_state(hub, None)
     sink = Sink()
 
     async def main() -> None:
         outbox = Outbox(sink)
-        conn = chat.ChatConnection(limits, 0.0)
+        conn = chat.ChatConnection(state.limits, 0.0)
         conn.session = "s1"
         actions: list[chat.Action] = [chat.Message("m1", "hi", None)]
         await _run(actions, Ws(ws_state), state, conn, outbox)  # type: ignore[arg-type]
