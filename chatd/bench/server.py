@@ -363,6 +363,10 @@ def server_figures(status: dict[str, Any] | None) -> dict[str, Any]:
                 int((w.get("store") or {}).get("busy_retries") or 0)
                 for w in status.get("workers", [])
             ),
+            "lock_waits": sum(
+                int((w.get("store") or {}).get("lock_waits") or 0)
+                for w in status.get("workers", [])
+            ),
             "commit_p99_ms": max(
                 (
                     float((w.get("store") or {}).get("commit_p99_ms") or 0.0)

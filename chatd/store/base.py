@@ -117,6 +117,7 @@ class StoreStats:
     commit_p50_ms: float
     commit_p99_ms: float
     busy_retries: int
+    lock_waits: int = 0  # batches that found the write gate held and waited for it (SQLite)
 
 
 log = logging.getLogger("chatd.store")

@@ -28,24 +28,31 @@ and never makes the event loop wait for it or for the disk:
   so larger batches. A 1 ms window for a lone request (the thread's) measured at 1,000 msg/s: 2.6
   appends per commit and ~10 % less CPU, but it gave back most of the latency gained (ack p50
   2.2 ms, reply p50 4.8 ms); at 2,000 msg/s it changed nothing.
-- **The loop never waits for the lock**: the write connection has a busy timeout of 0. A batch
-  that finds the file locked (another process writing, a checkpoint restarting the WAL) is
-  tried again from the loop after a random 0.2-2 ms (``call_later``; up to 10 ms once it has
-  waited 0.1 s), with the writes queued meanwhile, until ``lock_timeout``, counted in
-  ``busy_retries``. What it had committed is
-  resolved at once; the rest goes back to the head of the queue, so a session's writes still
-  commit, and resolve, in order.
+- **The loop never waits for the lock, and the workers take it in turn**: a batch first takes
+  the host-wide *write gate* (:mod:`chatd.store.sqlite_gate`, an ``flock`` beside the file,
+  taken by every worker's store and by a checkpoint's RESTART). Free, it costs two system
+  calls; held, a thread waits for it in the kernel and the batch runs on the loop the moment
+  it is let go (``lock_waits``), with the writes queued meanwhile; not had within
+  ``lock_timeout``, the queued writes fail. Behind it, the write connection has a busy
+  timeout of 0: a batch that still finds the file locked (a process that takes no gate: a
+  backup, the ``sqlite3`` shell) is tried again from the loop after a random 0.2-2 ms
+  (``call_later``; up to 10 ms once it has waited 0.1 s), until ``lock_timeout``, counted in
+  ``busy_retries``. What it had committed is resolved at once; the rest goes back to the head
+  of the queue, so a session's writes still commit, and resolve, in order. The gate replaced
+  those retries between workers: at 1,000 msg/s they were ~2,500 per 10 s and their random
+  pauses most of the slowest replies' time (docs/benchmarks.md).
 - **No fsync on the loop**: with ``synchronous=NORMAL`` a WAL commit only writes to the page
   cache; the fsyncs are the checkpoints', and the write connection runs none
   (``wal_autocheckpoint = 0``). A thread of its own does (:mod:`chatd.store.sqlite_checkpoint`):
   PASSIVE ones, and a RESTART when the WAL stays large, so it stays bounded (7-8.5 MB at
   1,000 msg/s, flat over 30 s, where SQLite's auto-checkpoint kept it at 4.2 MB;
   ``journal_size_limit`` truncates it above 64 MiB).
-- **Why one statement per kind of request and not BEGIN IMMEDIATE ... COMMIT**: the host-wide
+- **Why one statement per kind of request and not BEGIN IMMEDIATE ... COMMIT**: SQLite's
   write lock is then held only inside one ``sqlite3_step``, in C: never across the planning
-  in Python, a wait for the GIL, or the kernel preempting the worker between statements on a
-  busy host, any of which would stall every worker. A lock found held costs one failed
-  statement, retried.
+  in Python, a wait for the GIL, or the kernel preempting the worker between statements (a
+  process that takes no gate meets it that briefly). The gate, held for a whole batch (its
+  planning included), does not have that property: a worker preempted mid-batch holds up the
+  other; measured, waiting in line for it still beats retrying (docs/benchmarks.md).
 - **Checked by the file**: triggers refuse an event whose seq is not its session's
   ``last_seq + 1`` and then bump ``last_seq``; a UNIQUE constraint refuses a second user or final
   event per message (contracts 1, 2). A batch that raced a writer in another process fails
@@ -95,9 +102,11 @@ from chatd.store.base import (
     EventKind,
     SessionInfo,
     StoreStats,
+    log,
     new_owner_id,
 )
 from chatd.store.sqlite_checkpoint import Checkpointer
+from chatd.store.sqlite_gate import WriteGate
 from chatd.store.sqlite_write import LoopWrites, is_busy
 
 T = TypeVar("T")
@@ -147,6 +156,7 @@ class SqliteStore(LoopWrites):
         self._busy_timeout = busy_timeout
         self._lock_timeout = lock_timeout
         self._checkpointer: Checkpointer | None = None
+        self._gate: WriteGate | None = None
         self._checkpoint_args = (checkpoint_pages, checkpoint_interval)
         self._reader: ThreadPoolExecutor | None = None
         self._wdb: sqlite3.Connection | None = None
@@ -165,10 +175,17 @@ class SqliteStore(LoopWrites):
             raise StoreError("the session store was already opened")
         loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._connect)
+        try:
+            self._gate = WriteGate(self.path)
+        except OSError as exc:  # a read-only directory: SQLite's lock and retries alone
+            log.warning("no write gate for %s (%s): writes retry on a locked file", self.path, exc)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="chatd-store-read")
         pages, interval = self._checkpoint_args
         checkpointer = Checkpointer(
-            lambda: self._connection(self._busy_timeout), pages=pages, interval=interval
+            lambda: self._connection(self._busy_timeout),
+            pages=pages,
+            interval=interval,
+            gate=(lambda: WriteGate(self.path)) if self._gate is not None else None,
         )
         checkpointer.start(loop)
         self._checkpointer = checkpointer
@@ -180,6 +197,8 @@ class SqliteStore(LoopWrites):
             return
         self._closed = True  # new requests are refused from here on
         await self._drain()
+        if self._gate is not None:
+            self._gate.close()
         if self._checkpointer is not None:
             await self._checkpointer.close()
         if self._reader is not None:
@@ -376,7 +395,7 @@ class SqliteStore(LoopWrites):
 
     def statistics(self) -> StoreStats:
         """Write transactions committed, event rows stored (duplicates excluded), commit
-        latency, busy retries.
+        latency, busy retries, waits for the write gate.
 
         A commit's latency is its batch's: the time the event loop spent running the batch
         (its statements, planning included) and, for a batch that found the file locked, from
@@ -390,4 +409,5 @@ class SqliteStore(LoopWrites):
         def pct(q: float) -> float:
             return samples[min(len(samples) - 1, int(q * len(samples)))] if samples else 0.0
 
-        return StoreStats(commits, rows, pct(0.50), pct(0.99), busy)
+        waits = self._gate.waits if self._gate is not None else 0
+        return StoreStats(commits, rows, pct(0.50), pct(0.99), busy, waits)

@@ -18,9 +18,10 @@ loop. The :class:`Checkpointer` runs them instead in its own thread, on its own 
   busy store may never catch up, and the WAL would grow without end. So when a PASSIVE leaves
   the WAL at ``pages`` or more, a RESTART follows: it takes the write lock (waiting
   ``busy_timeout`` at most, else it does no more than a PASSIVE), copies the rest and makes
-  the next writer start the WAL over (``journal_size_limit`` then truncates the file). The
-  writers it holds off for those few milliseconds retry from their loops without blocking
-  them (``busy_retries``), like behind any other writer.
+  the next writer start the WAL over (``journal_size_limit`` then truncates the file). It
+  holds the workers' write gate meanwhile (:mod:`chatd.store.sqlite_gate`; waiting 50 ms at
+  most for it), so the writers it holds off for those few milliseconds wait for it in line,
+  as behind another worker's batch, rather than retrying against SQLite's lock.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from chatd.store.sqlite_gate import WriteGate
+
+GATE_WAIT = 0.05  # s: the longest a RESTART waits for the workers' write gate
 PASSIVE = "PRAGMA wal_checkpoint(PASSIVE)"
 RESTART = "PRAGMA wal_checkpoint(RESTART)"
 
@@ -49,8 +53,11 @@ class Checkpointer:
         *,
         pages: int = 1000,
         interval: float = 0.25,
+        gate: Callable[[], WriteGate] | None = None,
     ) -> None:
         self._connect = connect
+        self._open_gate = gate
+        self._gate: WriteGate | None = None  # opened and used in the thread only
         self._pages = pages
         self._interval = interval
         self._every = 20  # commits between two checkpoints, until the first ones measure it
@@ -103,7 +110,19 @@ class Checkpointer:
         _, pages, copied = self._db.execute(PASSIVE).fetchone()
         if pages < self._pages:
             return pages, pages - copied, False
-        busy, pages, copied = self._db.execute(RESTART).fetchone()
+        if self._gate is None and self._open_gate is not None:
+            try:
+                self._gate = self._open_gate()
+            except OSError:  # gone since the store opened it: the RESTART goes on without
+                self._open_gate = None
+        # The workers wait for a RESTART at the gate rather than retrying against SQLite's
+        # lock; a gate not had soon (a stuck holder) and the RESTART goes on without it.
+        gated = self._gate is not None and self._gate.acquire_within(GATE_WAIT)
+        try:
+            busy, pages, copied = self._db.execute(RESTART).fetchone()
+        finally:
+            if gated and self._gate is not None:
+                self._gate.release()
         return pages, pages - copied, not busy
 
     def _finished(self, fut: asyncio.Future[tuple[int, int, bool]]) -> None:
@@ -147,4 +166,6 @@ class Checkpointer:
             pool, self._pool = self._pool, None
             if self._db is not None:
                 await asyncio.wrap_future(pool.submit(self._db.close))
+            if self._gate is not None:
+                self._gate.close()
             await asyncio.to_thread(pool.shutdown, True)

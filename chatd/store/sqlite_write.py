@@ -24,6 +24,7 @@ from chatd.errors import SessionGone, StoreError
 from chatd.store import sqlite_sql as sql
 from chatd.store.base import Appended, Event, Health
 from chatd.store.sqlite_checkpoint import Checkpointer
+from chatd.store.sqlite_gate import WriteGate
 
 _RESERVOIR = 4096  # commit latency samples kept (uniform over all batches since open)
 _CONFLICTS = 8  # re-plans of a batch that keeps losing races before it is split up
@@ -82,6 +83,7 @@ class LoopWrites:
     _max_batch: int
     _lock_timeout: float
     _checkpointer: Checkpointer | None
+    _gate: WriteGate | None
     _closed: bool
 
     def _init_writes(self) -> None:
@@ -90,6 +92,8 @@ class LoopWrites:
         self._handle: asyncio.Handle | None = None  # the planned _flush, if any
         self._waited = False  # the lone request at the queue's head has had its window
         self._busy_since: float | None = None  # when the batch being retried first found a lock
+        self._gating = False  # the gate was found held: a thread waits for it (sqlite_gate)
+        self._gate_timer: asyncio.TimerHandle | None = None  # lock_timeout of that wait
         self._idle: list[asyncio.Future[None]] = []  # close() waiting for an empty queue
         # What this store's own commits say of its sessions: session -> (last_seq, updated_at).
         # A batch whose sessions are all here is planned without reading the file (the read
@@ -122,7 +126,7 @@ class LoopWrites:
             raise StoreError("the session store was opened on another event loop")
         fut: asyncio.Future[Any] = loop.create_future()
         self._queue.append(_Request(op, args, fut))
-        if self._handle is None:  # the first request of this tick: commit at its end
+        if self._handle is None and not self._gating:  # the tick's first: commit at its end
             self._handle = loop.call_soon(self._flush)
         try:
             result = await fut
@@ -137,7 +141,9 @@ class LoopWrites:
         self._handle = None
         loop, queue = self._loop, self._queue
         assert loop is not None
-        if not queue:
+        if not queue:  # (the gate is held here after a wait whose requests all timed out)
+            if self._gate is not None:
+                self._gate.release()
             self._wake_idle()
             return
         lone = len(queue) == 1 and self._busy_since is None and not self._closed
@@ -146,6 +152,59 @@ class LoopWrites:
             self._handle = loop.call_later(self._window, self._flush)
             return
         self._waited = False
+        gate = self._gate
+        if gate is not None and not gate.held and not gate.try_acquire():
+            self._wait_gate(gate)
+            return
+        try:
+            self._flush_batch()
+        finally:
+            if gate is not None:
+                gate.release()
+
+    def _wait_gate(self, gate: WriteGate) -> None:
+        """The gate is held (another worker's batch): a thread waits for it, the loop goes on;
+        the queued requests fail if it is not had within ``lock_timeout``."""
+        loop = self._loop
+        assert loop is not None
+        now = time.monotonic()
+        since = now if self._busy_since is None else self._busy_since
+        self._busy_since, self._gating = since, True
+        self._gate_timer = loop.call_at(
+            loop.time() + max(0.0, since + self._lock_timeout - now), self._gate_timeout
+        )
+        gate.wait(loop, self._gate_open)
+
+    def _gate_open(self) -> None:
+        """On the loop, the gate held: the batch that waited for it (and what joined it)."""
+        self._gating = False
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+            self._gate_timer = None
+        self._flush()
+
+    def _gate_timeout(self) -> None:
+        """The gate was not had within ``lock_timeout``: the queued requests fail (the wait
+        goes on, for the requests that come later, each with ``lock_timeout`` of its own)."""
+        loop = self._loop
+        assert loop is not None
+        since = self._busy_since if self._busy_since is not None else time.monotonic()
+        error = StoreError(
+            "session store write failed: database is locked "
+            f"(the write gate held for {time.monotonic() - since:.1f} s)"
+        )
+        batch, self._queue[:] = self._queue[:], []
+        for req in batch:
+            req.result = error
+        self._settle(batch)
+        self._busy_since = time.monotonic()
+        self._gate_timer = loop.call_later(self._lock_timeout, self._gate_timeout)
+        self._wake_idle()
+
+    def _flush_batch(self) -> None:
+        """On the loop, the gate held (if there is one): commit one batch and resolve it."""
+        loop, queue = self._loop, self._queue
+        assert loop is not None
         batch = queue[: self._max_batch]
         del queue[: self._max_batch]
         start = time.monotonic()

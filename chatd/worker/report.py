@@ -64,6 +64,7 @@ def stats_message(
             "commit_p50_ms": figures.commit_p50_ms,
             "commit_p99_ms": figures.commit_p99_ms,
             "busy_retries": figures.busy_retries,
+            "lock_waits": figures.lock_waits,
         },
         # The store's health (chatctl status, /metrics: chatd_store_up).
         "store_healthy": store.health.healthy,

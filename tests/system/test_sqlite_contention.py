@@ -13,8 +13,10 @@ Checked afterwards, reading the file with ``sqlite3``:
 2. every stored user message has exactly one final event, and seqs are contiguous;
 
 and from what the clients received: ``database is locked`` never surfaced: no ``internal``
-error, no error naming a lock. The workers' ``store.busy_retries`` (``chatctl status --json``,
-polled before the kill and at the end) are printed with the other figures (``pytest -s``).
+error, no error naming a lock; the workers met at the write gate (``store.lock_waits`` > 0:
+one waited for the other's batch, chatd.store.sqlite_gate). The workers' ``store.busy_retries``
+and ``lock_waits`` (``chatctl status --json``, polled before the kill and at the end) are
+printed with the other figures (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -53,13 +55,15 @@ def fake() -> Iterator[FakeOllama]:
         yield f
 
 
-def _busy_retries(d: Chatd, seen: dict[int, int]) -> None:
-    """Record each worker's ``store.busy_retries`` (by pid: a replacement counts anew)."""
+def _busy_retries(d: Chatd, seen: dict[int, int], waits: dict[int, int]) -> None:
+    """Record each worker's ``store.busy_retries`` and ``store.lock_waits`` (by pid: a
+    replacement counts anew)."""
     st = d.status()
     for w in (st or {}).get("workers", []):
         store = w.get("store") or {}
         if "busy_retries" in store:
             seen[w["pid"]] = max(seen.get(w["pid"], 0), int(store["busy_retries"]))
+            waits[w["pid"]] = max(waits.get(w["pid"], 0), int(store["lock_waits"]))
 
 
 def test_sqlite_contention_with_a_worker_killed_mid_write(fake: FakeOllama, tmp_path: Path) -> None:
@@ -73,6 +77,7 @@ def test_sqlite_contention_with_a_worker_killed_mid_write(fake: FakeOllama, tmp_
     ) as d:
         tallies = [Tally() for _ in range(CLIENTS)]
         busy: dict[int, int] = {}
+        waits: dict[int, int] = {}
         killed: list[int] = []
 
         async def main() -> list[ChatClient]:
@@ -82,7 +87,7 @@ def test_sqlite_contention_with_a_worker_killed_mid_write(fake: FakeOllama, tmp_
                 for tl in tallies
             ]
             await asyncio.sleep(t(KILL_AFTER))
-            await asyncio.to_thread(_busy_retries, d, busy)
+            await asyncio.to_thread(_busy_retries, d, busy, waits)
             st = await asyncio.to_thread(d.status)
             assert st is not None
             ready = [w["pid"] for w in st["workers"] if w["state"] == "ready"]
@@ -95,7 +100,7 @@ def test_sqlite_contention_with_a_worker_killed_mid_write(fake: FakeOllama, tmp_
             return clients
 
         clients = asyncio.run(main())
-        _busy_retries(d, busy)
+        _busy_retries(d, busy, waits)
 
     sessions = [c.session for c in clients]
     assert all(sessions) and len(set(sessions)) == CLIENTS
@@ -139,9 +144,13 @@ def test_sqlite_contention_with_a_worker_killed_mid_write(fake: FakeOllama, tmp_
         "error_codes": dict(codes),
         "busy_retries_by_worker": {str(pid): n for pid, n in sorted(busy.items())},
         "busy_retries_total": sum(busy.values()),
+        "lock_waits_total": sum(waits.values()),
     }
     print(f"\nCONTENTION {json.dumps(figures)}")
     assert len(killed) == 1
+    # The two workers did meet at the write gate (one waited for the other's batch), so the
+    # kill above could find one holding it: its death let the gate go.
+    assert figures["lock_waits_total"] > 0, figures
     assert not problems, problems[:20]
     assert acked > 0 and rows_found == acked, figures
     assert codes["internal"] == 0 and not locked, [e for e in errors][:10]

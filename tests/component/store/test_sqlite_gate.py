@@ -1,0 +1,160 @@
+"""The SQLite store's write gate (chatd.store.sqlite_gate): what waits, what fails, what falls back.
+
+The gate is an ``flock`` on ``PATH-gate``; these tests hold it from an open file description of
+their own, as another worker process would, and watch the store's writes: they wait for it
+without blocking the loop and without retrying, commit the moment it is let go, fail after
+``lock_timeout`` (naming the lock) and no later request with them, and a store whose gate file
+cannot be opened still writes, through SQLite's lock and its retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chatd.errors import StoreError
+from chatd.store import SqliteStore
+from chatd.store.sqlite_gate import gate_path
+from tests.component.store.test_store import opened, run
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.contextmanager
+def gate_held(db_path: str) -> Iterator[int]:
+    """Hold the gate of ``db_path`` as another process would (an open file description)."""
+    fd = os.open(gate_path(db_path), os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # lets the gate go, if the test did not
+
+
+def test_a_held_gate_delays_writes_without_blocking_the_loop(tmp_path: Path) -> None:
+    """Writes wait for the gate in a thread: the loop keeps its 5 ms timer, no attempt is made
+    (no busy retry), writes queued meanwhile join the waiting batch, and all commit, in order,
+    only once the gate is let go."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            assert Path(gate_path(path)).is_file()  # noqa: ASYNC240 (a local stat)
+            loop = asyncio.get_running_loop()
+            with gate_held(path) as fd:
+                first = asyncio.create_task(store.append_user(s, "m0", "q", "m"))
+                gaps = []
+                for _ in range(20):  # 0.1 s of the gate held elsewhere
+                    before = loop.time()
+                    await asyncio.sleep(0.005)
+                    gaps.append(loop.time() - before)
+                later = [
+                    asyncio.create_task(store.append_user(s, f"m{i}", "q", "m"))
+                    for i in range(1, 4)
+                ]
+                await asyncio.sleep(0.05)
+                assert not first.done() and not any(t.done() for t in later)
+                assert max(gaps) < 0.1  # the loop ran on while the write waited
+                let_go = time.monotonic()
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                got = await asyncio.gather(first, *later)
+            assert time.monotonic() - let_go < 5.0
+            assert [g.seq for g in got] == [1, 2, 3, 4]
+            stats = store.statistics()
+            assert stats.busy_retries == 0  # waited for, never tried against a held lock
+            assert stats.lock_waits == 1  # the later writes joined the one waiting batch
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                assert db.execute("SELECT count(*) FROM events").fetchone() == (4,)
+
+    run(main())
+
+
+def test_the_gate_excludes_another_store_of_the_same_file(tmp_path: Path) -> None:
+    """Two stores (two workers) on one file: while one holds the gate the other's write waits;
+    each store lets it go after its batch, so both keep writing."""
+    path = str(tmp_path / "s.db")
+    a, b = SqliteStore(path, 60), SqliteStore(path, 60)
+
+    async def main() -> None:
+        async with opened(a, b):
+            s = await a.create_session("")
+            assert a._gate is not None and a._gate.try_acquire()
+            task = asyncio.create_task(b.append_user(s, "m1", "q", "m"))
+            await asyncio.sleep(0.05)
+            assert not task.done()
+            a._gate.release()
+            assert (await task).seq == 1
+            assert (await a.append_user(s, "m2", "q", "m")).seq == 2  # b let it go
+            assert b.statistics().lock_waits == 1 and a.statistics().lock_waits == 0
+
+    run(main())
+
+
+def test_a_gate_held_past_lock_timeout_fails_the_waiting_writes_only(tmp_path: Path) -> None:
+    """Held past ``lock_timeout``: the writes waiting fail (StoreError naming the lock); once
+    the gate is free the store writes again, the failed message included."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60, lock_timeout=0.2)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            with gate_held(path):
+                with pytest.raises(StoreError, match=r"locked \(the write gate held for"):
+                    await store.append_user(s, "m1", "q", "m")
+                assert not store.health.healthy
+            assert (await store.append_user(s, "m1", "q", "m")).seq == 1
+            assert (await store.append_user(s, "m2", "q", "m")).seq == 2
+
+    run(main())
+
+
+def test_close_commits_writes_waiting_for_the_gate(tmp_path: Path) -> None:
+    """close() commits the writes queued before it, even those waiting for the gate."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60)
+
+    async def main() -> None:
+        await store.open()
+        s = await store.create_session("")
+        with gate_held(path) as fd:
+            tasks = [asyncio.create_task(store.append_user(s, f"m{i}", "q", "m")) for i in range(3)]
+            await asyncio.sleep(0.01)
+            asyncio.get_running_loop().call_later(0.05, fcntl.flock, fd, fcntl.LOCK_UN)
+            await store.close()
+        assert [t.result().seq for t in tasks] == [1, 2, 3]
+
+    run(main())
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (3,)
+
+
+def test_without_a_gate_file_the_store_still_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gate file that cannot be opened (here a directory in its place): one warning naming
+    it, and the writes go through SQLite's lock and retries as before."""
+    path = str(tmp_path / "s.db")
+    os.mkdir(gate_path(path))
+    store = SqliteStore(path, 60)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            assert (await store.append_user(s, "m1", "q", "m")).seq == 1
+            assert store.statistics().lock_waits == 0
+
+    with caplog.at_level(logging.WARNING, logger="chatd.store"):
+        run(main())
+    assert any("no write gate for" in r.getMessage() for r in caplog.records)
