@@ -7,6 +7,7 @@
     chatd-bench run fairness [--duration S] [--flood N] [--light N] [--reply-s S] [--phase P]
     chatd-bench run http [--duration S] [--paths ws ollama openai] [TARGET | --target URL]
     chatd-bench run max [--step R] [--start R] [--conns N] [--duration S] [TARGET]
+    chatd-bench run closed [--conns N] [--duration S] [--bare-workers N] [TARGET]
     chatd-bench run reload [--conns N] [--reloads K] [--duration BEFORE_S] [TARGET]
     chatd-bench run capacity [--conns USERS] [--msgs-per-min M] [--headroom H]
                              [--real-result PATH] [--duration S] [TARGET]
@@ -21,7 +22,8 @@ or ``--target URL``) and ``http`` (:mod:`chatd.bench.httpapi`: ``/ws`` and the H
 TARGET, or only the HTTP APIs of ``--target URL``, e.g. the fake Ollama's). ``capacity``
 (:mod:`chatd.bench.capacity`: chatd's costs per connection and per message, and the seed's
 deployment tiers derived from them) is the seed report's first scenario: it wants a fresh
-chatd. ``run --out
+chatd. ``closed`` (:mod:`chatd.bench.closed`): the closed-loop rate of TARGET and of the bare
+relay (on TARGET's fake), and their ratio. ``run --out
 DIR`` also writes ``NAME.json`` and ``NAME.md`` there (and with ``--plots`` the PNGs of the
 load scenarios); ``--profile DIR``: a py-spy profile of one worker (:mod:`chatd.bench.pyspy`),
 its summary printed after the table.

@@ -3,7 +3,8 @@ records (:class:`~chatd.bench.load.LoadResult`), stop them.
 
 Each client process is forked, runs one :class:`~chatd.bench.load.LoadJob` on uvloop
 (:func:`chatd.bench.load.raw_load`, :func:`~chatd.bench.load.client_load`,
-:func:`chatd.bench.direct.direct_load` or :func:`chatd.bench.httpload.http_load`) and talks
+:func:`chatd.bench.closedload.closed_load`, :func:`chatd.bench.direct.direct_load` or
+:func:`chatd.bench.httpload.http_load`) and talks
 to the parent over a pipe: ``ready`` once its connections are open, then ``go`` with a
 wall-clock start time shared by all, then its ``result`` (or ``error`` with a traceback).
 """
@@ -66,6 +67,10 @@ def _child(job: LoadJob, pipe: Connection, progress: Counter) -> None:
             return await raw_load(job, go, progress)
         if job.mode == "client":
             return await client_load(job, go, progress)
+        if job.mode == "closed":
+            from chatd.bench.closedload import closed_load
+
+            return await closed_load(job, go, progress)
         if job.mode.startswith("http-"):
             from chatd.bench.httpload import http_load
 

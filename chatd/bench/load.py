@@ -45,6 +45,8 @@ from chatd.bench import stats
 from chatd.client import Ack, ChatClient, Error, Event, Reconnecting, Reply, Token
 
 TEXT = "hello world from chatd bench"  # every load message; the fake's answer is known
+# A load message's frame up to its id: the frame is HEAD + id + b'"}'.
+HEAD = b'{"type":"message","text":"' + TEXT.encode() + b'","id":"'
 WS_OPTS: dict[str, Any] = {
     "compression": None,  # chatd's default
     "ping_interval": None,  # no client pings: they would add frames to the measurement
@@ -73,7 +75,7 @@ STAGE_KEYS = ("commit_ms", "queue_ms", "first_token_ms", "stream_ms")
 class LoadJob:
     """What one client process does; ``conns`` are global connection indexes."""
 
-    mode: str  # "raw", "client" (ChatClient) or "direct" (POST to the backend)
+    mode: str  # "raw", "client" (ChatClient), "closed" (closedload) or "direct" (the backend)
     url: str
     conns: list[int]
     rate: float  # total, all client processes together
@@ -140,11 +142,17 @@ class _Conn:
 
     def note_stages(self, k: int, stats: object) -> None:
         """Keep a reply's ``stats.stages`` (where its time went in the worker)."""
-        stages = stats.get("stages") if isinstance(stats, dict) else None
-        if isinstance(stages, dict):
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                c, q, f, s = (float(stages[key]) for key in STAGE_KEYS)
-                self.stages[k] = (c, q, f, s)
+        self.stages[k] = parse_stages(stats)
+
+
+def parse_stages(stats: object) -> Stages:
+    """A reply's ``stats.stages`` as :data:`Stages`; None when it has none (or a bad one)."""
+    stages = stats.get("stages") if isinstance(stats, dict) else None
+    if isinstance(stages, dict):
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            c, q, f, s = (float(stages[key]) for key in STAGE_KEYS)
+            return (c, q, f, s)
+    return None
 
 
 def schedule(job: LoadJob) -> list[_Conn]:
@@ -175,24 +183,36 @@ async def _await_answers(conns: list[_Conn], t0: float, job: LoadJob) -> None:
         w.cancel()
 
 
+async def open_session(url: str) -> ClientConnection:
+    """A new connection to ``url`` after ``hello`` -> ``welcome`` (20 s at most for the
+    welcome); RuntimeError when the first answer is not a welcome."""
+    ws = await ws_connect(url, **WS_OPTS)
+    await ws.send(b'{"type":"hello"}', text=True)
+    welcome = orjson.loads(await asyncio.wait_for(ws.recv(decode=False), 20))
+    if welcome.get("type") != "welcome":
+        raise RuntimeError(f"no welcome: {welcome}")
+    return ws
+
+
+async def open_sessions(url: str, n: int) -> list[ClientConnection | BaseException]:
+    """``n`` sessions (:func:`open_session`), 50 connecting at a time (the listen backlog
+    stays short); a failed one is its exception."""
+    gate = asyncio.Semaphore(50)
+
+    async def open_one() -> ClientConnection:
+        async with gate:
+            return await open_session(url)
+
+    return await asyncio.gather(*(open_one() for _ in range(n)), return_exceptions=True)
+
+
 async def raw_load(job: LoadJob, go: Callable[[], Any], progress: Counter) -> LoadResult:
     """Bare websockets: open every connection (``hello``/``welcome``), then the schedule."""
     from chatd.dev.fake_ollama.wire import expected_reply
 
     expected = expected_reply(TEXT, 8)
-    gate = asyncio.Semaphore(50)  # connect 50 at a time: the listen backlog stays short
     res = LoadResult()
-
-    async def open_one() -> ClientConnection:
-        async with gate:
-            ws = await ws_connect(job.url, **WS_OPTS)
-            await ws.send(b'{"type":"hello"}', text=True)
-            welcome = orjson.loads(await asyncio.wait_for(ws.recv(decode=False), 20))
-            if welcome.get("type") != "welcome":
-                raise RuntimeError(f"no welcome: {welcome}")
-            return ws
-
-    opened = await asyncio.gather(*(open_one() for _ in job.conns), return_exceptions=True)
+    opened = await open_sessions(job.url, len(job.conns))
     conns = schedule(job)
     pairs = [
         (ws, c) for ws, c in zip(opened, conns, strict=True) if isinstance(ws, ClientConnection)
@@ -200,7 +220,6 @@ async def raw_load(job: LoadJob, go: Callable[[], Any], progress: Counter) -> Lo
     res.connect_failed = len(conns) - len(pairs)
     res.connections_opened = len(pairs)
     t0 = await go()
-    head = b'{"type":"message","text":"' + TEXT.encode() + b'","id":"'
 
     async def receiver(ws: ClientConnection, c: _Conn) -> None:
         try:
@@ -233,7 +252,7 @@ async def raw_load(job: LoadJob, go: Callable[[], Any], progress: Counter) -> Lo
     async def send_on(ws: ClientConnection, c: _Conn) -> None:
         async def one(k: int) -> bool:
             try:
-                await ws.send(head + str(k).encode() + b'"}', text=True)
+                await ws.send(HEAD + str(k).encode() + b'"}', text=True)
                 return True
             except ConnectionClosed:
                 return False

@@ -1,12 +1,14 @@
-"""The long scenarios against the bare reference relay: ``max`` and ``idle``.
+"""The long scenarios against the bare reference relay: ``max``, ``idle`` and ``closed``.
 
 ``max`` (:mod:`chatd.bench.maxrate`): the highest rate sustained with reply p99 < 50 ms and
 no error, for chatd, the bare relay and direct to the backend. ``idle``
 (:mod:`chatd.bench.idle`): KB of worker RSS per idle connection, chatd and the bare relay.
-Both start the bare relay (:mod:`chatd.bench.bare`) with as many workers as the own chatd
-(``--workers``), or ``--bare-workers`` (default 2 for a running chatd). They are not in the
-seed report's default list (they take minutes at their defaults): ``chatd-bench run max``,
-``chatd-bench run idle --conns 10000``, or ``seed-report --only max idle``.
+``closed`` (:mod:`chatd.bench.closed`): the closed-loop rate (each connection sends its next
+message when its reply is in), chatd and the bare relay, and their ratio. Each starts the
+bare relay (:mod:`chatd.bench.bare`) with as many workers as the own chatd (``--workers``),
+or ``--bare-workers`` (default 2 for a running chatd). They are not in the seed report's
+default list (they take minutes at their defaults): ``chatd-bench run max``, ``chatd-bench
+run idle --conns 10000``, ``chatd-bench run closed``, or ``seed-report --only max idle``.
 """
 
 from __future__ import annotations
@@ -14,20 +16,20 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from chatd.bench import idle, maxrate
+from chatd.bench import closed, idle, maxrate
 from chatd.bench.server import Target
 
-NAMES = ("max", "idle")
+NAMES = ("max", "idle", closed.NAME)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``max`` and ``idle`` (``--duration`` is the seconds per step of
-    ``max``)."""
+    """The options of ``max``, ``idle`` and ``closed`` (``--duration`` is the seconds per
+    step of ``max``, per target of ``closed``)."""
     p.add_argument(
         "--conns",
         type=int,
         help="connections: max 100 (default), idle 1,000 (default; 10,000 works), "
-        "capacity: users, 1,000 (default)",
+        "closed 100 (default), capacity: users, 1,000 (default)",
     )
     p.add_argument(
         "--step",
@@ -62,8 +64,13 @@ def _positive(text: str) -> float:
 def run(
     name: str, target: Target, args: argparse.Namespace, progress: bool, duration: float | None
 ) -> dict[str, Any]:
-    """Run ``max`` or ``idle`` against ``target`` with the command line's options."""
+    """Run ``max``, ``idle`` or ``closed`` against ``target`` with the command line's
+    options."""
     bare = args.bare_workers or (2 if args.url else args.workers)
+    if name == closed.NAME:
+        return closed.run_closed(
+            target, closed.params_from(args, duration), args.procs, progress, bare
+        )
     if name == "idle":
         conns = 1000 if args.conns is None else args.conns
         return idle.run_idle(target, conns, args.procs, progress, bare)
@@ -78,5 +85,7 @@ def run(
 
 
 def markdown(r: dict[str, Any]) -> str:
-    """The table of a ``max`` or ``idle`` result."""
+    """The table of a ``max``, ``idle`` or ``closed`` result."""
+    if r["name"] == closed.NAME:
+        return closed.markdown(r)
     return maxrate.markdown(r) if r["name"] == "max" else idle.markdown(r)

@@ -202,6 +202,13 @@ def run_step(
     }
 
 
+def zero_delay(fake_url: str) -> None:
+    """Set the fake Ollama behind a run to answer at once: no delay, no hang, and
+    :data:`chatd.bench.server.TOKENS` tokens a reply (the answer the clients check)."""
+    zero = {"first_token_ms": 0, "token_ms": 0, "extra_latency_ms": 0, "hang": False}
+    server.fake_config(fake_url, **zero, tokens=server.TOKENS)
+
+
 def run_max(
     target: Target,
     params: MaxParams | None = None,
@@ -219,8 +226,7 @@ def run_max(
     p = params or MaxParams()
     fake = target.fake_url
     if fake:
-        zero = {"first_token_ms": 0, "token_ms": 0, "extra_latency_ms": 0, "hang": False}
-        server.fake_config(fake, **zero, tokens=server.TOKENS)
+        zero_delay(fake)
     out: dict[str, Any] = {
         "name": "max",
         "title": TITLE,
@@ -304,13 +310,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if r is None else round(r, 3)
 
 
-def _v(x: Any, unit: str = "", digits: int = 0) -> str:
+def num(x: Any, unit: str = "", digits: int = 0) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{x:,.{digits}f}{unit}"
 
 
-def _workers(n: int) -> str:
+def fmt_workers(n: int) -> str:
     return f"{n} worker" + ("" if n == 1 else "s")
 
 
@@ -322,8 +328,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"- {p['connections']} connections; steps of {p['step']:g} msg/s from "
         f"{p['start']:g}, {p['duration']:g} s each after {p['warmup']:g} s warm-up, up to "
         f"{p['max_rate']:g}; stop at the first rate failing twice; client processes: {r['procs']}; "
-        f"zero-delay fake Ollama; chatd {_workers(w['chatd'])}, bare relay "
-        f"{_workers(w['bare'])}",
+        f"zero-delay fake Ollama; chatd {fmt_workers(w['chatd'])}, bare relay "
+        f"{fmt_workers(w['bare'])}",
         "",
         "| target | sustained | reply p50 / p99 at it | worker CPU / msg at it "
         "| first failing step | why |",
@@ -332,12 +338,12 @@ def markdown(r: dict[str, Any]) -> str:
     for kind, t in r["targets"].items():
         best, bad = t["at_sustained"] or {}, t["first_failing"] or {}
         lat = best.get("reply_ms", {})
-        name = LABELS[kind] + (f" ({_workers(w[kind])})" if kind in w else "")
+        name = LABELS[kind] + (f" ({fmt_workers(w[kind])})" if kind in w else "")
         lines.append(
-            f"| {name} | {_v(t['sustained_rate'], ' msg/s')} "
-            f"| {_v(lat.get('p50'), '', 2)} / {_v(lat.get('p99'), ' ms', 2)} "
-            f"| {_v(best.get('worker_cpu_us_per_msg'), ' µs')} "
-            f"| {_v(bad.get('rate'), ' msg/s')} | {bad.get('why') or 'none up to the cap'} |"
+            f"| {name} | {num(t['sustained_rate'], ' msg/s')} "
+            f"| {num(lat.get('p50'), '', 2)} / {num(lat.get('p99'), ' ms', 2)} "
+            f"| {num(best.get('worker_cpu_us_per_msg'), ' µs')} "
+            f"| {num(bad.get('rate'), ' msg/s')} | {bad.get('why') or 'none up to the cap'} |"
         )
     ratios, ivs = r["ratios"], r.get("ratio_intervals") or {}
     lines.append("")
@@ -345,7 +351,7 @@ def markdown(r: dict[str, Any]) -> str:
         if k not in r["targets"]:
             continue
         lines.append(
-            f"- chatd / {other}: {_v(ratios.get(f'chatd/{k}'), '', 2)} (sustained / sustained); "
+            f"- chatd / {other}: {num(ratios.get(f'chatd/{k}'), '', 2)} (sustained / sustained); "
             f"the true ratio lies {interval_text(ivs.get(f'chatd/{k}'), who)}"
         )
     if ivs:
@@ -367,11 +373,11 @@ def markdown(r: dict[str, Any]) -> str:
         for s in t["steps"]:
             lat = s["reply_ms"]
             lines.append(
-                f"| {LABELS[kind]} | {_v(s['rate'])} | {_v(s['achieved_per_s'], '', 1)} "
-                f"| {_v(lat.get('p50'), '', 2)} / {_v(lat.get('p99'), '', 2)} "
-                f"| {s['errors']['total']} | {_v(s['worker_cpu_us_per_msg'], ' µs')} "
-                f"| {_v(s.get('master_cpu_us_per_msg'), ' µs')} "
-                f"| {_v(s['fake_cpu_us_per_msg'], ' µs')} | {_v(s['clients_pct_of_core'], ' %')} "
+                f"| {LABELS[kind]} | {num(s['rate'])} | {num(s['achieved_per_s'], '', 1)} "
+                f"| {num(lat.get('p50'), '', 2)} / {num(lat.get('p99'), '', 2)} "
+                f"| {s['errors']['total']} | {num(s['worker_cpu_us_per_msg'], ' µs')} "
+                f"| {num(s.get('master_cpu_us_per_msg'), ' µs')} "
+                f"| {num(s['fake_cpu_us_per_msg'], ' µs')} | {num(s['clients_pct_of_core'], ' %')} "
                 f"| {'ok' if s['ok'] else s['why']} |"
             )
     return "\n".join([*lines, ""])
@@ -386,7 +392,7 @@ def _slowest_lines(r: dict[str, Any]) -> list[str]:
     if not best:
         return ["- chatd sustained no step: no stage breakdown at a sustained rate"]
     slow = best.get("slowest")
-    head = f"- chatd at its sustained rate ({_v(best['rate'], ' msg/s')}):"
+    head = f"- chatd at its sustained rate ({num(best['rate'], ' msg/s')}):"
     if not slow:
         return [f"{head} its replies reported no stages"]
     return [head, "  " + report.slowest_line(slow)]

@@ -53,12 +53,11 @@ from typing import Any
 import orjson
 import uvloop
 from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from chatd.bench import realdirect, realreport, server
 from chatd.bench import stats as st
-from chatd.bench.load import WS_OPTS, Record, clock
+from chatd.bench.load import Record, clock, open_session
 from chatd.bench.pyspy import PySpy
 from chatd.ctl import main as ctl
 from chatd.errors import ControlError
@@ -256,7 +255,7 @@ async def _load(
     for i in range(p.connections):
         times = st.uniform_schedule(i, p.connections, rate, 0.0, p.duration)
         conns.append([Msg(t, PROMPTS[(i + k) % len(PROMPTS)]) for k, t in enumerate(times)])
-    sockets = [await _open(target.url) for _ in conns]
+    sockets = [await open_session(target.url) for _ in conns]
     series: list[list[float]] = []
     cpu: list[dict[str, float]] = []
     t0 = clock() + 0.2
@@ -319,16 +318,6 @@ async def _load(
         "cpu_s": {k: round(cpu[1][k] - cpu[0][k], 3) for k in pids},
         "elapsed_s": round(clock() - t0, 2),
     }
-
-
-async def _open(url: str) -> ClientConnection:
-    """A new session: the handshake, ``hello``, ``welcome``."""
-    ws = await ws_connect(url, **WS_OPTS)
-    await ws.send(b'{"type":"hello"}', text=True)
-    welcome = orjson.loads(await asyncio.wait_for(ws.recv(decode=False), 20))
-    if welcome.get("type") != "welcome":
-        raise RuntimeError(f"no welcome: {welcome}")
-    return ws
 
 
 async def _send(ws: ClientConnection, msgs: list[Msg], t0: float) -> None:

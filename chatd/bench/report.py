@@ -116,7 +116,7 @@ def scenario_markdown(r: dict[str, Any]) -> str:
         from chatd.bench.realreport import markdown as real_markdown
 
         return real_markdown(r)
-    if r["name"] in ("max", "idle"):
+    if r["name"] in ("max", "idle", "closed"):
         from chatd.bench.longrun import markdown as long_markdown
 
         return long_markdown(r)
@@ -349,9 +349,9 @@ def markdown(doc: dict[str, Any]) -> str:
     for r in by.values():
         if "failure" in r:
             lines.append(scenario_markdown(r))
-    long = [r for r in by.values() if r["name"] in ("max", "idle")]
+    long = [r for r in by.values() if r["name"] in ("max", "idle", "closed")]
     if long:
-        lines += ["## Against the bare relay: highest sustained rate, idle connections", ""]
+        lines += ["## Against the bare relay: sustained rate, idle connections, closed loop", ""]
         lines += [scenario_markdown(r) for r in long]
     lines += _distribution(by) + _characteristics(by)
     if "capacity" in by:

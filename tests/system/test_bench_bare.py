@@ -1,10 +1,11 @@
-"""chatd-bench's bare reference relay on the wire, and short smokes of the ``max`` and ``idle``
-scenarios against it and the own chatd. Checks frames, structure and sane values, never
-timings."""
+"""chatd-bench's bare reference relay on the wire, and short smokes of the ``max``, ``idle``
+and ``closed`` scenarios against it and the own chatd. Checks frames, structure and sane
+values, never timings."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import psutil
 import pytest
 from websockets.asyncio.client import connect
 
-from chatd.bench import idle, longrun, maxrate, report
+from chatd.bench import cli, idle, longrun, maxrate, report
 from chatd.bench.bare import BareRelay
 from chatd.bench.server import FakeBackend, OwnChatd, fake_config
 from chatd.dev.fake_ollama.wire import expected_reply
@@ -130,3 +131,60 @@ def test_idle_smoke(chatd: OwnChatd) -> None:
     assert r["difference_kb"] == pytest.approx(c - b, abs=0.011)
     md = longrun.markdown(r)
     assert "### Memory per idle connection" in md and "| bare relay (1 worker) | 50 |" in md
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.mark.slow
+def test_closed_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """``chatd-bench run closed --json``: its own fake and chatd, then the bare relay; both
+    answer every message, the ratio is there, and nothing it started is left."""
+    before = _children()
+    argv = ["run", "closed", "--workers", "1", "--bare-workers", "1", "--conns", "5"]
+    argv += ["--duration", "1", "--procs", "1", "--json", "--no-progress"]
+    assert cli.main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["name"] == "closed" and r["workers"] == {"chatd": 1, "bare": 1}
+    assert set(r["targets"]) == {"chatd", "bare"}
+    for kind, t in r["targets"].items():
+        assert t["opened"] == 5, kind
+        assert t["replies_per_s"] > 0 and t["replies_in_window"] > 0, kind
+        assert t["errors"]["total"] == 0, (kind, t["errors"])
+        assert t["sent"] > 0 and t["answered"] == t["sent"], kind
+        lat = t["reply_ms"]
+        assert 0 < lat["p50"] <= lat["p99"], kind
+        assert t["cpu_us_per_reply"]["workers"] > 0, kind
+        assert t["cpu_us_per_reply"]["backend"] > 0, kind  # the own fake's pid is known
+        assert (t["cpu_us_per_reply"]["master"] is None) == (kind == "bare"), kind
+    assert r["targets"]["chatd"]["slowest"] is not None  # chatd's replies say their stages
+    assert r["targets"]["bare"]["slowest"] is None
+    assert r["ratios"]["rate"] is not None and r["ratios"]["rate"] > 0
+    assert r["ratios"]["worker_cpu_per_reply"] is not None
+    assert r["goal"]["status"] in ("meets", "MISSES")
+    left = _children() - before
+    assert not [pid for pid in left if psutil.pid_exists(pid)]
+
+
+@pytest.mark.slow
+def test_closed_against_a_running_chatd(
+    chatd: OwnChatd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--url/--control-socket/--fake-url``: the bare relay still runs, on that fake; the
+    table has a row per target and the ratio."""
+    assert chatd.fake_url is not None
+    argv = ["run", "closed", "--url", chatd.url, "--control-socket", chatd.control_socket]
+    argv += ["--fake-url", chatd.fake_url, "--bare-workers", "1", "--conns", "4"]
+    argv += ["--duration", "1", "--procs", "1", "--no-progress"]
+    assert cli.main(argv) == 0
+    md = capsys.readouterr().out
+    for text in (
+        "### Closed-loop rate",
+        "| chatd (1 worker) |",
+        "| bare relay (1 worker) |",
+        "| 0 / 0 |",
+        "- chatd / bare relay: closed-loop rate **",
+    ):
+        assert text in md, text
+    assert "errors:" not in md
