@@ -24,6 +24,9 @@ class Owner(Protocol):
 
     conns: set[Conn]
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
     def release(self, conn: Conn) -> None: ...
 
     def drop(self, conn: Conn) -> None: ...
@@ -112,7 +115,9 @@ class Response:
         self.close()
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        conn = self._conn  # its pool's loop: no lookup of the running loop (Pool.loop)
+        loop = conn._pool.loop if conn is not None else asyncio.get_running_loop()
+        self._waiter = loop.create_future()
         try:
             await self._waiter
         finally:

@@ -43,9 +43,19 @@ class Guard:
         *("last", "limits", "model", "sent", "started"),
     )
 
-    def __init__(self, b: Backend, model: str, first: float, idle: float, total: float):
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+    def __init__(
+        self,
+        b: Backend,
+        model: str,
+        first: float,
+        idle: float,
+        total: float,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ):
+        """``loop``: the running loop, if the caller knows it (a lookup is a system call on
+        CPython 3.11: chatd.relay.pool.Pool.loop)."""
+        self._loop = loop = loop or asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None, "generate() must run in a task"
         self._task = task
         self._baseline = task.cancelling()

@@ -192,13 +192,13 @@ class Relay(Backends):
         body = orjson.dumps(
             {"model": model, "messages": messages, "stream": True, extra[0]: extra[1]}
         )
-        clock = asyncio.get_running_loop().time
+        clock = pool.loop.time
         parts: list[str] = []
         pieces = tokens = 0
         outcome = failure = ""
         b.requests += 1
         b.in_flight += 1
-        guard = Guard(b, model, first_limit, llm.idle_timeout, llm.total_timeout)
+        guard = Guard(b, model, first_limit, llm.idle_timeout, llm.total_timeout, pool.loop)
         t0 = first_at = guard.last
         try:
             with guard:

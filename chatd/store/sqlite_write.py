@@ -119,11 +119,12 @@ class LoopWrites:
         self.health = Health()
 
     async def _write(self, op: str, *args: Any) -> Any:
+        """Queue a write for this tick's batch; its result once committed. Call on the loop
+        the store was opened on (not checked here: a lookup of the running loop is a system
+        call on CPython 3.11, chatd.relay.pool.Pool.loop)."""
         loop = self._loop
         if loop is None or self._closed:
             raise StoreError("the session store is not open")
-        if asyncio.get_running_loop() is not loop:
-            raise StoreError("the session store was opened on another event loop")
         fut: asyncio.Future[Any] = loop.create_future()
         self._queue.append(_Request(op, args, fut))
         if self._handle is None and not self._gating:  # the tick's first: commit at its end

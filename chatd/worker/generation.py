@@ -96,6 +96,9 @@ class Hub(Listeners):
         self._busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # The loop, found at first use and kept (a lookup is a system call on CPython 3.11:
+        # chatd.relay.pool.Pool.loop); create_task and call_soon on the hot path use it.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._cancelled: set[tuple[str, str]] = set()
         # Generations storing their final event: a lost lease no longer stops them (the
         # final is then already being written, and its publication must not be cut).
@@ -108,6 +111,14 @@ class Hub(Listeners):
         self.history = History(store, cfg.sessions.history_turns, cfg.llm.system_prompt)
         self.stats = HubStats()
         self.stages = Stages()  # where each message's time goes (chatd.worker.stages)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's event loop, found at first use (the hub serves one loop)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     # -- messages -------------------------------------------------------------------------
 
@@ -156,7 +167,7 @@ class Hub(Listeners):
         """``client``: the key of the slot request ("" for a takeover: nobody is connected);
         ``clock``: the message's stage times (None for a takeover: it was received elsewhere)."""
         key = (session, msg_id)
-        task = asyncio.create_task(
+        task = self.loop.create_task(
             self._generate(session, msg_id, model, history, turn, client, clock)
         )
         self.running[key] = task
@@ -431,9 +442,7 @@ class Hub(Listeners):
         )
         # The outboxes flush at the end of this tick (their callbacks were queued first):
         # this one runs after them, when the reply is in the subscribers' sockets.
-        asyncio.get_running_loop().call_soon(
-            lambda: self.stages.observe("publish", time.monotonic() - stored)
-        )
+        self.loop.call_soon(lambda: self.stages.observe("publish", time.monotonic() - stored))
 
     async def _store_error(self, session: str, msg_id: str, code: str, message: str) -> None:
         meta = {"code": code, "retryable": chat.RETRYABLE[code]}

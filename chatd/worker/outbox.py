@@ -123,7 +123,7 @@ class Outbox:
     """
 
     __slots__ = (
-        *("_budget", "_bytes", "_floor", "_held", "_on_gap", "_on_overflow", "_queue"),
+        *("_budget", "_bytes", "_floor", "_held", "_loop", "_on_gap", "_on_overflow", "_queue"),
         *("_scheduled", "_sent", "_sink", "_waiters", "_writer", "closed"),
     )
 
@@ -149,6 +149,9 @@ class Outbox:
         self._scheduled = False  # a flush is due at the end of this tick
         self._writer: asyncio.Task[None] | None = None  # the slow path, while it runs
         self._waiters: list[asyncio.Future[None]] = []  # wait_empty() callers
+        # The loop, found at the first flush and kept: a lookup per frame was a system call
+        # on CPython 3.11 (see chatd.relay.pool.Pool.loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
     def put(
@@ -357,7 +360,10 @@ class Outbox:
         it takes the new frames in order)."""
         if not self._scheduled and self._writer is None:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
