@@ -8,6 +8,7 @@ code, without ever unwinding into the master's code.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -48,6 +49,12 @@ def fork_worker(
     Raises:
         OSError: the fork failed.
     """
+    # Everything the master holds now (the worker's modules, imported before the first fork:
+    # chatd.cli.load_worker_main) goes to the permanent generation, so the worker's garbage
+    # collections never scan it: a full collection of a worker went through the whole
+    # preloaded heap, 25-250 ms with the loop stopped (chatd_gc_pause_seconds under
+    # chatd-bench run closed), and touching those objects' GC headers copied their pages.
+    gc.freeze()
     # Block the master's signals across the fork: the child must never run its handlers.
     signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
     try:
