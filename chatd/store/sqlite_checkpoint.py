@@ -22,6 +22,10 @@ loop. The :class:`Checkpointer` runs them instead in its own thread, on its own 
   holds the workers' write gate meanwhile (:mod:`chatd.store.sqlite_gate`; waiting 50 ms at
   most for it), so the writers it holds off for those few milliseconds wait for it in line,
   as behind another worker's batch, rather than retrying against SQLite's lock.
+- **The WAL starts over here, not on a loop**: once a checkpoint has copied every frame, the
+  next write starts the WAL from its beginning, and with ``synchronous = NORMAL`` that write
+  fsyncs the new WAL header. So the checkpointer, holding the gate, makes that write itself
+  (page 1 written again), and the fsync is its thread's, never a worker's event loop's.
 """
 
 from __future__ import annotations
@@ -109,21 +113,48 @@ class Checkpointer:
             self._db = self._connect()
         _, pages, copied = self._db.execute(PASSIVE).fetchone()
         if pages < self._pages:
+            if pages and copied == pages:  # all copied: the next writer starts the WAL over
+                gate = self._take_gate()
+                if gate is not None:  # (without it, this write would race the workers')
+                    try:
+                        self._start_over()
+                    finally:
+                        gate.release()
             return pages, pages - copied, False
+        # The workers wait for a RESTART at the gate rather than retrying against SQLite's
+        # lock; a gate not had soon (a stuck holder) and the RESTART goes on without it.
+        gate = self._take_gate()
+        try:
+            busy, pages, copied = self._db.execute(RESTART).fetchone()
+            if gate is not None and not busy:
+                self._start_over()
+        finally:
+            if gate is not None:
+                gate.release()
+        return pages, pages - copied, not busy
+
+    def _take_gate(self) -> WriteGate | None:
+        """In the thread: the workers' write gate, held (waiting GATE_WAIT at most), or None."""
         if self._gate is None and self._open_gate is not None:
             try:
                 self._gate = self._open_gate()
-            except OSError:  # gone since the store opened it: the RESTART goes on without
+            except OSError:  # gone since the store opened it: the checkpoint goes on without
                 self._open_gate = None
-        # The workers wait for a RESTART at the gate rather than retrying against SQLite's
-        # lock; a gate not had soon (a stuck holder) and the RESTART goes on without it.
-        gated = self._gate is not None and self._gate.acquire_within(GATE_WAIT)
+        gate = self._gate
+        return gate if gate is not None and gate.acquire_within(GATE_WAIT) else None
+
+    def _start_over(self) -> None:
+        """In the thread, the gate held, every frame copied: be the writer that starts the WAL
+        over (page 1 written again: ``user_version`` set to itself). With ``synchronous =
+        NORMAL`` that writer fsyncs the new WAL header; left to a worker, the fsync stopped its
+        event loop (py-spy --native: ``fdatasync`` under ``sqlite3WalFrames`` on the loop).
+        A failure (the lock held by a process without the gate) leaves it to the next writer."""
+        assert self._db is not None
         try:
-            busy, pages, copied = self._db.execute(RESTART).fetchone()
-        finally:
-            if gated and self._gate is not None:
-                self._gate.release()
-        return pages, pages - copied, not busy
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            self._db.execute(f"PRAGMA user_version = {int(version)}")
+        except sqlite3.Error:
+            self.last_error = "could not start the WAL over (the next writer does)"
 
     def _finished(self, fut: asyncio.Future[tuple[int, int, bool]]) -> None:
         self._running = None

@@ -158,3 +158,31 @@ def test_without_a_gate_file_the_store_still_writes(
     with caplog.at_level(logging.WARNING, logger="chatd.store"):
         run(main())
     assert any("no write gate for" in r.getMessage() for r in caplog.records)
+
+
+def test_the_checkpointer_starts_the_wal_over_itself(tmp_path: Path) -> None:
+    """Once a checkpoint has copied every frame, the checkpointer (holding the gate) makes the
+    write that starts the WAL over, and so pays the fsync of its new header in its own
+    thread: the WAL then holds that one frame, where it held every batch before. A worker's
+    next write appends to it, and never starts a WAL (nor fsyncs one) on its loop."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60, checkpoint_interval=0.01)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            for i in range(20):
+                await store.append_user(s, f"m{i}", "x" * 2000, "m")
+            ck = store.checkpointer
+            assert ck is not None
+            for _ in range(500):  # the checkpoint 10 ms after the last commit
+                if ck.checkpoints >= 1 and ck._running is None and ck._timer is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert ck.checkpoints >= 1 and ck.failures == 0, ck.last_error
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            assert (busy, frames, copied) == (0, 1, 1)  # only the start-over write's page 1
+            assert (await store.append_user(s, "m20", "q", "m")).seq == 21
+
+    run(main())
