@@ -92,7 +92,7 @@ class LoopWrites:
         self._handle: asyncio.Handle | None = None  # the planned _flush, if any
         self._waited = False  # the lone request at the queue's head has had its window
         self._busy_since: float | None = None  # when the batch being retried first found a lock
-        self._gating = False  # the gate was found held: a thread waits for it (sqlite_gate)
+        self._gating = False  # the gate was found held: the loop waits for it (sqlite_gate)
         self._gate_timer: asyncio.TimerHandle | None = None  # lock_timeout of that wait
         self._idle: list[asyncio.Future[None]] = []  # close() waiting for an empty queue
         # What this store's own commits say of its sessions: session -> (last_seq, updated_at).
@@ -164,8 +164,8 @@ class LoopWrites:
                 gate.release()
 
     def _wait_gate(self, gate: WriteGate) -> None:
-        """The gate is held (another worker's batch): a thread waits for it, the loop goes on;
-        the queued requests fail if it is not had within ``lock_timeout``."""
+        """The gate is held (another worker's batch): the loop goes on and runs the batch when
+        a release wakes it; the queued requests fail if it is not had within ``lock_timeout``."""
         loop = self._loop
         assert loop is not None
         now = time.monotonic()

@@ -1,10 +1,12 @@
 """The SQLite store's write gate (chatd.store.sqlite_gate): what waits, what fails, what falls back.
 
-The gate is an ``flock`` on ``PATH-gate``; these tests hold it from an open file description of
-their own, as another worker process would, and watch the store's writes: they wait for it
-without blocking the loop and without retrying, commit the moment it is let go, fail after
-``lock_timeout`` (naming the lock) and no later request with them, and a store whose gate file
-cannot be opened still writes, through SQLite's lock and its retries.
+The gate is an ``flock`` on ``PATH-gate`` (a release writes a byte to the FIFO ``PATH-wake``);
+these tests hold it as another worker would (a gate of their own, a bare flock, a process then
+SIGKILLed) and watch the store's writes: they wait for it without blocking the loop and
+without retrying, commit once it is let go (woken by the release's byte, or by the periodic
+retry when the holder died), fail after ``lock_timeout`` (naming the lock) and no later
+request with them, and a store whose gate file cannot be opened still writes, through SQLite's
+lock and its retries.
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ import fcntl
 import logging
 import os
 import sqlite3
-import time
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from chatd.errors import StoreError
-from chatd.store import SqliteStore
-from chatd.store.sqlite_gate import gate_path
+from chatd.store import SqliteStore, sqlite_gate
+from chatd.store.sqlite_gate import WriteGate, gate_path
 from tests.component.store.test_store import opened, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,10 +42,14 @@ def gate_held(db_path: str) -> Iterator[int]:
         os.close(fd)  # lets the gate go, if the test did not
 
 
-def test_a_held_gate_delays_writes_without_blocking_the_loop(tmp_path: Path) -> None:
-    """Writes wait for the gate in a thread: the loop keeps its 5 ms timer, no attempt is made
-    (no busy retry), writes queued meanwhile join the waiting batch, and all commit, in order,
-    only once the gate is let go."""
+def test_a_held_gate_delays_writes_without_blocking_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker's store holds the gate: writes wait without blocking the loop (its 5 ms
+    timer keeps firing) and without an attempt (no busy retry), writes queued meanwhile join
+    the waiting batch, and all commit, in order, once the holder lets go: woken by its
+    release's byte (the periodic retry is put out of reach here: 60 s)."""
+    monkeypatch.setattr(sqlite_gate, "RETRY_S", 60.0)
     path = str(tmp_path / "s.db")
     store = SqliteStore(path, 60)
 
@@ -52,7 +58,9 @@ def test_a_held_gate_delays_writes_without_blocking_the_loop(tmp_path: Path) -> 
             s = await store.create_session("")
             assert Path(gate_path(path)).is_file()  # noqa: ASYNC240 (a local stat)
             loop = asyncio.get_running_loop()
-            with gate_held(path) as fd:
+            other = WriteGate(path)  # as another worker's store
+            try:
+                assert other.try_acquire()
                 first = asyncio.create_task(store.append_user(s, "m0", "q", "m"))
                 gaps = []
                 for _ in range(20):  # 0.1 s of the gate held elsewhere
@@ -66,16 +74,52 @@ def test_a_held_gate_delays_writes_without_blocking_the_loop(tmp_path: Path) -> 
                 await asyncio.sleep(0.05)
                 assert not first.done() and not any(t.done() for t in later)
                 assert max(gaps) < 0.1  # the loop ran on while the write waited
-                let_go = time.monotonic()
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                other.release()
                 got = await asyncio.gather(first, *later)
-            assert time.monotonic() - let_go < 5.0
+            finally:
+                other.close()
             assert [g.seq for g in got] == [1, 2, 3, 4]
             stats = store.statistics()
             assert stats.busy_retries == 0  # waited for, never tried against a held lock
             assert stats.lock_waits == 1  # the later writes joined the one waiting batch
             with contextlib.closing(sqlite3.connect(path)) as db:
                 assert db.execute("SELECT count(*) FROM events").fetchone() == (4,)
+
+    run(main())
+
+
+HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_holder_killed_mid_batch_lets_the_gate_go(tmp_path: Path) -> None:
+    """A process holding the gate is SIGKILLed (no release, so no byte for the waiters): the
+    kernel lets its flock go, and the waiting write commits (the periodic retry finds it)."""
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, 60)
+
+    async def main() -> None:
+        async with opened(store):
+            s = await store.create_session("")
+            holder = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", HOLDER, gate_path(path), stdout=asyncio.subprocess.PIPE
+            )
+            try:
+                assert holder.stdout is not None
+                assert await holder.stdout.readline() == b"held\n"
+                task = asyncio.create_task(store.append_user(s, "m1", "q", "m"))
+                await asyncio.sleep(0.2)
+                assert not task.done()
+            finally:
+                holder.kill()
+                await holder.wait()
+            assert (await task).seq == 1
+            assert store.statistics().lock_waits == 1
 
     run(main())
 
