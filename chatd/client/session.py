@@ -232,6 +232,10 @@ class SessionState:
         self._unanswered.clear()
         if not self._new_session_on_unknown:
             raise Stop("unknown_session: the session expired or does not exist", fatal=True)
+        # (Mid-session too: a message on a session that expired while connected.) Nothing
+        # is written until the new session's welcome: the server waits for the hello.
+        self._open = False
+        self._sent.clear()  # written for the session that is gone: resent in the new one
         self._session, self._last_seq = None, 0
         self._seen_above.clear()
         self._gap_since = None

@@ -305,6 +305,12 @@ class ChatConnection:
         """The hello named an unknown session: wait for another hello."""
         self.state = State.AWAITING_HELLO
 
+    def session_gone(self) -> None:
+        """The open session expired (the store no longer has it): wait for a new hello, as
+        after an ``unknown_session`` answer to one (its deadline starts again)."""
+        self.state = State.AWAITING_HELLO
+        self.session = None
+
     def hello_timed_out(self) -> list[Action]:
         """The I/O layer's hello timer fired: close 1008 unless a hello came."""
         if self.state is not State.AWAITING_HELLO:

@@ -22,7 +22,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from chatd.errors import StoreError
+from chatd.errors import SessionGone, StoreError
 from chatd.logs import about
 from chatd.proto import adoption, chat
 from chatd.store.base import Event, Store
@@ -212,6 +212,27 @@ async def serve_connection(
             )
 
 
+def _session_expired(
+    state: WorkerState, conn: chat.ChatConnection, outbox: Outbox, msg_id: str
+) -> bytes:
+    """The error frame for a message whose session expired; the connection waits for a new
+    hello (the frames after this one in the same batch of actions are dropped: they need a
+    session)."""
+    assert conn.session is not None
+    state.hub.unsubscribe(conn.session, outbox)
+    log.info("session %s expired while connected", conn.session[:12], extra=about(conn.session))
+    conn.session_gone()
+    outbox.restore(0, ())  # what was sent is by seq of that session: the next one starts at 1
+    errors = state.hub.stats.errors_by_code
+    errors["unknown_session"] = errors.get("unknown_session", 0) + 1
+    return chat.error_frame(
+        "unknown_session",
+        "This session expired (idle for longer than the server keeps sessions): the message "
+        "was not stored. Send hello without a session to start a new one.",
+        msg_id=msg_id,
+    )
+
+
 def _store_unavailable(
     state: WorkerState, exc: StoreError, session: str | None, msg_id: str | None
 ) -> bytes:
@@ -311,6 +332,11 @@ async def _run(
             try:
                 key = client_key(ws, state.auth_on)
                 appended = await state.hub.submit(conn.session, action, key, time.monotonic())
+            except SessionGone:
+                # Expired while the connection was open (idle past [sessions] ttl): the store
+                # answered, it did not fail, so no "try again" that could never succeed.
+                outbox.put(_session_expired(state, conn, outbox, action.id))
+                return
             except StoreError as exc:
                 # Not acknowledged: the client resends it, same id, once the store is back
                 # (the id makes a resend of a message that was stored after all harmless).

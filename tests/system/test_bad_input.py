@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +130,33 @@ def test_unknown_session_then_new_hello(chatd: Chatd) -> None:
     assert (err["type"], err["code"], err["retryable"]) == ("error", "unknown_session", False)
     assert c.hello()["type"] == "welcome"
     c.close()
+
+
+def test_a_session_expired_while_connected_asks_for_a_new_hello(
+    tmp_path: Path, fake: FakeOllama
+) -> None:
+    """[sessions] ttl = 1: a connection idle past it sends a message: unknown_session (not
+    retryable, with the message's id, nothing stored, the store still healthy), the
+    connection waits for a hello, and a new hello starts a session that chats."""
+    with running_chatd(tmp_path, fake.url, workers=1, sessions={"ttl": 1}) as d:
+        c = Client(d.url)
+        old = c.hello()["session"]
+        assert c.ask("first", "hi")[-1]["type"] == "reply"
+        time.sleep(2.5)  # idle past the ttl (not a timing assertion: the session must expire)
+        c.send({"type": "message", "id": "late", "text": "still there?"})
+        err = c.until(lambda f: f["type"] == "error", timeout=t(10))[-1]
+        assert (err["code"], err["id"], err["retryable"]) == ("unknown_session", "late", False)
+        c.send({"type": "message", "id": "later", "text": "hello?"})
+        assert c.until(lambda f: f["type"] == "error", timeout=t(10))[-1]["code"] == "bad_request"
+        welcome = c.hello()
+        assert welcome["type"] == "welcome" and welcome["session"] != old
+        assert c.ask("again", "hi")[-1]["type"] == "reply"
+        c.close()
+        st = d.status()
+        assert st is not None and all(w["store_healthy"] for w in st["workers"])
+    with sqlite3.connect(d.db) as db:
+        ids = {m for (m,) in db.execute("SELECT msg_id FROM events WHERE session = ?", (old,))}
+    assert "late" not in ids and "later" not in ids
 
 
 def test_rate_limit_is_per_connection(chatd: Chatd) -> None:

@@ -319,6 +319,31 @@ def test_unknown_session_closes_or_starts_anew(one: Chatd) -> None:
     run(main())
 
 
+def test_a_session_expired_while_connected_goes_on_in_a_new_one(
+    fake: FakeOllama, tmp_path: Path
+) -> None:
+    """[sessions] ttl = 1 and the client idle past it: its next message is refused with
+    unknown_session (not stored); with new_session_on_unknown the client says hello again and
+    sends that message in the new session, where it is answered."""
+
+    async def main(d: Chatd) -> None:
+        rec = Recorder()
+        async with ChatClient(d.url, new_session_on_unknown=True, on_event=rec) as client:
+            first = client.session
+            assert isinstance(await client.ask("before"), Reply)
+            await asyncio.sleep(2.5)  # idle past the ttl: the session expires
+            late = await asyncio.wait_for(client.ask("after"), t(20))
+            assert isinstance(late, Reply), late
+            assert client.session not in (None, first)
+        codes = [e.code for e in rec.events if isinstance(e, Error)]
+        assert codes == ["unknown_session"]
+        welcomes = [e for e in rec.events if isinstance(e, Welcome)]
+        assert len(welcomes) == 2 and not welcomes[1].resumed
+
+    with running_chatd(tmp_path, fake.url, workers=1, sessions={"ttl": 1}) as d:
+        run(main(d))
+
+
 def test_stalled_answers_trigger_a_resume(one: Chatd, fake: FakeOllama) -> None:
     """An acked message, then silence (the fake holds the request): after stall_timeout the
     client resumes, as it must when its reply is generated on a worker it is no longer

@@ -144,6 +144,17 @@ def test_unknown_session_waits_for_another_hello() -> None:
     assert conn.receive_text('{"type":"hello"}', 0.1) == [chat.Hello(None, 0)]
 
 
+def test_an_expired_session_waits_for_a_new_hello() -> None:
+    """After session_gone (the open session expired), messages need a hello again, and a
+    hello (without a session) is accepted; the expired session is forgotten."""
+    conn = opened()
+    conn.session_gone()
+    assert conn.state is chat.State.AWAITING_HELLO and conn.session is None
+    out = frames(conn.receive_text('{"type":"message","id":"b","text":"hi"}', 1.0))
+    assert out[0]["code"] == "bad_request"
+    assert conn.receive_text('{"type":"hello"}', 1.1) == [chat.Hello(None, 0)]
+
+
 def test_ten_bad_frames_in_a_row_close_1008() -> None:
     """Nine bad frames get errors; the tenth also closes the connection with 1008."""
     conn = opened()
