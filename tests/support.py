@@ -7,6 +7,7 @@ server's frame builders cannot hide itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -67,6 +68,16 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {t(timeout):.1f}s waiting for {what}")
         time.sleep(interval)
+
+
+async def until(cond: Callable[[], Any], what: str, within: float = 5.0) -> None:
+    """From a running loop: poll ``cond`` every 10 ms until it is truthy (the loop runs on
+    meanwhile); fail naming ``what`` after ``within`` s (scaled by :func:`t`)."""
+    for _ in range(int(t(within) / 0.01) + 1):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out after {t(within):.1f}s waiting for {what}")
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:

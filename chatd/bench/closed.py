@@ -50,7 +50,7 @@ from chatd.bench.server import TOKENS, Target
 NAME = "closed"
 TITLE = "Closed-loop rate (each connection sends its next message when its reply is in)"
 GOAL_RATIO = 0.9  # issue #13: chatd's closed-loop rate >= 0.9 of the bare relay's
-LABELS = {"chatd": "chatd", "bare": "bare relay"}
+LABELS = maxrate.LABELS
 GROUPS = ("workers", "master", "backend", "clients")
 
 
@@ -176,13 +176,6 @@ def run_closed(
     return out
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None:
-        return None
-    r = st.ratio(a, b)
-    return None if r is None else round(r, 3)
-
-
 def ratios(targets: dict[str, Any]) -> dict[str, float | None]:
     """chatd / bare relay of ``rate`` (replies/s), ``worker_cpu_per_reply`` and
     ``reply_p50``/``reply_p99``, each rounded to 0.001; None where a side is missing or a
@@ -191,12 +184,12 @@ def ratios(targets: dict[str, Any]) -> dict[str, float | None]:
     if c is None or b is None:
         return {k: None for k in ("rate", "worker_cpu_per_reply", "reply_p50", "reply_p99")}
     return {
-        "rate": _ratio(c["replies_per_s"], b["replies_per_s"]),
-        "worker_cpu_per_reply": _ratio(
+        "rate": st.ratio_of(c["replies_per_s"], b["replies_per_s"]),
+        "worker_cpu_per_reply": st.ratio_of(
             c["cpu_us_per_reply"].get("workers"), b["cpu_us_per_reply"].get("workers")
         ),
-        "reply_p50": _ratio(c["reply_ms"].get("p50"), b["reply_ms"].get("p50")),
-        "reply_p99": _ratio(c["reply_ms"].get("p99"), b["reply_ms"].get("p99")),
+        "reply_p50": st.ratio_of(c["reply_ms"].get("p50"), b["reply_ms"].get("p50")),
+        "reply_p99": st.ratio_of(c["reply_ms"].get("p99"), b["reply_ms"].get("p99")),
     }
 
 

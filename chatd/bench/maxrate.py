@@ -240,7 +240,8 @@ def run_max(
         out["targets"][kind] = _search_one(kind, target, p, procs, progress, bare_workers)
     sustained = {k: v["sustained_rate"] for k, v in out["targets"].items()}
     out["ratios"] = {
-        f"chatd/{k}": _ratio(sustained.get("chatd"), sustained.get(k)) for k in ("bare", "direct")
+        f"chatd/{k}": st.ratio_of(sustained.get("chatd"), sustained.get(k))
+        for k in ("bare", "direct")
     }
     out["ratio_intervals"] = intervals(out["targets"])
     out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
@@ -301,13 +302,6 @@ def interval_text(iv: dict[str, float | None] | None, other: str) -> str:
     if high is not None:
         return f"at most {high:.2f} (no lower bound: the {other} passed every step)"
     return "unbounded (no failing step on one side, no passing step on the other)"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None:
-        return None
-    r = st.ratio(a, b)
-    return None if r is None else round(r, 3)
 
 
 def num(x: Any, unit: str = "", digits: int = 0) -> str:

@@ -108,6 +108,15 @@ def ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator
 
 
+def ratio_of(a: float | None, b: float | None) -> float | None:
+    """``a / b`` rounded to 0.001 (a table's ratio), or None when either is unknown or the
+    ratio is (:func:`ratio`)."""
+    if a is None or b is None:
+        return None
+    r = ratio(a, b)
+    return None if r is None else round(r, 3)
+
+
 def share_pct(part: int, whole: int) -> float:
     """``part`` as a percentage of ``whole``; 100 % when there is nothing to count (a run
     without messages had no failures)."""

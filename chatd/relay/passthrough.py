@@ -79,15 +79,14 @@ class Passthrough:
         first = await relay.first_limit(backend, model, on_notice)
         decoder = ObjectDecoder(sse=b.api != "ollama")
         data = orjson.dumps(body)
-        guard = Guard(b, model, first, llm.idle_timeout, llm.total_timeout)
+        pool = relay.pool(backend)
+        guard = Guard(b, model, first, llm.idle_timeout, llm.total_timeout, pool.loop)
         b.requests += 1
         b.in_flight += 1
-        clock = asyncio.get_running_loop().time
+        clock = pool.loop.time
         try:
             with guard:
-                async with await relay.pool(backend).request(
-                    self._head(backend, "POST", path), data
-                ) as resp:
+                async with await pool.request(self._head(backend, "POST", path), data) as resp:
                     if resp.status >= 300:
                         raw = b.redact(await read_capped(resp, _ERROR_BODY_MAX))
                         raise http_error(b.url, model, resp.status, raw)

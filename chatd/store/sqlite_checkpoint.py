@@ -112,26 +112,23 @@ class Checkpointer:
         if self._db is None:
             self._db = self._connect()
         _, pages, copied = self._db.execute(PASSIVE).fetchone()
-        if pages < self._pages:
-            if pages and copied == pages:  # all copied: the next writer starts the WAL over
-                gate = self._take_gate()
-                if gate is not None:  # (without it, this write would race the workers')
-                    try:
-                        self._start_over()
-                    finally:
-                        gate.release()
+        restart = pages >= self._pages
+        if not restart and not (pages and copied == pages):
             return pages, pages - copied, False
         # The workers wait for a RESTART at the gate rather than retrying against SQLite's
-        # lock; a gate not had soon (a stuck holder) and the RESTART goes on without it.
+        # lock; a gate not had soon (a stuck holder) and the RESTART goes on without it, but
+        # the start-over write does not (it would race the workers' batches).
         gate = self._take_gate()
+        busy = 0
         try:
-            busy, pages, copied = self._db.execute(RESTART).fetchone()
-            if gate is not None and not busy:
+            if restart:
+                busy, pages, copied = self._db.execute(RESTART).fetchone()
+            if gate is not None and not busy:  # every frame copied: the WAL starts over
                 self._start_over()
         finally:
             if gate is not None:
                 gate.release()
-        return pages, pages - copied, not busy
+        return pages, pages - copied, restart and not busy
 
     def _take_gate(self) -> WriteGate | None:
         """In the thread: the workers' write gate, held (waiting GATE_WAIT at most), or None."""

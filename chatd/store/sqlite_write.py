@@ -171,8 +171,8 @@ class LoopWrites:
         now = time.monotonic()
         since = now if self._busy_since is None else self._busy_since
         self._busy_since, self._gating = since, True
-        self._gate_timer = loop.call_at(
-            loop.time() + max(0.0, since + self._lock_timeout - now), self._gate_timeout
+        self._gate_timer = loop.call_later(
+            max(0.0, since + self._lock_timeout - now), self._gate_timeout
         )
         gate.wait(loop, self._gate_open)
 

@@ -72,6 +72,10 @@ class HubStats:
     latency: Histogram = field(default_factory=Histogram)
     ttft: Histogram = field(default_factory=Histogram)
 
+    def error(self, code: str) -> None:
+        """Count one error frame of ``code`` sent to a client."""
+        self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+
 
 class Hub(Listeners):
     """Subscribers, generations and history of the sessions served by one worker."""
@@ -453,7 +457,7 @@ class Hub(Listeners):
             self._finishing.discard((session, msg_id))
         self.history.forget(session)  # the error is not a turn: reload the history next time
         self._announce(session, appended.seq)
-        self.stats.errors_by_code[code] = self.stats.errors_by_code.get(code, 0) + 1
+        self.stats.error(code)
         self._publish(
             session, chat.error_frame(code, message, msg_id=msg_id, seq=appended.seq), appended.seq
         )

@@ -223,8 +223,7 @@ def _session_expired(
     log.info("session %s expired while connected", conn.session[:12], extra=about(conn.session))
     conn.session_gone()
     outbox.restore(0, ())  # what was sent is by seq of that session: the next one starts at 1
-    errors = state.hub.stats.errors_by_code
-    errors["unknown_session"] = errors.get("unknown_session", 0) + 1
+    state.hub.stats.error("unknown_session")
     return chat.error_frame(
         "unknown_session",
         "This session expired (idle for longer than the server keeps sessions): the message "
@@ -244,8 +243,7 @@ def _store_unavailable(
     log.warning(
         "session store failed (log reference %s): %s", ref, exc, extra=about(session, msg_id)
     )
-    errors = state.hub.stats.errors_by_code
-    errors["store_unavailable"] = errors.get("store_unavailable", 0) + 1
+    state.hub.stats.error("store_unavailable")
     if msg_id is not None:
         what = "the message was not stored: send it again with the same id in a moment"
     else:

@@ -27,6 +27,7 @@ from chatd.errors import StoreError
 from chatd.store import SqliteStore, sqlite_gate
 from chatd.store.sqlite_gate import WriteGate, gate_path
 from tests.component.store.test_store import opened, run
+from tests.support import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,13 +43,19 @@ def gate_held(db_path: str) -> Iterator[int]:
         os.close(fd)  # lets the gate go, if the test did not
 
 
+async def waiting(store: SqliteStore) -> None:
+    """Until a batch of ``store`` has found the gate held and waits for it (the loop runs on:
+    this coroutine polls it)."""
+    await until(lambda: store.statistics().lock_waits > 0, "a write waiting for the gate")
+
+
 def test_a_held_gate_delays_writes_without_blocking_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another worker's store holds the gate: writes wait without blocking the loop (its 5 ms
-    timer keeps firing) and without an attempt (no busy retry), writes queued meanwhile join
-    the waiting batch, and all commit, in order, once the holder lets go: woken by its
-    release's byte (the periodic retry is put out of reach here: 60 s)."""
+    """Another worker's store holds the gate: writes wait without blocking the loop (this
+    test's coroutine runs on meanwhile) and without an attempt (no busy retry), writes queued
+    meanwhile join the waiting batch, and all commit, in order, once the holder lets go: woken
+    by its release's byte (the periodic retry is put out of reach here: 60 s)."""
     monkeypatch.setattr(sqlite_gate, "RETRY_S", 60.0)
     path = str(tmp_path / "s.db")
     store = SqliteStore(path, 60)
@@ -57,23 +64,17 @@ def test_a_held_gate_delays_writes_without_blocking_the_loop(
         async with opened(store):
             s = await store.create_session("")
             assert Path(gate_path(path)).is_file()  # noqa: ASYNC240 (a local stat)
-            loop = asyncio.get_running_loop()
             other = WriteGate(path)  # as another worker's store
             try:
                 assert other.try_acquire()
                 first = asyncio.create_task(store.append_user(s, "m0", "q", "m"))
-                gaps = []
-                for _ in range(20):  # 0.1 s of the gate held elsewhere
-                    before = loop.time()
-                    await asyncio.sleep(0.005)
-                    gaps.append(loop.time() - before)
+                await waiting(store)
                 later = [
                     asyncio.create_task(store.append_user(s, f"m{i}", "q", "m"))
                     for i in range(1, 4)
                 ]
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0)  # one loop turn: the later writes are queued
                 assert not first.done() and not any(t.done() for t in later)
-                assert max(gaps) < 0.1  # the loop ran on while the write waited
                 other.release()
                 got = await asyncio.gather(first, *later)
             finally:
@@ -113,7 +114,7 @@ def test_a_holder_killed_mid_batch_lets_the_gate_go(tmp_path: Path) -> None:
                 assert holder.stdout is not None
                 assert await holder.stdout.readline() == b"held\n"
                 task = asyncio.create_task(store.append_user(s, "m1", "q", "m"))
-                await asyncio.sleep(0.2)
+                await waiting(store)
                 assert not task.done()
             finally:
                 holder.kill()
@@ -135,7 +136,7 @@ def test_the_gate_excludes_another_store_of_the_same_file(tmp_path: Path) -> Non
             s = await a.create_session("")
             assert a._gate is not None and a._gate.try_acquire()
             task = asyncio.create_task(b.append_user(s, "m1", "q", "m"))
-            await asyncio.sleep(0.05)
+            await waiting(b)
             assert not task.done()
             a._gate.release()
             assert (await task).seq == 1
@@ -174,8 +175,9 @@ def test_close_commits_writes_waiting_for_the_gate(tmp_path: Path) -> None:
         s = await store.create_session("")
         with gate_held(path) as fd:
             tasks = [asyncio.create_task(store.append_user(s, f"m{i}", "q", "m")) for i in range(3)]
-            await asyncio.sleep(0.01)
-            asyncio.get_running_loop().call_later(0.05, fcntl.flock, fd, fcntl.LOCK_UN)
+            await waiting(store)
+            # Let go once close() waits for them (no byte: the waiter's periodic retry finds it).
+            asyncio.get_running_loop().call_soon(fcntl.flock, fd, fcntl.LOCK_UN)
             await store.close()
         assert [t.result().seq for t in tasks] == [1, 2, 3]
 

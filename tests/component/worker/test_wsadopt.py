@@ -26,6 +26,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from chatd.worker.front import Front, connection_class
 from chatd.worker.seqpacket import Channel
 from chatd.worker.wsadopt import adopt, adopted_class, movable
+from tests.support import until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -96,14 +97,6 @@ async def hand_over(old: Side, new: Side, ws: ServerConnection) -> ServerConnect
     sender.close()
     receiver.close()
     return adopted
-
-
-async def until(cond: Callable[[], Any], what: str) -> None:
-    for _ in range(500):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def run(test: Callable[[Side, Side], Awaitable[None]], loop: str) -> None:
