@@ -30,7 +30,7 @@ from chatd.config import load, with_overrides
 from chatd.errors import ConfigError, ExitCode
 from chatd.logs import setup_logging
 from chatd.master.arbiter import Master
-from chatd.spec import WorkerMain
+from chatd.spec import WorkerMain, WriterMain
 
 ENV_TEST_WORKER = "CHATD_TEST_WORKER"
 
@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="validate the configuration and exit (0 or 78)"
     )
     return parser
+
+
+def load_writer_main() -> WriterMain | None:
+    """The SQLite store writer's main function, imported now (before any fork); None with a
+    test worker (``CHATD_TEST_WORKER``: it opens no store, so no writer is started)."""
+    if os.environ.get(ENV_TEST_WORKER):
+        return None
+    from chatd.store.sqlite_host import run_writer  # type: ignore[import-not-found,unused-ignore]
+
+    return cast(WriterMain, run_writer)
 
 
 def load_worker_main() -> WorkerMain:
@@ -97,12 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(cfg.log, "master")
     try:
         worker_main = load_worker_main()
+        writer_main = load_writer_main()
     except (ImportError, AttributeError) as exc:
         log.error("cannot load the worker: %s", exc)
         return ExitCode.FAILURE
     try:
         # A reload reads the same file again, and the flags given now still win over it.
         path = cfg.path or args.config
-        return Master(cfg, worker_main, lambda: with_overrides(load(path), **overrides)).run()
+        reload = lambda: with_overrides(load(path), **overrides)  # noqa: E731
+        return Master(cfg, worker_main, reload, writer_main).run()
     except KeyboardInterrupt:  # Ctrl-C before the master's own handlers were installed
         return 128 + signal.SIGINT

@@ -270,6 +270,14 @@ class SessionsConfig:
         default=604800,
         metadata=_doc("seconds a session is kept after its last activity", at_least(1)),
     )
+    sqlite_writer: bool = field(
+        default=True,
+        metadata=_doc(
+            "SQLite only: one process of the master's writes for every worker, on one "
+            "connection (no page re-reads between workers, one group commit for all); "
+            "false: each worker writes the file itself"
+        ),
+    )
     min_replicas_acks: int = field(
         default=0,
         metadata=_doc(

@@ -28,6 +28,9 @@ class WorkerSpec:
             Accept from it; never re-bind.
         link: the worker's end of its socketpair with the master (see
             :class:`chatd.worker.link.MasterLink`); EOF on it means the master is gone.
+        store_writer: the host's SQLite writer (a :class:`WriterSpec`'s ``path`` and
+            ``address``), when the master runs one: the worker's store writes through it if
+            its ``[sessions] store`` names that file. None: the worker writes the file itself.
     """
 
     cfg: Config
@@ -35,7 +38,28 @@ class WorkerSpec:
     generation: int
     listener: socket.socket
     link: socket.socket
+    store_writer: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriterSpec:
+    """What the master hands to the host's SQLite writer process (chatd.store.sqlite_host).
+
+    Attributes:
+        cfg: the configuration at the master's start (its logging).
+        path: the SQLite file, as ``[sessions] store`` names it.
+        address: the unix socket it serves (an abstract name: starts with NUL).
+        link: its end of a socketpair with the master; EOF on it means the master is gone.
+    """
+
+    cfg: Config
+    path: str
+    address: str
+    link: socket.socket
 
 
 WorkerMain = Callable[[WorkerSpec], NoReturn]
 """A worker's main function: runs in the forked child and never returns (it exits)."""
+
+WriterMain = Callable[[WriterSpec], NoReturn]
+"""The store writer's main function: runs in the forked child and never returns (it exits)."""

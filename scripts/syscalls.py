@@ -4,7 +4,8 @@
 Starts chatd-bench's own chatd (2 workers, SQLite, a zero-delay fake Ollama) and sends it the
 peak load (100 connections, ``--rate`` msg/s open loop, chatd-bench's raw clients) for
 ``--seconds`` + 10 s; in the middle, ``perf stat`` counts the system calls of its worker
-processes (every thread) for ``--seconds``, through the kernel's ``syscalls`` tracepoints
+processes and of its store writer (every thread; ``--own-writes``: no writer, each worker
+writes the file itself) for ``--seconds``, through the kernel's ``syscalls`` tracepoints
 (no ptrace: the workers run at their usual speed). Then the same against the bare relay
 (:mod:`chatd.bench.bare`) on the same fake. Prints, per message (the count / (rate ×
 seconds)), every system call counted and the total.
@@ -50,8 +51,11 @@ TOTAL = "raw_syscalls:sys_enter"
 
 
 def workers(target: Target) -> list[int]:
+    """The workers' pids, and the SQLite store writer's (it makes their writes)."""
     status = target.status() or {}
-    return [int(w["pid"]) for w in status.get("workers", [])]
+    writer = (status.get("master") or {}).get("store_writer") or {}
+    pids = [int(w["pid"]) for w in status.get("workers", [])]
+    return pids + ([int(writer["pid"])] if writer.get("pid") else [])
 
 
 def count(target: Target, url: str, rate: float, seconds: float) -> dict[str, float]:
@@ -83,8 +87,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument(
+        "--own-writes",
+        action="store_true",
+        help="each worker writes the SQLite file itself ([sessions] sqlite_writer = false)",
+    )
     args = p.parse_args()
-    chatd = OwnChatd(2)
+    extra = {"sessions": {"sqlite_writer": False}} if args.own_writes else {}
+    chatd = OwnChatd(2, extra=extra)
     try:
         assert chatd.fake_url is not None
         zero_delay(chatd.fake_url)

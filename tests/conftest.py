@@ -435,3 +435,63 @@ class DiskFiller:
         self._stop.set()
         self._thread.join()
         (self.directory / "filler").unlink()
+
+
+class WriterProcess:
+    """A SQLite store's host writer (``python -m chatd.store.sqlite_host PATH @NAME``) on a
+    fresh abstract unix name: :meth:`start` (waits until it accepts), :meth:`kill` (SIGKILL,
+    reaped), :meth:`stop` (SIGTERM: it commits what is queued)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = f"chatd-test-writer-{os.getpid()}-{os.urandom(6).hex()}"
+        self.address = "\0" + self.name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, within: float = 20.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chatd.store.sqlite_host", self.path, "@" + self.name]
+        )
+        deadline = time.monotonic() + within
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.connect(self.address)
+                    return
+                except OSError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the store writer did not start") from None
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.terminate()
+        try:
+            return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
+
+
+@pytest.fixture
+def store_writer() -> Iterator[Callable[[str], str]]:
+    """``store_writer(path)``: a started host writer of the SQLite file ``path`` (a
+    :class:`WriterProcess`, stopped after the test); returns its address."""
+    writers: list[WriterProcess] = []
+
+    def start(path: str) -> str:
+        writer = WriterProcess(path)
+        writers.append(writer)
+        writer.start()
+        return writer.address
+
+    yield start
+    for writer in writers:
+        writer.stop()

@@ -327,9 +327,11 @@ def _cpu(pids: Mapping[str, int]) -> dict[str, float]:
 
 
 def _group(cpu_s: Mapping[str, float]) -> dict[str, float]:
-    """CPU seconds of ``worker …`` keys together and of ``master``."""
+    """CPU seconds of ``worker …`` keys together (with the ``store writer``: it does the
+    workers' writes) and of ``master``."""
+    workers = (v for k, v in cpu_s.items() if k.startswith(("worker", "store writer")))
     return {
-        "workers": round(sum(v for k, v in cpu_s.items() if k.startswith("worker")), 4),
+        "workers": round(sum(workers), 4),
         "master": round(float(cpu_s.get("master", 0.0)), 4),
     }
 

@@ -276,7 +276,9 @@ class OwnChatd(Target):
 
     def status(self) -> dict[str, Any] | None:
         st = super().status()
-        for w in (st or {}).get("workers", []):  # remember every worker, for stop()
+        writer = (st or {}).get("master", {}).get("store_writer") or {}
+        # Remember every worker (and the store writer), for stop().
+        for w in [*(st or {}).get("workers", []), writer]:
             pid = w.get("pid")
             if pid and pid not in self.pids_seen:
                 with contextlib.suppress(psutil.Error):
@@ -302,12 +304,16 @@ class OwnChatd(Target):
 
 
 def chatd_pids(status: dict[str, Any]) -> dict[str, int]:
-    """``{"master": pid, "worker 1": pid, …}`` from a status document (workers serving a
-    slot and those draining or starting)."""
+    """``{"master": pid, "worker 1": pid, …, "store writer/PID": pid}`` from a status
+    document (workers serving a slot and those draining or starting, and the SQLite store's
+    writer process, which does the workers' writes: its CPU counts with theirs)."""
     out: dict[str, int] = {}
     mpid = status.get("master", {}).get("pid")
     if mpid:
         out["master"] = int(mpid)
+    wpid = (status.get("master", {}).get("store_writer") or {}).get("pid")
+    if wpid:
+        out[f"store writer/{wpid}"] = int(wpid)
     for w in [*status.get("workers", []), *status.get("other_workers", [])]:
         if w.get("pid"):
             out[f"worker {w.get('id', '?')}/{w['pid']}"] = int(w["pid"])

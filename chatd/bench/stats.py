@@ -177,6 +177,7 @@ def per_message_us(cpu_s: float, messages: int) -> float | None:
 # Process-name prefixes (as chatd-bench keys its CPU readings) -> the group they count for.
 CPU_GROUPS: dict[str, str] = {
     "worker": "workers",
+    "store": "workers",  # the SQLite store's writer process: it does the workers' writes
     "master": "master",
     "fake": "backend",
     "model": "backend",
@@ -186,10 +187,10 @@ CPU_GROUPS: dict[str, str] = {
 
 def cpu_per_reply(cpu_s: Mapping[str, float], replies: int) -> dict[str, float | None]:
     """CPU µs per reply of each group of processes: ``workers`` (every ``worker …`` key
-    together), ``master``, ``backend`` (``fake`` or ``model``) and ``clients`` (``client
-    …``), from CPU seconds per process over the window in which ``replies`` replies came in
-    (:func:`per_message_us`). A group without a process, or no reply, gives None; other keys
-    are ignored."""
+    together, and the ``store writer``, which writes for them), ``master``, ``backend``
+    (``fake`` or ``model``) and ``clients`` (``client …``), from CPU seconds per process over
+    the window in which ``replies`` replies came in (:func:`per_message_us`). A group without
+    a process, or no reply, gives None; other keys are ignored."""
     sums: dict[str, float] = {}
     for key, seconds in cpu_s.items():
         group = CPU_GROUPS.get(key.split(" ", 1)[0])

@@ -47,6 +47,9 @@ def problems(data: Mapping[str, Any]) -> list[str]:
     for d in data.get("discovery") or []:
         if isinstance(d, Mapping) and d.get("addresses") == []:
             out.append(f"backend {d.get('url')} resolves to no address")
+    writer = (data.get("master") or {}).get("store_writer")
+    if isinstance(writer, Mapping) and not writer.get("pid"):
+        out.append("the session store's writer is not running (the master restarts it)")
     store = data.get("store") or {}
     if store.get("healthy") is False:
         out.append(f"session store unavailable ({store.get('error') or 'no detail'})")
@@ -222,6 +225,15 @@ def format_status(data: Mapping[str, Any]) -> str:
             f"LLM slots shared with the other hosts of the Redis store, as {fleet.get('host')}"
         )
     lines += [_discovery(d) for d in data.get("discovery") or [] if isinstance(d, Mapping)]
+    writer = (data.get("master") or {}).get("store_writer")
+    if isinstance(writer, Mapping):
+        pid = writer.get("pid")
+        state = f"pid {pid}" if pid else "NOT RUNNING (restarting)"
+        restarts = writer.get("restarts") or 0
+        lines.append(
+            f"store writer {state} for {writer.get('path')}"
+            + (f", {restarts} restart{'s' if restarts != 1 else ''}" if restarts else "")
+        )
     store = data.get("store") or {}
     if store.get("healthy") is False:
         slots = ", ".join(str(s) for s in store.get("failing_workers") or [])

@@ -51,10 +51,11 @@ from chatd.master.reload import worker_count
 from chatd.master.scale import MAX_WORKERS, scale_to
 from chatd.master.services import Services
 from chatd.master.shutdown import KILL_WAIT, Shutdown
+from chatd.master.storewriter import StoreWriter
 from chatd.master.systemd import Notifier
 from chatd.master.takeover import Takeover
 from chatd.master.workers import MASTER_SIGNALS, Workers
-from chatd.spec import WorkerMain, WorkerSpec
+from chatd.spec import WorkerMain, WorkerSpec, WriterMain
 
 __all__ = ["Master", "WorkerSpec"]
 
@@ -82,9 +83,12 @@ class Master:
         cfg: Config,
         worker_main: WorkerMain,
         load_config: Callable[[], Config] | None = None,
+        writer_main: WriterMain | None = None,
     ) -> None:
         self.cfg = cfg
         self.worker_main = worker_main
+        self.writer_main = writer_main
+        self.store_writer: StoreWriter | None = None
         self.load_config = load_config or (lambda: load(cfg.path) if cfg.path else Config())
         self.state = "starting"  # starting -> running -> stopping
         self.bind = cfg.server.bind
@@ -169,7 +173,14 @@ class Master:
                 "closed (scaling down) are reset; set it to 1 to have them moved to the other "
                 "slots (sysctl -w net.ipv4.tcp_migrate_req=1, before chatd starts)"
             )
-        # 4. The workers.
+        # 4. The store's writer (a SQLite store), then the workers, which connect to it.
+        if self.writer_main is not None and StoreWriter.wanted(self.cfg):
+            writer = self.store_writer = StoreWriter(
+                self.cfg, self.writer_main, self.workers.close_all_in_child
+            )
+            self.workers.store_writer = writer.for_workers
+            self.workers.on_other_exit = writer.reaped
+            writer.start()
         for slot in self.workers.slots:
             self.workers.spawn(slot)
 
@@ -179,6 +190,8 @@ class Master:
         timeout = self.workers.timeout(now, TICK)
         if self.services is not None:
             timeout = self.services.timeout(now, timeout)
+        if self.store_writer is not None:
+            timeout = self.store_writer.timeout(now, timeout)
         watchdog = self.notifier.watchdog_due(now)
         if watchdog is not None:
             timeout = min(timeout, watchdog)
@@ -194,6 +207,8 @@ class Master:
         self.workers.tick(now)
         if self.services is not None:
             self.services.tick(now)
+        if self.store_writer is not None:
+            self.store_writer.tick(now)
         if self._shutdown is not None and self._shutdown.mode:
             self._shutdown.progress(now)
         elif self.ops is not None:
@@ -263,6 +278,8 @@ class Master:
         if self._sel is not None:
             self._sel.close()  # our copy of the epoll fd; nothing is unregistered
         self.notifier.close_in_child()
+        if self.store_writer is not None:
+            self.store_writer.close_in_child()
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -342,6 +359,8 @@ class Master:
             killed = self._shutdown is not None and self._shutdown.killed
             self.workers.kill_all_and_reap(0.0 if killed else KILL_WAIT)
             self.workers.close()
+        if self.store_writer is not None:  # after the workers: their stores wrote through it
+            self.store_writer.stop()
         if self._control is not None:
             self._control.close()
             self._control = None

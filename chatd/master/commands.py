@@ -97,6 +97,7 @@ def status_document(master: Master) -> dict[str, Any]:
         "systemd": master.notifier.enabled,
         "python": sys.version.split()[0],
         "version": __version__,
+        "store_writer": None if master.store_writer is None else master.store_writer.snapshot(),
     }
     return aggregate_status(
         master=doc,

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import setproctitle
 
+from chatd.config import Config
 from chatd.logs import flush_logging, setup_logging
 from chatd.spec import WorkerMain, WorkerSpec
 
@@ -49,6 +50,27 @@ def fork_worker(
     Raises:
         OSError: the fork failed.
     """
+    return fork_child(
+        lambda: worker_main(spec),
+        close_in_child,
+        cfg=spec.cfg,
+        role=f"worker {spec.slot}",
+        title=f"chatd: worker {spec.slot} gen {spec.generation}",
+    )
+
+
+def fork_child(
+    child_main: Callable[[], object],
+    close_in_child: Callable[[], None],
+    *,
+    cfg: Config,
+    role: str,
+    title: str,
+) -> int:
+    """Fork a child of the master's (a worker, the store writer); returns its pid (in the
+    master). In the child: ``close_in_child()``, logging as ``cfg`` says under ``role``, the
+    process title ``title``, then ``child_main()``, which must exit (it never returns into
+    the master's code). Raises OSError: the fork failed."""
     # Everything the master holds now (the worker's modules, imported before the first fork:
     # chatd.cli.load_worker_main) goes to the permanent generation, so the worker's garbage
     # collections never scan it: a full collection of a worker went through the whole
@@ -63,15 +85,19 @@ def fork_worker(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         raise
     if pid == 0:
-        _become_worker(spec, worker_main, close_in_child)
+        _become_child(child_main, close_in_child, cfg, role, title)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
     return pid
 
 
-def _become_worker(
-    spec: WorkerSpec, worker_main: WorkerMain, close_in_child: Callable[[], None]
+def _become_child(
+    child_main: Callable[[], object],
+    close_in_child: Callable[[], None],
+    cfg: Config,
+    role: str,
+    title: str,
 ) -> None:
-    """In the child: shed the master's state and run the worker. Never returns."""
+    """In the child: shed the master's state and run ``child_main``. Never returns."""
     code = 1
     try:
         # 1. Python's default signal dispositions, then let pending signals in.
@@ -84,15 +110,15 @@ def _become_worker(
         close_in_child()
         # 3. Logging as this generation's config says (a reload may have changed the level),
         #    the process's name, then hand over.
-        setup_logging(spec.cfg.log, f"worker {spec.slot}")
-        setproctitle.setproctitle(f"chatd: worker {spec.slot} gen {spec.generation}")
-        worker_main(spec)
+        setup_logging(cfg.log, role)
+        setproctitle.setproctitle(title)
+        child_main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
     except BaseException:
-        log.exception("worker %d crashed", spec.slot)
+        log.exception("%s crashed", role)
     finally:
         # Never unwind into the master's code: its `finally` would clean up *its* state.
         flush_logging()

@@ -101,6 +101,11 @@ class Workers:
         self.on_spawn: list[Callable[[Worker], None]] = []
         """Called with each worker forked, its link open (chatd.master.services sends it the
         addresses of the dns tables before any other message)."""
+        self.on_other_exit: Callable[[int, int], bool] = lambda pid, status: False
+        """Called with (pid, wait status) of a reaped child that is no worker; True if it was
+        known (chatd.master.storewriter: the store writer)."""
+        self.store_writer: tuple[str, str] | None = None
+        """The host's SQLite writer (path, address) the workers' specs get, if there is one."""
         self._worker_main = worker_main
         self._sel = sel
         self._close_master_fds = close_master_fds
@@ -159,7 +164,7 @@ class Workers:
         cfg = cfg or slot.cfg
         generation = generation or slot.generation
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec = WorkerSpec(cfg, slot.id, generation, slot.listener, theirs)
+        spec = WorkerSpec(cfg, slot.id, generation, slot.listener, theirs, self.store_writer)
         try:
             pid = fork_worker(spec, self._worker_main, lambda: self._close_in_child(spec, ours))
         except OSError as exc:
@@ -205,6 +210,16 @@ class Workers:
                 worker.link.close_in_child()
         self._close_master_fds()
 
+    def close_all_in_child(self) -> None:
+        """In a freshly forked child that is no worker (the store writer): close every fd of
+        the master's, every slot's listener and link included."""
+        for slot in self.slots:
+            slot.listener.close()
+        for worker in self.by_pid.values():
+            if worker.link is not None:
+                worker.link.close_in_child()
+        self._close_master_fds()
+
     # -- reap ----------------------------------------------------------------------------------
 
     def reap(self) -> None:
@@ -218,6 +233,8 @@ class Workers:
                 return
             worker = self.by_pid.pop(pid, None)
             if worker is None:
+                if self.on_other_exit(pid, status):
+                    continue
                 log.debug("reaped child %d, not a worker: %s", pid, describe_exit(status))
                 continue
             self._exited(worker, status)

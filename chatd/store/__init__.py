@@ -8,6 +8,7 @@ store, :func:`open_notices` gives the notices of stored replies across hosts (pu
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from chatd.config import SessionsConfig
@@ -36,11 +37,13 @@ __all__ = [
 _REDIS = ("redis://", "rediss://", "redis+", "rediss+")
 
 
-def open_store(cfg: SessionsConfig) -> Store:
+def open_store(cfg: SessionsConfig, writer: tuple[str, str] | None = None) -> Store:
     """Build the (unopened) store named by ``cfg.store``; its ``open()`` is the caller's.
 
     ``sqlite:///ABS/PATH`` and ``sqlite:rel/path`` give a :class:`SqliteStore` (a relative path
-    is relative to the working directory). ``redis://HOST:PORT/DB``, ``redis+sentinel://...``
+    is relative to the working directory); its writes go through the host writer ``writer``
+    (its file and address: :mod:`chatd.store.sqlite_host`) when that writer serves this
+    file and ``sqlite_writer`` is on. ``redis://HOST:PORT/DB``, ``redis+sentinel://...``
     and ``redis+cluster://...`` (``rediss`` for TLS) give a
     :class:`~chatd.store.redis.RedisStore`, with ``min_replicas_acks``.
 
@@ -54,7 +57,9 @@ def open_store(cfg: SessionsConfig) -> Store:
             raise StoreError(f"sessions.store: {cfg.store!r} names no SQLite file")
         if cfg.min_replicas_acks:  # the config check says it too; --store may bypass it
             raise StoreError("sessions.min_replicas_acks needs a Redis store")
-        return SqliteStore(path, cfg.ttl)
+        served = writer is not None and os.path.abspath(writer[0]) == os.path.abspath(path)
+        address = writer[1] if served and writer is not None and cfg.sqlite_writer else None
+        return SqliteStore(path, cfg.ttl, writer=address)
     if cfg.store.startswith(_REDIS):
         # Imported here, lazily: the ``redis`` client library is needed only by those using it.
         try:

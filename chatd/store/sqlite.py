@@ -110,10 +110,12 @@ from chatd.store.base import (
 )
 from chatd.store.sqlite_checkpoint import Checkpointer
 from chatd.store.sqlite_gate import WriteGate
+from chatd.store.sqlite_remote import WriterClient
 from chatd.store.sqlite_write import LoopWrites, is_busy
 
 T = TypeVar("T")
 
+WRITER_WAIT = 5.0  # seconds open() waits for the host writer before writing the file itself
 PROBE_MIN_FREE = 1 << 20  # bytes: less free on the disk of the file, and the store is "full"
 
 
@@ -146,6 +148,7 @@ class SqliteStore(LoopWrites):
         owner: str | None = None,
         checkpoint_pages: int = 1000,
         checkpoint_interval: float = 0.25,
+        writer: str | None = None,
     ) -> None:
         self.path = path
         self._dir = os.path.dirname(os.path.abspath(path))  # statvfs'd by probe()
@@ -166,6 +169,7 @@ class SqliteStore(LoopWrites):
         self._rdb: sqlite3.Connection | None = None
         self._closed = False
         self._init_writes()
+        self.writer = writer  # the host writer's address (chatd.store.sqlite_host), or None
 
     @property
     def checkpointer(self) -> Checkpointer | None:
@@ -177,6 +181,12 @@ class SqliteStore(LoopWrites):
         if self._loop is not None or self._closed:
             raise StoreError("the session store was already opened")
         loop = asyncio.get_running_loop()
+        if self.writer is not None:
+            try:
+                await self._open_remote(loop, self.writer)
+                return
+            except StoreError as exc:  # the file itself says what is wrong, if anything is
+                log.warning("%s; this worker writes %s itself", exc, self.path)
         await asyncio.to_thread(self._connect)
         try:
             self._gate = WriteGate(self.path)
@@ -194,11 +204,31 @@ class SqliteStore(LoopWrites):
         self._checkpointer = checkpointer
         self._loop = loop  # writes are accepted from here on
 
+    async def _open_remote(self, loop: asyncio.AbstractEventLoop, address: str) -> None:
+        """Writes through the host writer at ``address``; the reader connection of our own
+        (opened once the writer answers: it has created or migrated the schema)."""
+        remote = WriterClient(address, loop, self._lock_timeout, self._record)
+        await remote.connect(WRITER_WAIT)
+        try:
+            self._rdb = await asyncio.to_thread(
+                self._retrying, self._connection, self._busy_timeout
+            )
+            self._rdb.execute("PRAGMA query_only = ON")
+        except (OSError, sqlite3.Error) as exc:
+            await remote.close()
+            raise StoreError(f"cannot open the session store {self.path}: {exc}") from exc
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="chatd-store-read")
+        self._remote = remote
+        self._loop = loop
+
     async def close(self) -> None:
         """Commit every write queued so far, then stop the threads and close the file."""
         if self._closed:
             return
         self._closed = True  # new requests are refused from here on
+        if self._remote is not None:
+            await self._remote.drain()
+            await self._remote.close()
         await self._drain()
         if self._gate is not None:
             self._gate.close()
@@ -293,7 +323,10 @@ class SqliteStore(LoopWrites):
         returns the original seq and changes nothing (contracts 1, 6)."""
         meta = orjson.dumps({"model": model}).decode()
         return cast(
-            Appended, await self._write("append", session, msg_id, "user", text, meta, lease_s)
+            Appended,
+            await self._write(
+                "append", self.owner, self.ttl, session, msg_id, "user", text, meta, lease_s
+            ),
         )
 
     async def append_final(
@@ -304,21 +337,28 @@ class SqliteStore(LoopWrites):
             raise ValueError(f"append_final takes 'reply' or 'error', not {kind!r}")
         # Serialized here, so a bad meta fails its caller at once rather than in the batch.
         blob = orjson.dumps(meta if isinstance(meta, dict) else dict(meta)).decode()
-        return cast(Appended, await self._write("append", session, msg_id, kind, text, blob, 0.0))
+        return cast(
+            Appended,
+            await self._write(
+                "append", self.owner, self.ttl, session, msg_id, kind, text, blob, 0.0
+            ),
+        )
 
     async def claim(self, session: str | None, lease_s: float, limit: int) -> list[Event]:
         """Take up to ``limit`` lapsed leases (of ``session``, or of all with None): one UPDATE
         ... RETURNING (its own transaction), so atomic against every process (contract 6)."""
         if limit <= 0:
             return []
-        return cast(list[Event], await self._write("claim", session, lease_s, limit))
+        return cast(list[Event], await self._write("claim", self.owner, session, lease_s, limit))
 
     async def renew(self, session: str, msg_ids: Sequence[str], lease_s: float) -> set[str]:
         """Extend this store's leases (contract 6); the renewals queued in one event-loop tick
         are one UPDATE per distinct ``lease_s``."""
         if not msg_ids:
             return set()
-        return cast(set[str], await self._write("renew", session, tuple(msg_ids), lease_s))
+        return cast(
+            set[str], await self._write("renew", self.owner, session, tuple(msg_ids), lease_s)
+        )
 
     async def release(self, owner: str) -> int:
         """Make ``owner``'s held leases lapse now (see :meth:`chatd.store.base.Store.release`):
@@ -348,7 +388,7 @@ class SqliteStore(LoopWrites):
 
     async def expire(self) -> int:
         """Delete the sessions (and their events) idle for more than ``ttl`` seconds."""
-        return cast(int, await self._write("expire"))
+        return cast(int, await self._write("expire", self.ttl))
 
     async def _read(self, sql: str, *params: Any) -> Any:
         """The one row ``sql`` selects (a JSON array for the event lists), read off the loop."""
@@ -408,6 +448,8 @@ class SqliteStore(LoopWrites):
         with self._stats_lock:
             samples = sorted(self._samples)
             commits, rows, busy = self._commits, self._rows, self._busy_retries
+        if self._remote is not None:  # the writes' round trips, their answers' latency
+            commits = self._remote.round_trips
 
         def pct(q: float) -> float:
             return samples[min(len(samples) - 1, int(q * len(samples)))] if samples else 0.0

@@ -15,7 +15,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -25,6 +25,7 @@ from chatd.store import sqlite_sql as sql
 from chatd.store.base import Appended, Event, Health
 from chatd.store.sqlite_checkpoint import Checkpointer
 from chatd.store.sqlite_gate import WriteGate
+from chatd.store.sqlite_remote import WriterClient
 
 _RESERVOIR = 4096  # commit latency samples kept (uniform over all batches since open)
 _CONFLICTS = 8  # re-plans of a batch that keeps losing races before it is split up
@@ -64,7 +65,7 @@ class _Request:
 
     __slots__ = ("args", "fut", "op", "result")
 
-    def __init__(self, op: str, args: tuple[Any, ...], fut: asyncio.Future[Any]) -> None:
+    def __init__(self, op: str, args: Sequence[Any], fut: asyncio.Future[Any]) -> None:
         self.op, self.args, self.fut = op, args, fut
         self.result: Any = _PENDING
 
@@ -72,12 +73,10 @@ class _Request:
 class LoopWrites:
     """The write half of the SQLite store: batching on the loop, retries, planning, statistics.
 
-    Uses the store's ``owner``, ``ttl``, ``_wdb`` (the write connection, ``timeout=0``),
+    Uses the store's ``_wdb`` (the write connection, ``timeout=0``),
     ``_window``, ``_max_batch``, ``_lock_timeout``, ``_checkpointer`` and ``_closed``.
     """
 
-    owner: str
-    ttl: int
     _wdb: sqlite3.Connection | None
     _window: float
     _max_batch: int
@@ -88,6 +87,9 @@ class LoopWrites:
 
     def _init_writes(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the writes run on
+        # The host writer's client when this store's writes are the host writer's
+        # (chatd.store.sqlite_host); None: they are committed here, on the loop.
+        self._remote: WriterClient | None = None
         self._queue: list[_Request] = []  # FIFO; a retried batch's leftovers go back in front
         self._handle: asyncio.Handle | None = None  # the planned _flush, if any
         self._waited = False  # the lone request at the queue's head has had its window
@@ -122,6 +124,23 @@ class LoopWrites:
         """Queue a write for this tick's batch; its result once committed. Call on the loop
         the store was opened on (not checked here: a lookup of the running loop is a system
         call on CPython 3.11, chatd.relay.pool.Pool.loop)."""
+        remote = self._remote
+        try:
+            result = await (self.submit(op, args) if remote is None else remote.call(op, args))
+        except StoreError as exc:
+            self.health.failed(exc)
+            raise
+        self.health.ok()
+        if remote is not None and isinstance(result, Appended) and not result.duplicate:
+            with self._stats_lock:  # (committed here: _settle counts the local batches')
+                self._rows += 1
+        return result
+
+    def submit(self, op: str, args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Queue a write for this tick's batch (on the store's loop); the future is resolved
+        once it committed, or fails with a StoreError. ``append``, ``claim`` and ``renew``
+        take the lease owner as their first argument (the host writer, chatd.store.sqlite_host,
+        writes for every worker's store)."""
         loop = self._loop
         if loop is None or self._closed:
             raise StoreError("the session store is not open")
@@ -129,13 +148,7 @@ class LoopWrites:
         self._queue.append(_Request(op, args, fut))
         if self._handle is None and not self._gating:  # the tick's first: commit at its end
             self._handle = loop.call_soon(self._flush)
-        try:
-            result = await fut
-        except StoreError as exc:
-            self.health.failed(exc)
-            raise
-        self.health.ok()
-        return result
+        return fut
 
     def _flush(self) -> None:
         """On the loop: commit the queued requests (at most ``max_batch``) and resolve them."""
@@ -344,11 +357,20 @@ class LoopWrites:
         self._wdb.execute(f"PRAGMA user_version = {int(version)}")
         return [None] * len(reqs)
 
-    def _expire(self, reqs: list[tuple[()]]) -> list[int]:
+    def _expire(self, reqs: list[tuple[int]]) -> list[int]:
+        """One DELETE per distinct ``ttl`` (one, in practice: all the workers' config's)."""
         assert self._wdb is not None
-        n = self._wdb.execute(sql.SQL_EXPIRE, (time.time() - self.ttl,)).rowcount
-        self._commits += 1
-        return [n] + [0] * (len(reqs) - 1)
+        now = time.time()
+        counts: list[int] = []
+        done: set[int] = set()
+        for (ttl,) in reqs:
+            if ttl in done:
+                counts.append(0)
+                continue
+            counts.append(self._wdb.execute(sql.SQL_EXPIRE, (now - ttl,)).rowcount)
+            done.add(ttl)
+            self._commits += 1
+        return counts
 
     def _release(self, reqs: list[tuple[str]]) -> list[int]:
         """Each release: one UPDATE (its own transaction); the leases it made lapse."""
@@ -357,14 +379,14 @@ class LoopWrites:
         self._commits += sum(map(bool, counts))
         return counts
 
-    def _claim(self, reqs: list[tuple[str | None, float, int]]) -> list[list[Event]]:
+    def _claim(self, reqs: list[tuple[str, str | None, float, int]]) -> list[list[Event]]:
         """Each claim: one UPDATE ... RETURNING (its own transaction)."""
         assert self._wdb is not None
         results: list[list[Event]] = []
-        for session, lease_s, limit in reqs:
+        for owner, session, lease_s, limit in reqs:
             now = time.time()
             rows = self._wdb.execute(
-                sql.SQL_CLAIM, (self.owner, now + lease_s, now, session, limit)
+                sql.SQL_CLAIM, (owner, now + lease_s, now, session, limit)
             ).fetchall()
             self._commits += bool(rows)
             events = [
@@ -375,37 +397,41 @@ class LoopWrites:
             results.append(events)
         return results
 
-    def _renew(self, reqs: list[tuple[str, tuple[str, ...], float]]) -> list[set[str]]:
-        """The renewals of a batch: one UPDATE per distinct lease length (one, in practice);
-        done again whole if a later one finds the file locked (a renewal is idempotent)."""
+    def _renew(self, reqs: list[tuple[str, str, Sequence[str], float]]) -> list[set[str]]:
+        """The renewals of a batch: one UPDATE per distinct (owner, lease length): one per
+        worker, in practice; done again whole if a later one finds the file locked (a renewal
+        is idempotent)."""
         assert self._wdb is not None
         db, now = self._wdb, time.time()
         held: set[tuple[str, str]] = set()
-        by_lease: dict[float, list[tuple[str, str]]] = {}
-        for session, msg_ids, lease_s in reqs:
-            by_lease.setdefault(lease_s, []).extend((session, m) for m in msg_ids)
-        for lease_s, pairs in by_lease.items():
+        by_lease: dict[tuple[str, float], list[tuple[str, str]]] = {}
+        for owner, session, msg_ids, lease_s in reqs:
+            by_lease.setdefault((owner, lease_s), []).extend((session, m) for m in msg_ids)
+        for (owner, lease_s), pairs in by_lease.items():
             blob = orjson.dumps(pairs)
             if sql.NUL in blob:  # json_extract stops at a NUL: row by row (rare)
                 for session, msg_id in pairs:
-                    args = (now + lease_s, self.owner, session, msg_id)
+                    args = (now + lease_s, owner, session, msg_id)
                     got = db.execute(sql.SQL_RENEW_ONE, args)
                     held.update(got.fetchall())
             else:
-                held.update(db.execute(sql.SQL_RENEW, (now + lease_s, self.owner, blob)).fetchall())
+                held.update(db.execute(sql.SQL_RENEW, (now + lease_s, owner, blob)).fetchall())
             self._commits += 1
-        return [{m for m in msg_ids if (session, m) in held} for session, msg_ids, _ in reqs]
+        return [{m for m in msg_ids if (session, m) in held} for _, session, msg_ids, _ in reqs]
 
     def _append(
-        self, reqs: list[tuple[str, str, str, str, str, float]]
+        self, reqs: list[tuple[str, int, str, str, str, str, str, float]]
     ) -> list[Appended | StoreError]:
         """Read the state of every (session, msg_id, role), plan in Python, write in one INSERT."""
         assert self._wdb is not None
         db, now = self._wdb, time.time()
-        keys = [(s, m, "user" if k == "user" else "final") for s, m, k, _, _, _ in reqs]
+        keys = [(s, m, "user" if k == "user" else "final") for _, _, s, m, k, _, _, _ in reqs]
         state: list[Any] = [None] * len(reqs)
         known = self._known
-        if all(k[0] in known and known[k[0]][1] + self.ttl >= now for k in keys):
+        ttls = [req[1] for req in reqs]
+        if all(
+            k[0] in known and known[k[0]][1] + t >= now for k, t in zip(keys, ttls, strict=True)
+        ):
             # Optimistic: the seqs from this store's own commits, no duplicate assumed.
             state = [(*known[k[0]], None) for k in keys]
         elif sql.NUL in (blob := orjson.dumps(keys)):
@@ -417,17 +443,17 @@ class LoopWrites:
         rows: list[tuple[str, int, str, str, str, str, str, float]] = []
         last: dict[str, int] = {}  # session -> its highest seq in this batch
         seen: dict[tuple[str, str, str], int] = {}  # key -> seq given earlier in this batch
-        for (session, msg_id, kind, text, meta, lease_s), key, got in zip(
+        for (owner, ttl, session, msg_id, kind, text, meta, lease_s), key, got in zip(
             reqs, keys, state, strict=True
         ):
-            if got is None or got[0] is None or got[1] + self.ttl < now:
+            if got is None or got[0] is None or got[1] + ttl < now:
                 results.append(SessionGone(f"unknown or expired session {short(session)}"))
             elif (old := got[2] if got[2] is not None else seen.get(key)) is not None:
                 results.append(Appended(old, True))
             else:
                 seq = seen[key] = last[session] = last.get(session, got[0]) + 1
                 # A new user message is leased to this store (contract 6); a final has none.
-                lease = (self.owner, now + lease_s) if kind == "user" else ("", 0.0)
+                lease = (owner, now + lease_s) if kind == "user" else ("", 0.0)
                 rows.append((session, seq, kind, msg_id, text, meta, *lease))
                 results.append(Appended(seq, False))
         try:

@@ -75,7 +75,7 @@ class Worker:
         self.spec = spec
         self.cfg: Config = spec.cfg
         self.name = f"{spec.slot}/{os.getpid()}"
-        self.store = open_store(self.cfg.sessions)
+        self.store = open_store(self.cfg.sessions, spec.store_writer)
         # Notices of stored replies across hosts (Redis pub/sub; None with SQLite: one host).
         self.notices = open_notices(self.cfg.sessions)
         # The backends: the static tables, then the dns tables' addresses as the master tells

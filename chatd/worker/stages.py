@@ -109,4 +109,7 @@ class Stages:
 
 
 def _wire(h: Histogram) -> dict[str, Any]:
-    return {"buckets": sorted(h.counts.items()), "sum_ms": h.total_ms}
+    # A copy first: gc_pause is observed from the collector's callback, which may run at any
+    # allocation (sorted's included), in any thread; a dict's copy allocates no tracked object
+    # while it copies, so no collection (and no new bucket) can come in the middle of it.
+    return {"buckets": sorted(dict(h.counts).items()), "sum_ms": h.total_ms}

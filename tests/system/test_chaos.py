@@ -65,8 +65,9 @@ def fake() -> Iterator[FakeOllama]:
         yield f
 
 
-def _killer(d: Chatd, pids: list[int], takeovers: dict[int, int]) -> None:
-    """In a thread: SIGKILL a ready worker every KILL_EVERY s for CHAOS_S s."""
+def _killer(d: Chatd, pids: list[int], takeovers: dict[int, int], victim: str) -> None:
+    """In a thread: SIGKILL a ready worker (``victim`` "worker") or the SQLite store's writer
+    process ("writer") every KILL_EVERY s for CHAOS_S s."""
     end = time.monotonic() + t(CHAOS_S)
     while time.monotonic() < end:
         time.sleep(KILL_EVERY)
@@ -75,7 +76,11 @@ def _killer(d: Chatd, pids: list[int], takeovers: dict[int, int]) -> None:
             continue
         for w in st["workers"]:
             takeovers[w["pid"]] = max(takeovers.get(w["pid"], 0), w.get("takeovers_total", 0))
-        ready = [w["pid"] for w in st["workers"] if w["state"] == "ready"]
+        if victim == "writer":
+            writer = st["master"]["store_writer"]
+            ready = [writer["pid"]] if writer["pid"] is not None else []
+        else:
+            ready = [w["pid"] for w in st["workers"] if w["state"] == "ready"]
         if ready:
             pid = random.choice(ready)
             os.kill(pid, signal.SIGKILL)
@@ -103,7 +108,7 @@ def _store_logs_redis(url: str, sessions: list[str]) -> dict[str, list[tuple[int
     return logs
 
 
-def _chaos(d: Chatd, store: str, redis_url: str | None) -> dict[str, Any]:
+def _chaos(d: Chatd, store: str, redis_url: str | None, victim: str = "worker") -> dict[str, Any]:
     master = d.status()
     assert master is not None
     master_pid = master["master"]["pid"]
@@ -119,7 +124,7 @@ def _chaos(d: Chatd, store: str, redis_url: str | None) -> dict[str, Any]:
             )
             for tl in tallies
         ]
-        await asyncio.to_thread(_killer, d, killed, takeovers)
+        await asyncio.to_thread(_killer, d, killed, takeovers, victim)
         stop.set()
         clients = await asyncio.gather(*tasks)
         await quiet(clients, tallies, QUIET_S)
@@ -168,7 +173,7 @@ def _chaos(d: Chatd, store: str, redis_url: str | None) -> dict[str, Any]:
     figures = {
         "store": store,
         "clients": CLIENTS,
-        "workers_killed": len(killed),
+        f"{victim}s_killed": len(killed),
         "acknowledged": acked,
         "stored_user_messages": stored_users,
         "replies_or_final_errors": replies,
@@ -185,8 +190,13 @@ def _chaos(d: Chatd, store: str, redis_url: str | None) -> dict[str, Any]:
     assert not problems, problems[:20]
     assert duplicates == 0 and lost == 0 and unsent == 0, figures
     assert acked == stored_users == replies == finals, figures
-    assert logged > 0, "no message was taken over: the kills never hit a generation?"
-    assert released > 0, "no lease of a killed worker was released: all waited to lapse"
+    if victim == "worker":
+        assert logged > 0, "no message was taken over: the kills never hit a generation?"
+        assert released > 0, "no lease of a killed worker was released: all waited to lapse"
+    else:  # the workers lived on, each writer replaced by the master
+        assert {w["pid"] for w in final_status["workers"]} == {w["pid"] for w in master["workers"]}
+        writer = final_status["master"]["store_writer"]
+        assert writer["restarts"] == len(killed) and writer["pid"] not in killed, writer
     return figures
 
 
@@ -198,6 +208,21 @@ def test_chaos_sqlite(fake: FakeOllama, tmp_path: Path) -> None:
         limits={"messages_per_minute": 600},
     ) as d:
         _chaos(d, "sqlite", None)
+
+
+def test_chaos_sqlite_store_writer_killed(fake: FakeOllama, tmp_path: Path) -> None:
+    """The SQLite store's writer process (chatd.store.sqlite_host) SIGKILLed every KILL_EVERY s
+    under the same load: the master replaces it, the workers connect again (the writes in
+    flight fail: a user message is then sent again by its client, a reply is generated again
+    once its lease lapsed) and the same bars hold: no acknowledged message lost, none
+    answered twice, no worker restarted."""
+    with running_chatd(
+        tmp_path,
+        fake.url,
+        workers=2,
+        limits={"messages_per_minute": 600},
+    ) as d:
+        _chaos(d, "sqlite", None, victim="writer")
 
 
 @pytest.mark.parametrize("kind", ["redis", "redis-cluster", "redis-sentinel"])

@@ -96,7 +96,10 @@ def test_flags_override_the_file(valid: Path, monkeypatch: pytest.MonkeyPatch) -
     reload (which reads the file again) would apply them again."""
     built: list[Config] = []
 
-    def fake_master(cfg: Config, worker_main: object, load_config: Callable[[], Config]) -> _Stub:
+    def fake_master(
+        cfg: Config, worker_main: object, load_config: Callable[[], Config], writer_main: object
+    ) -> _Stub:
+        assert callable(writer_main)  # the SQLite store's writer: imported before any fork
         built.append(cfg)
         built.append(load_config())
         return _Stub()

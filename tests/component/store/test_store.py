@@ -43,7 +43,7 @@ MakeStore = Callable[..., Store]
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(params=["sqlite", "redis", "redis-cluster", "redis-sentinel"])
+@pytest.fixture(params=["sqlite", "sqlite-writer", "redis", "redis-cluster", "redis-sentinel"])
 def backend(request: pytest.FixtureRequest) -> str:
     """Which store the contract tests run on."""
     return str(request.param)
@@ -63,9 +63,11 @@ def make_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> 
         return lambda ttl=3600: RedisStore(url, ttl, min_replicas_acks=acks)
     # A missing parent directory on purpose: the store must create it.
     path = str(tmp_path / "var" / "sessions.db")
+    # sqlite-writer: the writes through a host writer process (chatd.store.sqlite_host).
+    writer = request.getfixturevalue("store_writer")(path) if backend == "sqlite-writer" else None
 
     def make(ttl: int = 3600) -> Store:
-        return SqliteStore(path, ttl)
+        return SqliteStore(path, ttl, writer=writer)
 
     return make
 
@@ -408,7 +410,7 @@ def test_sweep_claims_across_sessions_with_a_limit(make_store: MakeStore) -> Non
 def test_ttl_expiry(make_store: MakeStore, backend: str) -> None:
     store = make_store(ttl=1)
     # SQLite deletes in expire(); Redis has already deleted by key TTL, so expire() finds none.
-    deleted = 1 if backend == "sqlite" else 0
+    deleted = 1 if backend.startswith("sqlite") else 0
 
     async def main() -> None:
         async with opened(store):
@@ -664,7 +666,7 @@ def test_sqlite_failing_request_fails_alone(
     real = SqliteStore._append
 
     def append(self: SqliteStore, reqs: list[tuple[str, ...]]) -> Any:
-        if any(r[3] == "poison" for r in reqs):
+        if any(r[5] == "poison" for r in reqs):  # (owner, ttl, session, msg_id, kind, text, …)
             raise sqlite3.OperationalError("disk I/O error")
         return real(self, reqs)  # type: ignore[arg-type]
 

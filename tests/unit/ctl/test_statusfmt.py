@@ -132,3 +132,17 @@ def test_fleet_slots_are_shown_and_a_failing_renewal_is_a_problem() -> None:
     data["fleet"]["error"] = "no answer from the worker within 1s"
     assert problems(data) == ["fleet LLM slots not renewed (no answer from the worker within 1s)"]
     assert "(fleet:" not in format_status(doc())
+
+
+def test_the_store_writer_line() -> None:
+    """The SQLite store's writer: its pid and file; a restarting one stands out; none, no line."""
+    base = doc()
+    assert "store writer" not in format_status(base)
+    base["master"]["store_writer"] = {"pid": 4251, "path": "/var/lib/chatd/s.db", "restarts": 0}
+    assert "store writer pid 4251 for /var/lib/chatd/s.db" in format_status(base).splitlines()
+    base["master"]["store_writer"] = {"pid": None, "path": "/var/lib/chatd/s.db", "restarts": 2}
+    assert (
+        "store writer NOT RUNNING (restarting) for /var/lib/chatd/s.db, 2 restarts"
+        in format_status(base).splitlines()
+    )
+    assert "the session store's writer is not running" in " ".join(problems(base))
