@@ -51,7 +51,7 @@ from chatd.master.reload import worker_count
 from chatd.master.scale import MAX_WORKERS, scale_to
 from chatd.master.services import Services
 from chatd.master.shutdown import KILL_WAIT, Shutdown
-from chatd.master.storewriter import StoreWriter
+from chatd.master.storewriter import STOP_WAIT, StoreWriter
 from chatd.master.systemd import Notifier
 from chatd.master.takeover import Takeover
 from chatd.master.workers import MASTER_SIGNALS, Workers
@@ -360,7 +360,8 @@ class Master:
             self.workers.kill_all_and_reap(0.0 if killed else KILL_WAIT)
             self.workers.close()
         if self.store_writer is not None:  # after the workers: their stores wrote through it
-            self.store_writer.stop()
+            killed = self._shutdown is not None and self._shutdown.killed
+            self.store_writer.stop(KILL_WAIT if killed else STOP_WAIT)
         if self._control is not None:
             self._control.close()
             self._control = None

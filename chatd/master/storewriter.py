@@ -2,11 +2,12 @@
 
 With a SQLite store (``[sessions] store = "sqlite:…"`` and ``sqlite_writer = true``, the
 default), one process does every worker's writes on one connection: the master forks it before
-the first worker, restarts it when it dies (at once; at most once a second when it keeps dying
-young), and stops it after the last worker has exited (SIGTERM: it commits and answers what is
-queued; SIGKILL after ``STOP_WAIT``). Its workers connect to ``address``, an abstract unix
-socket name unique to this master (no file to clean up); while it restarts they hold their new
-writes and fail those in flight (chatd.store.sqlite_remote).
+the first worker, restarts it when it dies (at once; after a pause from 1 s doubling to 30 s
+while it keeps dying before it serves), and stops it after the last worker has exited
+(SIGTERM: it commits and answers what is queued; SIGKILL after ``STOP_WAIT``). Its workers
+connect to ``address``, an abstract unix socket name unique to this master (no file to clean
+up); while it restarts they hold their new writes and fail those in flight
+(chatd.store.sqlite_remote).
 
 The writer keeps the file it was started with across reloads: a new generation whose
 ``[sessions] store`` names another file, or that sets ``sqlite_writer = false``, writes the
@@ -32,7 +33,9 @@ from chatd.spec import WriterMain, WriterSpec
 
 log = logging.getLogger("chatd.master")
 
-YOUNG_S = 1.0  # a writer that dies younger than this is restarted this long after its start
+FIRST_PAUSE, LONGEST_PAUSE = 1.0, 30.0  # before restarting a writer that died before serving:
+# doubled at each such death in a row (a file it cannot open, a schema newer than this chatd)
+READY = b"r"  # what the writer sends on its link once it serves
 STOP_WAIT = 10.0  # seconds a stopping writer has to commit its queue before SIGKILL
 
 
@@ -60,6 +63,7 @@ class StoreWriter:
         self.started = 0.0
         self.restarts = 0
         self.respawn_at: float | None = None
+        self._pause = 0.0  # the pause before the next restart, if it dies young again
         self.stopped = False
         self._link: socket.socket | None = None  # the master's end: its EOF tells the writer
 
@@ -114,7 +118,11 @@ class StoreWriter:
             return True
         now = time.monotonic()
         self.restarts += 1
-        self.respawn_at = max(now, self.started + YOUNG_S)
+        if self._served():
+            self._pause, self.respawn_at = 0.0, now
+        else:  # it died at its start: restarting it at once would only fail again
+            self._pause = min(LONGEST_PAUSE, max(FIRST_PAUSE, 2 * self._pause))
+            self.respawn_at = max(now, self.started + self._pause)
         log.error(
             "store writer (pid %d) %s; restarting it%s",
             *(pid, how, "" if self.respawn_at <= now else f" in {self.respawn_at - now:.1f}s"),
@@ -122,6 +130,15 @@ class StoreWriter:
         if self.respawn_at <= now:
             self.start()
         return True
+
+    def _served(self) -> bool:
+        """Did the writer that just exited say it served (READY on its link)?"""
+        if self._link is None:
+            return False
+        try:
+            return self._link.recv(len(READY), socket.MSG_DONTWAIT) == READY
+        except OSError:
+            return False
 
     def timeout(self, now: float, timeout: float) -> float:
         """The master loop's select timeout, shortened for a planned restart."""
@@ -145,8 +162,8 @@ class StoreWriter:
         self.stopped = True
         self.respawn_at = None
         pid = self.pid
-        if pid is not None:
-            try:
+        if pid is not None and not _reaped_within(pid, 0.0):  # still our child: its pid is
+            try:  # not reused (another reaper, SIGCHLD's, may have collected it already)
                 os.kill(pid, signal.SIGTERM)
                 if not _reaped_within(pid, within):
                     log.warning("store writer (pid %d) did not stop in %.0fs: SIGKILL", pid, within)
@@ -154,7 +171,7 @@ class StoreWriter:
                     _reaped_within(pid, within)
             except ProcessLookupError:
                 pass
-            self.pid = None
+        self.pid = None
         if self._link is not None:
             self._link.close()
             self._link = None

@@ -97,7 +97,7 @@ class _Connection(asyncio.Protocol):
         self._writer.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._writer.connections.discard(self)
+        self._writer.ended(self)
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
@@ -105,7 +105,7 @@ class _Connection(asyncio.Protocol):
             self._unpacker.feed(data)
             for frame in self._unpacker:
                 self._request(frame)
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        except (ValueError, msgpack.UnpackException) as exc:
             # Only chatd's workers connect: a bad frame is a bug or a stranger. That
             # connection alone ends; its requests already queued still commit.
             log.error("store writer: a bad request frame (%s); closing that connection", exc)
@@ -146,6 +146,7 @@ class HostWriter:
         self.address = address
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
+        self._none_left = asyncio.Event()  # set when the last connection ends
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -154,11 +155,32 @@ class HostWriter:
             lambda: _Connection(self), sock=listen(self.address)
         )
 
-    async def close(self) -> None:
-        """Stop accepting, commit every queued write, answer it, close the connections."""
+    def stop_accepting(self) -> None:
+        """No new connection; those open go on."""
         if self._server is not None:
             self._server.close()
-        await self.store.close()  # drains the queue: every request is answered
+
+    async def connections_closed(self) -> None:
+        """Wait until every open connection has ended (its worker exited)."""
+        if self.connections:
+            self._none_left.clear()
+            await self._none_left.wait()
+
+    def ended(self, conn: _Connection) -> None:
+        """``conn`` was lost."""
+        self.connections.discard(conn)
+        if not self.connections:
+            self._none_left.set()
+
+    async def close(self) -> None:
+        """Stop accepting and reading, commit every queued write, answer it, close the
+        connections. (A request unread by then is lost with its connection: its worker fails
+        it as one in flight. The master stops the writer after the last worker: none is.)"""
+        self.stop_accepting()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.pause_reading()
+        await self.store.close()  # drains the queue: every request read is answered
         await asyncio.sleep(0)  # the answers' flush (call_soon)
         for conn in list(self.connections):
             if conn.transport is not None:
@@ -166,17 +188,33 @@ class HostWriter:
         await asyncio.sleep(0)
 
 
+ORPHAN_WAIT = 120.0  # s: an orphaned writer serves its open connections this long at most
+
+
 async def serve(path: str, address: str, link: socket.socket | None = None) -> int:
-    """The writer process's life: open the store on ``path``, serve ``address`` until SIGTERM,
-    SIGINT or the end of ``link`` (the master's socket: EOF means the master is gone), then
-    commit what is queued and exit. Returns the exit code."""
+    """The writer process's life: open the store on ``path``, serve ``address`` until SIGTERM
+    (the master's, after its last worker), then commit what is queued and exit. Returns the
+    exit code.
+
+    SIGINT is ignored: a Ctrl-C in a terminal reaches every process of the daemon at once,
+    and the workers, stopping, still write through this one; the master sends SIGTERM once
+    they have exited. EOF on ``link`` (the master's socket) means the master died: its workers
+    drain and exit, still writing here, so the writer takes no new connection, serves those
+    open until they end (``ORPHAN_WAIT`` at most) and exits.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    orphaned = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
     if link is not None:
         link.setblocking(False)
-        loop.add_reader(link.fileno(), stop.set)  # readable only at EOF: the master wrote none
+
+        def master_gone() -> None:  # readable only at EOF: the master writes nothing
+            loop.remove_reader(link.fileno())  # (else called at every turn of the loop)
+            orphaned.set()
+
+        loop.add_reader(link.fileno(), master_gone)
     store = SqliteStore(path, 1)  # each request carries its own ttl (chatd.store.sqlite_wire)
     try:
         await store.open()
@@ -191,11 +229,23 @@ async def serve(path: str, address: str, link: socket.socket | None = None) -> i
         await store.close()
         return 1
     log.info("store writer serving %s (pid %d)", path, os.getpid())
-    await stop.wait()
-    await writer.close()
     if link is not None:
-        with contextlib.suppress(ValueError, OSError):
-            loop.remove_reader(link.fileno())
+        with contextlib.suppress(OSError):  # the master's: it restarts a writer that served
+            link.send(b"r")  # at once (chatd.master.storewriter.READY)
+    stopping = asyncio.ensure_future(stop.wait())
+    master = asyncio.ensure_future(orphaned.wait())
+    await asyncio.wait([stopping, master], return_when=asyncio.FIRST_COMPLETED)
+    if master.done() and not stop.is_set():
+        log.warning("store writer: the master is gone; serving the workers left until they exit")
+        writer.stop_accepting()
+        drained = asyncio.ensure_future(writer.connections_closed())
+        await asyncio.wait(
+            [stopping, drained], timeout=ORPHAN_WAIT, return_when=asyncio.FIRST_COMPLETED
+        )
+        drained.cancel()
+    stopping.cancel()
+    master.cancel()
+    await writer.close()
     log.info("store writer stopped")
     return 0
 

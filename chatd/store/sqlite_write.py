@@ -125,6 +125,8 @@ class LoopWrites:
         the store was opened on (not checked here: a lookup of the running loop is a system
         call on CPython 3.11, chatd.relay.pool.Pool.loop)."""
         remote = self._remote
+        if remote is not None and self._closed:
+            raise StoreError("the session store is not open")
         try:
             result = await (self.submit(op, args) if remote is None else remote.call(op, args))
         except StoreError as exc:
@@ -403,21 +405,27 @@ class LoopWrites:
         is idempotent)."""
         assert self._wdb is not None
         db, now = self._wdb, time.time()
-        held: set[tuple[str, str]] = set()
+        # What each owner still holds: a message another owner claimed is renewed by that one,
+        # and must not read as held by the first (the host writer renews for every worker).
+        held: set[tuple[str, str, str]] = set()
         by_lease: dict[tuple[str, float], list[tuple[str, str]]] = {}
         for owner, session, msg_ids, lease_s in reqs:
             by_lease.setdefault((owner, lease_s), []).extend((session, m) for m in msg_ids)
         for (owner, lease_s), pairs in by_lease.items():
             blob = orjson.dumps(pairs)
             if sql.NUL in blob:  # json_extract stops at a NUL: row by row (rare)
+                rows = []
                 for session, msg_id in pairs:
                     args = (now + lease_s, owner, session, msg_id)
-                    got = db.execute(sql.SQL_RENEW_ONE, args)
-                    held.update(got.fetchall())
+                    rows += db.execute(sql.SQL_RENEW_ONE, args).fetchall()
             else:
-                held.update(db.execute(sql.SQL_RENEW, (now + lease_s, owner, blob)).fetchall())
+                rows = db.execute(sql.SQL_RENEW, (now + lease_s, owner, blob)).fetchall()
+            held.update((owner, session, msg_id) for session, msg_id in rows)
             self._commits += 1
-        return [{m for m in msg_ids if (session, m) in held} for _, session, msg_ids, _ in reqs]
+        return [
+            {m for m in msg_ids if (owner, session, m) in held}
+            for owner, session, msg_ids, _ in reqs
+        ]
 
     def _append(
         self, reqs: list[tuple[str, int, str, str, str, str, str, float]]

@@ -18,7 +18,7 @@ import msgpack
 import pytest
 
 from chatd.errors import StoreError
-from chatd.store import SqliteStore
+from chatd.store import SqliteStore, sqlite_host
 from chatd.store import sqlite as sqlite_mod
 from tests.conftest import WriterProcess
 
@@ -170,3 +170,81 @@ def test_two_clients_share_one_group_commit(writer: WriterProcess) -> None:
             await b.close()
 
     asyncio.run(main())
+
+
+def test_renewals_of_two_owners_in_one_batch_answer_each_its_own(tmp_path: Path) -> None:
+    """The writer renews for every worker in one batch: a message claimed by B is not
+    reported held to A, its first owner, renewing in the same batch."""
+    store = SqliteStore(str(tmp_path / "s.db"), 3600, owner="A")
+
+    async def main() -> None:
+        await store.open()
+        try:
+            s = await store.create_session("")
+            await store.append_user(s, "m1", "q", "m", lease_s=0.05)  # A's, lapsing soon
+            await asyncio.sleep(0.1)
+            claimed = await store.submit("claim", ["B", s, 60.0, 10])
+            assert [e.msg_id for e in claimed] == ["m1"]
+            a = store.submit("renew", ["A", s, ["m1"], 60.0])  # one tick: one batch
+            b = store.submit("renew", ["B", s, ["m1"], 60.0])
+            assert await a == set()
+            assert await b == {"m1"}
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_stuck_writer_fails_the_writes_after_the_timeout(writer: WriterProcess) -> None:
+    """A writer alive but answering nothing (SIGSTOP) fails the writes after ``lock_timeout``
+    (as a locked file would), in flight or not; once it answers again, so does the store."""
+    store = SqliteStore(writer.path, 3600, writer=writer.address, lock_timeout=1.0)
+    assert writer.proc is not None
+    pid = writer.proc.pid
+
+    async def main() -> None:
+        await store.open()
+        try:
+            s = await store.create_session("")
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(StoreError, match=r"answer|reach"):
+                    await asyncio.wait_for(store.append_user(s, "m1", "q", "m"), 10)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            got = await asyncio.wait_for(store.append_user(s, "m1", "q", "m"), 10)
+            assert got.seq == 1  # the first may have committed: then this one is its duplicate
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_an_orphaned_writer_serves_its_connections_until_they_end(tmp_path: Path) -> None:
+    """The master's end of the link closes (the master died): the writer takes no new
+    connection, goes on serving the open one (a draining worker's), and exits once it ends."""
+    path = str(tmp_path / "s.db")
+    address = "\0chatd-test-orphan-" + os.urandom(6).hex()
+    ours, theirs = socket.socketpair()
+
+    async def main() -> None:
+        serving = asyncio.ensure_future(sqlite_host.serve(path, address, theirs))
+        store = SqliteStore(path, 3600, writer=address)
+        await store.open()
+        try:
+            s = await store.create_session("")
+            ours.close()  # the master is gone
+            await asyncio.sleep(0.2)
+            assert (await store.append_user(s, "m1", "q", "m")).seq == 1
+            late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with late, pytest.raises(ConnectionRefusedError):
+                late.connect(address)
+            assert not serving.done()
+        finally:
+            await store.close()
+        assert await asyncio.wait_for(serving, 10) == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        theirs.close()
