@@ -329,7 +329,7 @@ def _cpu(pids: Mapping[str, int]) -> dict[str, float]:
 def _group(cpu_s: Mapping[str, float]) -> dict[str, float]:
     """CPU seconds of ``worker …`` keys together (with the ``store writer``: it does the
     workers' writes) and of ``master``."""
-    workers = (v for k, v in cpu_s.items() if k.startswith(("worker", "store writer")))
+    workers = (v for k, v in cpu_s.items() if st.serves(k))
     return {
         "workers": round(sum(workers), 4),
         "master": round(float(cpu_s.get("master", 0.0)), 4),
@@ -356,7 +356,7 @@ def run_capacity(
         server.fake_config(target.fake_url, **zero, tokens=server.TOKENS)
     pids = server.chatd_pids(target.status() or {})
     workers = {k: v for k, v in pids.items() if k.startswith("worker")}
-    chatd = {k: v for k, v in pids.items() if k == "master" or k.startswith("worker")}
+    chatd = {k: v for k, v in pids.items() if k == "master" or st.serves(k)}
     master = pids.get("master", 0)
     n_warm = min(WARM_CONNS, p.users)  # 1 msg/s each
     warm = Scenario(f"{NAME} warm-up", TITLE, n_warm, float(n_warm), WARM_S)

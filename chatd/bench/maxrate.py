@@ -174,7 +174,7 @@ def run_step(
     res, cpu = scenarios.run_load(sc, target, mode, url, window, procs, progress=progress)
     s = scenarios.summarize(res.records, p.warmup, p.duration)
     replies = s["replies_in_window"]
-    workers = sum(v for k, v in cpu.items() if k.startswith("worker"))
+    workers = sum(v for k, v in cpu.items() if st.serves(k))  # the store writer's with them
     master = cpu.get("master") if kind == "chatd" else None
     clients = sum(v for k, v in cpu.items() if k.startswith("client"))
     errors = s["errors"] | {

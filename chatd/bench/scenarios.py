@@ -235,7 +235,7 @@ def _cpu(cpu: dict[str, float], duration: float, replies: int) -> dict[str, Any]
     """CPU in % of one core over the measured window, per process and for all of chatd; CPU
     µs per reply received in the window by group (:func:`stats.cpu_per_reply`)."""
     pct = {k: round(100 * v / duration, 1) for k, v in cpu.items()}
-    chatd = sum(v for k, v in pct.items() if k == "master" or k.startswith("worker"))
+    chatd = sum(v for k, v in pct.items() if k == "master" or st.serves(k))
     clients = sum(v for k, v in pct.items() if k.startswith("client"))
     return {
         "chatd_pct_of_core": round(chatd, 1),

@@ -185,6 +185,12 @@ CPU_GROUPS: dict[str, str] = {
 }
 
 
+def serves(key: str) -> bool:
+    """Is the process of this chatd-bench key one of those that serve the messages: a worker,
+    or the SQLite store's writer (it does the workers' writes)? (Not the master.)"""
+    return CPU_GROUPS.get(key.split(" ", 1)[0]) == "workers"
+
+
 def cpu_per_reply(cpu_s: Mapping[str, float], replies: int) -> dict[str, float | None]:
     """CPU µs per reply of each group of processes: ``workers`` (every ``worker …`` key
     together, and the ``store writer``, which writes for them), ``master``, ``backend``

@@ -1,8 +1,13 @@
 """The SQLite session store: one WAL file shared by every worker process of a host.
 
 Each worker opens its own :class:`SqliteStore` after the fork (threads and connections do not
-survive ``fork``). SQLite has one writer at a time per file, so the store spends that lock well,
-and never makes the event loop wait for it or for the disk:
+survive ``fork``). In a daemon its writes go to the host's **store writer**
+(``SqliteStore(writer=ADDRESS)``: :mod:`chatd.store.sqlite_host`, a process of the master's
+that runs the batches below for every worker on one connection, and
+:mod:`chatd.store.sqlite_remote`, a worker's side); it reads the file itself. Without a writer
+(``[sessions] sqlite_writer = false``, tests, tools) each store writes the file itself, as
+below. SQLite has one writer at a time per file, so the store spends that lock well, and never
+makes the event loop wait for it or for the disk:
 
 - **Writes run on the event loop** (:mod:`chatd.store.sqlite_write`). The writes queued in one
   loop tick (appends, creates, claims, renewals, expiries) make one batch, committed by one
@@ -443,7 +448,10 @@ class SqliteStore(LoopWrites):
         A commit's latency is its batch's: the time the event loop spent running the batch
         (its statements, planning included) and, for a batch that found the file locked, from
         its first attempt to its commit (the lock waits and the loop's other work between
-        attempts included). The ``window`` spent gathering a batch is not counted.
+        attempts included). The ``window`` spent gathering a batch is not counted. Through the
+        host writer: ``commits`` counts the round trips (the writes of one tick), the latency
+        is each request's from its send to its answer, and there are no busy retries or gate
+        waits (the writer's are its own).
         """
         with self._stats_lock:
             samples = sorted(self._samples)

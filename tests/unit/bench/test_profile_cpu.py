@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from chatd.bench import pyspy, scenarios, stats
+from chatd.bench import pyspy, scenarios, server, stats
 
 
 def test_per_message_us() -> None:
@@ -143,3 +143,17 @@ def test_a_profile_file_read_back(tmp_path: Path) -> None:
 )
 def test_short_file(path: str, short: str) -> None:
     assert pyspy.short_file(path) == short
+
+
+def test_the_store_writer_counts_with_the_workers() -> None:
+    """The SQLite store's writer process does the workers' writes: its CPU is theirs in every
+    figure (per reply, chatd's share of a core), and a status document names it."""
+    status = {
+        "master": {"pid": 10, "store_writer": {"pid": 11, "path": "/x.db", "restarts": 0}},
+        "workers": [{"id": 1, "pid": 12}],
+    }
+    assert server.chatd_pids(status) == {"master": 10, "store writer/11": 11, "worker 1/12": 12}
+    cpu = {"master": 0.1, "store writer/11": 0.5, "worker 1/12": 1.0, "client 9": 0.5}
+    assert stats.cpu_per_reply(cpu, 1000)["workers"] == 1500.0
+    assert scenarios._cpu(cpu, 10.0, 1000)["chatd_pct_of_core"] == 16.0
+    assert [k for k in cpu if stats.serves(k)] == ["store writer/11", "worker 1/12"]
