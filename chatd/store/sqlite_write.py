@@ -465,16 +465,8 @@ class LoopWrites:
                 rows.append((session, seq, kind, msg_id, text, meta, *lease))
                 results.append(Appended(seq, False))
         try:
-            if rows and sql.NUL in (blob := orjson.dumps(rows)):
-                db.execute("BEGIN IMMEDIATE")  # rare: row by row, in one transaction
-                try:
-                    db.executemany(sql.SQL_INSERT, [(*row, now) for row in rows])
-                    db.execute("COMMIT")
-                finally:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-            elif rows:
-                db.execute(sql.SQL_INSERT_ALL, (now, blob))
+            if rows:  # one statement, one transaction; its rows as parameters
+                db.execute(sql.insert_rows(len(rows)), [v for row in rows for v in (*row, now)])
         except sqlite3.IntegrityError:  # planned on stale knowledge: read the file next time
             for key in keys:
                 known.pop(key[0], None)
