@@ -230,10 +230,17 @@ def format_status(data: Mapping[str, Any]) -> str:
         pid = writer.get("pid")
         state = f"pid {pid}" if pid else "NOT RUNNING (restarting)"
         restarts = writer.get("restarts") or 0
-        lines.append(
-            f"store writer {state} for {writer.get('path')}"
-            + (f", {restarts} restart{'s' if restarts != 1 else ''}" if restarts else "")
-        )
+        line = f"store writer {state} for {writer.get('path')}"
+        line += f", {restarts} restart{'s' if restarts != 1 else ''}" if restarts else ""
+        fig = writer.get("store")
+        if isinstance(fig, Mapping) and "commits" in fig:
+            line += (
+                f": {fig['commits']} commits, commit p50/p99 {fig.get('commit_p50_ms', 0):.2f}/"
+                f"{fig.get('commit_p99_ms', 0):.2f} ms"
+            )
+            if "wal_pages" in fig:
+                line += f", WAL {fig['wal_pages']} pages, {fig.get('checkpoints', 0)} checkpoints"
+        lines.append(line)
     store = data.get("store") or {}
     if store.get("healthy") is False:
         slots = ", ".join(str(s) for s in store.get("failing_workers") or [])

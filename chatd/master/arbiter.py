@@ -176,7 +176,7 @@ class Master:
         # 4. The store's writer (a SQLite store), then the workers, which connect to it.
         if self.writer_main is not None and StoreWriter.wanted(self.cfg):
             writer = self.store_writer = StoreWriter(
-                self.cfg, self.writer_main, self.workers.close_all_in_child
+                self.cfg, self.writer_main, self.workers.close_all_in_child, self._sel
             )
             self.workers.store_writer = writer.for_workers
             self.workers.on_other_exit = writer.reaped

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import selectors
 import signal
 import socket
 import time
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chatd.config import Config
+from chatd.master.channel import Channel
 from chatd.master.fork import fork_child
 from chatd.master.supervision import describe_exit
 from chatd.spec import WriterMain, WriterSpec
@@ -35,7 +37,6 @@ log = logging.getLogger("chatd.master")
 
 FIRST_PAUSE, LONGEST_PAUSE = 1.0, 30.0  # before restarting a writer that died before serving:
 # doubled at each such death in a row (a file it cannot open, a schema newer than this chatd)
-READY = b"r"  # what the writer sends on its link once it serves
 STOP_WAIT = 10.0  # seconds a stopping writer has to commit its queue before SIGKILL
 
 
@@ -47,10 +48,17 @@ class StoreWriter:
         writer_main: runs in the forked writer and never returns.
         close_in_child: closes, in the forked writer, every fd of the master's (listeners,
             links, control socket).
+        sel: the master's selector: the writer's link (a :class:`Channel`) registers there;
+            the writer says ``ready`` on it once it serves, and sends ``stats {store}``, its
+            figures, every second (``stats``, shown in ``chatctl status``).
     """
 
     def __init__(
-        self, cfg: Config, writer_main: WriterMain, close_in_child: Callable[[], None]
+        self,
+        cfg: Config,
+        writer_main: WriterMain,
+        close_in_child: Callable[[], None],
+        sel: selectors.BaseSelector,
     ) -> None:
         path = cfg.sessions.sqlite_path
         assert path, "StoreWriter needs a SQLite store"
@@ -65,7 +73,10 @@ class StoreWriter:
         self.respawn_at: float | None = None
         self._pause = 0.0  # the pause before the next restart, if it dies young again
         self.stopped = False
-        self._link: socket.socket | None = None  # the master's end: its EOF tells the writer
+        self.stats: dict[str, Any] = {}  # the running writer's last figures
+        self._ready = False  # the running writer said it serves
+        self._sel = sel
+        self._link: Channel | None = None  # the master's end: its EOF tells the writer
 
     @staticmethod
     def wanted(cfg: Config) -> bool:
@@ -103,7 +114,14 @@ class StoreWriter:
         theirs.close()
         if self._link is not None:
             self._link.close()
-        self._link = ours
+        self._link = Channel(
+            self._sel,
+            ours,
+            name="store writer link",
+            on_message=self._on_message,
+            on_close=lambda _: None,  # its exit is seen by the reaper
+        )
+        self._ready, self.stats = False, {}
         self.pid, self.started, self.respawn_at = pid, time.monotonic(), None
         log.info("store writer started (pid %d) for %s", pid, self.path)
 
@@ -131,14 +149,18 @@ class StoreWriter:
             self.start()
         return True
 
+    def _on_message(self, _: Channel, msg: dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if kind == "ready":
+            self._ready = True
+        elif kind == "stats" and isinstance(msg.get("store"), dict):
+            self.stats = msg["store"]
+
     def _served(self) -> bool:
-        """Did the writer that just exited say it served (READY on its link)?"""
-        if self._link is None:
-            return False
-        try:
-            return self._link.recv(len(READY), socket.MSG_DONTWAIT) == READY
-        except OSError:
-            return False
+        """Did the writer that just exited say it served (``ready`` on its link)?"""
+        if self._link is not None:
+            self._link.read_remaining()  # what it wrote before it exited
+        return self._ready
 
     def timeout(self, now: float, timeout: float) -> float:
         """The master loop's select timeout, shortened for a planned restart."""
@@ -154,7 +176,7 @@ class StoreWriter:
     def close_in_child(self) -> None:
         """In a forked worker: close the master's end of the writer's link."""
         if self._link is not None:
-            self._link.close()
+            self._link.close_in_child()
 
     def stop(self, within: float = STOP_WAIT) -> None:
         """After the last worker: SIGTERM, wait ``within`` seconds for it to commit what is
@@ -177,8 +199,9 @@ class StoreWriter:
             self._link = None
 
     def snapshot(self) -> dict[str, Any]:
-        """Its part of ``chatctl status --json``: ``store_writer``."""
-        return {"pid": self.pid, "path": self.path, "restarts": self.restarts}
+        """Its part of ``chatctl status --json``: ``store_writer`` (``store``: its figures,
+        chatd.store.sqlite_host.figures, as it last sent them; {} before its first report)."""
+        return {"pid": self.pid, "path": self.path, "restarts": self.restarts, "store": self.stats}
 
 
 def _reaped_within(pid: int, within: float) -> bool:

@@ -39,6 +39,7 @@ import uvloop
 
 from chatd.errors import StoreError
 from chatd.logs import set_role
+from chatd.proto import control
 from chatd.spec import WriterSpec
 from chatd.store import sqlite_wire as wire
 from chatd.store.sqlite import SqliteStore
@@ -189,6 +190,60 @@ class HostWriter:
 
 
 ORPHAN_WAIT = 120.0  # s: an orphaned writer serves its open connections this long at most
+STATS_S = 1.0  # seconds between two reports of the writer's figures to the master
+
+
+class _MasterLink(asyncio.Protocol):
+    """The writer's end of its link with the master (control frames, chatd.proto.control):
+    ``ready`` once it serves, then its figures every STATS_S (``stats {store}``); EOF means
+    the master died (``gone`` is set)."""
+
+    def __init__(self, gone: asyncio.Event) -> None:
+        self._gone = gone
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the master sends nothing
+
+    def eof_received(self) -> bool:
+        self._gone.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._gone.set()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(control.encode(msg))
+
+
+def figures(store: SqliteStore) -> dict[str, Any]:
+    """The writer's store figures for ``chatctl status``: its batches' commits and latency
+    (chatd.store.sqlite.SqliteStore.statistics), and its checkpointer's."""
+    st = store.statistics()
+    out: dict[str, Any] = {
+        "commits": st.commits,
+        "rows": st.rows,
+        "commit_p50_ms": round(st.commit_p50_ms, 3),
+        "commit_p99_ms": round(st.commit_p99_ms, 3),
+        "busy_retries": st.busy_retries,
+        "lock_waits": st.lock_waits,
+    }
+    cp = store.checkpointer
+    if cp is not None:
+        out.update(checkpoints=cp.checkpoints, checkpoint_restarts=cp.restarts)
+        out.update(checkpoint_failures=cp.failures, wal_pages=cp.wal_pages)
+    return out
+
+
+async def _report(store: SqliteStore, master: _MasterLink) -> None:
+    while True:
+        master.send({"t": "stats", "store": figures(store)})
+        await asyncio.sleep(STATS_S)
 
 
 async def serve(path: str, address: str, link: socket.socket | None = None) -> int:
@@ -207,14 +262,10 @@ async def serve(path: str, address: str, link: socket.socket | None = None) -> i
     orphaned = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)
+    master: _MasterLink | None = None
     if link is not None:
         link.setblocking(False)
-
-        def master_gone() -> None:  # readable only at EOF: the master writes nothing
-            loop.remove_reader(link.fileno())  # (else called at every turn of the loop)
-            orphaned.set()
-
-        loop.add_reader(link.fileno(), master_gone)
+        _, master = await loop.create_unix_connection(lambda: _MasterLink(orphaned), sock=link)
     store = SqliteStore(path, 1)  # each request carries its own ttl (chatd.store.sqlite_wire)
     try:
         await store.open()
@@ -229,13 +280,14 @@ async def serve(path: str, address: str, link: socket.socket | None = None) -> i
         await store.close()
         return 1
     log.info("store writer serving %s (pid %d)", path, os.getpid())
-    if link is not None:
-        with contextlib.suppress(OSError):  # the master's: it restarts a writer that served
-            link.send(b"r")  # at once (chatd.master.storewriter.READY)
+    reporting: asyncio.Future[None] | None = None
+    if master is not None:  # the master restarts a writer that served at once
+        master.send({"t": "ready"})
+        reporting = asyncio.ensure_future(_report(store, master))
     stopping = asyncio.ensure_future(stop.wait())
-    master = asyncio.ensure_future(orphaned.wait())
-    await asyncio.wait([stopping, master], return_when=asyncio.FIRST_COMPLETED)
-    if master.done() and not stop.is_set():
+    master_gone = asyncio.ensure_future(orphaned.wait())
+    await asyncio.wait([stopping, master_gone], return_when=asyncio.FIRST_COMPLETED)
+    if master_gone.done() and not stop.is_set():
         log.warning("store writer: the master is gone; serving the workers left until they exit")
         writer.stop_accepting()
         drained = asyncio.ensure_future(writer.connections_closed())
@@ -244,8 +296,12 @@ async def serve(path: str, address: str, link: socket.socket | None = None) -> i
         )
         drained.cancel()
     stopping.cancel()
-    master.cancel()
+    master_gone.cancel()
     await writer.close()
+    if reporting is not None:
+        reporting.cancel()
+    if master is not None:
+        master.send({"t": "stats", "store": figures(store)})  # its last figures
     log.info("store writer stopped")
     return 0
 

@@ -197,6 +197,7 @@ def _chaos(d: Chatd, store: str, redis_url: str | None, victim: str = "worker") 
         assert {w["pid"] for w in final_status["workers"]} == {w["pid"] for w in master["workers"]}
         writer = final_status["master"]["store_writer"]
         assert writer["restarts"] == len(killed) and writer["pid"] not in killed, writer
+        assert "commits" in writer["store"], writer  # the new writer reports its figures
     return figures
 
 

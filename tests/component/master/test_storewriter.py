@@ -6,13 +6,15 @@ signalled once reaped."""
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import time
 from pathlib import Path
 from typing import NoReturn
 
 from chatd.config import Config, SessionsConfig
-from chatd.master.storewriter import FIRST_PAUSE, READY, StoreWriter
+from chatd.master.storewriter import FIRST_PAUSE, StoreWriter
+from chatd.proto import control
 from chatd.spec import WriterSpec
 
 
@@ -21,7 +23,8 @@ def _dies(spec: WriterSpec) -> NoReturn:
 
 
 def _serves_then_dies(spec: WriterSpec) -> NoReturn:
-    spec.link.sendall(READY)
+    spec.link.sendall(control.encode({"t": "ready"}))
+    spec.link.sendall(control.encode({"t": "stats", "store": {"commits": 7}}))
     os._exit(9)
 
 
@@ -30,6 +33,9 @@ def _serves(spec: WriterSpec) -> NoReturn:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     spec.link.recv(1)
     os._exit(5)
+
+
+SEL = selectors.DefaultSelector()  # the master's: the writers' links register there
 
 
 def _config(tmp_path: Path) -> Config:
@@ -51,7 +57,7 @@ def _reap(writer: StoreWriter, within: float = 10.0) -> int:
 
 
 def test_a_writer_dying_at_its_start_is_restarted_after_a_doubling_pause(tmp_path: Path) -> None:
-    writer = StoreWriter(_config(tmp_path), _dies, lambda: None)
+    writer = StoreWriter(_config(tmp_path), _dies, lambda: None, SEL)
     try:
         writer.start()
         assert _reap(writer) == 3
@@ -71,19 +77,20 @@ def test_a_writer_dying_at_its_start_is_restarted_after_a_doubling_pause(tmp_pat
 
 
 def test_a_writer_that_served_is_restarted_at_once(tmp_path: Path) -> None:
-    writer = StoreWriter(_config(tmp_path), _serves_then_dies, lambda: None)
+    writer = StoreWriter(_config(tmp_path), _serves_then_dies, lambda: None, SEL)
     try:
         writer.start()
         for restarts in (1, 2, 3):
             assert _reap(writer) == 9
             assert writer.restarts == restarts
             assert writer.pid is not None  # restarted within reaped(): no pause
+        assert writer.snapshot()["store"] == {}  # the new one has not reported yet
     finally:
         writer.stop(1.0)
 
 
 def test_a_writer_stops_on_sigterm_and_a_reaped_one_is_not_signalled(tmp_path: Path) -> None:
-    writer = StoreWriter(_config(tmp_path), _serves, lambda: None)
+    writer = StoreWriter(_config(tmp_path), _serves, lambda: None, SEL)
     writer.start()
     pid = writer.pid
     assert pid is not None
@@ -96,7 +103,7 @@ def test_a_writer_stops_on_sigterm_and_a_reaped_one_is_not_signalled(tmp_path: P
         pass
     # Reaped by someone else (the master's SIGCHLD handler) before stop(): no signal is sent
     # to its pid, which the kernel may have given to another process since.
-    again = StoreWriter(_config(tmp_path), _serves, lambda: None)
+    again = StoreWriter(_config(tmp_path), _serves, lambda: None, SEL)
     again.start()
     assert again.pid is not None
     os.kill(again.pid, signal.SIGKILL)
@@ -107,10 +114,32 @@ def test_a_writer_stops_on_sigterm_and_a_reaped_one_is_not_signalled(tmp_path: P
 
 def test_the_writer_sees_the_masters_end_close(tmp_path: Path) -> None:
     """Its link: EOF when the master's end closes (the master died)."""
-    writer = StoreWriter(_config(tmp_path), _serves, lambda: None)
+    writer = StoreWriter(_config(tmp_path), _serves, lambda: None, SEL)
     writer.start()
     assert writer._link is not None
     writer._link.close()
     writer._link = None
     assert _reap(writer) == 5
     writer.stop(1.0)
+
+
+def _reports(spec: WriterSpec) -> NoReturn:
+    spec.link.sendall(control.encode({"t": "ready"}))
+    spec.link.sendall(control.encode({"t": "stats", "store": {"commits": 7, "wal_pages": 3}}))
+    spec.link.recv(1)  # until the master's end closes
+    os._exit(0)
+
+
+def test_the_writers_figures_reach_the_status(tmp_path: Path) -> None:
+    """What the writer reports on its link is the ``store`` of its ``store_writer`` status."""
+    writer = StoreWriter(_config(tmp_path), _reports, lambda: None, SEL)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while writer.snapshot()["store"] != {"commits": 7, "wal_pages": 3}:
+            assert time.monotonic() < deadline, writer.snapshot()
+            for key, mask in SEL.select(0.1):
+                key.data(mask)
+        assert writer.snapshot()["pid"] == writer.pid
+    finally:
+        writer.stop(10.0)

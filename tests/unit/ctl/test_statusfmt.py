@@ -140,6 +140,17 @@ def test_the_store_writer_line() -> None:
     assert "store writer" not in format_status(base)
     base["master"]["store_writer"] = {"pid": 4251, "path": "/var/lib/chatd/s.db", "restarts": 0}
     assert "store writer pid 4251 for /var/lib/chatd/s.db" in format_status(base).splitlines()
+    base["master"]["store_writer"]["store"] = {
+        "commits": 1200,
+        "commit_p50_ms": 0.123,
+        "commit_p99_ms": 1.5,
+        "wal_pages": 812,
+        "checkpoints": 31,
+    }
+    assert (
+        "store writer pid 4251 for /var/lib/chatd/s.db: 1200 commits, commit p50/p99 "
+        "0.12/1.50 ms, WAL 812 pages, 31 checkpoints"
+    ) in format_status(base).splitlines()
     base["master"]["store_writer"] = {"pid": None, "path": "/var/lib/chatd/s.db", "restarts": 2}
     assert (
         "store writer NOT RUNNING (restarting) for /var/lib/chatd/s.db, 2 restarts"
