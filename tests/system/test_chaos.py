@@ -201,29 +201,20 @@ def _chaos(d: Chatd, store: str, redis_url: str | None, victim: str = "worker") 
     return figures
 
 
-def test_chaos_sqlite(fake: FakeOllama, tmp_path: Path) -> None:
+@pytest.mark.parametrize("victim", ["worker", "writer"])
+def test_chaos_sqlite(fake: FakeOllama, tmp_path: Path, victim: str) -> None:
+    """``worker``: a serving worker SIGKILLed every KILL_EVERY s. ``writer``: the SQLite
+    store's writer process (chatd.store.sqlite_host) instead, under the same load: the master
+    replaces it, the workers connect again (the writes in flight fail: a user message is then
+    sent again by its client, a reply is generated again once its lease lapsed) and the same
+    bars hold: no acknowledged message lost, none answered twice, no worker restarted."""
     with running_chatd(
         tmp_path,
         fake.url,
         workers=2,
         limits={"messages_per_minute": 600},
     ) as d:
-        _chaos(d, "sqlite", None)
-
-
-def test_chaos_sqlite_store_writer_killed(fake: FakeOllama, tmp_path: Path) -> None:
-    """The SQLite store's writer process (chatd.store.sqlite_host) SIGKILLed every KILL_EVERY s
-    under the same load: the master replaces it, the workers connect again (the writes in
-    flight fail: a user message is then sent again by its client, a reply is generated again
-    once its lease lapsed) and the same bars hold: no acknowledged message lost, none
-    answered twice, no worker restarted."""
-    with running_chatd(
-        tmp_path,
-        fake.url,
-        workers=2,
-        limits={"messages_per_minute": 600},
-    ) as d:
-        _chaos(d, "sqlite", None, victim="writer")
+        _chaos(d, "sqlite", None, victim=victim)
 
 
 @pytest.mark.parametrize("kind", ["redis", "redis-cluster", "redis-sentinel"])
