@@ -57,8 +57,11 @@ def open_store(cfg: SessionsConfig, writer: tuple[str, str] | None = None) -> St
             raise StoreError(f"sessions.store: {cfg.store!r} names no SQLite file")
         if cfg.min_replicas_acks:  # the config check says it too; --store may bypass it
             raise StoreError("sessions.min_replicas_acks needs a Redis store")
-        served = writer is not None and os.path.abspath(writer[0]) == os.path.abspath(path)
-        address = writer[1] if served and writer is not None and cfg.sqlite_writer else None
+        address = None
+        if writer is not None and cfg.sqlite_writer:
+            served, address = writer
+            if os.path.abspath(served) != os.path.abspath(path):  # a reload moved the file
+                address = None
         return SqliteStore(path, cfg.ttl, writer=address)
     if cfg.store.startswith(_REDIS):
         # Imported here, lazily: the ``redis`` client library is needed only by those using it.

@@ -215,10 +215,7 @@ class SqliteStore(LoopWrites):
         remote = WriterClient(address, loop, self._lock_timeout, self._record)
         await remote.connect(WRITER_WAIT)
         try:
-            self._rdb = await asyncio.to_thread(
-                self._retrying, self._connection, self._busy_timeout
-            )
-            self._rdb.execute("PRAGMA query_only = ON")
+            self._rdb = await asyncio.to_thread(self._reader_connection)
         except (OSError, sqlite3.Error) as exc:
             await remote.close()
             raise StoreError(f"cannot open the session store {self.path}: {exc}") from exc
@@ -252,9 +249,8 @@ class SqliteStore(LoopWrites):
             # Workers starting together open a new file at once: one of them turning it into
             # WAL holds a lock the others must wait out, even for their first PRAGMA.
             self._wdb = self._retrying(self._connection, 0.0)
-            self._rdb = self._retrying(self._connection, self._busy_timeout)
+            self._rdb = self._reader_connection()
             self._retrying(self._setup)
-            self._rdb.execute("PRAGMA query_only = ON")  # the reader never writes, by mistake
         except BaseException as exc:
             for db in (self._wdb, self._rdb):
                 if db is not None:
@@ -262,6 +258,17 @@ class SqliteStore(LoopWrites):
             if isinstance(exc, (OSError, sqlite3.Error)):
                 raise StoreError(f"cannot open the session store {self.path}: {exc}") from exc
             raise
+
+    def _reader_connection(self) -> sqlite3.Connection:
+        """The reader thread's connection: SQLite's own busy wait, and query_only (the reader
+        never writes, by mistake)."""
+        db = self._retrying(self._connection, self._busy_timeout)
+        try:
+            db.execute("PRAGMA query_only = ON")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _connection(self, busy_timeout: float) -> sqlite3.Connection:
         # Autocommit (isolation_level=None): every statement is its own short transaction.

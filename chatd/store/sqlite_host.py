@@ -130,12 +130,13 @@ class _Connection(asyncio.Protocol):
         self._out.append(self._packer.pack(frame))
         if not self._flush_planned:  # the answers of a batch: one write, after it settled
             self._flush_planned = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the answers gathered so far, in one write."""
         self._flush_planned = False
         out, self._out = self._out, []
-        if self.transport is not None and not self.transport.is_closing():
+        if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(out))
 
 
@@ -182,11 +183,10 @@ class HostWriter:
             if conn.transport is not None:
                 conn.transport.pause_reading()
         await self.store.close()  # drains the queue: every request read is answered
-        await asyncio.sleep(0)  # the answers' flush (call_soon)
         for conn in list(self.connections):
+            conn.flush()  # its answers (their callbacks ran while the store closed its threads)
             if conn.transport is not None:
-                conn.transport.close()
-        await asyncio.sleep(0)
+                conn.transport.close()  # (after what it still buffers)
 
 
 ORPHAN_WAIT = 120.0  # s: an orphaned writer serves its open connections this long at most

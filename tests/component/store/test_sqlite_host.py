@@ -21,6 +21,7 @@ from chatd.errors import StoreError
 from chatd.store import SqliteStore, sqlite_host
 from chatd.store import sqlite as sqlite_mod
 from tests.conftest import WriterProcess
+from tests.support import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -220,6 +221,16 @@ def test_a_stuck_writer_fails_the_writes_after_the_timeout(writer: WriterProcess
     asyncio.run(main())
 
 
+def refused(address: str) -> bool:
+    """Does a new connection to ``address`` get refused?"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+        try:
+            late.connect(address)
+        except ConnectionRefusedError:
+            return True
+    return False
+
+
 def test_an_orphaned_writer_serves_its_connections_until_they_end(tmp_path: Path) -> None:
     """The master's end of the link closes (the master died): the writer takes no new
     connection, goes on serving the open one (a draining worker's), and exits once it ends."""
@@ -234,11 +245,8 @@ def test_an_orphaned_writer_serves_its_connections_until_they_end(tmp_path: Path
         try:
             s = await store.create_session("")
             ours.close()  # the master is gone
-            await asyncio.sleep(0.2)
-            assert (await store.append_user(s, "m1", "q", "m")).seq == 1
-            late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with late, pytest.raises(ConnectionRefusedError):
-                late.connect(address)
+            await until(lambda: refused(address), "the writer to stop taking connections")
+            assert (await store.append_user(s, "m1", "q", "m")).seq == 1  # the open one serves
             assert not serving.done()
         finally:
             await store.close()
