@@ -209,6 +209,9 @@ class ChatConnection:
         now: the monotonic time the connection opened (the rate limiter starts full).
     """
 
+    # Slots: one per open connection, so its instance dict (~100 bytes) counts per client.
+    __slots__ = ("_refilled", "_tokens", "bad_in_a_row", "limits", "opened", "session", "state")
+
     def __init__(self, limits: Limits, now: float) -> None:
         self.limits = limits
         self.state = State.AWAITING_HELLO

@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from typing import Any, NoReturn
 
 import psutil
@@ -207,8 +208,8 @@ class Worker:
             await self.drain()
         return int(ExitCode.OK)
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        await serve_connection(ws, self.state)
+    def _handle(self, ws: ServerConnection) -> Coroutine[Any, Any, None]:
+        return serve_connection(ws, self.state)
 
     def _ready(self) -> tuple[bool, str]:
         if self.predrain:

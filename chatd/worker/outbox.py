@@ -139,8 +139,8 @@ class Outbox:
         self._on_overflow = on_overflow
         self._on_gap = on_gap
         self._bytes = 0  # queued in _queue (held frames are not)
-        # Lists, not a deque and a set: they are empty nearly always, and every open
-        # connection has them (an empty deque costs ~600 bytes, an empty set ~200).
+        # A list, not a deque: it is empty nearly always, and every open connection has it
+        # (an empty deque costs ~600 bytes).
         self._queue: list[bytes | _Tokens] = []
         # Frames held back, with their seq (negative: put ``again``).
         self._held: list[tuple[bytes | _Tokens, int]] | None = None
@@ -148,7 +148,8 @@ class Outbox:
         self._sent: set[int] | None = None  # created at the first stored event above floor
         self._scheduled = False  # a flush is due at the end of this tick
         self._writer: asyncio.Task[None] | None = None  # the slow path, while it runs
-        self._waiters: list[asyncio.Future[None]] = []  # wait_empty() callers
+        # wait_empty() callers; None until the first (an empty list is 56 bytes per client).
+        self._waiters: list[asyncio.Future[None]] | None = None
         # The loop, found at the first flush and kept: a lookup per frame was a system call
         # on CPython 3.11 (see chatd.relay.pool.Pool.loop).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -420,7 +421,7 @@ class Outbox:
 
     def _wake_waiters(self) -> None:
         if self._waiters and (self.closed or (not self._queue and self._writer is None)):
-            waiters, self._waiters = self._waiters, []
+            waiters, self._waiters = self._waiters, None
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
@@ -431,6 +432,8 @@ class Outbox:
         if self.closed or (not self._queue and self._writer is None):
             return
         fut = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
         self._waiters.append(fut)
         await fut
 

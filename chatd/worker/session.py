@@ -15,8 +15,9 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -128,68 +129,110 @@ def client_key(ws: ServerConnection, auth_on: bool) -> str:
     return ws.remote_address[0] if ws.remote_address else ""
 
 
-async def serve_connection(
+def serve_connection(
     ws: ServerConnection, state: WorkerState, moved: adoption.Moved | None = None
-) -> None:
+) -> Coroutine[Any, Any, None]:
     """Serve one client until it leaves, breaks the protocol, the worker drains, or the
     connection moves to another worker. ``moved``: a connection adopted from another worker
-    (:mod:`chatd.worker.adopter`), open on its session already."""
-    loop = asyncio.get_running_loop()
-    conn = chat.ChatConnection(state.limits, time.monotonic())
+    (:mod:`chatd.worker.adopter`), open on its session already. Returns the coroutine that
+    serves it (websockets' handler: awaited as it is, with no frame of its own around it)."""
+    return _Client(ws, state).serve(moved)
 
-    def fill_gap(floor: int) -> None:
-        task = loop.create_task(_fill_gap(state, conn, outbox, floor))
-        state.closers.add(task)
-        task.add_done_callback(state.closers.discard)
 
-    outbox = Outbox(
-        WsSink(ws), state.budget, lambda n, total: _too_slow(ws, state, n, total), fill_gap
-    )
+class _Client:
+    """One connection's parts, and the callbacks its outbox and its hello deadline call.
 
-    def hello_deadline() -> asyncio.TimerHandle:
-        return loop.call_later(
-            state.hello_timeout,
-            lambda: asyncio.ensure_future(_run(conn.hello_timed_out(), ws, state, conn, outbox)),
+    Memory per idle connection is a product figure (docs/benchmarks.md): the callbacks are
+    bound methods of this one slotted object, not closures (each closure, with its cells,
+    cost a few hundred bytes per open connection), the hello deadline's timer is dropped
+    once a hello is in, and frames are read with ``recv`` (``async for`` keeps an async
+    generator per connection).
+    """
+
+    __slots__ = ("conn", "hello_timer", "outbox", "peer", "state", "ws")
+
+    def __init__(self, ws: ServerConnection, state: WorkerState) -> None:
+        self.ws = ws
+        self.state = state
+        self.conn = chat.ChatConnection(state.limits, time.monotonic())
+        self.outbox = Outbox(WsSink(ws), state.budget, self.too_slow, self.fill_gap)
+        # The hello deadline: None once a hello was accepted (and until the first is due).
+        self.hello_timer: asyncio.TimerHandle | None = None
+        self.peer: str = ws.remote_address[0] if ws.remote_address else "?"
+
+    def too_slow(self, unread: int, total: int) -> None:
+        _too_slow(self.ws, self.state, unread, total)
+
+    def fill_gap(self, floor: int) -> None:
+        task = asyncio.get_running_loop().create_task(
+            _fill_gap(self.state, self.conn, self.outbox, floor)
         )
+        self.state.closers.add(task)
+        task.add_done_callback(self.state.closers.discard)
 
-    hello_timer = hello_deadline()
-    state.connections[ws] = (conn, outbox)
-    peer = ws.remote_address[0] if ws.remote_address else "?"
-    state.per_ip[peer] = state.per_ip.get(peer, 0) + 1
-    if moved is None:
-        state.connections_total += 1
-        log.info("connection open from %s", peer)
-    else:
-        hello_timer.cancel()
-        conn.adopted(
-            moved.session,
-            *(moved.tokens, moved.refill_age, moved.bad_in_a_row, moved.age, time.monotonic()),
-        )
-        log.debug("connection from %s adopted on session %s", peer, moved.session[:12])
-    try:
-        if moved is not None:
-            try:
-                await _catch_up(moved, state, outbox)
-            except StoreError as exc:
-                log.warning("adopted connection: session store failed: %s", exc)
-                await ws.close(chat.CLOSE_GOING_AWAY, "session store unavailable: resume")
-        async for data in ws:
-            if isinstance(data, str):
-                actions = conn.receive_text(data, time.monotonic())
-            else:
-                actions = conn.receive_binary()
-            if conn.state is not chat.State.AWAITING_HELLO:
-                hello_timer.cancel()
-            try:
-                await _run(actions, ws, state, conn, outbox)
-            except StoreError as exc:  # during a hello: the client may simply say hello again
-                outbox.put(_store_unavailable(state, exc, conn.session, None))
-            if conn.state is chat.State.AWAITING_HELLO and hello_timer.cancelled():
-                hello_timer = hello_deadline()  # a hello refused: the next one has a deadline
-    except ConnectionClosed:
-        pass
-    finally:
-        hello_timer.cancel()
+    def _arm_hello(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.hello_timer = loop.call_later(self.state.hello_timeout, self._hello_timed_out)
+
+    def _disarm_hello(self) -> None:
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
+
+    def _hello_timed_out(self) -> None:
+        # The fired handle stays set: no deadline is armed again after this one.
+        actions = self.conn.hello_timed_out()
+        task = asyncio.ensure_future(_run(actions, self.ws, self.state, self.conn, self.outbox))
+        self.state.closers.add(task)
+        task.add_done_callback(self.state.closers.discard)
+
+    async def serve(self, moved: adoption.Moved | None) -> None:
+        ws, state, conn, outbox, peer = self.ws, self.state, self.conn, self.outbox, self.peer
+        state.connections[ws] = (conn, outbox)
+        state.per_ip[peer] = state.per_ip.get(peer, 0) + 1
+        if moved is None:
+            self._arm_hello()
+            state.connections_total += 1
+            log.info("connection open from %s", peer)
+        else:
+            conn.adopted(
+                moved.session,
+                *(moved.tokens, moved.refill_age, moved.bad_in_a_row, moved.age, time.monotonic()),
+            )
+            log.debug("connection from %s adopted on session %s", peer, moved.session[:12])
+        try:
+            if moved is not None:
+                try:
+                    await _catch_up(moved, state, outbox)
+                except StoreError as exc:
+                    log.warning("adopted connection: session store failed: %s", exc)
+                    await ws.close(chat.CLOSE_GOING_AWAY, "session store unavailable: resume")
+            while True:  # until ConnectionClosed, as ``async for`` would (OK or not)
+                await self._receive(await ws.recv())
+        except ConnectionClosed:
+            pass
+        finally:
+            self._disarm_hello()
+            self._closed()
+
+    async def _receive(self, data: str | bytes) -> None:
+        """One frame from the client: through the protocol core, its actions executed."""
+        conn = self.conn
+        if isinstance(data, str):
+            actions = conn.receive_text(data, time.monotonic())
+        else:
+            actions = conn.receive_binary()
+        if conn.state is not chat.State.AWAITING_HELLO:
+            self._disarm_hello()
+        try:
+            await _run(actions, self.ws, self.state, conn, self.outbox)
+        except StoreError as exc:  # during a hello: the client may simply say hello again
+            self.outbox.put(_store_unavailable(self.state, exc, conn.session, None))
+        if conn.state is chat.State.AWAITING_HELLO and self.hello_timer is None:
+            self._arm_hello()  # a hello refused: the next one has a deadline
+
+    def _closed(self) -> None:
+        ws, state, conn, outbox, peer = self.ws, self.state, self.conn, self.outbox, self.peer
         conn.closed()
         outbox.close()
         if conn.session is not None:

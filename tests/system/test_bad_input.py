@@ -132,6 +132,21 @@ def test_unknown_session_then_new_hello(chatd: Chatd) -> None:
     c.close()
 
 
+def test_the_hello_deadline_holds_until_a_hello_is_accepted(chatd: Chatd) -> None:
+    """hello_timeout (1 s here) bounds the wait for an accepted hello: a connection whose
+    hello was refused (unknown_session) and that stays silent is closed 1008 (the deadline
+    is armed again); a welcomed one stays open past it (its ping, 2 s on, gets a pong)."""
+    refused = Client(chatd.url)
+    assert refused.hello("no-such-session-0123456789")["code"] == "unknown_session"
+    welcomed = Client(chatd.url)
+    assert welcomed.hello()["type"] == "welcome"
+    assert closed_code(refused, timeout=5) == 1008
+    time.sleep(1.0)  # the welcomed connection is now over a second old as well
+    welcomed.send({"type": "ping"})
+    assert welcomed.recv()["type"] == "pong"
+    welcomed.close()
+
+
 def test_a_session_expired_while_connected_asks_for_a_new_hello(
     tmp_path: Path, fake: FakeOllama
 ) -> None:
