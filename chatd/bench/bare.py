@@ -10,6 +10,13 @@ socket per worker, as chatd's master does, then forks); each runs uvloop, a
 :mod:`chatd.bench.bare_conn`. ::
 
     python -m chatd.bench.bare --port P --backend http://127.0.0.1:11434 --workers N
+        [--store PATH [--store-writer @NAME]]
+
+``--store`` makes it keep chatd's promises on each message in chatd's SQLite store at PATH
+(:mod:`chatd.bench.bare_conn`: the user message committed before its ack, the reply before it
+is sent), each worker writing the file itself or, with ``--store-writer``, through a running
+store writer (``python -m chatd.store.sqlite_host PATH @NAME``), as chatd's workers do
+through theirs. :class:`BareRelay` starts that writer itself (``store="writer"``).
 
 The parent prints ``chatd-bench bare relay listening on ws://HOST:PORT/ws workers PID,PID``
 once every worker serves, then waits; SIGTERM or SIGINT stops the workers (SIGTERM, SIGKILL
@@ -30,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 import uvloop
@@ -39,8 +46,13 @@ from websockets.asyncio.server import serve
 from chatd.bench.bare_conn import Relay
 from chatd.bench.server import MODEL, Target, kill_leftovers, raise_nofile
 from chatd.dev.local_model.launch import stop_process
+from chatd.store.sqlite import SqliteStore
+from chatd.store.sqlite_host import unix_address
 
 BANNER = "chatd-bench bare relay listening on "
+STORE_TTL = 86400  # s: [sessions] ttl's default; the relay never expires sessions itself
+StoreAt = tuple[str, str | None]
+"""A store for the relay: the SQLite file, and its writer's address (None: each worker writes)."""
 
 
 async def _serve(sock: socket.socket, relay: Relay, ready_fd: int) -> None:
@@ -77,7 +89,14 @@ def _on_stop(signum: int, frame: Any) -> None:
     raise _Stop
 
 
-def run(host: str, port: int, backend: str, workers: int, model: str = MODEL) -> int:
+def run(
+    host: str,
+    port: int,
+    backend: str,
+    workers: int,
+    model: str = MODEL,
+    store: StoreAt | None = None,
+) -> int:
     """The parent: bind, fork the workers, print the banner, wait; the exit code."""
     raise_nofile()
     socks = _listeners(host, port, workers)
@@ -90,7 +109,7 @@ def run(host: str, port: int, backend: str, workers: int, model: str = MODEL) ->
     try:
         pids: list[int] = []
         for sock in socks:  # one at a time into ``alive``: a stop midway stops those forked
-            pids.append(_fork_worker(sock, socks, ready_r, ready_w, backend, model))
+            pids.append(_fork_worker(sock, socks, ready_r, ready_w, backend, model, store))
             alive.add(pids[-1])
         os.close(ready_w)
         for sock in socks:
@@ -119,6 +138,7 @@ def _fork_worker(
     ready_w: int,
     backend: str,
     model: str,
+    store: StoreAt | None,
 ) -> int:
     """Fork the worker serving ``sock`` (slot = its index + 1); its pid, in the parent."""
     slot = socks.index(sock) + 1
@@ -133,7 +153,8 @@ def _fork_worker(
         for other in socks:
             if other is not sock:
                 other.close()
-        uvloop.run(_serve(sock, Relay(backend, model, f"{slot}/{os.getpid()}"), ready_w))
+        st = None if store is None else SqliteStore(store[0], STORE_TTL, writer=store[1])
+        uvloop.run(_serve(sock, Relay(backend, model, f"{slot}/{os.getpid()}", st), ready_w))
         code = 0
     finally:
         os._exit(code)
@@ -175,26 +196,44 @@ def _stop_children(pids: set[int], timeout: float = 5.0) -> None:
 
 class BareRelay(Target):
     """``python -m chatd.bench.bare`` as a subprocess on 127.0.0.1 port 0: ``url``, ``pids``
-    (its workers), ``status()`` shaped like chatctl's (master and workers) so the load and
-    memory samplers read its pids like chatd's, and ``stop()``, which stops only what it
-    started, by PID."""
+    (its workers), ``status()`` shaped like chatctl's (master, workers, and the store writer
+    when there is one) so the load and memory samplers read its pids like chatd's, and
+    ``stop()``, which stops only what it started, by PID.
 
-    def __init__(self, backend: str, workers: int = 2, model: str = MODEL) -> None:
+    ``store``: None (no store), ``"own"`` (chatd's SQLite store in a temporary directory,
+    each worker writing it) or ``"writer"`` (the same through a store writer this starts,
+    ``python -m chatd.store.sqlite_host``, as chatd's master forks one): the relay then keeps
+    chatd's promises on each message (:mod:`chatd.bench.bare_conn`)."""
+
+    def __init__(
+        self,
+        backend: str,
+        workers: int = 2,
+        model: str = MODEL,
+        store: Literal["own", "writer"] | None = None,
+    ) -> None:
         super().__init__("", "", backend)
         raise_nofile()  # the relay inherits it (it raises its own too)
         self.workers = workers
+        self.store = store
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - read at start, closed by stop()
-        argv = [sys.executable, "-m", "chatd.bench.bare", "--port", "0", "--backend", backend]
-        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [*argv, "--workers", str(workers), "--model", model],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            start_new_session=True,  # a Ctrl-C in our terminal reaches us, not the relay
-        )
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.writer: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.pids: list[int] = []
         self._started: dict[int, float] = {}
+        argv = [sys.executable, "-m", "chatd.bench.bare", "--port", "0", "--backend", backend]
+        argv += ["--workers", str(workers), "--model", model]
         try:
+            if store is not None:
+                argv += self._store_args(store)
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                start_new_session=True,  # a Ctrl-C in our terminal reaches us, not the relay
+            )
             line = self._banner(30.0)
             url, _, pids = line[len(BANNER) :].partition(" workers ")
             self.url = url.strip()
@@ -205,6 +244,28 @@ class BareRelay(Target):
         except BaseException:
             self.stop()
             raise
+
+    def _store_args(self, store: str) -> list[str]:
+        """The relay's ``--store`` arguments: a fresh file, and its writer started and
+        accepting connections (for ``"writer"``)."""
+        self._tmp = tempfile.TemporaryDirectory(prefix="chatd-bench-bare-")
+        path = os.path.join(self._tmp.name, "sessions.db")
+        if store == "own":
+            return ["--store", path]
+        name = f"@chatd-bench-bare-{os.getpid()}-{os.urandom(4).hex()}"
+        self.writer = subprocess.Popen(
+            [sys.executable, "-m", "chatd.store.sqlite_host", path, name],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30.0
+        while not _accepts(unix_address(name)):
+            if self.writer.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the bare relay's store writer did not start{self._err()}")
+            time.sleep(0.05)
+        return ["--store", path, "--store-writer", name]
 
     def _banner(self, timeout: float) -> str:
         assert self.proc is not None and self.proc.stdout is not None
@@ -229,20 +290,41 @@ class BareRelay(Target):
         return f": {text}" if text else ""
 
     def status(self) -> dict[str, Any] | None:
-        """``{"master": {"pid"}, "workers": [{"id", "pid", "state"}]}``; None once stopped."""
+        """``{"master": {"pid", "store_writer": {"pid"}}, "workers": [{"id", "pid",
+        "state"}]}`` (``store_writer`` only with a writer); None once stopped."""
         if self.proc is None:
             return None
         workers = [{"id": i, "pid": p, "state": "ready"} for i, p in enumerate(self.pids, 1)]
-        return {"master": {"pid": self.proc.pid}, "workers": workers}
+        master: dict[str, Any] = {"pid": self.proc.pid}
+        if self.writer is not None:
+            master["store_writer"] = {"pid": self.writer.pid}
+        return {"master": master, "workers": workers}
 
     def stop(self) -> None:
         """SIGTERM the parent (it stops its workers), SIGKILL by PID after 10 s; a worker
-        that outlived it is SIGKILLed by PID if its start time still matches."""
+        that outlived it is SIGKILLed by PID if its start time still matches; then the store
+        writer (SIGTERM, SIGKILL after 10 s) and the store's directory."""
         if self.proc is not None:
             stop_process(self.proc, 10.0)
             kill_leftovers(self._started)
             self.proc = None
+        if self.writer is not None:
+            stop_process(self.writer, 10.0)
+            self.writer = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
         self._stderr.close()
+
+
+def _accepts(address: str) -> bool:
+    """Whether a unix socket at ``address`` (abstract when it starts with NUL) accepts."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(address)
+        except OSError:
+            return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,10 +336,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", required=True, help="Ollama's base URL (http://HOST:PORT)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--model", default=MODEL)
+    p.add_argument("--store", metavar="PATH", help="keep chatd's promises in this SQLite file")
+    p.add_argument(
+        "--store-writer", metavar="ADDRESS", help="with --store: its writer's socket (@NAME)"
+    )
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
-    return run(args.host, args.port, args.backend, args.workers, args.model)
+    if args.store_writer and not args.store:
+        p.error("--store-writer needs --store")
+    writer = unix_address(args.store_writer) if args.store_writer else None
+    store = None if not args.store else (os.path.abspath(args.store), writer)
+    return run(args.host, args.port, args.backend, args.workers, args.model, store)
 
 
 if __name__ == "__main__":

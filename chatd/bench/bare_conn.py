@@ -12,6 +12,14 @@ text is in the reply, as chatd drops token text still queued when the reply is s
 What it leaves out is what makes chatd chatd: no session store (so no history: a request
 carries only its message), no LLM slots or queue, no resume, no deduplication, no rate
 limit, no deadline but a 30 s total, no metrics, no log line per message.
+
+**With a store** (``Relay(store=…)``: chatd's own SQLite store, ``python -m chatd.bench.bare
+--store``), it keeps chatd's two promises on a message and nothing more: the session is
+created in the store before the ``welcome``, the user message committed before its ``ack``
+(whose seq the store gave; a resent id is acknowledged again and not answered twice), and the
+reply or final error committed before it is sent. That is the reference against which what
+chatd costs beyond its promises is measured (chatd-bench's "bare relay + store"): the same
+commits, none of the rest. A store failure is an ``error`` ``store_unavailable`` (retryable).
 """
 
 from __future__ import annotations
@@ -20,24 +28,29 @@ import asyncio
 import contextlib
 import secrets
 import time
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from chatd.errors import StoreError
+from chatd.store.base import Store
+
 MAX_TEXT_BYTES = 16384  # chatd's default max_message_bytes
 _JSON = {"Content-Type": "application/json"}
 
 
 class _Session:
-    """One connection's state: its seq counter and its generations in flight."""
+    """One connection's state: its seq counter (without a store), its session id (with
+    one), its generations in flight."""
 
-    __slots__ = ("seq", "tasks", "welcomed")
+    __slots__ = ("seq", "sid", "tasks", "welcomed")
 
     def __init__(self) -> None:
         self.seq = 0
+        self.sid = ""
         self.welcomed = False
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -45,14 +58,17 @@ class _Session:
 class Relay:
     """One worker's relay: ``handle`` serves a WebSocket connection."""
 
-    def __init__(self, backend: str, model: str, name: str) -> None:
+    def __init__(self, backend: str, model: str, name: str, store: Store | None = None) -> None:
         self.url = backend.rstrip("/") + "/api/chat"
         self.model = model
         self.name = name
+        self.store = store
         self.http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Open the HTTP pool (inside the running loop: after the fork)."""
+        """Open the store, if any, and the HTTP pool (inside the running loop: after the fork)."""
+        if self.store is not None:
+            await self.store.open()
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=30, sock_connect=5),
@@ -62,6 +78,8 @@ class Relay:
     async def close(self) -> None:
         if self.http is not None:
             await self.http.close()
+        if self.store is not None:
+            await self.store.close()
 
     async def handle(self, ws: ServerConnection) -> None:
         """Read frames until the connection closes; a generation per message, as a task."""
@@ -78,6 +96,8 @@ class Relay:
 
     async def _frame(self, ws: ServerConnection, s: _Session, raw: bytes | str) -> None:
         frame, job = self._answer(s, raw)
+        if self.store is not None and frame["type"] in ("welcome", "ack"):
+            frame, job = await self._commit(s, frame, job)
         await _send(ws, frame)
         if job is not None:
             task = asyncio.create_task(self._generate(ws, s, *job))
@@ -112,6 +132,39 @@ class Relay:
             return _error("too_large", "The text is too long.") | {"id": mid}, None
         s.seq += 1
         return {"type": "ack", "id": mid, "seq": s.seq}, (mid, text)
+
+    async def _commit(
+        self, s: _Session, frame: dict[str, Any], job: tuple[str, str] | None
+    ) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        """With a store: the welcome of a session created in it, or the ack of a committed user
+        message (with the store's seq; no generation for a resent id)."""
+        assert self.store is not None
+        try:
+            if job is None:  # a welcome
+                s.sid = await self.store.create_session("")
+                return frame | {"session": s.sid}, None
+            appended = await self.store.append_user(s.sid, job[0], job[1], self.model)
+        except StoreError as exc:
+            if job is None:
+                s.welcomed = False  # as chatd: the client says hello again
+            error = _error("store_unavailable", f"The session store failed: {exc}.", True)
+            return error | ({"id": job[0]} if job else {}), None
+        return frame | {"seq": appended.seq}, None if appended.duplicate else job
+
+    async def _final(
+        self,
+        s: _Session,
+        mid: str,
+        kind: Literal["reply", "error"],
+        text: str,
+        meta: dict[str, Any],
+    ) -> int:
+        """The seq of a final event: committed first with a store, else the next of the
+        connection's own count. Raises StoreError."""
+        if self.store is None:
+            s.seq += 1
+            return s.seq
+        return (await self.store.append_final(s.sid, mid, kind, text, meta)).seq
 
     async def _generate(self, ws: ServerConnection, s: _Session, mid: str, text: str) -> None:
         """Stream the backend's answer to ``text``: token frames, then the reply (or an error)."""
@@ -155,20 +208,36 @@ class Relay:
         except (orjson.JSONDecodeError, KeyError, TypeError, _BackendError) as exc:
             await self._fail(ws, s, mid, "llm_error", f"Backend: {exc!r}.")
             return
-        s.seq += 1
         total = (time.perf_counter() - t0) * 1000.0
         ttft_ms = round((ttft or 0.0) * 1000.0, 2)
         stats = {"ttft_ms": ttft_ms, "total_ms": round(total, 2), "tokens": tokens}
-        reply = {"type": "reply", "id": mid, "seq": s.seq, "text": "".join(parts)}
+        reply_text = "".join(parts)
+        meta = {"done_reason": done_reason, "stats": stats}
+        try:
+            seq = await self._final(s, mid, "reply", reply_text, meta)
+        except StoreError as exc:
+            await self._unstored(ws, mid, exc)
+            return
+        reply = {"type": "reply", "id": mid, "seq": seq, "text": reply_text}
         with contextlib.suppress(ConnectionClosed):
-            await _send(ws, reply | {"done_reason": done_reason, "stats": stats})
+            await _send(ws, reply | meta)
+
+    async def _fail(self, ws: ServerConnection, s: _Session, mid: str, code: str, msg: str) -> None:
+        retryable = code != "llm_error"
+        try:
+            seq = await self._final(s, mid, "error", msg, {"code": code, "retryable": retryable})
+        except StoreError as exc:
+            await self._unstored(ws, mid, exc)
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await _send(ws, _error(code, msg, retryable) | {"id": mid, "seq": seq})
 
     @staticmethod
-    async def _fail(ws: ServerConnection, s: _Session, mid: str, code: str, msg: str) -> None:
-        s.seq += 1
+    async def _unstored(ws: ServerConnection, mid: str, exc: StoreError) -> None:
+        """A final event the store did not take: said without a seq (nothing was stored)."""
         with contextlib.suppress(ConnectionClosed):
-            frame = _error(code, msg, retryable=code != "llm_error")
-            await _send(ws, frame | {"id": mid, "seq": s.seq})
+            error = _error("store_unavailable", f"The session store failed: {exc}.", True)
+            await _send(ws, error | {"id": mid})
 
 
 class _BackendError(Exception):

@@ -29,6 +29,10 @@ Per target (:func:`measure`), over the measured window:
 
 ``ratios`` (:func:`ratios`): chatd / bare relay of the rate, of the workers' CPU per reply and
 of the reply p50 and p99; ``goal`` (:func:`goal`): the rate ratio against :data:`GOAL_RATIO`.
+With ``stored``, a third target after those, the **bare relay + store** (the bare relay
+keeping chatd's promises in chatd's SQLite store, written as chatd writes it:
+:func:`chatd.bench.maxrate.store_mode`), and ``ratios_stored``, the same ratios against it:
+what chatd costs beyond the price of its promises.
 """
 
 from __future__ import annotations
@@ -147,9 +151,11 @@ def run_closed(
     procs: int = 2,
     progress: bool = False,
     bare_workers: int = 2,
+    stored: bool = False,
 ) -> dict[str, Any]:
-    """The whole scenario (module docstring): chatd, then the bare relay; JSON-ready. The bare
-    relay is stopped before this returns, whatever happens."""
+    """The whole scenario (module docstring): chatd, then the bare relay (then the bare relay
+    + store, with ``stored``); JSON-ready. Each relay is stopped before this returns,
+    whatever happens."""
     p = params or ClosedParams()
     fake = target.fake_url
     if fake:
@@ -162,25 +168,34 @@ def run_closed(
         "workers": {"chatd": len(target.worker_pids())},
         "targets": {"chatd": measure("chatd", target, target.url, p, procs, progress)},
     }
-    if fake:
-        out["workers"]["bare"] = bare_workers
-        bare = BareRelay(fake, bare_workers)
+    references = ["bare", "stored"] if stored else ["bare"]
+    for kind in references:
+        if not fake:
+            break
+        out["workers"][kind] = bare_workers
+        store = maxrate.store_mode(target) if kind == "stored" else None
+        if store is not None:
+            out["stored_writes"] = store
+        bare = BareRelay(fake, bare_workers, store=store)
         bare.fake_pid = target.fake_pid
         try:
-            out["targets"]["bare"] = measure("bare", bare, bare.url, p, procs, progress)
+            out["targets"][kind] = measure(kind, bare, bare.url, p, procs, progress)
         finally:
             bare.stop()
     out["ratios"] = ratios(out["targets"])
+    if "stored" in out["targets"]:
+        out["ratios_stored"] = ratios(out["targets"], "stored")
     out["goal"] = goal(out["targets"], out["ratios"]["rate"])
     out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
 
-def ratios(targets: dict[str, Any]) -> dict[str, float | None]:
-    """chatd / bare relay of ``rate`` (replies/s), ``worker_cpu_per_reply`` and
-    ``reply_p50``/``reply_p99``, each rounded to 0.001; None where a side is missing or a
-    figure unknown or zero on the bare relay's side."""
-    c, b = targets.get("chatd"), targets.get("bare")
+def ratios(targets: dict[str, Any], reference: str = "bare") -> dict[str, float | None]:
+    """chatd / the ``reference`` target (the bare relay, or the bare relay + store) of
+    ``rate`` (replies/s), ``worker_cpu_per_reply`` and ``reply_p50``/``reply_p99``, each
+    rounded to 0.001; None where a side is missing or a figure unknown or zero on the
+    reference's side."""
+    c, b = targets.get("chatd"), targets.get(reference)
     if c is None or b is None:
         return {k: None for k in ("rate", "worker_cpu_per_reply", "reply_p50", "reply_p99")}
     return {
@@ -227,6 +242,9 @@ def markdown(r: dict[str, Any]) -> str:
     """The scenario's table: one row per target, then the ratios and any errors."""
     p, w = r["params"], r["workers"]
     bare = f", bare relay {fmt_workers(w['bare'])}" if "bare" in w else ""
+    if "stored" in w:
+        how = "one store writer" if r.get("stored_writes") == "writer" else "each worker writing"
+        bare += f", bare relay + store {fmt_workers(w['stored'])} ({how})"
     lines = [f"### {r['title']}", ""]
     lines += [
         f"- {p['connections']} connections, each sending its next message as soon as the "
@@ -266,6 +284,14 @@ def markdown(r: dict[str, Any]) -> str:
         )
     else:
         lines.append("- no bare relay: the fake Ollama's URL is unknown (--fake-url)")
+    rs = r.get("ratios_stored")
+    if rs:
+        lines.append(
+            f"- chatd / bare relay + store (the same promises kept, nothing else): closed-loop "
+            f"rate {num(rs['rate'], '', 2)}; workers' CPU per reply "
+            f"{num(rs['worker_cpu_per_reply'], '×', 2)}; reply p50 {num(rs['reply_p50'], '×', 2)}"
+            f", p99 {num(rs['reply_p99'], '×', 2)}"
+        )
     for kind, t in r["targets"].items():
         if t["errors"]["total"]:
             lines.append(f"- {LABELS[kind]}'s errors: {_error_words(t['errors'])}")

@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="the bare relay's workers (default: --workers for the own chatd, else 2)",
     )
+    p.add_argument(
+        "--bare-store",
+        action="store_true",
+        help="max, closed: also measure the bare relay + store (the bare relay keeping chatd's "
+        "promises in its SQLite store): what chatd costs beyond them",
+    )
 
 
 def _positive(text: str) -> float:
@@ -69,7 +75,7 @@ def run(
     bare = args.bare_workers or (2 if args.url else args.workers)
     if name == closed.NAME:
         return closed.run_closed(
-            target, closed.params_from(args, duration), args.procs, progress, bare
+            target, closed.params_from(args, duration), args.procs, progress, bare, args.bare_store
         )
     if name == "idle":
         conns = 1000 if args.conns is None else args.conns
@@ -81,7 +87,9 @@ def run(
         step=args.step,
         duration=base.duration if duration is None else duration,
     )
-    return maxrate.run_max(target, params, args.procs, progress, bare, not args.no_direct)
+    return maxrate.run_max(
+        target, params, args.procs, progress, bare, not args.no_direct, args.bare_store
+    )
 
 
 def markdown(r: dict[str, Any]) -> str:

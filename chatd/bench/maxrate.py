@@ -20,7 +20,14 @@ machine's cores with what is measured); for chatd also its master's CPU per mess
 stage breakdown of its slowest 1 % of replies (:func:`chatd.bench.stats.slowest_stages` over
 the step's records and the stages its replies reported).
 
-``ratios``: chatd's sustained rate / the bare relay's, and / direct's (the point ratio).
+With ``stored`` a fourth target, the **bare relay + store** (:class:`BareRelay` with
+``store``): the bare relay keeping chatd's promises on each message in chatd's SQLite store
+(the user message committed before its ack, the reply before it is sent), through a store
+writer when chatd has one (its status says), else each worker writing: what chatd costs
+beyond the price of those promises is the difference between the two.
+
+``ratios``: chatd's sustained rate / the bare relay's, / the bare relay + store's (with
+``stored``), and / direct's (the point ratio).
 With steps of ``step`` msg/s a target's true sustained rate is only known to lie in
 ``[sustained, first failing)``, so the true ratio lies between ``chatd's sustained / the
 other's first failing`` and ``chatd's first failing / the other's sustained``
@@ -34,7 +41,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from chatd.bench import report, scenarios, server
 from chatd.bench import stats as st
@@ -44,8 +51,14 @@ from chatd.bench.server import Target
 
 P99_LIMIT_MS = 50.0
 TITLE = "Highest sustained rate (reply p99 < 50 ms, no error)"
-KINDS = ("chatd", "bare", "direct")
-LABELS = {"chatd": "chatd", "bare": "bare relay", "direct": "direct to the backend"}
+KINDS = ("chatd", "bare", "stored", "direct")
+LABELS = {
+    "chatd": "chatd",
+    "bare": "bare relay",
+    "stored": "bare relay + store",
+    "direct": "direct to the backend",
+}
+REFERENCES = ("bare", "stored", "direct")  # what chatd's figures are divided by
 
 
 @dataclass(frozen=True)
@@ -216,12 +229,13 @@ def run_max(
     progress: bool = False,
     bare_workers: int = 2,
     direct: bool = True,
+    stored: bool = False,
 ) -> dict[str, Any]:
     """The whole scenario: the search for each target, then the ratios (JSON-ready).
 
     The bare relay and the direct baseline need the backend's URL (``target.fake_url``);
-    without it only chatd is searched; ``direct`` False skips the direct baseline. The fake's
-    delay knobs are set to zero first.
+    without it only chatd is searched; ``direct`` False skips the direct baseline, ``stored``
+    True adds the bare relay + store. The fake's delay knobs are set to zero first.
     """
     p = params or MaxParams()
     fake = target.fake_url
@@ -235,13 +249,18 @@ def run_max(
         "workers": {"chatd": len(target.worker_pids()), "bare": bare_workers},
         "targets": {},
     }
-    kinds = [k for k in KINDS if fake and (direct or k != "direct")] or ["chatd"]
+    skip = {k for k, on in (("direct", direct), ("stored", stored)) if not on}
+    kinds = [k for k in KINDS if fake and k not in skip] or ["chatd"]
+    if "stored" in kinds:
+        out["workers"]["stored"] = bare_workers
+        out["stored_writes"] = store_mode(target)
     for kind in kinds:
         out["targets"][kind] = _search_one(kind, target, p, procs, progress, bare_workers)
     sustained = {k: v["sustained_rate"] for k, v in out["targets"].items()}
     out["ratios"] = {
         f"chatd/{k}": st.ratio_of(sustained.get("chatd"), sustained.get(k))
-        for k in ("bare", "direct")
+        for k in REFERENCES
+        if k != "stored" or k in out["targets"]
     }
     out["ratio_intervals"] = intervals(out["targets"])
     out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
@@ -257,12 +276,22 @@ def _search_one(
     if kind == "direct":
         url = target.fake_url
         return search(rates(p), lambda r: run_step(kind, target, url, r, p, procs, progress))
-    bare = BareRelay(target.fake_url, bare_workers)
+    store = store_mode(target) if kind == "stored" else None
+    bare = BareRelay(target.fake_url, bare_workers, store=store)
     bare.fake_pid = target.fake_pid
     try:
         return search(rates(p), lambda r: run_step(kind, bare, bare.url, r, p, procs, progress))
     finally:
         bare.stop()
+
+
+def store_mode(target: Target) -> Literal["own", "writer"]:
+    """How the bare relay + store writes, as chatd does: through a store writer when chatd's
+    status shows one (or cannot be read), else each worker writing the file."""
+    status = target.status()
+    if status is not None and not status.get("master", {}).get("store_writer"):
+        return "own"
+    return "writer"
 
 
 def failing_rate(t: dict[str, Any]) -> float | None:
@@ -272,11 +301,11 @@ def failing_rate(t: dict[str, Any]) -> float | None:
 
 
 def intervals(targets: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """``chatd/bare`` and ``chatd/direct``: the :func:`ratio_interval` of each searched pair,
-    as ``{"low": …, "high": …}``."""
+    """``chatd/bare``, ``chatd/stored`` and ``chatd/direct``: the :func:`ratio_interval` of
+    each searched pair, as ``{"low": …, "high": …}``."""
     out: dict[str, dict[str, float | None]] = {}
     c = targets.get("chatd")
-    for k in ("bare", "direct"):
+    for k in REFERENCES:
         o = targets.get(k)
         if c is None or o is None:
             continue
@@ -323,7 +352,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{p['start']:g}, {p['duration']:g} s each after {p['warmup']:g} s warm-up, up to "
         f"{p['max_rate']:g}; stop at the first rate failing twice; client processes: {r['procs']}; "
         f"zero-delay fake Ollama; chatd {fmt_workers(w['chatd'])}, bare relay "
-        f"{fmt_workers(w['bare'])}",
+        f"{fmt_workers(w['bare'])}{_stored_words(r)}",
         "",
         "| target | sustained | reply p50 / p99 at it | worker CPU / msg at it "
         "| first failing step | why |",
@@ -341,9 +370,11 @@ def markdown(r: dict[str, Any]) -> str:
         )
     ratios, ivs = r["ratios"], r.get("ratio_intervals") or {}
     lines.append("")
-    for k, other, who in (("bare", "bare relay", "bare relay"), ("direct", "direct", "backend")):
+    refs = (("bare", "bare relay"), ("stored", "bare relay + store"), ("direct", "backend"))
+    for k, who in refs:
         if k not in r["targets"]:
             continue
+        other = "direct" if k == "direct" else who
         lines.append(
             f"- chatd / {other}: {num(ratios.get(f'chatd/{k}'), '', 2)} (sustained / sustained); "
             f"the true ratio lies {interval_text(ivs.get(f'chatd/{k}'), who)}"
@@ -375,6 +406,14 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {'ok' if s['ok'] else s['why']} |"
             )
     return "\n".join([*lines, ""])
+
+
+def _stored_words(r: dict[str, Any]) -> str:
+    """The bare relay + store in the run's description: its workers and how it writes."""
+    if "stored" not in r["workers"]:
+        return ""
+    how = "one store writer" if r.get("stored_writes") == "writer" else "each worker writing"
+    return f", bare relay + store {fmt_workers(r['workers']['stored'])} ({how})"
 
 
 def _slowest_lines(r: dict[str, Any]) -> list[str]:

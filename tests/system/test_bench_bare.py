@@ -5,8 +5,11 @@ values, never timings."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -60,6 +63,85 @@ def test_bare_relay_answers_hello_and_a_message_on_the_wire() -> None:
     assert reply["stats"]["tokens"] == 8
     for pid in started:  # stopped: the parent and its workers are gone
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+async def _converse_twice(url: str) -> list[dict[str, Any]]:
+    """hello; message m1 until its reply; m1 again (a resend), then m2 until m2's reply:
+    every frame after the welcome's, the welcome first."""
+    frames: list[dict[str, Any]] = []
+    async with connect(url, compression=None) as ws:
+
+        async def until_reply(mid: str) -> None:
+            while True:
+                frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10)))
+                if frames[-1]["type"] in ("reply", "error") and frames[-1].get("id") == mid:
+                    return
+
+        await ws.send(orjson.dumps({"type": "hello"}), text=True)
+        frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10)))
+        for mid, text in (("m1", "first words"), ("m1", "first words"), ("m2", "second")):
+            await ws.send(orjson.dumps({"type": "message", "id": mid, "text": text}), text=True)
+            if frames[-1]["type"] == "welcome" or mid == "m2":
+                await until_reply(mid)
+            else:  # the resend: its ack, before m2 goes
+                frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10)))
+    return frames
+
+
+@pytest.mark.parametrize("store", ["own", "writer"])
+def test_bare_relay_with_a_store_commits_before_it_answers(store: str) -> None:
+    """The bare relay + store (chatd-bench's reference for chatd's promises): the session is
+    in the file before the welcome, the acks and replies carry the seqs the store gave, a
+    resent id is acknowledged again with its seq and not answered twice, every event is a
+    row; with "writer" its store writer is in its status and is stopped with it."""
+    fake = FakeBackend()
+    bare = None
+    try:
+        fake_config(fake.url, token_ms=20)
+        bare = BareRelay(fake.url, workers=2, store=store)  # type: ignore[arg-type]
+        status = bare.status()
+        assert status is not None
+        writer = status["master"].get("store_writer")
+        assert (writer is not None) == (store == "writer")
+        frames = asyncio.run(_converse_twice(bare.url))
+        assert bare._tmp is not None
+        path = Path(bare._tmp.name) / "sessions.db"
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            sid = frames[0]["session"]
+            owner = db.execute("SELECT owner FROM sessions WHERE id = ?", (sid,)).fetchone()
+            rows = db.execute(
+                "SELECT seq, kind, msg_id, text FROM events WHERE session = ? ORDER BY seq",
+                (sid,),
+            ).fetchall()
+    finally:
+        if bare is not None:
+            bare.stop()
+        fake.stop()
+    assert owner == ("",)
+    said = [(f["type"], f.get("id"), f.get("seq")) for f in frames if f["type"] != "token"]
+    assert said == [
+        ("welcome", None, None),
+        ("ack", "m1", 1),
+        ("reply", "m1", 2),
+        ("ack", "m1", 1),  # the resend: acknowledged again, no second answer
+        ("ack", "m2", 3),
+        ("reply", "m2", 4),
+    ]
+    replies = [f for f in frames if f["type"] == "reply"]
+    assert [r["text"] for r in replies] == [
+        expected_reply("first words", 8),
+        expected_reply("second", 8),
+    ]
+    assert rows == [
+        (1, "user", "m1", "first words"),
+        (2, "reply", "m1", replies[0]["text"]),
+        (3, "user", "m2", "second"),
+        (4, "reply", "m2", replies[1]["text"]),
+    ]
+    if writer is not None:
+        pid = writer["pid"]
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert not path.parent.exists()  # its directory removed
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +225,12 @@ def test_closed_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> Non
     answer every message, the ratio is there, and nothing it started is left."""
     before = _children()
     argv = ["run", "closed", "--workers", "1", "--bare-workers", "1", "--conns", "5"]
-    argv += ["--duration", "1", "--procs", "1", "--json", "--no-progress"]
+    argv += ["--duration", "1", "--procs", "1", "--json", "--no-progress", "--bare-store"]
     assert cli.main(argv) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["name"] == "closed" and r["workers"] == {"chatd": 1, "bare": 1}
-    assert set(r["targets"]) == {"chatd", "bare"}
+    assert r["name"] == "closed" and r["workers"] == {"chatd": 1, "bare": 1, "stored": 1}
+    assert set(r["targets"]) == {"chatd", "bare", "stored"}
+    assert r["stored_writes"] == "writer"  # as the own chatd writes (its default)
     for kind, t in r["targets"].items():
         assert t["opened"] == 5, kind
         assert t["replies_per_s"] > 0 and t["replies_in_window"] > 0, kind
@@ -157,11 +240,12 @@ def test_closed_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> Non
         assert 0 < lat["p50"] <= lat["p99"], kind
         assert t["cpu_us_per_reply"]["workers"] > 0, kind
         assert t["cpu_us_per_reply"]["backend"] > 0, kind  # the own fake's pid is known
-        assert (t["cpu_us_per_reply"]["master"] is None) == (kind == "bare"), kind
+        assert (t["cpu_us_per_reply"]["master"] is None) == (kind != "chatd"), kind
     assert r["targets"]["chatd"]["slowest"] is not None  # chatd's replies say their stages
     assert r["targets"]["bare"]["slowest"] is None
-    assert r["ratios"]["rate"] is not None and r["ratios"]["rate"] > 0
-    assert r["ratios"]["worker_cpu_per_reply"] is not None
+    for key in ("ratios", "ratios_stored"):
+        assert r[key]["rate"] is not None and r[key]["rate"] > 0, key
+        assert r[key]["worker_cpu_per_reply"] is not None, key
     assert r["goal"]["status"] in ("meets", "MISSES")
     left = _children() - before
     assert not [pid for pid in left if psutil.pid_exists(pid)]

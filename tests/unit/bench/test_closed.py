@@ -178,6 +178,30 @@ def test_markdown_names_the_errors_and_the_slowest_replies() -> None:
     assert "- chatd: where the time went, mean ms" in md and "slowest 1 % (9 of 900" in md
 
 
+def test_the_bare_relay_with_a_store_is_a_second_reference() -> None:
+    """``ratios_stored`` divides by the bare relay + store; the table has its row, the run's
+    description how it writes, and a line of its ratios (the goal stays the bare relay's)."""
+    r = _result(_target(1800.0, 50.0, 90.0, 540.0, 3.0), _target(2400.0, 40.0, 60.0, 360.0))
+    r["targets"]["stored"] = _target(2000.0, 45.0, 75.0, 600.0)
+    r["workers"]["stored"] = 2
+    r["stored_writes"] = "writer"
+    r["ratios_stored"] = closed.ratios(r["targets"], "stored")
+    assert r["ratios_stored"] == {
+        "rate": 0.9,
+        "worker_cpu_per_reply": 0.9,
+        "reply_p50": 1.111,
+        "reply_p99": 1.2,
+    }
+    md = closed.markdown(r)
+    assert ", bare relay + store 2 workers (one store writer)" in md
+    assert "| bare relay + store (2 workers) | 2,000.0 | 45.00 / 75.00 | 600 µs |" in md
+    assert (
+        "- chatd / bare relay + store (the same promises kept, nothing else): closed-loop rate "
+        "0.90; workers' CPU per reply 0.90×; reply p50 1.11×, p99 1.20×"
+    ) in md
+    assert "goal ≥ 0.9: MISSES, 0.75 < 0.9" in md
+
+
 def test_markdown_without_the_bare_relay() -> None:
     md = closed.markdown(_result(_target(1800.0, 50.0, 90.0, 540.0), None))
     assert "| chatd (2 workers) |" in md and "bare relay (" not in md
@@ -189,13 +213,16 @@ def test_the_command_line_reaches_closed(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(closed, "run_closed", lambda *a: seen.append(a))
     args = cli.parse_args(["run", "closed", "--workers", "3"])
     longrun.run("closed", "target", args, False, args.duration)  # type: ignore[arg-type]
-    _, params, procs, _, bare_workers = seen.pop()
+    _, params, procs, _, bare_workers, stored = seen.pop()
     assert params == closed.ClosedParams(connections=100, duration=10.0)
-    assert (procs, bare_workers) == (2, 3)  # the bare relay: as many workers as the own chatd
+    assert (procs, bare_workers, stored) == (2, 3, False)  # as many workers as the own chatd
+    args = cli.parse_args(["run", "closed", "--bare-store"])
+    longrun.run("closed", "target", args, False, args.duration)  # type: ignore[arg-type]
+    assert seen.pop()[-1] is True  # the bare relay + store measured too
     argv = ["run", "closed", "--conns", "20", "--duration", "2", "--url", "ws://h/ws"]
     args = cli.parse_args([*argv, "--control-socket", "/s", "--procs", "1"])
     longrun.run("closed", "target", args, False, args.duration)  # type: ignore[arg-type]
-    _, params, procs, _, bare_workers = seen.pop()
+    _, params, procs, _, bare_workers, _ = seen.pop()
     assert (params.connections, params.duration, procs, bare_workers) == (20, 2.0, 1, 2)
     args = cli.parse_args(["run", "closed", "--bare-workers", "4"])
     longrun.run("closed", "target", args, False, None)  # type: ignore[arg-type]

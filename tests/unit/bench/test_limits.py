@@ -181,14 +181,15 @@ def test_the_command_line_reaches_max_and_idle(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(idle, "run_idle", lambda *a: seen.setdefault("idle", a))
     args = cli.parse_args(["run", "max", "--duration", "2", "--step", "250", "--workers", "3"])
     longrun.run("max", "target", args, False, args.duration)  # type: ignore[arg-type]
-    _, params, procs, _, bare_workers, direct = seen["max"]
+    _, params, procs, _, bare_workers, direct, stored = seen["max"]
     assert (params.start, params.step, params.duration, params.connections) == (250, 250, 2, 100)
-    assert (procs, bare_workers, direct) == (2, 3, True)  # the bare relay: the chatd's workers
+    assert (procs, bare_workers, direct, stored) == (2, 3, True, False)  # chatd's workers
     seen.clear()
-    args = cli.parse_args(["run", "max", "--step", "250", "--start", "1500", "--no-direct"])
-    longrun.run("max", "target", args, False, args.duration)  # type: ignore[arg-type]
-    _, params, _, _, _, direct = seen["max"]
-    assert (params.start, params.step, params.duration, direct) == (1500, 250, 8, False)
+    argv = ["run", "max", "--step", "250", "--start", "1500", "--no-direct", "--bare-store"]
+    longrun.run("max", "target", cli.parse_args(argv), False, None)  # type: ignore[arg-type]
+    _, params, _, _, _, direct, stored = seen["max"]
+    assert (params.start, params.step, params.duration) == (1500, 250, 8)
+    assert (direct, stored) == (False, True)
     args = cli.parse_args(["run", "idle", "--conns", "10000", "--url", "ws://h/ws"])
     longrun.run("idle", "target", args, False, None)  # type: ignore[arg-type]
     assert seen["idle"][1:] == (10000, 2, False, 2)  # a running chatd: 2 bare workers

@@ -223,20 +223,28 @@ class _Stub:
     def worker_pids(self) -> list[int]:
         return [1, 2]
 
+    def status(self) -> dict[str, Any]:
+        return {"master": {"pid": 1, "store_writer": {"pid": 3}}, "workers": []}
+
 
 @pytest.mark.parametrize(
-    ("direct", "fake", "kinds"),
+    ("direct", "stored", "fake", "kinds"),
     [
-        (True, "http://fake", ["chatd", "bare", "direct"]),
-        (False, "http://fake", ["chatd", "bare"]),
-        (True, None, ["chatd"]),
+        (True, False, "http://fake", ["chatd", "bare", "direct"]),
+        (False, False, "http://fake", ["chatd", "bare"]),
+        (True, True, "http://fake", ["chatd", "bare", "stored", "direct"]),
+        (True, True, None, ["chatd"]),
     ],
 )
 def test_run_max_searches_the_targets_asked_for(
-    monkeypatch: pytest.MonkeyPatch, direct: bool, fake: str | None, kinds: list[str]
+    monkeypatch: pytest.MonkeyPatch,
+    direct: bool,
+    stored: bool,
+    fake: str | None,
+    kinds: list[str],
 ) -> None:
     searched: list[str] = []
-    sustained = {"chatd": 2000.0, "bare": 2500.0, "direct": 4500.0}
+    sustained = {"chatd": 2000.0, "bare": 2500.0, "stored": 2250.0, "direct": 4500.0}
 
     def search_one(kind: str, *_: object) -> dict[str, Any]:
         searched.append(kind)
@@ -246,10 +254,32 @@ def test_run_max_searches_the_targets_asked_for(
     monkeypatch.setattr(server, "fake_config", lambda *a, **k: None)
     stub = _Stub()
     stub.fake_url = fake  # type: ignore[assignment]
-    r = maxrate.run_max(stub, maxrate.MaxParams(step=250.0), direct=direct)  # type: ignore[arg-type]
+    p = maxrate.MaxParams(step=250.0)
+    r = maxrate.run_max(stub, p, direct=direct, stored=stored)  # type: ignore[arg-type]
     assert searched == kinds and list(r["targets"]) == kinds
     assert r["ratios"]["chatd/bare"] == (0.8 if "bare" in kinds else None)
+    assert r["ratios"].get("chatd/stored") == (0.889 if "stored" in kinds else None)
+    assert ("chatd/stored" in r["ratios"]) == ("stored" in kinds)
+    assert r.get("stored_writes") == ("writer" if "stored" in kinds else None)
     want = {"chatd/bare": {"low": 0.727, "high": 0.9}} if "bare" in kinds else {}
+    if "stored" in kinds:
+        want["chatd/stored"] = {"low": 0.8, "high": 1.0}  # 2,000 / 2,500, 2,250 / 2,250
     if "direct" in kinds:
         want["chatd/direct"] = {"low": 0.421, "high": 0.5}  # 2,000 / 4,750
     assert r["ratio_intervals"] == want
+
+
+def test_markdown_with_the_bare_relay_and_store() -> None:
+    r = _result()
+    r["targets"]["stored"] = r["targets"]["bare"]
+    r["workers"]["stored"] = 2
+    r["stored_writes"] = "own"
+    r["ratios"]["chatd/stored"] = 1.0
+    r["ratio_intervals"] = maxrate.intervals(r["targets"])
+    md = maxrate.markdown(r)
+    assert ", bare relay + store 2 workers (each worker writing)" in md
+    assert "| bare relay + store (2 workers) | 1,500 msg/s |" in md
+    assert (
+        "- chatd / bare relay + store: 1.00 (sustained / sustained); the true ratio lies "
+        "between 0.86 and 1.17" in md
+    )
