@@ -180,6 +180,7 @@ class Master:
             )
             self.workers.store_writer = writer.for_workers
             self.workers.on_other_exit = writer.reaped
+            self.services.store_writer = writer.snapshot
             writer.start()
         for slot in self.workers.slots:
             self.workers.spawn(slot)

@@ -93,6 +93,8 @@ class Services:
         self.discovery: Callable[[], list[dict[str, Any]]] = list
         # The fleet's slots for status (chatd.master.fleet sets it; None: not shared).
         self.fleet: Callable[[], dict[str, Any] | None] = lambda: None
+        # The SQLite store writer's figures for /metrics (the arbiter sets it; None: none).
+        self.store_writer: Callable[[], dict[str, Any] | None] = lambda: None
         # session -> the pids watching it, and pid -> the sessions it watches.
         self.watchers: dict[str, set[int]] = {}
         self._watched: dict[int, set[str]] = {}
@@ -262,6 +264,7 @@ class Services:
         data["memory_limit"] = worker.cfg.server.max_worker_rss_mb * 1024 * 1024
         data["discovery"] = self.discovery()  # the dns tables (chatd.master.discovery)
         data["fleet"] = self.fleet()  # the fleet's slots (chatd.master.fleet), None: not shared
+        data["store_writer"] = self.store_writer()  # chatd.master.storewriter, None: none
         self.workers.tell(worker, {proto.T: proto.METRICS, "rid": msg.get("rid"), "data": data})
 
     def _watch(self, worker: Worker, msg: dict[str, Any]) -> None:

@@ -250,3 +250,27 @@ def test_promtool_accepts_a_live_scrape(chatd: Chatd) -> None:
         [PROMTOOL, "check", "metrics"], input=body, capture_output=True, timeout=t(30)
     )
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b""), (r, body.decode())
+
+
+def test_the_store_writer_is_in_metrics(chatd: Chatd) -> None:
+    """The SQLite store's writer (on by default) in /metrics: up, not restarted, its commits
+    and rows at least what chatctl status showed of its reports just before (the same
+    figures: it sends them to the master every second)."""
+
+    def reported() -> dict[str, Any] | None:
+        st = chatd.status()
+        writer = ((st or {}).get("master") or {}).get("store_writer") or {}
+        return writer if (writer.get("store") or {}).get("rows") else None
+
+    c = Client(chatd.url)
+    c.hello()
+    assert c.ask("w1", "stored by the writer")[-1]["type"] == "reply"
+    c.close()
+    writer = wait_for(reported, 5, "the writer's figures in chatctl status")
+    fams = scrape(chatd)[1]
+    assert fams["chatd_store_writer_up"].value() == 1
+    assert fams["chatd_store_writer_restarts_total"].value() == writer["restarts"] == 0
+    assert fams["chatd_store_writer_rows_total"].value() >= writer["store"]["rows"] >= 2
+    assert fams["chatd_store_writer_commits_total"].value() >= writer["store"]["commits"] >= 1
+    median = fams["chatd_store_writer_commit_median_seconds"].value()
+    assert 0 < median <= fams["chatd_store_writer_commit_p99_seconds"].value()

@@ -105,6 +105,44 @@ def test_cross_host_notices_are_summed_with_the_retired_workers() -> None:
     assert parse(render({}))["chatd_stored_notices_total"].value(result="lost") == 0  # SQLite
 
 
+def test_the_store_writer_series_come_from_its_last_figures() -> None:
+    """The master's snapshot of the SQLite store writer (its figures as it last sent them)
+    becomes chatd_store_writer_*; none without a writer; a writer being restarted is down,
+    with the figures of none yet; malformed figures count 0."""
+    figures = {
+        "commits": 120,
+        "rows": 300,
+        "commit_p50_ms": 0.09,
+        "commit_p99_ms": 0.42,
+        "busy_retries": 0,
+        "lock_waits": 0,
+        "checkpoints": 7,
+        "checkpoint_restarts": 2,
+        "checkpoint_failures": 1,
+        "wal_pages": 812,
+    }
+    writer = {"pid": 4242, "path": "/var/lib/chatd/sessions.db", "restarts": 3, "store": figures}
+    fams = parse(render({"store_writer": writer}))
+    assert fams["chatd_store_writer_up"].value() == 1
+    assert fams["chatd_store_writer_restarts_total"].type == "counter"
+    assert fams["chatd_store_writer_restarts_total"].value() == 3
+    assert fams["chatd_store_writer_commits_total"].value() == 120
+    assert fams["chatd_store_writer_rows_total"].value() == 300
+    assert fams["chatd_store_writer_checkpoints_total"].value() == 7
+    assert fams["chatd_store_writer_checkpoint_restarts_total"].value() == 2
+    assert fams["chatd_store_writer_checkpoint_failures_total"].value() == 1
+    assert fams["chatd_store_writer_wal_pages"].value() == 812
+    assert fams["chatd_store_writer_commit_median_seconds"].type == "gauge"
+    assert fams["chatd_store_writer_commit_median_seconds"].value() == pytest.approx(0.00009)
+    assert fams["chatd_store_writer_commit_p99_seconds"].value() == pytest.approx(0.00042)
+    assert not any(name.startswith("chatd_store_writer") for name in parse(render({})))
+    restarting = parse(render({"store_writer": {"pid": None, "restarts": 4, "store": {}}}))
+    assert restarting["chatd_store_writer_up"].value() == 0
+    assert restarting["chatd_store_writer_rows_total"].value() == 0
+    junk = parse(render({"store_writer": {"pid": 1, "store": {"rows": "x"}, "restarts": []}}))
+    assert junk["chatd_store_writer_rows_total"].value() == 0
+
+
 def test_malformed_reports_count_as_zero_and_still_render() -> None:
     live = [("ready", {"messages_total": "x", "latency_buckets": "junk", "errors_by_code": 3})]
     data = aggregate(live, Retired(), Granter([], 0).statistics(), restarts_total=0)
