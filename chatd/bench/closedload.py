@@ -82,6 +82,7 @@ async def _one(
                         return (sent, sent, ack, first, now, str(f.get("code"))), None
                     if f.get("text") != expected:
                         res.bad_reply += 1
+                    first = now if first is None else first  # no token frame: its text is here
                     return (sent, sent, ack, first, now, None), parse_stages(f.get("stats"))
     except TimeoutError:
         pass

@@ -63,7 +63,8 @@ class Counter(Protocol):
     value: int
 
 
-# One message: intended, sent, ack, first token, done (reply or final error), error code.
+# One message: intended, sent, ack, first token (the reply's arrival for a reply that came
+# with no token frame: its text came first there), done (reply or final error), error code.
 Record = tuple[float, float | None, float | None, float | None, float | None, str | None]
 # Where a replied message's time went in its worker (the reply's stats.stages, ms): commit,
 # queue, first token, stream; None when the reply said nothing (or there was none).
@@ -236,6 +237,8 @@ async def raw_load(job: LoadJob, go: Callable[[], Any], progress: Counter) -> Lo
                     c.ack[int(f["id"])] = now
                 elif typ == "reply":
                     k = int(f["id"])
+                    if c.first[k] is None:  # no token frame: the first text came with it
+                        c.first[k] = now
                     if f.get("text") != expected:
                         res.bad_reply += 1
                     c.note_stages(k, f.get("stats"))

@@ -165,10 +165,14 @@ class Relay(Backends):
     ) -> Reply:
         """Stream one reply from one backend: one attempt, no retry.
 
-        ``on_token(text)`` is called synchronously for each non-empty piece as it arrives
-        (the last may come from the done chunk); an exception it raises propagates unchanged
-        and aborts the request. ``on_notice(code, message)`` gets ``"model_loading"`` when
-        the first-token deadline is stretched for a model that is being loaded.
+        ``on_token(text)`` is called synchronously for each non-empty piece as it arrives,
+        but for the pieces of the read that ends the reply (its done chunk, and what came
+        with it in one read): those are only in the returned :class:`Reply`, whose final frame
+        carries them a commit later (the protocol's tokens are a prefix of the reply). So a
+        backend that outpaces the loop costs the client no token frame that the reply would
+        repeat. An exception ``on_token`` raises propagates unchanged and aborts the request.
+        ``on_notice(code, message)`` gets ``"model_loading"`` when the first-token deadline
+        is stretched for a model that is being loaded.
 
         Raises:
             UpstreamTimeout: the first-token, idle or total deadline passed.
@@ -219,20 +223,26 @@ class Relay(Backends):
                         else:
                             eof, lines, decode = True, split.end(), decoder.feed_last
                         chunk = False
-                        for line in lines:
-                            piece = decode(line)
-                            if piece is None:
-                                continue
-                            chunk = True
-                            if piece:
-                                if not pieces:
-                                    first_at = clock()
-                                    guard.sent = True
-                                pieces += 1
-                                parts.append(piece)
-                                on_token(piece)
-                            if decoder.done:
-                                break
+                        fresh = 0  # pieces of this read: forwarded unless it ends the reply
+                        try:
+                            for line in lines:
+                                piece = decode(line)
+                                if piece is None:
+                                    continue
+                                chunk = True
+                                if piece:
+                                    if not pieces:
+                                        first_at = clock()
+                                    pieces += 1
+                                    fresh += 1
+                                    parts.append(piece)
+                                if decoder.done:
+                                    break
+                        finally:  # also before an error line's exception leaves
+                            if fresh and not decoder.done:
+                                guard.sent = True
+                                for piece in parts[-fresh:]:
+                                    on_token(piece)
                         if chunk:
                             guard.last, guard.started = clock(), True
                     if not decoder.complete:

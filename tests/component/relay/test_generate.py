@@ -331,7 +331,8 @@ def test_ollama_stream_includes_the_done_chunk_text_and_sends_the_documented_bod
     script = [chunk("Hel"), 0.01, chunk("lo"), 0.01, done(", world", eval_count=42)]
     reply, got, server, _ = run(generate({"POST /api/chat": script}))
     assert isinstance(reply, Reply)
-    assert got.tokens == ["Hel", "lo", ", world"]
+    # The done chunk's text is the reply's only: its final frame carries it.
+    assert got.tokens == ["Hel", "lo"]
     assert (reply.text, reply.done_reason, reply.tokens) == ("Hello, world", "stop", 42)
     assert 0 < reply.ttft_ms <= reply.total_ms
     assert server.bodies == [
@@ -346,7 +347,21 @@ def test_ollama_wire_variants_blank_lines_crlf_split_and_merged_writes() -> None
     reply, got, *_ = run(generate({"POST /api/chat": script}))
     assert isinstance(reply, Reply)
     assert (reply.text, reply.done_reason, reply.tokens) == ("ABC", "length", 3)
-    assert got.tokens == ["A", "B", "C"]
+    assert got.tokens == ["A", "B"]  # "C" came in the read that ended the reply
+
+
+def test_the_pieces_of_the_read_that_ends_the_reply_are_left_to_the_reply() -> None:
+    """A backend faster than the loop: pieces that arrive in one read with the done chunk
+    are not forwarded (the reply's frame carries them; one frame less), those of earlier
+    reads are; the first-token time still counts from the first piece's arrival."""
+    script = [chunk("A"), 0.05, chunk("B") + chunk("C") + done("D", eval_count=4)]
+    reply, got, *_ = run(generate({"POST /api/chat": script}))
+    assert isinstance(reply, Reply) and reply.text == "ABCD"
+    assert got.tokens == ["A"]
+    assert reply.total_ms - reply.ttft_ms >= 40  # from "A", 50 ms before the rest
+    whole = [chunk("A") + chunk("B") + done("C")]  # the whole reply in one read
+    reply, got, *_ = run(generate({"POST /api/chat": whole}))
+    assert isinstance(reply, Reply) and reply.text == "ABC" and got.tokens == []
 
 
 def test_a_body_left_open_after_done_is_cut_and_the_reply_kept() -> None:
@@ -370,7 +385,7 @@ def test_a_last_line_without_newline_still_counts() -> None:
 
 def test_a_one_megabyte_token_passes_aiohttps_line_limit() -> None:
     big = "€" * (1 << 20)
-    reply, got, *_ = run(generate({"POST /api/chat": [chunk(big), done()]}))
+    reply, got, *_ = run(generate({"POST /api/chat": [chunk(big), 0.05, done()]}))
     assert isinstance(reply, Reply)
     assert reply.text == big and got.tokens == [big]
 
@@ -701,15 +716,12 @@ def test_openai_sse_stream_with_usage() -> None:
         delta("", role=True),
         delta("Hel"),
         0.01,
-        delta("lo"),
-        delta(finish="length"),
-        usage,
-        sse(b"[DONE]"),
+        delta("lo") + delta(finish="length") + usage + sse(b"[DONE]"),  # one write
     ]
     reply, got, server, _ = run(generate({"POST /v1/chat/completions": script}, "openai"))
     assert isinstance(reply, Reply)
     assert (reply.text, reply.done_reason, reply.tokens) == ("Hello", "length", 9)
-    assert got.tokens == ["Hel", "lo"] and got.notices == []
+    assert got.tokens == ["Hel"] and got.notices == []  # "lo" came with [DONE]: the reply's
     assert server.bodies == [
         {
             "model": MODEL,
@@ -806,7 +818,8 @@ def test_fake_ollama_reply_matches_expected_reply(api: str) -> None:
         return reply, got.tokens
 
     reply, tokens = run(main())
-    assert reply.text == fake_mod.expected_reply("hi", 12) == "".join(tokens)
+    assert reply.text == fake_mod.expected_reply("hi", 12)
+    assert tokens and reply.text.startswith("".join(tokens))
     assert reply.done_reason == "stop"
 
 
