@@ -14,12 +14,16 @@ carries only its message), no LLM slots or queue, no resume, no deduplication, n
 limit, no deadline but a 30 s total, no metrics, no log line per message.
 
 **With a store** (``Relay(store=…)``: chatd's own SQLite store, ``python -m chatd.bench.bare
---store``), it keeps chatd's two promises on a message and nothing more: the session is
-created in the store before the ``welcome``, the user message committed before its ``ack``
-(whose seq the store gave; a resent id is acknowledged again and not answered twice), and the
-reply or final error committed before it is sent. That is the reference against which what
-chatd costs beyond its promises is measured (chatd-bench's "bare relay + store"): the same
-commits, none of the rest. A store failure is an ``error`` ``store_unavailable`` (retryable).
+--store``), it keeps chatd's two promises on a message: the session is created in the store
+before the ``welcome``, the user message committed before its ``ack`` (whose seq the store
+gave; a resent id is acknowledged again and not answered twice), and the reply or final error
+committed before it is sent; and it sends the model the conversation, as chatd does: the
+connection's last :data:`CONTEXT_TURNS` answered turns before the new message (kept in
+memory, as chatd's history cache keeps them). That is the reference against which what chatd
+costs beyond its promises and its function is measured (chatd-bench's "bare relay + store"):
+the same commits and the same requests to the backend, none of the rest (no slots, resume,
+takeover, leases renewed, limits, metrics). A store failure is an ``error``
+``store_unavailable`` (retryable).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from chatd.errors import StoreError
 from chatd.store.base import Store
 
 MAX_TEXT_BYTES = 16384  # chatd's default max_message_bytes
+CONTEXT_TURNS = 20  # with a store: turns sent as context (chatd's default history_turns)
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -46,13 +51,14 @@ class _Session:
     """One connection's state: its seq counter (without a store), its session id (with
     one), its generations in flight."""
 
-    __slots__ = ("seq", "sid", "tasks", "welcomed")
+    __slots__ = ("context", "seq", "sid", "tasks", "welcomed")
 
     def __init__(self) -> None:
         self.seq = 0
         self.sid = ""
         self.welcomed = False
         self.tasks: set[asyncio.Task[None]] = set()
+        self.context: list[dict[str, str]] = []  # with a store: the answered turns
 
 
 class Relay:
@@ -169,9 +175,9 @@ class Relay:
     async def _generate(self, ws: ServerConnection, s: _Session, mid: str, text: str) -> None:
         """Stream the backend's answer to ``text``: token frames, then the reply (or an error)."""
         assert self.http is not None
-        body = orjson.dumps(
-            {"model": self.model, "messages": [{"role": "user", "content": text}], "stream": True}
-        )
+        asked = {"role": "user", "content": text}
+        messages = [*s.context, asked] if self.store is not None else [asked]
+        body = orjson.dumps({"model": self.model, "messages": messages, "stream": True})
         t0 = time.perf_counter()
         ttft: float | None = None
         parts: list[str] = []
@@ -218,6 +224,9 @@ class Relay:
         except StoreError as exc:
             await self._unstored(ws, mid, exc)
             return
+        if self.store is not None:  # an answered turn: context for the next message
+            s.context += (asked, {"role": "assistant", "content": reply_text})
+            del s.context[: -2 * CONTEXT_TURNS]
         reply = {"type": "reply", "id": mid, "seq": seq, "text": reply_text}
         with contextlib.suppress(ConnectionClosed):
             await _send(ws, reply | meta)

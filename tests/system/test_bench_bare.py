@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,8 @@ def test_bare_relay_with_a_store_commits_before_it_answers(store: str) -> None:
     """The bare relay + store (chatd-bench's reference for chatd's promises): the session is
     in the file before the welcome, the acks and replies carry the seqs the store gave, a
     resent id is acknowledged again with its seq and not answered twice, every event is a
-    row; with "writer" its store writer is in its status and is stopped with it."""
+    row, the model gets the conversation; with "writer" its store writer is in its status and
+    is stopped with it."""
     fake = FakeBackend()
     bare = None
     try:
@@ -104,6 +106,8 @@ def test_bare_relay_with_a_store_commits_before_it_answers(store: str) -> None:
         writer = status["master"].get("store_writer")
         assert (writer is not None) == (store == "writer")
         frames = asyncio.run(_converse_twice(bare.url))
+        with urllib.request.urlopen(f"{fake.url}/_fake/requests", timeout=10) as r:
+            sent = [body["messages"] for body in json.loads(r.read())["requests"]]
         assert bare._tmp is not None
         path = Path(bare._tmp.name) / "sessions.db"
         with contextlib.closing(sqlite3.connect(path)) as db:
@@ -131,6 +135,15 @@ def test_bare_relay_with_a_store_commits_before_it_answers(store: str) -> None:
     assert [r["text"] for r in replies] == [
         expected_reply("first words", 8),
         expected_reply("second", 8),
+    ]
+    # The model got the conversation, as from chatd: m2 after m1's turn (the resend: nothing).
+    assert sent == [
+        [{"role": "user", "content": "first words"}],
+        [
+            {"role": "user", "content": "first words"},
+            {"role": "assistant", "content": replies[0]["text"]},
+            {"role": "user", "content": "second"},
+        ],
     ]
     assert rows == [
         (1, "user", "m1", "first words"),
