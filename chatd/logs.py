@@ -140,7 +140,7 @@ def setup_logging(cfg: LogConfig, role: str, stream: TextIO | None = None) -> No
     handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(cfg.level.upper())
-    # websockets logs its own line per connection open and close, which chatd.worker.session's
+    # websockets logs its own line per connection open and close, which chatd.worker.connection's
     # lines already carry (with the session and close code): keep only its warnings, unless
     # debugging.
     debug = cfg.level.lower() == "debug"

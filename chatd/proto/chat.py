@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 One :class:`ChatConnection` exists per WebSocket connection. The I/O layer
-(``chatd.worker.session``) feeds it every frame it receives (:meth:`ChatConnection.receive_text`,
+(``chatd.worker.connection``) feeds it every frame it receives (:meth:`ChatConnection.receive_text`,
 :meth:`ChatConnection.receive_binary`) and executes the actions it returns, in order:
 
 - :class:`Send`: write this text frame to the client;

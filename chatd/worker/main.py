@@ -47,6 +47,7 @@ from chatd.store import open_notices, open_slot_leases, open_store
 from chatd.worker import leases
 from chatd.worker.api.setup import api_router
 from chatd.worker.closing import Closing
+from chatd.worker.connection import serve_connection
 from chatd.worker.discovered import Discovered
 from chatd.worker.fleetsync import FleetSync
 from chatd.worker.front import Front, connection_class
@@ -57,7 +58,7 @@ from chatd.worker.mover import Mover
 from chatd.worker.moves import Moves
 from chatd.worker.outbox import OutboundBudget
 from chatd.worker.report import stats_message
-from chatd.worker.session import WorkerState, serve_connection
+from chatd.worker.session import WorkerState
 from chatd.worker.slots import MasterSlots, dispatch
 
 log = logging.getLogger("chatd.worker")

@@ -24,10 +24,11 @@ from chatd.config import Config
 from chatd.proto import adoption
 from chatd.proto.chat import CLOSE_GOING_AWAY
 from chatd.worker.adopter import Adopter
+from chatd.worker.connection import serve_connection
 from chatd.worker.front import Front
 from chatd.worker.http import frame_limit
 from chatd.worker.mover import Mover, MoveStats
-from chatd.worker.session import WorkerState, serve_connection, token_hash
+from chatd.worker.session import WorkerState, token_hash
 from chatd.worker.wsadopt import adopt, adopted_class
 
 log = logging.getLogger("chatd.mover")

@@ -1,10 +1,12 @@
-"""One client connection: WebSocket frames <-> the protocol core <-> the hub and the store.
+"""What a client connection's frames do: hello, messages and cancels against the hub and the
+store, and what every connection of a worker shares.
 
-:func:`serve_connection` runs for the life of one WebSocket connection. It feeds every frame
-to a :class:`chatd.proto.chat.ChatConnection` and executes the actions it returns; frames
-to the client go through an :class:`~chatd.worker.outbox.Outbox` (written once per event-loop tick,
-through :class:`WsSink`), so a slow client never blocks a generation. The connection never
-owns a generation: when it closes, replies in progress go on and are stored for its resume.
+:func:`run_actions` executes the actions the protocol core
+(:class:`chatd.proto.chat.ChatConnection`) returns for a frame: a ``hello`` creates or resumes
+the session (welcome, then the replay of what the client missed), a message is stored and
+acknowledged and handed to the hub, a cancel reaches it. :class:`WorkerState` is what every
+connection shares, :class:`WsSink` how an outbox writes to a connection; the connection's
+own life (reading frames, the hello deadline, cleanup) is :mod:`chatd.worker.connection`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -129,132 +130,6 @@ def client_key(ws: ServerConnection, auth_on: bool) -> str:
     return ws.remote_address[0] if ws.remote_address else ""
 
 
-def serve_connection(
-    ws: ServerConnection, state: WorkerState, moved: adoption.Moved | None = None
-) -> Coroutine[Any, Any, None]:
-    """Serve one client until it leaves, breaks the protocol, the worker drains, or the
-    connection moves to another worker. ``moved``: a connection adopted from another worker
-    (:mod:`chatd.worker.adopter`), open on its session already. Returns the coroutine that
-    serves it (websockets' handler: awaited as it is, with no frame of its own around it)."""
-    return _Client(ws, state).serve(moved)
-
-
-class _Client:
-    """One connection's parts, and the callbacks its outbox and its hello deadline call.
-
-    Memory per idle connection is a product figure (docs/benchmarks.md): the callbacks are
-    bound methods of this one slotted object, not closures (each closure, with its cells,
-    cost a few hundred bytes per open connection), the hello deadline's timer is dropped
-    once a hello is in, and frames are read with ``recv`` (``async for`` keeps an async
-    generator per connection).
-    """
-
-    __slots__ = ("conn", "hello_timer", "outbox", "peer", "state", "ws")
-
-    def __init__(self, ws: ServerConnection, state: WorkerState) -> None:
-        self.ws = ws
-        self.state = state
-        self.conn = chat.ChatConnection(state.limits, time.monotonic())
-        self.outbox = Outbox(WsSink(ws), state.budget, self.too_slow, self.fill_gap)
-        # The hello deadline: None once a hello was accepted (and until the first is due).
-        self.hello_timer: asyncio.TimerHandle | None = None
-        self.peer: str = ws.remote_address[0] if ws.remote_address else "?"
-
-    def too_slow(self, unread: int, total: int) -> None:
-        _too_slow(self.ws, self.state, unread, total)
-
-    def fill_gap(self, floor: int) -> None:
-        task = asyncio.get_running_loop().create_task(
-            _fill_gap(self.state, self.conn, self.outbox, floor)
-        )
-        self.state.closers.add(task)
-        task.add_done_callback(self.state.closers.discard)
-
-    def _arm_hello(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.hello_timer = loop.call_later(self.state.hello_timeout, self._hello_timed_out)
-
-    def _disarm_hello(self) -> None:
-        if self.hello_timer is not None:
-            self.hello_timer.cancel()
-            self.hello_timer = None
-
-    def _hello_timed_out(self) -> None:
-        # The fired handle stays set: no deadline is armed again after this one.
-        actions = self.conn.hello_timed_out()
-        task = asyncio.ensure_future(_run(actions, self.ws, self.state, self.conn, self.outbox))
-        self.state.closers.add(task)
-        task.add_done_callback(self.state.closers.discard)
-
-    async def serve(self, moved: adoption.Moved | None) -> None:
-        ws, state, conn, outbox, peer = self.ws, self.state, self.conn, self.outbox, self.peer
-        state.connections[ws] = (conn, outbox)
-        state.per_ip[peer] = state.per_ip.get(peer, 0) + 1
-        if moved is None:
-            self._arm_hello()
-            state.connections_total += 1
-            log.info("connection open from %s", peer)
-        else:
-            conn.adopted(
-                moved.session,
-                *(moved.tokens, moved.refill_age, moved.bad_in_a_row, moved.age, time.monotonic()),
-            )
-            log.debug("connection from %s adopted on session %s", peer, moved.session[:12])
-        try:
-            if moved is not None:
-                try:
-                    await _catch_up(moved, state, outbox)
-                except StoreError as exc:
-                    log.warning("adopted connection: session store failed: %s", exc)
-                    await ws.close(chat.CLOSE_GOING_AWAY, "session store unavailable: resume")
-            while True:  # until ConnectionClosed, as ``async for`` would (OK or not)
-                await self._receive(await ws.recv())
-        except ConnectionClosed:
-            pass
-        finally:
-            self._disarm_hello()
-            self._closed()
-
-    async def _receive(self, data: str | bytes) -> None:
-        """One frame from the client: through the protocol core, its actions executed."""
-        conn = self.conn
-        if isinstance(data, str):
-            actions = conn.receive_text(data, time.monotonic())
-        else:
-            actions = conn.receive_binary()
-        if conn.state is not chat.State.AWAITING_HELLO:
-            self._disarm_hello()
-        try:
-            await _run(actions, self.ws, self.state, conn, self.outbox)
-        except StoreError as exc:  # during a hello: the client may simply say hello again
-            self.outbox.put(_store_unavailable(self.state, exc, conn.session, None))
-        if conn.state is chat.State.AWAITING_HELLO and self.hello_timer is None:
-            self._arm_hello()  # a hello refused: the next one has a deadline
-
-    def _closed(self) -> None:
-        ws, state, conn, outbox, peer = self.ws, self.state, self.conn, self.outbox, self.peer
-        conn.closed()
-        outbox.close()
-        if conn.session is not None:
-            state.hub.unsubscribe(conn.session, outbox)
-        state.connections.pop(ws, None)
-        left = state.per_ip.pop(peer, 1) - 1
-        if left:
-            state.per_ip[peer] = left
-        if ws in state.handed_off:
-            state.handed_off.discard(ws)
-            log.debug("connection from %s moved to another worker", peer)
-        else:
-            log.info(
-                "connection closed from %s session %s code %s after %.1fs",
-                peer,
-                (conn.session or "-")[:12],
-                ws.close_code,
-                time.monotonic() - conn.opened,
-                extra=about(conn.session),
-            )
-
-
 def _session_expired(
     state: WorkerState, conn: chat.ChatConnection, outbox: Outbox, msg_id: str
 ) -> bytes:
@@ -275,7 +150,7 @@ def _session_expired(
     )
 
 
-def _store_unavailable(
+def store_unavailable(
     state: WorkerState, exc: StoreError, session: str | None, msg_id: str | None
 ) -> bytes:
     """The error frame for a store failure (``msg_id``: the message not acknowledged),
@@ -298,7 +173,7 @@ def _store_unavailable(
     )
 
 
-def _too_slow(ws: ServerConnection, state: WorkerState, unread: int, total: int) -> None:
+def too_slow(ws: ServerConnection, state: WorkerState, unread: int, total: int) -> None:
     """The outbox is over a bound: close the connection with 1008. Its replies stay in the
     store for its resume. The close frame may never get through to a client that reads
     nothing, so the connection is aborted if the close takes longer than a moment."""
@@ -325,7 +200,7 @@ def _too_slow(ws: ServerConnection, state: WorkerState, unread: int, total: int)
     task.add_done_callback(state.closers.discard)
 
 
-async def _run(
+async def run_actions(
     actions: list[chat.Action],
     ws: ServerConnection,
     state: WorkerState,
@@ -381,7 +256,7 @@ async def _run(
             except StoreError as exc:
                 # Not acknowledged: the client resends it, same id, once the store is back
                 # (the id makes a resend of a message that was stored after all harmless).
-                outbox.put(_store_unavailable(state, exc, conn.session, action.id))
+                outbox.put(store_unavailable(state, exc, conn.session, action.id))
                 continue
             # With its seq: a moved connection is not sent it again from the log, and a reply
             # stored meanwhile by another worker (seq below it) reaches the client first.
@@ -403,7 +278,7 @@ def _unsent(events: Sequence[Event], outbox: Outbox) -> list[bytes]:
     ]
 
 
-async def _fill_gap(
+async def fill_gap(
     state: WorkerState, conn: chat.ChatConnection, outbox: Outbox, floor: int
 ) -> None:
     """A stored event reached the outbox with an event below it the client has not seen
@@ -424,7 +299,7 @@ async def _fill_gap(
     outbox.release(max([floor, *(ev.seq for ev in events)]), frames, gaps=bool(events))
 
 
-async def _catch_up(moved: adoption.Moved, state: WorkerState, outbox: Outbox) -> None:
+async def catch_up(moved: adoption.Moved, state: WorkerState, outbox: Outbox) -> None:
     """A moved connection's resume, run server-side: what its session stored since the old
     worker's last frame (from the floor it carried, minus the seqs it sent above that) is
     sent, then live events, each once; the replies generated elsewhere come as on a resume."""

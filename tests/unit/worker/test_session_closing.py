@@ -19,7 +19,7 @@ from websockets.protocol import State
 from chatd.proto import chat
 from chatd.store.base import Appended
 from chatd.worker.outbox import OutboundBudget, Outbox
-from chatd.worker.session import WorkerState, _run
+from chatd.worker.session import WorkerState, run_actions
 from tests.unit.worker.test_handoff import Sink
 
 
@@ -54,7 +54,7 @@ def run(ws_state: State) -> tuple[list[str], list[dict[str, Any]]]:
         conn = chat.ChatConnection(state.limits, 0.0)
         conn.session = "s1"
         actions: list[chat.Action] = [chat.Message("m1", "hi", None)]
-        await _run(actions, Ws(ws_state), state, conn, outbox)  # type: ignore[arg-type]
+        await run_actions(actions, Ws(ws_state), state, conn, outbox)  # type: ignore[arg-type]
         await outbox.wait_empty()
 
     asyncio.run(main())
