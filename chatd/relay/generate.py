@@ -199,6 +199,7 @@ class Relay(Backends):
         clock = pool.loop.time
         parts: list[str] = []
         pieces = tokens = 0
+        held = 0  # pieces of the read that ended the reply: not forwarded, the reply has them
         outcome = failure = ""
         b.requests += 1
         b.in_flight += 1
@@ -243,6 +244,8 @@ class Relay(Backends):
                                 guard.sent = True
                                 for piece in parts[-fresh:]:
                                     on_token(piece)
+                            elif decoder.done:
+                                held = fresh
                         if chunk:
                             guard.last, guard.started = clock(), True
                     if not decoder.complete:
@@ -264,6 +267,10 @@ class Relay(Backends):
         except asyncio.CancelledError:
             outcome = "cancelled"
             b.cancelled += 1
+            # Cancelled after the reply's last read (while the rest of the body drained): the
+            # caller stores what it was given as a cancelled reply, so it gets those pieces.
+            for piece in parts[len(parts) - held :]:
+                on_token(piece)
             raise
         except UpstreamError as exc:
             outcome, failure = exc.code, exc.message

@@ -602,6 +602,29 @@ def test_cancelling_generate_closes_the_upstream_request_promptly() -> None:
     run(main(), uv=True)
 
 
+def test_a_cancel_after_the_last_read_still_hands_over_its_pieces() -> None:
+    """The pieces of the read that ended the reply are left to the Reply; cancelled while the
+    rest of the body drains (the Reply never returned), generate hands them to on_token
+    first, so the caller's cancelled reply holds the whole text it was given."""
+    script = [chunk("A"), 0.05, chunk("B") + done("C"), 5.0]  # the body stays open after
+
+    async def main() -> list[str]:
+        server = Server({"GET /api/ps": PS_LOADED, "POST /api/chat": script})
+        async with server.serve():
+            relay = Relay(llm_config(server.url, idle_timeout=10, total_timeout=30))
+            await relay.start()
+            got = Collector()
+            task = asyncio.create_task(relay.generate(0, MODEL, MESSAGES, got.on_token))
+            await asyncio.sleep(0.09)  # past the last read, within the drain
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await relay.close()
+        return got.tokens
+
+    assert run(main()) == ["A", "B", "C"]
+
+
 def test_a_deadline_racing_an_outside_cancel_leaks_no_cancellation() -> None:
     async def main() -> None:
         server = Server({"GET /api/ps": PS_LOADED, "POST /api/chat": [5.0, done()]})
