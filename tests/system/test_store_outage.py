@@ -109,8 +109,16 @@ def outage(d: Chatd, break_store: Callable[[], None], mend_store: Callable[[], N
     assert status == 503 and b"session store" in body, body
     text = metrics(d)
     assert sample(text, "chatd_store_up") == 0
-    assert sample(text, 'chatd_errors_total{code="store_unavailable"}') >= 1
-    assert sample(text, "chatd_store_failures_total") >= 1
+    # The counts come with each worker's next report (every second): a report sent between
+    # the store's failure (health already down) and the error frame's count lacks them.
+    wait_for(
+        lambda: (
+            sample(now := metrics(d), 'chatd_errors_total{code="store_unavailable"}') >= 1
+            and sample(now, "chatd_store_failures_total") >= 1
+        ),
+        5,
+        "the failure and the refused message counted in /metrics",
+    )
 
     mend_store()
     # Seen by itself: no client traffic until it is.
