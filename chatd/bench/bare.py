@@ -47,7 +47,7 @@ from chatd.bench.bare_conn import Relay
 from chatd.bench.server import MODEL, Target, kill_leftovers, raise_nofile
 from chatd.dev.local_model.launch import stop_process
 from chatd.store.sqlite import SqliteStore
-from chatd.store.sqlite_host import unix_address
+from chatd.store.sqlite_host import accepts, unix_address
 
 BANNER = "chatd-bench bare relay listening on "
 STORE_TTL = 86400  # s: [sessions] ttl's default; the relay never expires sessions itself
@@ -261,7 +261,7 @@ class BareRelay(Target):
             start_new_session=True,
         )
         deadline = time.monotonic() + 30.0
-        while not _accepts(unix_address(name)):
+        while not accepts(unix_address(name)):
             if self.writer.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the bare relay's store writer did not start{self._err()}")
             time.sleep(0.05)
@@ -315,16 +315,6 @@ class BareRelay(Target):
             self._tmp.cleanup()
             self._tmp = None
         self._stderr.close()
-
-
-def _accepts(address: str) -> bool:
-    """Whether a unix socket at ``address`` (abstract when it starts with NUL) accepts."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(address)
-        except OSError:
-            return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

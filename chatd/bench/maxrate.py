@@ -251,11 +251,13 @@ def run_max(
     }
     skip = {k for k, on in (("direct", direct), ("stored", stored)) if not on}
     kinds = [k for k in KINDS if fake and k not in skip] or ["chatd"]
-    if "stored" in kinds:
+    writes = store_mode(target) if "stored" in kinds else None
+    if writes is not None:
         out["workers"]["stored"] = bare_workers
-        out["stored_writes"] = store_mode(target)
+        out["stored_writes"] = writes
     for kind in kinds:
-        out["targets"][kind] = _search_one(kind, target, p, procs, progress, bare_workers)
+        store = writes if kind == "stored" else None
+        out["targets"][kind] = _search_one(kind, target, p, procs, progress, bare_workers, store)
     sustained = {k: v["sustained_rate"] for k, v in out["targets"].items()}
     out["ratios"] = {
         f"chatd/{k}": st.ratio_of(sustained.get("chatd"), sustained.get(k))
@@ -268,15 +270,21 @@ def run_max(
 
 
 def _search_one(
-    kind: str, target: Target, p: MaxParams, procs: int, progress: bool, bare_workers: int
+    kind: str,
+    target: Target,
+    p: MaxParams,
+    procs: int,
+    progress: bool,
+    bare_workers: int,
+    store: Literal["own", "writer"] | None = None,
 ) -> dict[str, Any]:
+    """The search for one target; ``store``: the bare relay's (``"stored"``: how it writes)."""
     if kind == "chatd":
         return search(rates(p), lambda r: run_step(kind, target, target.url, r, p, procs, progress))
     assert target.fake_url is not None
     if kind == "direct":
         url = target.fake_url
         return search(rates(p), lambda r: run_step(kind, target, url, r, p, procs, progress))
-    store = store_mode(target) if kind == "stored" else None
     bare = BareRelay(target.fake_url, bare_workers, store=store)
     bare.fake_pid = target.fake_pid
     try:

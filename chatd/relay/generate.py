@@ -199,7 +199,7 @@ class Relay(Backends):
         clock = pool.loop.time
         parts: list[str] = []
         pieces = tokens = 0
-        held = 0  # pieces of the read that ended the reply: not forwarded, the reply has them
+        given = 0  # parts[:given] went to on_token (those after: the reply's last read)
         outcome = failure = ""
         b.requests += 1
         b.in_flight += 1
@@ -224,7 +224,6 @@ class Relay(Backends):
                         else:
                             eof, lines, decode = True, split.end(), decoder.feed_last
                         chunk = False
-                        fresh = 0  # pieces of this read: forwarded unless it ends the reply
                         try:
                             for line in lines:
                                 piece = decode(line)
@@ -235,17 +234,15 @@ class Relay(Backends):
                                     if not pieces:
                                         first_at = clock()
                                     pieces += 1
-                                    fresh += 1
                                     parts.append(piece)
                                 if decoder.done:
                                     break
                         finally:  # also before an error line's exception leaves
-                            if fresh and not decoder.done:
+                            if given < len(parts) and not decoder.done:
                                 guard.sent = True
-                                for piece in parts[-fresh:]:
+                                for piece in parts[given:]:
                                     on_token(piece)
-                            elif decoder.done:
-                                held = fresh
+                                given = len(parts)
                         if chunk:
                             guard.last, guard.started = clock(), True
                     if not decoder.complete:
@@ -269,7 +266,7 @@ class Relay(Backends):
             b.cancelled += 1
             # Cancelled after the reply's last read (while the rest of the body drained): the
             # caller stores what it was given as a cancelled reply, so it gets those pieces.
-            for piece in parts[len(parts) - held :]:
+            for piece in parts[given:]:
                 on_token(piece)
             raise
         except UpstreamError as exc:

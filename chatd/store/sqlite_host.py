@@ -345,5 +345,16 @@ def unix_address(text: str) -> str:
     return "\0" + text[1:] if text.startswith("@") else text
 
 
+def accepts(address: str) -> bool:
+    """Whether a writer (anything) listens at the unix ``address`` now: a connection is
+    opened and closed at once (an abstract name starts with NUL)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+    return True
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

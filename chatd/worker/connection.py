@@ -65,11 +65,7 @@ class _Client:
         session.too_slow(self.ws, self.state, unread, total)
 
     def fill_gap(self, floor: int) -> None:
-        task = asyncio.get_running_loop().create_task(
-            session.fill_gap(self.state, self.conn, self.outbox, floor)
-        )
-        self.state.closers.add(task)
-        task.add_done_callback(self.state.closers.discard)
+        self.state.keep(session.fill_gap(self.state, self.conn, self.outbox, floor))
 
     def _arm_hello(self) -> None:
         loop = asyncio.get_running_loop()
@@ -83,11 +79,7 @@ class _Client:
     def _hello_timed_out(self) -> None:
         # The fired handle stays set: no deadline is armed again after this one.
         actions = self.conn.hello_timed_out()
-        task = asyncio.ensure_future(
-            session.run_actions(actions, self.ws, self.state, self.conn, self.outbox)
-        )
-        self.state.closers.add(task)
-        task.add_done_callback(self.state.closers.discard)
+        self.state.keep(session.run_actions(actions, self.ws, self.state, self.conn, self.outbox))
 
     async def serve(self, moved: adoption.Moved | None) -> None:
         ws, state, conn, outbox, peer = self.ws, self.state, self.conn, self.outbox, self.peer

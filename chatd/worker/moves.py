@@ -11,7 +11,6 @@ cannot move) and with TLS (its state lives in the process): drains close with 10
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -105,9 +104,7 @@ class Moves:
             if self.mover is not None:
                 self.mover.offer(ws)
             else:
-                task = asyncio.create_task(ws.close(CLOSE_GOING_AWAY, "server going away"))
-                state.closers.add(task)
-                task.add_done_callback(state.closers.discard)
+                state.keep(ws.close(CLOSE_GOING_AWAY, "server going away"))
 
     async def start_moving(
         self, target_pid: int, deadline: float, fallback: Callable[[ServerConnection, str], None]

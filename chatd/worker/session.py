@@ -17,8 +17,9 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -61,10 +62,18 @@ class WorkerState:
     bad_frames_total: int = 0
     # Open connections per client address (max_connections_per_ip).
     per_ip: dict[str, int] = field(default_factory=dict)
-    # Tasks closing the connections of slow readers (kept referenced until done).
+    # Tasks the connections start and nobody awaits (closes of slow readers, gap fills,
+    # hello deadlines): kept referenced until done (:meth:`keep`).
     closers: set[asyncio.Task[None]] = field(default_factory=set)
     # Connections handed over to another worker (chatd.worker.mover): they end quietly here.
     handed_off: set[ServerConnection] = field(default_factory=set)
+
+    def keep(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task held in :attr:`closers` until it is done (the event loop
+        holds tasks only weakly: one nobody references may be collected mid-way)."""
+        task = asyncio.ensure_future(work)
+        self.closers.add(task)
+        task.add_done_callback(self.closers.discard)
 
 
 class WsSink:
@@ -195,9 +204,7 @@ def too_slow(ws: ServerConnection, state: WorkerState, unread: int, total: int) 
         finally:
             ws.transport.abort()
 
-    task = asyncio.ensure_future(close())
-    state.closers.add(task)
-    task.add_done_callback(state.closers.discard)
+    state.keep(close())
 
 
 async def run_actions(

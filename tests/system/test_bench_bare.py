@@ -67,25 +67,32 @@ def test_bare_relay_answers_hello_and_a_message_on_the_wire() -> None:
 
 
 async def _converse_twice(url: str) -> list[dict[str, Any]]:
-    """hello; message m1 until its reply; m1 again (a resend), then m2 until m2's reply:
-    every frame after the welcome's, the welcome first."""
+    """hello; message m1 until its reply; m1 again (a resend) and its answer; m2 until its
+    reply: every frame, the welcome first."""
     frames: list[dict[str, Any]] = []
     async with connect(url, compression=None) as ws:
 
+        async def send(obj: dict[str, Any]) -> None:
+            await ws.send(orjson.dumps(obj), text=True)
+
+        async def one() -> dict[str, Any]:
+            frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10)))
+            return frames[-1]
+
         async def until_reply(mid: str) -> None:
             while True:
-                frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10)))
-                if frames[-1]["type"] in ("reply", "error") and frames[-1].get("id") == mid:
+                f = await one()
+                if f["type"] in ("reply", "error") and f.get("id") == mid:
                     return
 
-        await ws.send(orjson.dumps({"type": "hello"}), text=True)
-        frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10)))
-        for mid, text in (("m1", "first words"), ("m1", "first words"), ("m2", "second")):
-            await ws.send(orjson.dumps({"type": "message", "id": mid, "text": text}), text=True)
-            if frames[-1]["type"] == "welcome" or mid == "m2":
-                await until_reply(mid)
-            else:  # the resend: its ack, before m2 goes
-                frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10)))
+        await send({"type": "hello"})
+        await one()
+        await send({"type": "message", "id": "m1", "text": "first words"})
+        await until_reply("m1")
+        await send({"type": "message", "id": "m1", "text": "first words"})
+        await one()  # the resend's ack (and nothing else, before m2's frames: checked)
+        await send({"type": "message", "id": "m2", "text": "second"})
+        await until_reply("m2")
     return frames
 
 

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from chatd.config import BackendConfig, LLMConfig
 from chatd.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from chatd.relay import generate as generate_mod
 from chatd.relay.backend import Reply
 from chatd.relay.failures import connection_error
 from chatd.relay.generate import Relay
@@ -602,11 +603,21 @@ def test_cancelling_generate_closes_the_upstream_request_promptly() -> None:
     run(main(), uv=True)
 
 
-def test_a_cancel_after_the_last_read_still_hands_over_its_pieces() -> None:
+def test_a_cancel_after_the_last_read_still_hands_over_its_pieces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The pieces of the read that ended the reply are left to the Reply; cancelled while the
     rest of the body drains (the Reply never returned), generate hands them to on_token
     first, so the caller's cancelled reply holds the whole text it was given."""
     script = [chunk("A"), 0.05, chunk("B") + done("C"), 5.0]  # the body stays open after
+    draining = asyncio.Event()
+    real_drain = generate_mod.drain
+
+    async def drain(*args: Any) -> None:
+        draining.set()  # the reply's last read is in
+        await real_drain(*args)
+
+    monkeypatch.setattr(generate_mod, "drain", drain)
 
     async def main() -> list[str]:
         server = Server({"GET /api/ps": PS_LOADED, "POST /api/chat": script})
@@ -615,7 +626,7 @@ def test_a_cancel_after_the_last_read_still_hands_over_its_pieces() -> None:
             await relay.start()
             got = Collector()
             task = asyncio.create_task(relay.generate(0, MODEL, MESSAGES, got.on_token))
-            await asyncio.sleep(0.09)  # past the last read, within the drain
+            await draining.wait()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

@@ -221,16 +221,6 @@ def test_a_stuck_writer_fails_the_writes_after_the_timeout(writer: WriterProcess
     asyncio.run(main())
 
 
-def refused(address: str) -> bool:
-    """Does a new connection to ``address`` get refused?"""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
-        try:
-            late.connect(address)
-        except ConnectionRefusedError:
-            return True
-    return False
-
-
 def test_an_orphaned_writer_serves_its_connections_until_they_end(tmp_path: Path) -> None:
     """The master's end of the link closes (the master died): the writer takes no new
     connection, goes on serving the open one (a draining worker's), and exits once it ends."""
@@ -245,7 +235,9 @@ def test_an_orphaned_writer_serves_its_connections_until_they_end(tmp_path: Path
         try:
             s = await store.create_session("")
             ours.close()  # the master is gone
-            await until(lambda: refused(address), "the writer to stop taking connections")
+            await until(
+                lambda: not sqlite_host.accepts(address), "the writer to stop taking connections"
+            )
             assert (await store.append_user(s, "m1", "q", "m")).seq == 1  # the open one serves
             assert not serving.done()
         finally:
